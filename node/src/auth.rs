@@ -1,0 +1,129 @@
+//! Authorization from the caller's certificate identity alone (DESIGN.md,
+//! Identities): the TLS handshake has already proved the identity, this
+//! decides what it may do at this node.
+
+use hufu_certs::{Identity, Province, Role};
+
+use crate::error::{NodeError, NodeResult};
+use crate::net::PeerInfo;
+
+/// The groups of calls a node distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// `Lookup`, `BatchLookup`: terminals of this province, nodes of any member.
+    Lookup,
+    /// `Verify`: terminals of this province.
+    Verify,
+    /// Published keys: any authenticated caller.
+    PublicKeys,
+    /// The admin API: admins of this province.
+    Admin,
+    /// The federation API: nodes of any member.
+    Federation,
+    /// The read-only audit API: auditors.
+    Audit,
+}
+
+/// The verified identity of the caller of `request`.
+pub fn caller<T>(request: &tonic::Request<T>) -> NodeResult<std::sync::Arc<Identity>> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .map(|info| info.identity.clone())
+        .ok_or(NodeError::Unauthenticated)
+}
+
+/// Checks that `caller` may make a call of kind `access` named `method` at a
+/// node of province `own`.
+pub fn authorize(
+    own: Province,
+    caller: &Identity,
+    method: &'static str,
+    access: Access,
+) -> NodeResult<()> {
+    let local = caller.province == own;
+    let allowed = match (access, caller.role) {
+        (Access::Lookup, Role::Terminal) | (Access::Verify, Role::Terminal) if !local => {
+            return Err(NodeError::denied(
+                caller,
+                method,
+                &format!("terminals may only call nodes of their own province ({own})"),
+            ));
+        }
+        (Access::Lookup, Role::Terminal | Role::Node) => true,
+        (Access::Verify, Role::Terminal) => true,
+        (Access::PublicKeys, _) => true,
+        (Access::Admin, Role::Admin) if !local => {
+            return Err(NodeError::denied(
+                caller,
+                method,
+                &format!("admins may only administer nodes of their own province ({own})"),
+            ));
+        }
+        (Access::Admin, Role::Admin) => true,
+        (Access::Federation, Role::Node) => true,
+        (Access::Audit, Role::Auditor) => true,
+        _ => false,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        let roles: &[Role] = match access {
+            Access::Lookup => &[Role::Terminal, Role::Node],
+            Access::Verify => &[Role::Terminal],
+            Access::PublicKeys => &[],
+            Access::Admin => &[Role::Admin],
+            Access::Federation => &[Role::Node],
+            Access::Audit => &[Role::Auditor],
+        };
+        Err(NodeError::role_denied(caller, method, roles))
+    }
+}
+
+/// `caller` + `authorize` in one step, for service handlers.
+pub fn check<T>(
+    own: Province,
+    request: &tonic::Request<T>,
+    method: &'static str,
+    access: Access,
+) -> NodeResult<std::sync::Arc<Identity>> {
+    let identity = caller(request)?;
+    authorize(own, &identity, method, access)?;
+    Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(p: &str, role: Role) -> Identity {
+        Identity::new(Province::parse(p).unwrap(), role, "x").unwrap()
+    }
+
+    #[test]
+    fn the_rules_of_design_md() {
+        let gd = Province::parse("440000").unwrap();
+        let ok = |p, r, a| authorize(gd, &id(p, r), "m", a).is_ok();
+        assert!(ok("440000", Role::Terminal, Access::Lookup));
+        assert!(ok("440000", Role::Terminal, Access::Verify));
+        assert!(!ok("610000", Role::Terminal, Access::Lookup));
+        assert!(!ok("610000", Role::Terminal, Access::Verify));
+        assert!(ok("610000", Role::Node, Access::Lookup));
+        assert!(ok("610000", Role::Node, Access::Federation));
+        assert!(!ok("440000", Role::Terminal, Access::Federation));
+        assert!(ok("440000", Role::Admin, Access::Admin));
+        assert!(!ok("610000", Role::Admin, Access::Admin));
+        assert!(!ok("440000", Role::Terminal, Access::Admin));
+        assert!(!ok("440000", Role::Node, Access::Admin));
+        assert!(!ok("440000", Role::Admin, Access::Lookup));
+        assert!(ok("610000", Role::Auditor, Access::Audit));
+        assert!(!ok("440000", Role::Admin, Access::Audit));
+        let err = authorize(gd, &id("440000", Role::Auditor), "Lookup", Access::Lookup)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only terminal, node certificates are allowed"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,722 @@
+//! The `hufu` subcommands: argument definitions and what each one does.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use hufu_certs::{LeafOptions, Province, Role};
+use hufu_proto::v1::admin_client::AdminClient;
+use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::{
+    Colour, GetJwksRequest, GetStatusRequest, IssueCodeRequest, LookupRequest, Policy,
+    PutStatusRequest, RevokeKeyRequest, RotateKeyRequest, StatusInput, StatusRecord, Verdict,
+    VerifyRequest, get_status_request, issue_code_request, status_input,
+};
+
+use crate::client::{self, ClientCert, Target};
+use crate::config::NodeConfig;
+use crate::import;
+use crate::init::{self, InitOptions};
+use crate::status::{
+    colour_name, format_time, parse_colour, parse_reason, parse_time, reason_name, seconds,
+    timestamp,
+};
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "hufu",
+    version,
+    about = "Federated health-code node: verify at the edge, replicate between provinces"
+)]
+pub struct Cli {
+    /// Log as JSON lines instead of text (log level from RUST_LOG, default info).
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a province directory: CA, node and admin certificates, secrets, config.
+    Init(InitArgs),
+    /// Run a node until SIGINT or SIGTERM.
+    Serve {
+        /// The node's configuration file.
+        #[arg(long, default_value = "hufu.toml")]
+        config: PathBuf,
+    },
+    /// Certificates from a province CA.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Statuses at this province's node (admin certificate).
+    #[command(subcommand)]
+    Status(StatusCommand),
+    /// Look a holder up (terminal or node certificate).
+    Lookup {
+        /// Holder pseudonym.
+        holder: String,
+        /// Issuing province; default: the node's own.
+        #[arg(long)]
+        issuer: Option<Province>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Health codes: issue one, print the published keys.
+    #[command(subcommand)]
+    Code(CodeCommand),
+    /// Verify a code at a node (terminal certificate).
+    Verify(VerifyArgs),
+    /// Code-signing keys: rotate, revoke (admin certificate).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// A local demonstration on loopback.
+    Demo(crate::demo::DemoArgs),
+    /// Benchmarks that print figures.
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// GB/T 2260 province code, e.g. 440000.
+    #[arg(long)]
+    pub province: Province,
+    /// Directory to create.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// This node's name.
+    #[arg(long, default_value = "node-1")]
+    pub node_name: String,
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: std::net::SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_listen: std::net::SocketAddr,
+    /// DNS name or IP the node is reached at (repeatable); default localhost, 127.0.0.1, ::1.
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CertsCommand {
+    /// Issue a certificate from the province CA in DIR: writes DIR/<role>/<name>.pem and .key.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// node, terminal, admin or auditor.
+        #[arg(long)]
+        role: Role,
+        #[arg(long)]
+        name: String,
+        /// For node certificates: DNS names / IPs (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Print the identity and validity of a certificate file.
+    Show { file: PathBuf },
+}
+
+/// How client commands reach a node. `--config` supplies defaults (endpoint,
+/// province, CA, admin certificate); the other flags override them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnArgs {
+    /// The node's hufu.toml (from `hufu init`).
+    #[arg(long, default_value = "hufu.toml")]
+    pub config: PathBuf,
+    /// host:port of the node.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Province of the node dialled.
+    #[arg(long)]
+    pub province: Option<Province>,
+    /// CA certificate the node's certificate must chain to.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (default: the admin certificate from the config).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let config = if self.config.exists() {
+            Some(NodeConfig::load(&self.config)?)
+        } else {
+            None
+        };
+        let need = |what: &str| {
+            anyhow::anyhow!(
+                "{what} is needed: pass --{what} or --config with a hufu.toml ({} not found)",
+                self.config.display()
+            )
+        };
+        let endpoint = match (&self.endpoint, &config) {
+            (Some(e), _) => e.clone(),
+            (None, Some(c)) => c.client.endpoint.clone(),
+            (None, None) => return Err(need("endpoint")),
+        };
+        let province = match (self.province, &config) {
+            (Some(p), _) => p,
+            (None, Some(c)) => c.province,
+            (None, None) => return Err(need("province")),
+        };
+        let ca_pem = match (&self.ca, &config) {
+            (Some(p), _) => std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?,
+            (None, Some(c)) => c.read(&c.ca_cert)?,
+            (None, None) => return Err(need("ca")),
+        };
+        let cert = match (&self.cert, &self.key, &config) {
+            (Some(c), Some(k), _) => ClientCert::load(c, k)?,
+            (_, _, Some(c)) => {
+                ClientCert::load(&c.path(&c.client.admin_cert), &c.path(&c.client.admin_key))?
+            }
+            _ => return Err(need("cert")),
+        };
+        let target = Target::with_ca_pem(&endpoint, province, &ca_pem)?;
+        client::connect(&target, &cert).await
+    }
+
+    fn province(&self) -> anyhow::Result<Province> {
+        match self.province {
+            Some(p) => Ok(p),
+            None => Ok(NodeConfig::load(&self.config)?.province),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HolderArgs {
+    /// National id (GB 11643); pseudonymised at the node, never stored.
+    #[arg(
+        long = "id",
+        conflicts_with = "holder",
+        required_unless_present = "holder"
+    )]
+    pub national_id: Option<String>,
+    /// Holder pseudonym.
+    #[arg(long)]
+    pub holder: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum StatusCommand {
+    /// Import statuses from CSV (header: national_id,colour,as_of,last_negative_test,reason) or JSON Lines.
+    Import {
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        format: Option<import::Format>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Set one holder's status.
+    Set {
+        #[command(flatten)]
+        who: HolderArgs,
+        /// green, yellow or red.
+        #[arg(long)]
+        colour: String,
+        /// none, close_contact, positive_test, high_risk_travel, missing_test.
+        #[arg(long, default_value = "none")]
+        reason: String,
+        /// When the colour was decided (RFC 3339 or Unix seconds); default now.
+        #[arg(long)]
+        as_of: Option<String>,
+        /// Last negative test (RFC 3339 or Unix seconds).
+        #[arg(long)]
+        negative_test: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Read one holder's status.
+    Get {
+        #[command(flatten)]
+        who: HolderArgs,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CodeCommand {
+    /// Issue a signed code for a holder with their current status.
+    Issue {
+        #[command(flatten)]
+        who: HolderArgs,
+        /// Also write the code as a QR image (.png or .svg).
+        #[arg(long)]
+        qr: Option<PathBuf>,
+        /// Also print the code as a QR code in the terminal.
+        #[arg(long)]
+        qr_terminal: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print the node's published code-signing keys (JWKS).
+    Jwks {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The code (compact JWT); "-" reads it from stdin.
+    pub token: String,
+    /// Require a negative test within this many hours.
+    #[arg(long)]
+    pub negative_test_within_hours: Option<i64>,
+    /// Require at most this colour (green or yellow).
+    #[arg(long)]
+    pub max_colour: Option<String>,
+    /// Refuse answers from a stale replica.
+    #[arg(long)]
+    pub require_fresh: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Start signing with a new key; the old one stays published until its codes expire.
+    Rotate {
+        /// es256 or eddsa.
+        #[arg(long, default_value = "es256")]
+        alg: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Revoke a key: every code it signed is refused from now on.
+    Revoke {
+        kid: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // Client commands stay quiet unless asked; servers log at info.
+        let default = match cli.command {
+            Command::Serve { .. } => "info",
+            _ => "warn",
+        };
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init(args) => {
+            let opts = InitOptions {
+                province: args.province,
+                node_name: args.node_name,
+                listen: args.listen,
+                metrics_listen: Some(args.metrics_listen),
+                hosts: args.hosts,
+            };
+            let config = init::init_province(&args.dir, &opts)?;
+            println!(
+                "province {} ({}) initialised in {}",
+                opts.province,
+                opts.province.name(),
+                args.dir.display()
+            );
+            println!("  config:      {}", config.display());
+            println!("  next:        hufu serve --config {}", config.display());
+        }
+        Command::Serve { config } => serve(&config).await?,
+        Command::Certs(cmd) => certs(cmd)?,
+        Command::Status(cmd) => return status(cmd).await,
+        Command::Lookup {
+            holder,
+            issuer,
+            conn,
+        } => {
+            let mut client = StatusLookupClient::new(conn.channel().await?);
+            let issuer = match issuer {
+                Some(p) => p,
+                None => conn.province()?,
+            };
+            let reply = client
+                .lookup(LookupRequest {
+                    issuer: issuer.to_string(),
+                    holder,
+                })
+                .await?
+                .into_inner();
+            if let Some(record) = reply.record {
+                print_record(&record);
+            }
+        }
+        Command::Code(cmd) => code(cmd).await?,
+        Command::Verify(args) => return verify(args).await,
+        Command::Keys(cmd) => keys(cmd).await?,
+        Command::Demo(args) => crate::demo::run(args).await?,
+        Command::Bench(args) => crate::bench::run(args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let config = NodeConfig::load(config_path)?;
+    let node = crate::server::start(&config).await?;
+    println!(
+        "hufu node for province {} ({}) serving on {}",
+        config.province,
+        config.province.name(),
+        node.addr
+    );
+    if let Some(m) = node.metrics_addr {
+        println!("metrics on http://{m}/metrics");
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing calls in flight");
+    node.shutdown().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertsCommand::Issue {
+            dir,
+            role,
+            name,
+            hosts,
+            days,
+        } => {
+            let mut opts = if role == Role::Node {
+                LeafOptions::for_node(&hosts)
+            } else {
+                LeafOptions::default()
+            };
+            opts.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+            let (cert, key) = init::issue_cert(&dir, role, &name, &opts)?;
+            println!(
+                "certificate: {}\nkey:         {} (mode 0600)",
+                cert.display(),
+                key.display()
+            );
+        }
+        CertsCommand::Show { file } => {
+            let pem = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let identity = hufu_certs::Identity::from_cert_der(&der)?;
+            println!("identity: {identity}");
+            println!(
+                "province: {} ({})",
+                identity.province,
+                identity.province.name()
+            );
+            println!("role:     {}", identity.role);
+        }
+    }
+    Ok(())
+}
+
+use rustls::pki_types::pem::PemObject;
+
+fn input(who: &HolderArgs) -> status_input::Subject {
+    match (&who.national_id, &who.holder) {
+        (Some(id), _) => status_input::Subject::NationalId(id.clone()),
+        (None, Some(h)) => status_input::Subject::Holder(h.clone()),
+        (None, None) => unreachable!("clap requires --id or --holder"),
+    }
+}
+
+async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StatusCommand::Import { file, format, conn } => {
+            let parsed = import::read_file(&file, format)?;
+            let mut admin = AdminClient::new(conn.channel().await?);
+            let sent = parsed.rows.len();
+            let summary = admin
+                .import_statuses(tokio_stream::iter(parsed.rows))
+                .await
+                .context("import failed")?
+                .into_inner();
+            let local_rejections = parsed.rejected.len();
+            let mut rejected = parsed.rejected;
+            rejected.extend(summary.rejected);
+            rejected.sort_by_key(|r| r.line);
+            for r in &rejected {
+                eprintln!("{}:{}: {}", file.display(), r.line, r.reason);
+            }
+            let total = sent + local_rejections;
+            println!(
+                "imported {} of {} rows from {}; {} rejected",
+                summary.accepted,
+                total,
+                file.display(),
+                rejected.len()
+            );
+            return Ok(if rejected.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            });
+        }
+        StatusCommand::Set {
+            who,
+            colour,
+            reason,
+            as_of,
+            negative_test,
+            conn,
+        } => {
+            let status = StatusInput {
+                subject: Some(input(&who)),
+                colour: parse_colour(&colour).map_err(anyhow::Error::msg)? as i32,
+                as_of: match as_of {
+                    Some(t) => parse_time(&t).map_err(anyhow::Error::msg)?.map(timestamp),
+                    None => None,
+                },
+                last_negative_test: match negative_test {
+                    Some(t) => parse_time(&t).map_err(anyhow::Error::msg)?.map(timestamp),
+                    None => None,
+                },
+                reason: parse_reason(&reason).map_err(anyhow::Error::msg)? as i32,
+            };
+            let mut admin = AdminClient::new(conn.channel().await?);
+            let reply = admin
+                .put_status(PutStatusRequest {
+                    status: Some(status),
+                })
+                .await?
+                .into_inner();
+            if let Some(record) = reply.record {
+                print_record(&record);
+            }
+            println!("sequence:           {}", reply.sequence);
+        }
+        StatusCommand::Get { who, conn } => {
+            let subject = match input(&who) {
+                status_input::Subject::NationalId(id) => {
+                    get_status_request::Subject::NationalId(id)
+                }
+                status_input::Subject::Holder(h) => get_status_request::Subject::Holder(h),
+            };
+            let mut admin = AdminClient::new(conn.channel().await?);
+            let reply = admin
+                .get_status(GetStatusRequest {
+                    subject: Some(subject),
+                })
+                .await?
+                .into_inner();
+            if let Some(record) = reply.record {
+                print_record(&record);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn print_record(record: &StatusRecord) {
+    let colour = Colour::try_from(record.colour).unwrap_or(Colour::Unspecified);
+    let reason = hufu_proto::v1::Reason::try_from(record.reason).unwrap_or_default();
+    println!("issuer:             {}", record.issuer);
+    println!("holder:             {}", record.holder);
+    println!("colour:             {}", colour_name(colour));
+    println!("reason:             {}", reason_name(reason));
+    if let Some(t) = seconds(record.as_of.as_ref()) {
+        println!("as of:              {}", format_time(t));
+    }
+    if let Some(t) = seconds(record.last_negative_test.as_ref()) {
+        println!("last negative test: {}", format_time(t));
+    }
+}
+
+async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
+    match cmd {
+        CodeCommand::Issue {
+            who,
+            qr,
+            qr_terminal,
+            conn,
+        } => {
+            let subject = match input(&who) {
+                status_input::Subject::NationalId(id) => {
+                    issue_code_request::Subject::NationalId(id)
+                }
+                status_input::Subject::Holder(h) => issue_code_request::Subject::Holder(h),
+            };
+            let mut admin = AdminClient::new(conn.channel().await?);
+            let reply = admin
+                .issue_code(IssueCodeRequest {
+                    subject: Some(subject),
+                })
+                .await?
+                .into_inner();
+            println!("{}", reply.token);
+            let symbol = crate::qr::symbol(&reply.token)?;
+            eprintln!(
+                "kid {}; expires {}; {} bytes, QR version {} (level M)",
+                reply.kid,
+                reply
+                    .expires
+                    .map(|t| format_time(t.seconds))
+                    .unwrap_or_default(),
+                reply.token.len(),
+                crate::qr::version(&symbol)
+            );
+            if let Some(path) = qr {
+                crate::qr::write(&symbol, &path)?;
+                eprintln!("QR code written to {}", path.display());
+            }
+            if qr_terminal {
+                eprintln!("{}", crate::qr::to_terminal(&symbol));
+            }
+        }
+        CodeCommand::Jwks { conn } => {
+            let mut client = StatusLookupClient::new(conn.channel().await?);
+            let reply = client
+                .get_jwks(GetJwksRequest::default())
+                .await?
+                .into_inner();
+            let jwks: serde_json::Value = serde_json::from_str(&reply.jwks_json)?;
+            println!("{}", serde_json::to_string_pretty(&jwks)?);
+            for kid in reply.revoked_kids {
+                eprintln!("revoked: {kid}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let token = if args.token == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+        s.trim().to_owned()
+    } else {
+        args.token.clone()
+    };
+    let policy = if args.negative_test_within_hours.is_some()
+        || args.max_colour.is_some()
+        || args.require_fresh
+    {
+        Some(Policy {
+            max_negative_test_age: args
+                .negative_test_within_hours
+                .map(|h| hufu_proto::Duration {
+                    seconds: h * 3600,
+                    nanos: 0,
+                }),
+            max_colour: match &args.max_colour {
+                Some(c) => parse_colour(c).map_err(anyhow::Error::msg)? as i32,
+                None => 0,
+            },
+            require_fresh: args.require_fresh,
+        })
+    } else {
+        None
+    };
+    let mut client = StatusLookupClient::new(args.conn.channel().await?);
+    let reply = client
+        .verify(VerifyRequest { token, policy })
+        .await?
+        .into_inner();
+    let verdict = Verdict::try_from(reply.verdict).unwrap_or_default();
+    println!(
+        "verdict:            {}",
+        verdict
+            .as_str_name()
+            .trim_start_matches("VERDICT_")
+            .to_lowercase()
+    );
+    println!("reason:             {}", reply.reason);
+    if verdict != Verdict::Valid {
+        return Ok(ExitCode::from(3));
+    }
+    if let Some(status) = &reply.status {
+        print_record(status);
+    }
+    if let Some(p) = &reply.provenance {
+        let source = hufu_proto::v1::Source::try_from(p.source).unwrap_or_default();
+        println!(
+            "source:             {}",
+            source
+                .as_str_name()
+                .trim_start_matches("SOURCE_")
+                .to_lowercase()
+        );
+        if let Some(age) = &p.age {
+            println!("age:                {}s", age.seconds);
+        }
+    }
+    println!("policy met:         {}", reply.policy_met);
+    Ok(if reply.policy_met {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(4)
+    })
+}
+
+async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Rotate { alg, conn } => {
+            let mut admin = AdminClient::new(conn.channel().await?);
+            let reply = admin
+                .rotate_key(RotateKeyRequest { algorithm: alg })
+                .await?
+                .into_inner();
+            println!("new signing key:  {}", reply.kid);
+            println!(
+                "previous key:     {} (published until its codes expire)",
+                reply.previous_kid
+            );
+        }
+        KeysCommand::Revoke { kid, conn } => {
+            let mut admin = AdminClient::new(conn.channel().await?);
+            admin
+                .revoke_key(RevokeKeyRequest { kid: kid.clone() })
+                .await?;
+            println!("revoked {kid}: codes it signed are refused from now on");
+        }
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for a node to answer health checks.
+pub async fn wait_ready(conn: &ConnArgs, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match conn.channel().await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The node's configuration file (`hufu.toml`), as written by `hufu init`.
+//! Relative paths are resolved against the directory holding the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use hufu_certs::Province;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// GB/T 2260 code of the province this node serves.
+    pub province: Province,
+    /// This node's name within the province (the last part of its identity).
+    pub node_name: String,
+    /// gRPC (mutual TLS) listen address.
+    pub listen: SocketAddr,
+    /// Prometheus metrics over plain HTTP; omit to disable.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// sled database directory.
+    pub data_dir: PathBuf,
+    /// The province CA certificate.
+    pub ca_cert: PathBuf,
+    /// The node's certificate and private key.
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+    /// The 32-byte secret that keys holder pseudonyms.
+    pub holder_secret: PathBuf,
+    /// CA certificates of other member provinces whose nodes (and, for
+    /// refusals with a clear reason, terminals) may connect.
+    #[serde(default)]
+    pub member_cas: Vec<PathBuf>,
+    #[serde(default)]
+    pub codes: CodesConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// What the `hufu` client commands use to reach this node.
+    pub client: ClientConfig,
+    /// Where this file was loaded from; relative paths hang off its directory.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodesConfig {
+    /// Code-signing keys directory.
+    pub keys_dir: PathBuf,
+    /// "es256" or "eddsa".
+    pub algorithm: String,
+    /// How long a code is valid, in seconds.
+    pub lifetime_secs: u64,
+    /// Clock leeway for `exp`/`nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Verified tokens remembered so a repeated scan skips the signature check.
+    pub cache_entries: usize,
+}
+
+impl Default for CodesConfig {
+    fn default() -> Self {
+        CodesConfig {
+            keys_dir: PathBuf::from("keys"),
+            algorithm: "es256".into(),
+            lifetime_secs: 3600,
+            leeway_secs: 60,
+            cache_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams a single connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// TLS handshakes allowed in progress at once.
+    pub max_handshakes: usize,
+    /// Seconds a client has to finish its TLS handshake.
+    pub handshake_timeout_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: 2 * 1024 * 1024,
+            max_concurrent_streams: 128,
+            max_handshakes: 256,
+            handshake_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Address the client commands dial, e.g. "127.0.0.1:7443".
+    pub endpoint: String,
+    /// Admin certificate and key used by `hufu status`, `hufu code`, `hufu keys`.
+    pub admin_cert: PathBuf,
+    pub admin_key: PathBuf,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut config: NodeConfig =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        config.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(config)
+    }
+
+    /// A path from the config, resolved against the config's directory.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn read(&self, p: &Path) -> anyhow::Result<String> {
+        let full = self.path(p);
+        std::fs::read_to_string(&full).with_context(|| format!("cannot read {}", full.display()))
+    }
+
+    pub fn code_lifetime(&self) -> Duration {
+        Duration::from_secs(self.codes.lifetime_secs)
+    }
+}

@@ -1,0 +1,187 @@
+//! `hufu init`: a ready-to-serve province directory: its CA, node and admin
+//! certificates, holder-pseudonym secret, code-signing keys and a commented
+//! configuration file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use hufu_certs::{CertificateAuthority, Identity, LeafOptions, Province, Role};
+use hufu_federation::codes::{CodeAlg, Keyring};
+use hufu_federation::holder::HolderSecret;
+
+use crate::config::{CodesConfig, NodeConfig};
+
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub province: Province,
+    pub node_name: String,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// DNS names and IP addresses the node is reached at (go into its certificate).
+    pub hosts: Vec<String>,
+}
+
+impl InitOptions {
+    pub fn new(province: Province) -> InitOptions {
+        InitOptions {
+            province,
+            node_name: "node-1".into(),
+            listen: "127.0.0.1:7443".parse().expect("valid address"),
+            metrics_listen: Some("127.0.0.1:9464".parse().expect("valid address")),
+            hosts: vec![],
+        }
+    }
+}
+
+/// Paths of a province directory, relative to it.
+pub const CONFIG_FILE: &str = "hufu.toml";
+pub const CA_CERT: &str = "ca/ca.pem";
+pub const CA_KEY: &str = "ca/ca.key";
+
+/// Creates the province directory `dir` and returns the config path.
+pub fn init_province(dir: &Path, opts: &InitOptions) -> anyhow::Result<PathBuf> {
+    let config_path = dir.join(CONFIG_FILE);
+    if config_path.exists() {
+        bail!(
+            "{} already exists: refusing to overwrite a province (choose another --dir)",
+            config_path.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let p = opts.province;
+
+    let ca = CertificateAuthority::generate(p)?;
+    std::fs::create_dir_all(dir.join("ca"))?;
+    std::fs::write(dir.join(CA_CERT), ca.cert_pem())?;
+    hufu_certs::write_private_file(&dir.join(CA_KEY), ca.key_pem().as_bytes())?;
+
+    let node = Identity::new(p, Role::Node, &opts.node_name)?;
+    let mut hosts = opts.hosts.clone();
+    if hosts.is_empty() {
+        hosts = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        if !opts.listen.ip().is_unspecified() && !opts.listen.ip().is_loopback() {
+            hosts.push(opts.listen.ip().to_string());
+        }
+    }
+    ca.issue(&node, &LeafOptions::for_node(&hosts))?
+        .write(&dir.join("node/node.pem"), &dir.join("node/node.key"))?;
+    let admin = Identity::new(p, Role::Admin, "admin")?;
+    ca.issue(&admin, &LeafOptions::default())?
+        .write(&dir.join("admin/admin.pem"), &dir.join("admin/admin.key"))?;
+
+    std::fs::create_dir_all(dir.join("secret"))?;
+    hufu_certs::write_private_file(
+        &dir.join("secret/holder.secret"),
+        &HolderSecret::generate_bytes(),
+    )?;
+
+    let codes = CodesConfig::default();
+    Keyring::open_or_create(
+        &dir.join(&codes.keys_dir),
+        CodeAlg::Es256,
+        std::time::Duration::from_secs(codes.lifetime_secs),
+    )?;
+
+    let endpoint = if opts.listen.ip().is_unspecified() {
+        format!("localhost:{}", opts.listen.port())
+    } else {
+        opts.listen.to_string()
+    };
+    let metrics = match opts.metrics_listen {
+        Some(addr) => format!("metrics_listen = \"{addr}\""),
+        None => "# metrics_listen = \"127.0.0.1:9464\"".into(),
+    };
+    let text = format!(
+        r#"# Hufu node configuration for province {code} ({name}).
+# Relative paths are resolved against this file's directory.
+
+# GB/T 2260 code of the province this node serves.
+province = "{code}"
+# This node's name; its identity is spiffe://hufu/province/{code}/node/<name>.
+node_name = "{node_name}"
+# gRPC over mutual TLS.
+listen = "{listen}"
+# Prometheus metrics over plain HTTP (GET /metrics). Comment out to disable.
+{metrics}
+# sled database: statuses and the status-change log.
+data_dir = "data"
+
+# The province CA (its key, ca/ca.key, is only needed by `hufu certs issue`).
+ca_cert = "{CA_CERT}"
+node_cert = "node/node.pem"
+node_key = "node/node.key"
+# 32 random bytes keying holder pseudonyms. Losing it unlinks every holder:
+# back it up; leaking it lets others link pseudonyms to national ids.
+holder_secret = "secret/holder.secret"
+
+[codes]
+# Code-signing keys (private keys mode 0600; never leave this node).
+keys_dir = "{keys}"
+# es256 (default) or eddsa, for newly created keys.
+algorithm = "es256"
+# How long an issued code is valid, in seconds.
+lifetime_secs = {lifetime}
+# Clock leeway when checking exp/nbf, in seconds.
+leeway_secs = {leeway}
+# Verified codes remembered so a repeated scan skips the signature check.
+cache_entries = {cache}
+
+[limits]
+# Largest request message accepted, in bytes.
+max_message_bytes = 2097152
+# HTTP/2 streams one connection may have open at once.
+max_concurrent_streams = 128
+# TLS handshakes in progress at once, and the time a client has to finish one.
+max_handshakes = 256
+handshake_timeout_secs = 10
+
+# Used by `hufu status`, `hufu code` and `hufu keys` to reach this node.
+[client]
+endpoint = "{endpoint}"
+admin_cert = "admin/admin.pem"
+admin_key = "admin/admin.key"
+"#,
+        code = p,
+        name = p.name(),
+        node_name = opts.node_name,
+        listen = opts.listen,
+        keys = codes.keys_dir.display(),
+        lifetime = codes.lifetime_secs,
+        leeway = codes.leeway_secs,
+        cache = codes.cache_entries,
+    );
+    std::fs::write(&config_path, text)?;
+    // Check what we wrote parses, so `serve` cannot be the first to notice.
+    NodeConfig::load(&config_path)?;
+    Ok(config_path)
+}
+
+/// Issues a certificate from the province CA in `dir` and writes it to
+/// `dir/<role>/<name>.pem` and `.key`; returns the two paths.
+pub fn issue_cert(
+    dir: &Path,
+    role: Role,
+    name: &str,
+    opts: &LeafOptions,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let config = NodeConfig::load(&dir.join(CONFIG_FILE))?;
+    let ca = load_ca(dir)?;
+    let identity = Identity::new(config.province, role, name)?;
+    let cert = dir.join(format!("{role}/{name}.pem"));
+    let key = dir.join(format!("{role}/{name}.key"));
+    ca.issue(&identity, opts)?.write(&cert, &key)?;
+    Ok((cert, key))
+}
+
+pub fn load_ca(dir: &Path) -> anyhow::Result<CertificateAuthority> {
+    let cert = std::fs::read_to_string(dir.join(CA_CERT))
+        .with_context(|| format!("cannot read {}", dir.join(CA_CERT).display()))?;
+    let key = std::fs::read_to_string(dir.join(CA_KEY)).with_context(|| {
+        format!(
+            "cannot read {} (the CA key is needed to issue certificates)",
+            dir.join(CA_KEY).display()
+        )
+    })?;
+    Ok(CertificateAuthority::from_pem(&cert, &key)?)
+}

@@ -1,0 +1,23 @@
+//! One province's Hufu node: storage, gRPC services behind mutual TLS,
+//! metrics, and the library behind every `hufu` subcommand, so tests drive
+//! exactly what operators run.
+
+pub mod auth;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod import;
+pub mod init;
+pub mod local;
+pub mod metrics;
+pub mod net;
+pub mod qr;
+pub mod sample;
+pub mod server;
+pub mod services;
+pub mod state;
+pub mod status;
+pub mod store;

@@ -1,0 +1,124 @@
+//! Provinces on loopback: a province directory in a scratch location and its
+//! node, started and stopped in-process. The demo, the benchmarks and the
+//! tests all run real nodes through this.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hufu_certs::{Identity, LeafOptions, Province, Role};
+use hufu_proto::v1::admin_client::AdminClient;
+use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use tonic::transport::Channel;
+
+use crate::client::{self, ClientCert, Target};
+use crate::config::NodeConfig;
+use crate::init::{self, InitOptions};
+use crate::server::RunningNode;
+
+pub struct LocalProvince {
+    pub province: Province,
+    pub dir: PathBuf,
+    pub config: NodeConfig,
+    pub node: Option<RunningNode>,
+}
+
+impl LocalProvince {
+    /// Creates `root/<code>` with `hufu init`, listening on a free loopback port.
+    pub fn init(root: &Path, province: Province) -> anyhow::Result<LocalProvince> {
+        let dir = root.join(province.to_string());
+        let mut opts = InitOptions::new(province);
+        opts.listen = "127.0.0.1:0".parse()?;
+        opts.metrics_listen = Some("127.0.0.1:0".parse()?);
+        let config_path = init::init_province(&dir, &opts)?;
+        let config = NodeConfig::load(&config_path)?;
+        Ok(LocalProvince {
+            province,
+            dir,
+            config,
+            node: None,
+        })
+    }
+
+    /// Starts the node. After the first start the same port is reused, so
+    /// clients can reconnect after a restart.
+    pub async fn start(&mut self) -> anyhow::Result<SocketAddr> {
+        anyhow::ensure!(
+            self.node.is_none(),
+            "province {} is already running",
+            self.province
+        );
+        let node = crate::server::start(&self.config).await?;
+        let addr = node.addr;
+        self.config.listen = addr;
+        self.config.client.endpoint = addr.to_string();
+        self.node = Some(node);
+        Ok(addr)
+    }
+
+    /// Graceful stop.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(node) = self.node.take() {
+            node.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        self.node
+            .as_ref()
+            .map(|n| n.addr)
+            .with_context(|| format!("province {} is not running", self.province))
+    }
+
+    pub fn ca_pem(&self) -> anyhow::Result<String> {
+        self.config.read(&self.config.ca_cert)
+    }
+
+    pub fn target(&self) -> anyhow::Result<Target> {
+        Target::with_ca_pem(&self.addr()?.to_string(), self.province, &self.ca_pem()?)
+    }
+
+    /// A fresh certificate of this province's CA for `role`/`name`.
+    pub fn client_cert(&self, role: Role, name: &str) -> anyhow::Result<ClientCert> {
+        self.client_cert_with(role, name, &LeafOptions::default())
+    }
+
+    pub fn client_cert_with(
+        &self,
+        role: Role,
+        name: &str,
+        opts: &LeafOptions,
+    ) -> anyhow::Result<ClientCert> {
+        let ca = init::load_ca(&self.dir)?;
+        let issued = ca.issue(&Identity::new(self.province, role, name)?, opts)?;
+        Ok(ClientCert {
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+        })
+    }
+
+    pub async fn channel_as(&self, cert: &ClientCert) -> anyhow::Result<Channel> {
+        client::connect(&self.target()?, cert).await
+    }
+
+    pub async fn channel(&self, role: Role, name: &str) -> anyhow::Result<Channel> {
+        self.channel_as(&self.client_cert(role, name)?).await
+    }
+
+    /// An Admin client with the province's admin certificate.
+    pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
+        let cert = ClientCert::load(
+            &self.config.path(&self.config.client.admin_cert),
+            &self.config.path(&self.config.client.admin_key),
+        )?;
+        Ok(AdminClient::new(self.channel_as(&cert).await?))
+    }
+
+    /// A StatusLookup client with a terminal certificate of this province.
+    pub async fn terminal(&self, name: &str) -> anyhow::Result<StatusLookupClient<Channel>> {
+        Ok(StatusLookupClient::new(
+            self.channel(Role::Terminal, name).await?,
+        ))
+    }
+}

@@ -1,0 +1,158 @@
+//! Prometheus metrics: request counts and latencies per method, failed
+//! handshakes, status writes; served as text over plain HTTP at `/metrics`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<Labels, Counter>,
+    pub latency: Family<Labels, Histogram>,
+    pub handshake_failures: Counter,
+    pub status_writes: Counter,
+    pub last_sequence: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("hufu");
+        let requests = Family::<Labels, Counter>::default();
+        let latency = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+        });
+        let handshake_failures = Counter::default();
+        let status_writes = Counter::default();
+        let last_sequence = Gauge::default();
+        registry.register(
+            "requests",
+            "gRPC requests handled, by method and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "gRPC request handling time, by method",
+            latency.clone(),
+        );
+        registry.register(
+            "handshake_failures",
+            "connections refused during the mutual TLS handshake",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "status changes stored durably",
+            status_writes.clone(),
+        );
+        registry.register(
+            "change_log_sequence",
+            "sequence number of the newest entry in this province's status-change log",
+            last_sequence.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+            handshake_failures,
+            status_writes,
+            last_sequence,
+        })
+    }
+
+    /// Records one finished request.
+    pub fn observe(&self, method: &'static str, started: Instant, code: tonic::Code) {
+        self.requests
+            .get_or_create(&vec![
+                ("method", method.to_owned()),
+                ("code", format!("{code:?}")),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("method", method.to_owned())])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics` until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(_) => continue,
+                },
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let response = if req.uri().path() == "/metrics" {
+                            hyper::Response::builder()
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(metrics.render())))
+                        } else {
+                            hyper::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from_static(b"try /metrics\n")))
+                        };
+                        Ok::<_, Infallible>(response.expect("static response parts are valid"))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Times a service call and records its outcome.
+pub async fn metered<T>(
+    metrics: &Metrics,
+    method: &'static str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    let started = Instant::now();
+    let result = call.await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics.observe(method, started, code);
+    result
+}

@@ -1,0 +1,179 @@
+//! Starting and stopping a node: binds the listeners, assembles the gRPC
+//! services behind mutual TLS, and shuts down gracefully, finishing calls in
+//! flight.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hufu_certs::TrustAnchors;
+use hufu_proto::v1::admin_server::AdminServer;
+use hufu_proto::v1::status_lookup_server::StatusLookupServer;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::config::NodeConfig;
+use crate::metrics::{self, Metrics};
+use crate::net;
+use crate::services::admin::AdminService;
+use crate::services::lookup::LookupService;
+use crate::state::NodeState;
+
+/// A node that is serving. Dropping it does not stop it: call
+/// [`RunningNode::shutdown`].
+pub struct RunningNode {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub state: Arc<NodeState>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningNode {
+    /// Stops accepting, lets calls in flight finish, flushes storage.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let result = self.task.await.context("server task panicked")?;
+        self.state.store.flush().await?;
+        result
+    }
+
+    /// Resolves when the server stops on its own (it should not).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+}
+
+/// Starts a node with `config`, listening on `config.listen` (port 0 picks a
+/// free port; see [`RunningNode::addr`]).
+pub async fn start(config: &NodeConfig) -> anyhow::Result<RunningNode> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    start_on(config, listener, metrics_listener).await
+}
+
+/// Starts a node on listeners the caller has bound.
+pub async fn start_on(
+    config: &NodeConfig,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+) -> anyhow::Result<RunningNode> {
+    let metrics = Metrics::new();
+    let state = NodeState::open(config, metrics.clone())?;
+
+    let ca_pem = config.read(&config.ca_cert)?;
+    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("province CA certificate: {e}"))?;
+    let mut cas = vec![ca];
+    for path in &config.member_cas {
+        let pem = config.read(path)?;
+        cas.push(
+            CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("member CA {}: {e}", path.display()))?,
+        );
+    }
+    let anchors = TrustAnchors::new(cas)?;
+    let tls = hufu_certs::server_config(
+        anchors,
+        &config.read(&config.node_cert)?,
+        &config.read(&config.node_key)?,
+    )?;
+
+    let stop = CancellationToken::new();
+    let addr = listener.local_addr()?;
+    let metrics_addr = match metrics_listener {
+        Some(l) => Some(metrics::serve(l, metrics.clone(), stop.clone()).await?),
+        None => None,
+    };
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<StatusLookupServer<LookupService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hufu_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection service")?;
+
+    let limits = &config.limits;
+    let max = limits.max_message_bytes;
+    let lookup = StatusLookupServer::new(LookupService::new(state.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max.max(4 * 1024 * 1024));
+    let admin = AdminServer::new(AdminService::new(state.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max.max(4 * 1024 * 1024));
+
+    let incoming = net::incoming(
+        listener,
+        TlsAcceptor::from(tls),
+        limits.max_handshakes,
+        Duration::from_secs(limits.handshake_timeout_secs),
+        stop.clone(),
+        metrics.clone(),
+    );
+
+    let router = Server::builder()
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(lookup)
+        .add_service(admin);
+
+    // Retired code-signing keys leave the verifier once their codes expire.
+    {
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => state.publish_own_keys(),
+                }
+            }
+        });
+    }
+
+    let shutdown = stop.clone();
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+            .context("grpc server failed")
+    });
+    tracing::info!(
+        province = %config.province,
+        %addr,
+        metrics = ?metrics_addr,
+        "node serving"
+    );
+    Ok(RunningNode {
+        addr,
+        metrics_addr,
+        state,
+        stop,
+        task,
+    })
+}

@@ -1,0 +1,370 @@
+//! `hufu.v1.Admin`: a province's own administration (statuses, codes, keys),
+//! for admins of the node's province only.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use hufu_federation::codes::{CodeAlg, CodeClaims, HealthClaim};
+use hufu_proto::v1::admin_server::Admin;
+use hufu_proto::v1::{
+    Colour, GetStatusRequest, GetStatusResponse, ImportRejection, ImportRow, ImportSummary,
+    IssueCodeRequest, IssueCodeResponse, PutStatusRequest, PutStatusResponse, Reason,
+    RevokeKeyRequest, RevokeKeyResponse, RotateKeyRequest, RotateKeyResponse, StatusInput,
+    StatusRecord, get_status_request, issue_code_request, status_input,
+};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Access, check};
+use crate::error::{NodeError, NodeResult};
+use crate::metrics::metered;
+use crate::state::NodeState;
+use crate::status::{format_time, now_unix, seconds, timestamp};
+use crate::store::PutOutcome;
+
+/// Import rows stored per transaction (and per flush).
+const IMPORT_CHUNK: usize = 1000;
+
+/// How far in the future an `as_of` may lie (clock skew between systems).
+const MAX_FUTURE_SKEW_SECS: i64 = 300;
+
+pub struct AdminService {
+    state: Arc<NodeState>,
+}
+
+impl AdminService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        AdminService { state }
+    }
+
+    /// Validates operator input and turns it into a record keyed by pseudonym.
+    fn record_from(&self, input: &StatusInput, now: i64) -> NodeResult<StatusRecord> {
+        let holder = match &input.subject {
+            Some(status_input::Subject::NationalId(id)) => {
+                self.state.holder_from(Some(id), None)?
+            }
+            Some(status_input::Subject::Holder(h)) => self.state.holder_from(None, Some(h))?,
+            None => self.state.holder_from(None, None)?,
+        };
+        let colour = Colour::try_from(input.colour).unwrap_or(Colour::Unspecified);
+        if colour == Colour::Unspecified {
+            return Err(NodeError::invalid(
+                "colour is required: green, yellow or red",
+            ));
+        }
+        let reason = match Reason::try_from(input.reason) {
+            Ok(Reason::Unspecified) => Reason::None,
+            Ok(r) => r,
+            Err(_) => {
+                return Err(NodeError::invalid(format!(
+                    "unknown reason {}",
+                    input.reason
+                )));
+            }
+        };
+        let as_of = seconds(input.as_of.as_ref()).unwrap_or(now);
+        if as_of > now + MAX_FUTURE_SKEW_SECS {
+            return Err(NodeError::invalid(format!(
+                "as_of {} is in the future",
+                format_time(as_of)
+            )));
+        }
+        if let Some(neg) = seconds(input.last_negative_test.as_ref())
+            && neg > now + MAX_FUTURE_SKEW_SECS
+        {
+            return Err(NodeError::invalid(format!(
+                "last_negative_test {} is in the future",
+                format_time(neg)
+            )));
+        }
+        Ok(StatusRecord {
+            issuer: self.state.province.to_string(),
+            holder: holder.to_string(),
+            colour: colour as i32,
+            as_of: Some(timestamp(as_of)),
+            last_negative_test: input.last_negative_test,
+            reason: reason as i32,
+        })
+    }
+
+    async fn put_status(
+        &self,
+        request: Request<PutStatusRequest>,
+    ) -> NodeResult<PutStatusResponse> {
+        check(self.state.province, &request, "PutStatus", Access::Admin)?;
+        let input = request
+            .into_inner()
+            .status
+            .ok_or_else(|| NodeError::invalid("status is required"))?;
+        let record = self.record_from(&input, now_unix())?;
+        let outcome = self
+            .state
+            .store
+            .put_many(std::slice::from_ref(&record))
+            .await?;
+        let sequence = match outcome.first() {
+            Some(PutOutcome::Applied { sequence }) => {
+                self.state.metrics.status_writes.inc();
+                self.state.metrics.last_sequence.set(*sequence as i64);
+                *sequence
+            }
+            Some(PutOutcome::Unchanged) => 0,
+            Some(PutOutcome::Stale { stored_as_of }) => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "stored status is newer (as_of {}); send a later as_of to change it",
+                    format_time(*stored_as_of)
+                )));
+            }
+            None => return Err(NodeError::Internal("no outcome for one write".into())),
+        };
+        tracing::info!(holder = %record.holder, sequence, "status set");
+        Ok(PutStatusResponse {
+            record: Some(record),
+            sequence,
+        })
+    }
+
+    async fn import(&self, request: Request<Streaming<ImportRow>>) -> NodeResult<ImportSummary> {
+        check(
+            self.state.province,
+            &request,
+            "ImportStatuses",
+            Access::Admin,
+        )?;
+        let mut rows = request.into_inner();
+        let mut summary = ImportSummary::default();
+        let mut chunk: Vec<(u64, StatusRecord)> = Vec::with_capacity(IMPORT_CHUNK);
+        let now = now_unix();
+        while let Some(row) = rows.next().await {
+            // A broken stream ends the import; what was stored so far stays
+            // stored and durable, and the caller sees the error.
+            let row =
+                row.map_err(|s| NodeError::invalid(format!("import stream: {}", s.message())))?;
+            let Some(input) = row.status else {
+                summary.rejected.push(ImportRejection {
+                    line: row.line,
+                    reason: "empty row".into(),
+                });
+                continue;
+            };
+            match self.record_from(&input, now) {
+                Ok(record) => chunk.push((row.line, record)),
+                Err(e) => summary.rejected.push(ImportRejection {
+                    line: row.line,
+                    reason: e.to_string(),
+                }),
+            }
+            if chunk.len() >= IMPORT_CHUNK {
+                self.store_chunk(&mut chunk, &mut summary).await?;
+            }
+        }
+        self.store_chunk(&mut chunk, &mut summary).await?;
+        summary.rejected.sort_by_key(|r| r.line);
+        tracing::info!(
+            accepted = summary.accepted,
+            rejected = summary.rejected.len(),
+            "import finished"
+        );
+        Ok(summary)
+    }
+
+    async fn store_chunk(
+        &self,
+        chunk: &mut Vec<(u64, StatusRecord)>,
+        summary: &mut ImportSummary,
+    ) -> NodeResult<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<StatusRecord> = chunk.iter().map(|(_, r)| r.clone()).collect();
+        let outcomes = self.state.store.put_many(&records).await?;
+        for ((line, _), outcome) in chunk.iter().zip(outcomes) {
+            match outcome {
+                PutOutcome::Applied { sequence } => {
+                    summary.accepted += 1;
+                    self.state.metrics.status_writes.inc();
+                    self.state.metrics.last_sequence.set(sequence as i64);
+                }
+                PutOutcome::Unchanged => summary.accepted += 1,
+                PutOutcome::Stale { stored_as_of } => summary.rejected.push(ImportRejection {
+                    line: *line,
+                    reason: format!(
+                        "stored status is newer (as_of {})",
+                        format_time(stored_as_of)
+                    ),
+                }),
+            }
+        }
+        chunk.clear();
+        Ok(())
+    }
+
+    fn get_status(&self, request: Request<GetStatusRequest>) -> NodeResult<GetStatusResponse> {
+        check(self.state.province, &request, "GetStatus", Access::Admin)?;
+        let holder = match &request.get_ref().subject {
+            Some(get_status_request::Subject::NationalId(id)) => {
+                self.state.holder_from(Some(id), None)?
+            }
+            Some(get_status_request::Subject::Holder(h)) => {
+                self.state.holder_from(None, Some(h))?
+            }
+            None => self.state.holder_from(None, None)?,
+        };
+        let record =
+            self.state
+                .store
+                .get(holder.as_str())?
+                .ok_or_else(|| NodeError::HolderNotFound {
+                    issuer: self.state.province,
+                    holder: holder.to_string(),
+                })?;
+        Ok(GetStatusResponse {
+            record: Some(record),
+        })
+    }
+
+    fn issue_code(&self, request: Request<IssueCodeRequest>) -> NodeResult<IssueCodeResponse> {
+        check(self.state.province, &request, "IssueCode", Access::Admin)?;
+        let holder = match &request.get_ref().subject {
+            Some(issue_code_request::Subject::NationalId(id)) => {
+                self.state.holder_from(Some(id), None)?
+            }
+            Some(issue_code_request::Subject::Holder(h)) => {
+                self.state.holder_from(None, Some(h))?
+            }
+            None => self.state.holder_from(None, None)?,
+        };
+        let record = self.state.store.get(holder.as_str())?.ok_or_else(|| {
+            NodeError::FailedPrecondition(format!(
+                "no status for holder {holder}: set one before issuing a code"
+            ))
+        })?;
+        let colour = match Colour::try_from(record.colour) {
+            Ok(Colour::Green) => hufu_federation::codes::Colour::Green,
+            Ok(Colour::Yellow) => hufu_federation::codes::Colour::Yellow,
+            _ => hufu_federation::codes::Colour::Red,
+        };
+        let now = now_unix();
+        let exp = now + self.state.code_lifetime.as_secs() as i64;
+        let claims = CodeClaims {
+            iss: format!("hufu:{}", self.state.province),
+            sub: holder.to_string(),
+            iat: now,
+            nbf: now,
+            exp,
+            hc: HealthClaim {
+                colour,
+                as_of: seconds(record.as_of.as_ref()).unwrap_or(now),
+                neg_test: seconds(record.last_negative_test.as_ref()),
+            },
+        };
+        let keyring = self.state.keyring.read().expect("keyring lock");
+        let token = keyring
+            .sign(&claims)
+            .map_err(|e| NodeError::Internal(format!("signing: {e}")))?;
+        Ok(IssueCodeResponse {
+            token,
+            kid: keyring.active_kid().to_owned(),
+            expires: Some(timestamp(exp)),
+            status: Some(record),
+        })
+    }
+
+    fn rotate(&self, request: Request<RotateKeyRequest>) -> NodeResult<RotateKeyResponse> {
+        check(self.state.province, &request, "RotateKey", Access::Admin)?;
+        let alg = request.get_ref().algorithm.trim();
+        let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
+            .parse()
+            .map_err(|e| NodeError::invalid(format!("{e}")))?;
+        let (kid, previous) = {
+            let mut keyring = self.state.keyring.write().expect("keyring lock");
+            let previous = keyring.active_kid().to_owned();
+            let kid = keyring
+                .rotate(alg)
+                .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))?;
+            (kid, previous)
+        };
+        self.state.publish_own_keys();
+        tracing::info!(%kid, %previous, "code-signing key rotated");
+        Ok(RotateKeyResponse {
+            kid,
+            previous_kid: previous,
+        })
+    }
+
+    fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
+        check(self.state.province, &request, "RevokeKey", Access::Admin)?;
+        let kid = request.into_inner().kid;
+        self.state
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .revoke(&kid)
+            .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
+        self.state.publish_own_keys();
+        tracing::warn!(%kid, "code-signing key revoked");
+        Ok(RevokeKeyResponse {})
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn put_status(
+        &self,
+        request: Request<PutStatusRequest>,
+    ) -> Result<Response<PutStatusResponse>, Status> {
+        metered(&self.state.metrics, "PutStatus", async {
+            Ok(Response::new(self.put_status(request).await?))
+        })
+        .await
+    }
+
+    async fn import_statuses(
+        &self,
+        request: Request<Streaming<ImportRow>>,
+    ) -> Result<Response<ImportSummary>, Status> {
+        metered(&self.state.metrics, "ImportStatuses", async {
+            Ok(Response::new(self.import(request).await?))
+        })
+        .await
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
+        metered(&self.state.metrics, "GetStatus", async {
+            Ok(Response::new(self.get_status(request)?))
+        })
+        .await
+    }
+
+    async fn issue_code(
+        &self,
+        request: Request<IssueCodeRequest>,
+    ) -> Result<Response<IssueCodeResponse>, Status> {
+        metered(&self.state.metrics, "IssueCode", async {
+            Ok(Response::new(self.issue_code(request)?))
+        })
+        .await
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<RotateKeyRequest>,
+    ) -> Result<Response<RotateKeyResponse>, Status> {
+        metered(&self.state.metrics, "RotateKey", async {
+            Ok(Response::new(self.rotate(request)?))
+        })
+        .await
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<RevokeKeyRequest>,
+    ) -> Result<Response<RevokeKeyResponse>, Status> {
+        metered(&self.state.metrics, "RevokeKey", async {
+            Ok(Response::new(self.revoke(request)?))
+        })
+        .await
+    }
+}

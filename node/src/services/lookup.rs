@@ -1,0 +1,302 @@
+//! `hufu.v1.StatusLookup`: status lookups and code verification for
+//! terminals of this province and nodes of every member.
+
+use std::sync::Arc;
+
+use hufu_certs::Province;
+use hufu_federation::codes::{self, Verdict as CodeVerdict};
+use hufu_federation::holder::HolderId;
+use hufu_proto::v1::status_lookup_server::StatusLookup;
+use hufu_proto::v1::{
+    BatchEntry, BatchLookupRequest, BatchLookupResponse, Colour, GetJwksRequest, GetJwksResponse,
+    LookupRequest, LookupResponse, Policy, Provenance, Reason, Source, StatusRecord, Verdict,
+    VerifyRequest, VerifyResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Access, check};
+use crate::error::{NodeError, NodeResult};
+use crate::metrics::metered;
+use crate::state::NodeState;
+use crate::status::{colour_name, now_unix, seconds, supersedes, timestamp};
+
+/// Most holders one `BatchLookup` may ask for.
+pub const MAX_BATCH: usize = 1000;
+
+pub struct LookupService {
+    state: Arc<NodeState>,
+}
+
+impl LookupService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        LookupService { state }
+    }
+
+    fn issuer(&self, issuer: &str) -> NodeResult<Province> {
+        let asked = Province::parse(issuer).map_err(|e| NodeError::invalid(e.to_string()))?;
+        if asked != self.state.province {
+            return Err(NodeError::WrongProvince {
+                asked,
+                own: self.state.province,
+            });
+        }
+        Ok(asked)
+    }
+
+    fn own_provenance(&self) -> Provenance {
+        Provenance {
+            source: Source::Authoritative as i32,
+            age: Some(hufu_proto::Duration::default()),
+            answered_by: self.state.province.to_string(),
+        }
+    }
+
+    fn lookup(&self, request: Request<LookupRequest>) -> NodeResult<LookupResponse> {
+        check(self.state.province, &request, "Lookup", Access::Lookup)?;
+        let req = request.into_inner();
+        let issuer = self.issuer(&req.issuer)?;
+        let holder: HolderId = req
+            .holder
+            .parse()
+            .map_err(|e: hufu_federation::holder::HolderError| NodeError::invalid(e.to_string()))?;
+        let record =
+            self.state
+                .store
+                .get(holder.as_str())?
+                .ok_or_else(|| NodeError::HolderNotFound {
+                    issuer,
+                    holder: holder.to_string(),
+                })?;
+        Ok(LookupResponse {
+            record: Some(record),
+            provenance: Some(self.own_provenance()),
+        })
+    }
+
+    fn batch_lookup(
+        &self,
+        request: Request<BatchLookupRequest>,
+    ) -> NodeResult<BatchLookupResponse> {
+        check(self.state.province, &request, "BatchLookup", Access::Lookup)?;
+        let req = request.into_inner();
+        if req.holders.len() > MAX_BATCH {
+            return Err(NodeError::invalid(format!(
+                "batch of {} holders exceeds the limit of {MAX_BATCH}; split it into several calls",
+                req.holders.len()
+            )));
+        }
+        self.issuer(&req.issuer)?;
+        let mut entries = Vec::with_capacity(req.holders.len());
+        for holder in req.holders {
+            let entry = match holder.parse::<HolderId>() {
+                Err(e) => BatchEntry {
+                    holder,
+                    record: None,
+                    error: e.to_string(),
+                },
+                Ok(id) => match self.state.store.get(id.as_str())? {
+                    Some(record) => BatchEntry {
+                        holder,
+                        record: Some(record),
+                        error: String::new(),
+                    },
+                    None => BatchEntry {
+                        holder,
+                        record: None,
+                        error: "no status".into(),
+                    },
+                },
+            };
+            entries.push(entry);
+        }
+        Ok(BatchLookupResponse {
+            entries,
+            provenance: Some(self.own_provenance()),
+        })
+    }
+
+    fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
+        check(self.state.province, &request, "Verify", Access::Verify)?;
+        let req = request.into_inner();
+        let now = now_unix();
+        let code = match self.state.verifier.verify(&req.token, now) {
+            Ok(code) => code,
+            Err(verdict) => return Ok(refusal(&verdict)),
+        };
+        let claims = &code.claims;
+        let from_token = StatusRecord {
+            issuer: code.issuer.to_string(),
+            holder: claims.sub.clone(),
+            colour: proto_colour(claims.hc.colour) as i32,
+            as_of: Some(timestamp(claims.hc.as_of)),
+            last_negative_test: claims.hc.neg_test.map(timestamp),
+            reason: Reason::Unspecified as i32,
+        };
+        // Effective status: the newer of the code's own claim and what this
+        // node knows about the holder.
+        let (status, provenance) = if code.issuer == self.state.province {
+            match self.state.store.get(&claims.sub)? {
+                Some(stored) if !supersedes(&from_token, &stored) => {
+                    (stored, self.own_provenance())
+                }
+                _ => (from_token, token_provenance(self.state.province)),
+            }
+        } else {
+            // Other provinces' statuses arrive with the federation's
+            // replicas; until then the signed claim is all there is.
+            (from_token, token_provenance(self.state.province))
+        };
+        let (policy_met, reason) = evaluate(req.policy.as_ref(), &status, &provenance, now);
+        Ok(VerifyResponse {
+            verdict: Verdict::Valid as i32,
+            reason,
+            status: Some(status),
+            provenance: Some(provenance),
+            policy_met,
+            kid: code.kid.to_string(),
+            expires: Some(timestamp(claims.exp)),
+        })
+    }
+
+    fn jwks(&self, request: Request<GetJwksRequest>) -> NodeResult<GetJwksResponse> {
+        check(self.state.province, &request, "GetJwks", Access::PublicKeys)?;
+        let req = request.into_inner();
+        if !req.province.is_empty() {
+            self.issuer(&req.province)?;
+        }
+        let keyring = self.state.keyring.read().expect("keyring lock");
+        let jwks = keyring.jwks(now_unix());
+        Ok(GetJwksResponse {
+            jwks_json: serde_json::to_string(&jwks)
+                .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
+            revoked_kids: keyring.revoked_kids(),
+        })
+    }
+}
+
+fn token_provenance(own: Province) -> Provenance {
+    Provenance {
+        source: Source::Token as i32,
+        age: None,
+        answered_by: own.to_string(),
+    }
+}
+
+pub fn proto_colour(c: codes::Colour) -> Colour {
+    match c {
+        codes::Colour::Green => Colour::Green,
+        codes::Colour::Yellow => Colour::Yellow,
+        codes::Colour::Red => Colour::Red,
+    }
+}
+
+/// The reply for a code that is not good: a verdict, not a transport error.
+fn refusal(verdict: &CodeVerdict) -> VerifyResponse {
+    let v = match verdict {
+        CodeVerdict::Malformed(_) => Verdict::Malformed,
+        CodeVerdict::BadSignature(_) => Verdict::BadSignature,
+        CodeVerdict::UnknownKey { .. } => Verdict::UnknownKey,
+        CodeVerdict::RevokedKey { .. } => Verdict::RevokedKey,
+        CodeVerdict::Expired { .. } => Verdict::Expired,
+        CodeVerdict::NotYetValid { .. } => Verdict::NotYetValid,
+    };
+    VerifyResponse {
+        verdict: v as i32,
+        reason: verdict.to_string(),
+        ..Default::default()
+    }
+}
+
+fn colour_rank(c: i32) -> i32 {
+    match Colour::try_from(c) {
+        Ok(Colour::Green) => 1,
+        Ok(Colour::Yellow) => 2,
+        _ => 3,
+    }
+}
+
+/// Evaluates a verifier's policy against the effective status.
+fn evaluate(
+    policy: Option<&Policy>,
+    status: &StatusRecord,
+    provenance: &Provenance,
+    now: i64,
+) -> (bool, String) {
+    let colour = Colour::try_from(status.colour).unwrap_or(Colour::Unspecified);
+    let Some(policy) = policy else {
+        return (true, format!("valid code; status {}", colour_name(colour)));
+    };
+    let mut unmet = Vec::new();
+    if policy.max_colour != Colour::Unspecified as i32
+        && colour_rank(status.colour) > colour_rank(policy.max_colour)
+    {
+        let max = Colour::try_from(policy.max_colour).unwrap_or(Colour::Unspecified);
+        unmet.push(format!(
+            "colour {} is worse than {}",
+            colour_name(colour),
+            colour_name(max)
+        ));
+    }
+    if let Some(max_age) = &policy.max_negative_test_age {
+        match seconds(status.last_negative_test.as_ref()) {
+            None => unmet.push("no negative test on record".to_string()),
+            Some(at) if now - at > max_age.seconds => unmet.push(format!(
+                "last negative test {}h ago, policy allows {}h",
+                (now - at) / 3600,
+                max_age.seconds / 3600
+            )),
+            Some(_) => {}
+        }
+    }
+    if policy.require_fresh && provenance.source == Source::ReplicaStale as i32 {
+        unmet.push("only a stale replica could answer and the policy requires fresh status".into());
+    }
+    if unmet.is_empty() {
+        (true, format!("policy met; status {}", colour_name(colour)))
+    } else {
+        (false, format!("policy not met: {}", unmet.join("; ")))
+    }
+}
+
+#[tonic::async_trait]
+impl StatusLookup for LookupService {
+    async fn lookup(
+        &self,
+        request: Request<LookupRequest>,
+    ) -> Result<Response<LookupResponse>, Status> {
+        metered(&self.state.metrics, "Lookup", async {
+            Ok(Response::new(self.lookup(request)?))
+        })
+        .await
+    }
+
+    async fn batch_lookup(
+        &self,
+        request: Request<BatchLookupRequest>,
+    ) -> Result<Response<BatchLookupResponse>, Status> {
+        metered(&self.state.metrics, "BatchLookup", async {
+            Ok(Response::new(self.batch_lookup(request)?))
+        })
+        .await
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        metered(&self.state.metrics, "Verify", async {
+            Ok(Response::new(self.verify(request)?))
+        })
+        .await
+    }
+
+    async fn get_jwks(
+        &self,
+        request: Request<GetJwksRequest>,
+    ) -> Result<Response<GetJwksResponse>, Status> {
+        metered(&self.state.metrics, "GetJwks", async {
+            Ok(Response::new(self.jwks(request)?))
+        })
+        .await
+    }
+}

@@ -1,0 +1,4 @@
+//! The node's gRPC services.
+
+pub mod admin;
+pub mod lookup;

@@ -1,0 +1,79 @@
+//! Shared set-up for the node's integration tests: real provinces in temp
+//! directories, real nodes on 127.0.0.1:0, real mutual TLS.
+#![allow(dead_code)]
+
+use hufu_certs::Province;
+use hufu_node::local::LocalProvince;
+use hufu_node::sample;
+use hufu_node::status::{now_unix, timestamp};
+use hufu_proto::v1::{Colour, ImportRow, StatusInput, status_input};
+
+pub fn province(code: &str) -> Province {
+    Province::parse(code).unwrap()
+}
+
+pub struct Running {
+    pub scratch: tempfile::TempDir,
+    pub province: LocalProvince,
+}
+
+/// A province initialised in a temp dir with its node started.
+pub async fn start(code: &str) -> Running {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut province = LocalProvince::init(scratch.path(), self::province(code)).unwrap();
+    province.start().await.unwrap();
+    Running { scratch, province }
+}
+
+/// Status input for the `n`th sample holder.
+pub fn sample_input(p: Province, n: u64, colour: Colour) -> StatusInput {
+    StatusInput {
+        subject: Some(status_input::Subject::NationalId(
+            sample::national_id(p, n).as_str().to_owned(),
+        )),
+        colour: colour as i32,
+        as_of: Some(timestamp(now_unix() - 600)),
+        last_negative_test: Some(timestamp(now_unix() - 3600)),
+        reason: 0,
+    }
+}
+
+/// Imports `count` sample holders (colours cycling green, yellow, red) and
+/// returns their pseudonyms, computed independently with the province secret.
+pub async fn import_samples(province: &LocalProvince, count: u64) -> Vec<String> {
+    let p = province.province;
+    let rows: Vec<ImportRow> = (0..count)
+        .map(|n| ImportRow {
+            line: n + 1,
+            status: Some(sample_input(p, n, colour_of(n))),
+        })
+        .collect();
+    let summary = province
+        .admin()
+        .await
+        .unwrap()
+        .import_statuses(tokio_stream::iter(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.accepted, count);
+    assert!(summary.rejected.is_empty(), "{:?}", summary.rejected);
+    (0..count).map(|n| pseudonym(province, n)).collect()
+}
+
+pub fn colour_of(n: u64) -> Colour {
+    match n % 3 {
+        0 => Colour::Green,
+        1 => Colour::Yellow,
+        _ => Colour::Red,
+    }
+}
+
+/// The pseudonym of the `n`th sample holder, from the province's secret file.
+pub fn pseudonym(province: &LocalProvince, n: u64) -> String {
+    let bytes = std::fs::read(province.config.path(&province.config.holder_secret)).unwrap();
+    hufu_federation::holder::HolderSecret::new(&bytes)
+        .unwrap()
+        .pseudonym(&sample::national_id(province.province, n))
+        .to_string()
+}

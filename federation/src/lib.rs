@@ -1,6 +1,9 @@
 //! Everything between provinces: holder pseudonyms, signed health codes and
-//! their verification, and (as the federation grows) the trust list, peer
-//! clients and status-change feeds.
+//! their verification, signed notes, the trust list, the witnessed audit
+//! log, and (as the federation grows) peer clients and status-change feeds.
 
+pub mod audit;
 pub mod codes;
 pub mod holder;
+pub mod note;
+pub mod trust;

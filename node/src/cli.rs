@@ -582,14 +582,15 @@ async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
             println!("{}", reply.token);
             let symbol = crate::qr::symbol(&reply.token)?;
             eprintln!(
-                "kid {}; expires {}; {} bytes, QR version {} (level M)",
+                "kid {}; expires {}; {} bytes, QR version {} (level {})",
                 reply.kid,
                 reply
                     .expires
                     .map(|t| format_time(t.seconds))
                     .unwrap_or_default(),
                 reply.token.len(),
-                crate::qr::version(&symbol)
+                crate::qr::version(&symbol),
+                crate::qr::level(&symbol)
             );
             if let Some(path) = qr {
                 crate::qr::write(&symbol, &path)?;

@@ -166,14 +166,13 @@ pub fn parse(text: &str, format: Format) -> anyhow::Result<Parsed> {
                         }
                         let mut row = InputRow::default();
                         for (name, value) in header.iter().zip(fields) {
-                            let value = Some(value);
                             match name.as_str() {
-                                "national_id" => row.national_id = value,
-                                "holder" => row.holder = value,
-                                "colour" => row.colour = value.unwrap_or_default(),
-                                "as_of" => row.as_of = value,
-                                "last_negative_test" => row.last_negative_test = value,
-                                _ => row.reason = value,
+                                "national_id" => row.national_id = Some(value),
+                                "holder" => row.holder = Some(value),
+                                "colour" => row.colour = value,
+                                "as_of" => row.as_of = Some(value),
+                                "last_negative_test" => row.last_negative_test = Some(value),
+                                _ => row.reason = Some(value),
                             }
                         }
                         row.into_input()

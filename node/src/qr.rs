@@ -5,11 +5,36 @@ use std::path::Path;
 use anyhow::Context;
 use qrcode::{EcLevel, QrCode};
 
+/// Largest QR version a code should need: beyond it the modules get small on
+/// a phone screen or a printed card and scanning slows down.
+pub const MAX_COMFORTABLE_VERSION: i16 = 15;
+
 /// The QR symbol for a token, at error-correction level M (15% damage
-/// tolerated: a phone screen with glare still scans).
+/// tolerated: a phone screen with glare still scans) when that fits in
+/// [`MAX_COMFORTABLE_VERSION`], else at level L: a full ES256 code (about
+/// 425 bytes) needs version 16 at M but 13 or 14 at L, and a smaller symbol
+/// scans better than a more redundant one.
 pub fn symbol(token: &str) -> anyhow::Result<QrCode> {
-    QrCode::with_error_correction_level(token.as_bytes(), EcLevel::M)
-        .context("token does not fit in a QR code")
+    let at = |level| {
+        QrCode::with_error_correction_level(token.as_bytes(), level)
+            .context("token does not fit in a QR code")
+    };
+    let m = at(EcLevel::M)?;
+    if version(&m) <= MAX_COMFORTABLE_VERSION {
+        return Ok(m);
+    }
+    let l = at(EcLevel::L)?;
+    Ok(if version(&l) < version(&m) { l } else { m })
+}
+
+/// The error-correction level of a symbol: L, M, Q or H.
+pub fn level(code: &QrCode) -> &'static str {
+    match code.error_correction_level() {
+        EcLevel::L => "L",
+        EcLevel::M => "M",
+        EcLevel::Q => "Q",
+        EcLevel::H => "H",
+    }
 }
 
 /// The QR version (1..=40) a token needs; lower scans more comfortably.

@@ -112,15 +112,19 @@ impl Store {
         })?;
         *last = seq;
         drop(last);
-        // Group commit: writers that arrive while this flush runs share the
-        // next one.
-        self.db.flush_async().await?;
+        self.flush().await?;
         Ok(outcomes)
     }
 
-    /// Flushes everything to disk (for shutdown).
+    /// Makes everything written so far durable. sled serialises flushes
+    /// internally, so writers that arrive while one runs share the next
+    /// (group commit). A blocking flush on the blocking pool: sled's
+    /// `flush_async` can stall when many callers wait on it at once.
     pub async fn flush(&self) -> NodeResult<()> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| NodeError::Internal(format!("flush task: {e}")))??;
         Ok(())
     }
 }

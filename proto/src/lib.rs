@@ -1,6 +1,8 @@
 //! The `hufu.v1` gRPC contract: messages, clients and servers generated from
 //! `proto/hufu/v1/*.proto` at build time.
 
+pub mod codec;
+
 /// Generated code for package `hufu.v1`.
 pub mod v1 {
     #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]

@@ -18,7 +18,7 @@ use crate::auth::{Access, check};
 use crate::error::{NodeError, NodeResult};
 use crate::metrics::metered;
 use crate::state::NodeState;
-use crate::status::{colour_name, now_unix, seconds, supersedes, timestamp};
+use crate::status::{colour_name, now_unix, seconds, timestamp};
 
 /// Most holders one `BatchLookup` may ask for.
 pub const MAX_BATCH: usize = 1000;
@@ -133,10 +133,11 @@ impl LookupService {
             reason: Reason::Unspecified as i32,
         };
         // Effective status: the newer of the code's own claim and what this
-        // node knows about the holder.
+        // node knows about the holder. A stored record as new as the claim
+        // wins: it is the same decision, with its reason, from the source.
         let (status, provenance) = if code.issuer == self.state.province {
             match self.state.store.get(&claims.sub)? {
-                Some(stored) if !supersedes(&from_token, &stored) => {
+                Some(stored) if seconds(stored.as_of.as_ref()) >= Some(claims.hc.as_of) => {
                     (stored, self.own_provenance())
                 }
                 _ => (from_token, token_provenance(self.state.province)),

@@ -4,7 +4,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["hufu/v1/status.proto", "hufu/v1/admin.proto"];
+    let files = [
+        "hufu/v1/status.proto",
+        "hufu/v1/admin.proto",
+        "hufu/v1/federation.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

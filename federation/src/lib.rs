@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod codes;
+pub mod feed;
 pub mod holder;
 pub mod note;
 pub mod trust;

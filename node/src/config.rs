@@ -34,6 +34,16 @@ pub struct NodeConfig {
     /// refusals with a clear reason, terminals) may connect.
     #[serde(default)]
     pub member_cas: Vec<PathBuf>,
+    /// Ed25519 key signing this province's feed heads and audit checkpoints
+    /// (its public half is the member's `log_key` in the trust list).
+    pub log_key: PathBuf,
+    /// Ed25519 key this province signs trust lists with.
+    pub governance_key: PathBuf,
+    /// The chain of trust lists this node has accepted (absent: the node
+    /// runs alone, trusting only its own CA and `member_cas`).
+    pub trust_dir: PathBuf,
+    #[serde(default)]
+    pub federation: FederationConfig,
     #[serde(default)]
     pub codes: CodesConfig,
     #[serde(default)]
@@ -68,6 +78,34 @@ impl Default for CodesConfig {
             lifetime_secs: 3600,
             leeway_secs: 60,
             cache_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// A replica older than this (seconds since the issuer's last signed
+    /// head) is too stale to answer alone: the issuer is asked directly.
+    pub max_replica_age_secs: u64,
+    /// Deadline for a direct call to another province, in milliseconds.
+    pub peer_deadline_ms: u64,
+    /// How often a feed restates its head when nothing changes, in ms.
+    pub heartbeat_ms: u64,
+    /// Changes per feed batch.
+    pub batch_changes: usize,
+    /// How often to ask peers for newer trust lists, in seconds.
+    pub gossip_secs: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            max_replica_age_secs: 30,
+            peer_deadline_ms: 1000,
+            heartbeat_ms: 1000,
+            batch_changes: 2000,
+            gossip_secs: 5,
         }
     }
 }

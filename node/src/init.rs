@@ -76,6 +76,10 @@ pub fn init_province(dir: &Path, opts: &InitOptions) -> anyhow::Result<PathBuf> 
         &HolderSecret::generate_bytes(),
     )?;
 
+    hufu_federation::audit::LogSigner::generate(p, &opts.node_name)?
+        .save(&dir.join("secret/log.key"))?;
+    hufu_federation::trust::GovernanceKey::generate(p)?.save(&dir.join("secret/governance.key"))?;
+
     let codes = CodesConfig::default();
     Keyring::open_or_create(
         &dir.join(&codes.keys_dir),
@@ -114,6 +118,25 @@ node_key = "node/node.key"
 # 32 random bytes keying holder pseudonyms. Losing it unlinks every holder:
 # back it up; leaking it lets others link pseudonyms to national ids.
 holder_secret = "secret/holder.secret"
+# Ed25519 key signing this province's status feed and audit checkpoints; its
+# public half is the province's log_key in the trust list.
+log_key = "secret/log.key"
+# Ed25519 key with which this province signs trust lists (governance).
+governance_key = "secret/governance.key"
+# The accepted chain of trust lists (`hufu federation install` puts the
+# genesis here). While empty, the node serves its own province alone.
+trust_dir = "trust"
+
+[federation]
+# A replica older than this many seconds asks the issuing province directly.
+max_replica_age_secs = 30
+# Deadline for calls to other provinces, in milliseconds.
+peer_deadline_ms = 1000
+# Feed heartbeat interval (milliseconds) and changes per feed batch.
+heartbeat_ms = 1000
+batch_changes = 2000
+# How often to ask peers for a newer trust list, in seconds.
+gossip_secs = 5
 
 [codes]
 # Code-signing keys (private keys mode 0600; never leave this node).

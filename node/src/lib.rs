@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod federation;
 pub mod import;
 pub mod init;
 pub mod local;

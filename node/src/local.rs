@@ -26,9 +26,18 @@ pub struct LocalProvince {
 impl LocalProvince {
     /// Creates `root/<code>` with `hufu init`, listening on a free loopback port.
     pub fn init(root: &Path, province: Province) -> anyhow::Result<LocalProvince> {
+        Self::init_at(root, province, "127.0.0.1:0".parse()?)
+    }
+
+    /// Like [`init`](Self::init), listening on `listen`.
+    pub fn init_at(
+        root: &Path,
+        province: Province,
+        listen: SocketAddr,
+    ) -> anyhow::Result<LocalProvince> {
         let dir = root.join(province.to_string());
         let mut opts = InitOptions::new(province);
-        opts.listen = "127.0.0.1:0".parse()?;
+        opts.listen = listen;
         opts.metrics_listen = Some("127.0.0.1:0".parse()?);
         let config_path = init::init_province(&dir, &opts)?;
         let config = NodeConfig::load(&config_path)?;
@@ -38,6 +47,11 @@ impl LocalProvince {
             config,
             node: None,
         })
+    }
+
+    /// Whether the node is running.
+    pub fn is_running(&self) -> bool {
+        self.node.is_some()
     }
 
     /// Starts the node. After the first start the same port is reused, so
@@ -120,5 +134,78 @@ impl LocalProvince {
         Ok(StatusLookupClient::new(
             self.channel(Role::Terminal, name).await?,
         ))
+    }
+}
+
+/// A federation of provinces on loopback: fixed free ports, a genesis trust
+/// list signed by every founder, a node per province.
+pub struct LocalFederation {
+    pub provinces: Vec<LocalProvince>,
+}
+
+/// A free loopback port (bound and released; fine for local use).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl LocalFederation {
+    /// Creates the provinces under `root` and installs a genesis signed by
+    /// all (threshold: a majority). `tune` adjusts each config before start.
+    pub fn init(
+        root: &Path,
+        codes: &[Province],
+        tune: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<LocalFederation> {
+        use crate::federation::ops;
+        let mut provinces = Vec::new();
+        for p in codes {
+            let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            let mut province = LocalProvince::init_at(root, *p, listen)?;
+            tune(&mut province.config);
+            provinces.push(province);
+        }
+        let members = provinces
+            .iter()
+            .map(|lp| ops::member_of(&lp.config, vec![lp.config.listen.to_string()]))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let threshold = members.len() / 2 + 1;
+        let mut genesis = ops::genesis(members, threshold, None)?;
+        for lp in &provinces {
+            ops::sign(&lp.config, &mut genesis)?;
+        }
+        for lp in &provinces {
+            ops::install(&lp.config, &genesis)?;
+        }
+        Ok(LocalFederation { provinces })
+    }
+
+    pub async fn start_all(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.provinces {
+            p.start().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn stop_all(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.provinces {
+            p.stop().await?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, p: Province) -> &LocalProvince {
+        self.provinces
+            .iter()
+            .find(|x| x.province == p)
+            .expect("province in federation")
+    }
+
+    pub fn get_mut(&mut self, p: Province) -> &mut LocalProvince {
+        self.provinces
+            .iter_mut()
+            .find(|x| x.province == p)
+            .expect("province in federation")
     }
 }

@@ -28,6 +28,12 @@ pub struct Metrics {
     pub handshake_failures: Counter,
     pub status_writes: Counter,
     pub last_sequence: Gauge,
+    pub feed_changes: Counter,
+    pub feed_served: Counter,
+    pub feed_refused: Counter,
+    pub trust_refused: Counter,
+    pub trust_version: Gauge,
+    pub replica_head: Family<Labels, Gauge>,
 }
 
 impl Metrics {
@@ -40,6 +46,42 @@ impl Metrics {
         let handshake_failures = Counter::default();
         let status_writes = Counter::default();
         let last_sequence = Gauge::default();
+        let feed_changes = Counter::default();
+        let feed_served = Counter::default();
+        let feed_refused = Counter::default();
+        let trust_refused = Counter::default();
+        let trust_version = Gauge::default();
+        let replica_head = Family::<Labels, Gauge>::default();
+        registry.register(
+            "feed_changes_applied",
+            "status changes of other provinces received and stored durably",
+            feed_changes.clone(),
+        );
+        registry.register(
+            "feed_changes_served",
+            "status changes sent to subscribers (own and relayed)",
+            feed_served.clone(),
+        );
+        registry.register(
+            "feed_batches_refused",
+            "replicated batches refused: bad signature, broken chain, gap or replay",
+            feed_refused.clone(),
+        );
+        registry.register(
+            "trust_lists_refused",
+            "trust list versions refused: too few or bad signatures, rollback, gap",
+            trust_refused.clone(),
+        );
+        registry.register(
+            "trust_list_version",
+            "version of the trust list in force",
+            trust_version.clone(),
+        );
+        registry.register(
+            "replica_head_time_ms",
+            "issuer's time (unix ms) of the newest signed head held, by province; age = now - this",
+            replica_head.clone(),
+        );
         registry.register(
             "requests",
             "gRPC requests handled, by method and status code",
@@ -72,6 +114,12 @@ impl Metrics {
             handshake_failures,
             status_writes,
             last_sequence,
+            feed_changes,
+            feed_served,
+            feed_refused,
+            trust_refused,
+            trust_version,
+            replica_head,
         })
     }
 
@@ -86,6 +134,12 @@ impl Metrics {
         self.latency
             .get_or_create(&vec![("method", method.to_owned())])
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn replica_head_time(&self, p: hufu_certs::Province, time_ms: i64) {
+        self.replica_head
+            .get_or_create(&vec![("province", p.to_string())])
+            .set(time_ms);
     }
 
     pub fn render(&self) -> String {

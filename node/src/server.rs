@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hufu_certs::TrustAnchors;
 use hufu_proto::v1::admin_server::AdminServer;
+use hufu_proto::v1::federation_server::FederationServer;
 use hufu_proto::v1::status_lookup_server::StatusLookupServer;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -22,6 +20,7 @@ use crate::config::NodeConfig;
 use crate::metrics::{self, Metrics};
 use crate::net;
 use crate::services::admin::AdminService;
+use crate::services::federation::FederationService;
 use crate::services::lookup::LookupService;
 use crate::state::NodeState;
 
@@ -74,27 +73,14 @@ pub async fn start_on(
     metrics_listener: Option<TcpListener>,
 ) -> anyhow::Result<RunningNode> {
     let metrics = Metrics::new();
-    let state = NodeState::open(config, metrics.clone())?;
-
-    let ca_pem = config.read(&config.ca_cert)?;
-    let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-        .map_err(|e| anyhow::anyhow!("province CA certificate: {e}"))?;
-    let mut cas = vec![ca];
-    for path in &config.member_cas {
-        let pem = config.read(path)?;
-        cas.push(
-            CertificateDer::from_pem_slice(pem.as_bytes())
-                .map_err(|e| anyhow::anyhow!("member CA {}: {e}", path.display()))?,
-        );
-    }
-    let anchors = TrustAnchors::new(cas)?;
+    let stop = CancellationToken::new();
+    let state = NodeState::open(config, metrics.clone(), stop.clone())?;
     let tls = hufu_certs::server_config(
-        anchors,
+        state.anchors.clone(),
         &config.read(&config.node_cert)?,
         &config.read(&config.node_key)?,
     )?;
 
-    let stop = CancellationToken::new();
     let addr = listener.local_addr()?;
     let metrics_addr = match metrics_listener {
         Some(l) => Some(metrics::serve(l, metrics.clone(), stop.clone()).await?),
@@ -123,6 +109,10 @@ pub async fn start_on(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.max(4 * 1024 * 1024));
 
+    let federation = FederationServer::new(FederationService::new(state.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(64 * 1024 * 1024);
+
     let incoming = net::incoming(
         listener,
         TlsAcceptor::from(tls),
@@ -139,7 +129,13 @@ pub async fn start_on(
         .add_service(health)
         .add_service(reflection)
         .add_service(lookup)
-        .add_service(admin);
+        .add_service(admin)
+        .add_service(federation);
+
+    tokio::spawn(state.clone().gossip(
+        Duration::from_secs(config.federation.gossip_secs.max(1)),
+        stop.clone(),
+    ));
 
     // Retired code-signing keys leave the verifier once their codes expire.
     {

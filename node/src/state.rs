@@ -1,17 +1,27 @@
 //! What one province's node holds while it runs: its identity, storage,
-//! holder secret, code-signing keys and verifier, and metrics. Shared by all
-//! services.
+//! secrets and keys, code verifier, trust list and peers, and metrics.
+//! Shared by all services.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use hufu_certs::{Identity, Province, Role};
+use arc_swap::ArcSwap;
+use hufu_certs::{Identity, Province, Role, TrustAnchors};
+use hufu_federation::audit::LogSigner;
 use hufu_federation::codes::{CodeAlg, CodeVerifier, Keyring};
 use hufu_federation::holder::{HolderId, HolderSecret, NationalId};
+use hufu_federation::trust::TrustStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_util::sync::CancellationToken;
 
+use crate::client::ClientCert;
 use crate::config::NodeConfig;
 use crate::error::{NodeError, NodeResult};
+use crate::federation::peers::Peers;
+use crate::federation::{Membership, Replicators};
 use crate::metrics::Metrics;
 use crate::status::now_unix;
 use crate::store::Store;
@@ -25,12 +35,33 @@ pub struct NodeState {
     pub verifier: CodeVerifier,
     pub code_lifetime: Duration,
     pub metrics: Arc<Metrics>,
+    /// Signs this province's feed heads and audit checkpoints.
+    pub log_signer: Arc<LogSigner>,
+    /// CAs whose certificates are accepted (all members').
+    pub anchors: Arc<TrustAnchors>,
+    /// The accepted trust lists (None: this node runs alone).
+    pub trust: tokio::sync::Mutex<Option<TrustStore>>,
+    pub membership: ArcSwap<Membership>,
+    pub peers: Peers,
+    pub replicators: Replicators,
+    /// Last keys digest seen per province, to know when to fetch keys.
+    pub key_digests: Mutex<HashMap<Province, Vec<u8>>>,
+    own_keys_digest: Mutex<[u8; 32]>,
+    pub max_replica_age: Duration,
+    pub heartbeat: Duration,
+    pub batch_changes: usize,
+    /// Cancelled when the node shuts down; background tasks watch it.
+    pub stop: CancellationToken,
 }
 
 impl NodeState {
-    pub fn open(config: &NodeConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<NodeState>> {
+    pub fn open(
+        config: &NodeConfig,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<NodeState>> {
         let identity = Identity::new(config.province, Role::Node, &config.node_name)?;
-        let store = Store::open(&config.path(&config.data_dir))
+        let store = Store::open(&config.path(&config.data_dir), config.province)
             .with_context(|| format!("cannot open storage {}", config.data_dir.display()))?;
         let secret_path = config.path(&config.holder_secret);
         let secret_bytes = std::fs::read(&secret_path)
@@ -50,6 +81,38 @@ impl NodeState {
             Duration::from_secs(config.codes.leeway_secs),
             config.codes.cache_entries,
         );
+        let log_signer = Arc::new(LogSigner::load(&config.path(&config.log_key))?);
+
+        // Trust: the trust list's member CAs, or (alone) the province's own
+        // CA plus any configured member CAs.
+        let trust =
+            crate::federation::load_trust(&config.path(&config.trust_dir), config.province)?;
+        let cas = match &trust {
+            Some(store) => crate::federation::member_cas(&store.current().list)?,
+            None => {
+                let mut cas = vec![pem_cert(&config.read(&config.ca_cert)?, "province CA")?];
+                for path in &config.member_cas {
+                    cas.push(pem_cert(
+                        &config.read(path)?,
+                        &format!("member CA {}", path.display()),
+                    )?);
+                }
+                cas
+            }
+        };
+        let anchors = TrustAnchors::new(cas)?;
+        let node_cert = ClientCert::load(
+            &config.path(&config.node_cert),
+            &config.path(&config.node_key),
+        )?;
+        let fed = &config.federation;
+        let peers = Peers::new(
+            node_cert,
+            anchors.clone(),
+            Duration::from_millis(fed.peer_deadline_ms),
+        );
+        let list = trust.as_ref().map(|t| t.current().list.clone());
+
         let state = Arc::new(NodeState {
             province: config.province,
             identity,
@@ -59,23 +122,48 @@ impl NodeState {
             verifier,
             code_lifetime: config.code_lifetime(),
             metrics,
+            log_signer,
+            anchors,
+            trust: tokio::sync::Mutex::new(trust),
+            membership: ArcSwap::from_pointee(Membership::default()),
+            peers,
+            replicators: Replicators::default(),
+            key_digests: Mutex::new(HashMap::new()),
+            own_keys_digest: Mutex::new([0; 32]),
+            max_replica_age: Duration::from_secs(fed.max_replica_age_secs),
+            heartbeat: Duration::from_millis(fed.heartbeat_ms.max(10)),
+            batch_changes: fed.batch_changes.max(1),
+            stop,
         });
         state.publish_own_keys();
+        if let Some(list) = list {
+            state.metrics.trust_version.set(list.version as i64);
+            state.enforce(&list)?;
+        }
         Ok(state)
     }
 
-    /// Hands this province's current public keys to the verifier; called at
-    /// start, after rotation or revocation, and periodically so that retired
-    /// keys leave once their codes have expired.
+    /// Hands this province's current public keys to the verifier and
+    /// updates the digest its feed heads announce; called at start, after
+    /// rotation or revocation, and periodically so that retired keys leave
+    /// once their codes have expired.
     pub fn publish_own_keys(&self) {
         let keyring = self.keyring.read().expect("keyring lock");
         let jwks = keyring.jwks(now_unix());
-        if let Err(err) =
-            self.verifier
-                .set_issuer_keys(self.province, &jwks, &keyring.revoked_kids())
+        let revoked = keyring.revoked_kids();
+        if let Err(err) = self
+            .verifier
+            .set_issuer_keys(self.province, &jwks, &revoked)
         {
             tracing::error!(error = %err, "own code-signing keys refused by the verifier");
         }
+        let json = serde_json::to_string(&jwks).unwrap_or_default();
+        *self.own_keys_digest.lock().expect("digest lock") =
+            hufu_federation::feed::keys_digest(&json, &revoked);
+    }
+
+    pub fn own_keys_digest(&self) -> [u8; 32] {
+        *self.own_keys_digest.lock().expect("digest lock")
     }
 
     /// A holder named either by national id (pseudonymised here, never kept)
@@ -100,4 +188,8 @@ impl NodeState {
             )),
         }
     }
+}
+
+fn pem_cert(pem: &str, what: &str) -> anyhow::Result<CertificateDer<'static>> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }

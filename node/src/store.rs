@@ -1,16 +1,28 @@
-//! Durable storage of one province's statuses in sled.
+//! Durable storage of statuses in sled: this province's own, and the
+//! replicas of every other member province's feed.
 //!
-//! Trees: `statuses` (holder → current record) and `changes` (sequence →
-//! record), the province's append-only status-change log that peers replicate.
-//! Both are updated in one transaction, and a write is acknowledged only after
-//! sled has flushed it to disk, so an acknowledged status survives `kill -9`.
+//! One tree, keys prefixed by kind and province so that each write is a
+//! single atomic sled batch:
+//!
+//! | key                          | value                                   |
+//! |------------------------------|-----------------------------------------|
+//! | `S` province holder          | current `StatusRecord`                  |
+//! | `C` province sequence        | chain hash (32 bytes) ‖ encoded record  |
+//! | `H` province sequence        | signed `FeedHead` ending a batch (replicas, for relaying) |
+//! | `L` province                 | newest signed `FeedHead` (replicas)     |
+//!
+//! A write is acknowledged, and a replicated batch counted as received, only
+//! after sled has flushed it to disk, so both survive `kill -9`.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use hufu_proto::v1::StatusRecord;
+use hufu_certs::Province;
+use hufu_federation::feed::{self, Change, FeedError, GENESIS_HASH, Head};
+use hufu_proto::v1::{FeedBatch, FeedHead, StatusRecord};
 use prost::Message;
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::watch;
 
 use crate::error::{NodeError, NodeResult};
 use crate::status::{seconds, supersedes};
@@ -26,94 +38,376 @@ pub enum PutOutcome {
     Stale { stored_as_of: i64 },
 }
 
+/// The end of a province's chain as held here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tail {
+    pub sequence: u64,
+    pub hash: [u8; 32],
+}
+
+const GENESIS: Tail = Tail {
+    sequence: 0,
+    hash: GENESIS_HASH,
+};
+
+/// Result of applying a replicated batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes new to this node.
+    pub new_changes: usize,
+    /// The head now held.
+    pub sequence: u64,
+}
+
+/// Why a replicated batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Feed(#[from] FeedError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
 pub struct Store {
     db: sled::Db,
-    statuses: sled::Tree,
-    changes: sled::Tree,
-    /// Serialises writers so change numbers are assigned without gaps; holds
-    /// the last assigned sequence.
-    writer: tokio::sync::Mutex<u64>,
+    tree: sled::Tree,
+    own: Province,
+    /// Serialises own writes so change numbers are gapless; holds the tail.
+    own_writer: tokio::sync::Mutex<Tail>,
+    /// One writer at a time per replicated province.
+    replica_writers: Mutex<HashMap<Province, Arc<tokio::sync::Mutex<()>>>>,
+    /// Newest sequence per province, for feed subscribers to wait on.
+    watches: Mutex<HashMap<Province, watch::Sender<u64>>>,
+}
+
+fn key(kind: u8, p: Province, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + rest.len());
+    k.push(kind);
+    k.extend_from_slice(&p.code().to_be_bytes());
+    k.extend_from_slice(rest);
+    k
+}
+
+fn decode_entry(bytes: &[u8]) -> NodeResult<([u8; 32], &[u8])> {
+    if bytes.len() < 32 {
+        return Err(NodeError::Internal(
+            "change log entry shorter than its hash".into(),
+        ));
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&bytes[..32]);
+    Ok((hash, &bytes[32..]))
+}
+
+fn to_hash(bytes: &[u8]) -> Result<[u8; 32], FeedError> {
+    bytes
+        .try_into()
+        .map_err(|_| FeedError::Malformed(format!("hash of {} bytes, expected 32", bytes.len())))
+}
+
+/// The feed crate's view of a protobuf head.
+pub fn head_of(h: &FeedHead) -> Result<Head, FeedError> {
+    Ok(Head {
+        issuer: Province::parse(&h.issuer).map_err(|e| FeedError::Malformed(e.to_string()))?,
+        sequence: h.sequence,
+        chain_hash: to_hash(&h.chain_hash)?,
+        time_ms: h.time_ms,
+        keys_digest: to_hash(&h.keys_digest)?,
+    })
 }
 
 impl Store {
-    pub fn open(path: &Path) -> NodeResult<Store> {
+    pub fn open(path: &Path, own: Province) -> NodeResult<Store> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .open()?;
-        let statuses = db.open_tree("statuses")?;
-        let changes = db.open_tree("changes")?;
-        let last = match changes.last()? {
-            Some((key, _)) => u64::from_be_bytes(key.as_ref().try_into().map_err(|_| {
-                NodeError::Internal("change log key is not a 64-bit sequence".into())
-            })?),
-            None => 0,
-        };
-        Ok(Store {
+        let tree = db.open_tree("provinces")?;
+        let store = Store {
             db,
-            statuses,
-            changes,
-            writer: tokio::sync::Mutex::new(last),
-        })
+            tree,
+            own,
+            own_writer: tokio::sync::Mutex::new(GENESIS),
+            replica_writers: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+        };
+        let tail = store.own_tail_from_disk()?;
+        *store.own_writer.try_lock().expect("no other user yet") = tail;
+        store.notify(own, tail.sequence);
+        Ok(store)
     }
 
-    pub fn get(&self, holder: &str) -> NodeResult<Option<StatusRecord>> {
-        match self.statuses.get(holder.as_bytes())? {
+    fn own_tail_from_disk(&self) -> NodeResult<Tail> {
+        let prefix = key(b'C', self.own, &[]);
+        match self.tree.scan_prefix(&prefix).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                let seq = u64::from_be_bytes(k[5..13].try_into().map_err(|_| {
+                    NodeError::Internal("change log key is not a 64-bit sequence".into())
+                })?);
+                Ok(Tail {
+                    sequence: seq,
+                    hash: decode_entry(&v)?.0,
+                })
+            }
+            None => Ok(GENESIS),
+        }
+    }
+
+    pub fn own_province(&self) -> Province {
+        self.own
+    }
+
+    /// A holder's current record in province `p` (own or replica).
+    pub fn get(&self, p: Province, holder: &str) -> NodeResult<Option<StatusRecord>> {
+        match self.tree.get(key(b'S', p, holder.as_bytes()))? {
             Some(bytes) => Ok(Some(StatusRecord::decode(bytes.as_ref())?)),
             None => Ok(None),
         }
     }
 
-    /// Number of holders with a status.
-    pub fn holder_count(&self) -> usize {
-        self.statuses.len()
-    }
-
-    /// Sequence number of the newest change.
+    /// Sequence number of the newest change of this province.
     pub async fn last_sequence(&self) -> u64 {
-        *self.writer.lock().await
+        self.own_writer.lock().await.sequence
     }
 
-    /// Writes records in one transaction, each only if it supersedes what is
-    /// stored, and returns once the batch is durable.
+    /// The chain end held for province `p`.
+    pub async fn tail(&self, p: Province) -> NodeResult<Tail> {
+        if p == self.own {
+            return Ok(*self.own_writer.lock().await);
+        }
+        Ok(match self.latest_head(p)? {
+            Some(h) => Tail {
+                sequence: h.sequence,
+                hash: to_hash(&h.chain_hash).map_err(|e| NodeError::Internal(e.to_string()))?,
+            },
+            None => GENESIS,
+        })
+    }
+
+    /// The newest signed head held for a replicated province.
+    pub fn latest_head(&self, p: Province) -> NodeResult<Option<FeedHead>> {
+        match self.tree.get(key(b'L', p, &[]))? {
+            Some(bytes) => Ok(Some(FeedHead::decode(bytes.as_ref())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The first stored head of `p` after `after`: where a relayed batch
+    /// starting after `after` may end.
+    pub fn head_after(&self, p: Province, after: u64) -> NodeResult<Option<FeedHead>> {
+        let start = key(b'H', p, &(after + 1).to_be_bytes());
+        let end = key(b'H', p, &u64::MAX.to_be_bytes());
+        match self.tree.range(start..=end).next() {
+            Some(item) => Ok(Some(FeedHead::decode(item?.1.as_ref())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Changes of `p` numbered `after+1 ..= until`, at most `max`.
+    pub fn changes(
+        &self,
+        p: Province,
+        after: u64,
+        until: u64,
+        max: usize,
+    ) -> NodeResult<Vec<(u64, [u8; 32], Vec<u8>)>> {
+        let start = key(b'C', p, &(after + 1).to_be_bytes());
+        let end = key(b'C', p, &until.to_be_bytes());
+        let mut out = Vec::new();
+        if after >= until {
+            return Ok(out);
+        }
+        for item in self.tree.range(start..=end).take(max) {
+            let (k, v) = item?;
+            let seq = u64::from_be_bytes(k[5..13].try_into().expect("8 bytes"));
+            let (hash, record) = decode_entry(&v)?;
+            out.push((seq, hash, record.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn held_hash(&self, p: Province, seq: u64) -> Option<[u8; 32]> {
+        if seq == 0 {
+            return Some(GENESIS_HASH);
+        }
+        let v = self.tree.get(key(b'C', p, &seq.to_be_bytes())).ok()??;
+        decode_entry(&v).ok().map(|(h, _)| h)
+    }
+
+    /// Waits for changes: the receiver sees the newest sequence of `p`.
+    pub fn watch(&self, p: Province) -> watch::Receiver<u64> {
+        let mut watches = self.watches.lock().expect("watch lock");
+        watches
+            .entry(p)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify(&self, p: Province, seq: u64) {
+        let mut watches = self.watches.lock().expect("watch lock");
+        let sender = watches.entry(p).or_insert_with(|| watch::channel(0).0);
+        sender.send_replace(seq);
+    }
+
+    /// Writes own-province records, each only if it supersedes what is
+    /// stored, appends them to the change log, and returns once durable.
     pub async fn put_many(&self, records: &[StatusRecord]) -> NodeResult<Vec<PutOutcome>> {
-        let mut last = self.writer.lock().await;
-        let start = *last;
-        let result = (&self.statuses, &self.changes).transaction(|(statuses, changes)| {
-            let mut seq = start;
-            let mut outcomes = Vec::with_capacity(records.len());
-            for record in records {
-                let key = record.holder.as_bytes();
-                if let Some(bytes) = statuses.get(key)? {
-                    let stored = StatusRecord::decode(bytes.as_ref())
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    if stored == *record {
-                        outcomes.push(PutOutcome::Unchanged);
-                        continue;
-                    }
-                    if !supersedes(record, &stored) {
-                        outcomes.push(PutOutcome::Stale {
-                            stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
-                        });
-                        continue;
-                    }
+        let mut tail = self.own_writer.lock().await;
+        let mut next = *tail;
+        let mut batch = sled::Batch::default();
+        let mut outcomes = Vec::with_capacity(records.len());
+        // Records of one holder may repeat within a call: later ones must be
+        // compared with earlier ones, not with the disk.
+        let mut pending: HashMap<&str, &StatusRecord> = HashMap::new();
+        for record in records {
+            let stored = match pending.get(record.holder.as_str()) {
+                Some(r) => Some((*r).clone()),
+                None => self.get(self.own, &record.holder)?,
+            };
+            if let Some(stored) = stored {
+                if stored == *record {
+                    outcomes.push(PutOutcome::Unchanged);
+                    continue;
                 }
-                let bytes = record.encode_to_vec();
-                seq += 1;
-                statuses.insert(key, bytes.as_slice())?;
-                changes.insert(&seq.to_be_bytes(), bytes)?;
-                outcomes.push(PutOutcome::Applied { sequence: seq });
+                if !supersedes(record, &stored) {
+                    outcomes.push(PutOutcome::Stale {
+                        stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
+                    });
+                    continue;
+                }
             }
-            Ok((seq, outcomes))
-        });
-        let (seq, outcomes) = result.map_err(|e| match e {
-            TransactionError::Abort(decode) => NodeError::Corrupt(decode),
-            TransactionError::Storage(err) => NodeError::Storage(err),
-        })?;
-        *last = seq;
-        drop(last);
-        self.flush().await?;
+            let bytes = record.encode_to_vec();
+            next.sequence += 1;
+            next.hash = feed::chain_next(&next.hash, next.sequence, &bytes);
+            let mut entry = next.hash.to_vec();
+            entry.extend_from_slice(&bytes);
+            batch.insert(key(b'S', self.own, record.holder.as_bytes()), bytes);
+            batch.insert(key(b'C', self.own, &next.sequence.to_be_bytes()), entry);
+            pending.insert(&record.holder, record);
+            outcomes.push(PutOutcome::Applied {
+                sequence: next.sequence,
+            });
+        }
+        if next != *tail {
+            self.tree.apply_batch(batch)?;
+            self.flush().await?;
+            *tail = next;
+            self.notify(self.own, next.sequence);
+        }
         Ok(outcomes)
+    }
+
+    /// Verifies and stores a batch of province `p`'s feed, received from
+    /// `p` itself or relayed by a peer. `log_key` is `p`'s log key from the
+    /// trust list. New changes are durable when this returns.
+    pub async fn apply_batch(
+        &self,
+        p: Province,
+        batch: &FeedBatch,
+        log_key: &str,
+    ) -> Result<Applied, ApplyError> {
+        if p == self.own {
+            return Err(FeedError::Malformed(format!(
+                "{p} is this node's own province: it is not replicated"
+            ))
+            .into());
+        }
+        let proto_head = batch
+            .head
+            .as_ref()
+            .ok_or_else(|| FeedError::Malformed("batch without a head".into()))?;
+        let head = head_of(proto_head)?;
+        if head.issuer != p {
+            return Err(FeedError::WrongIssuer {
+                want: p,
+                got: head.issuer,
+            }
+            .into());
+        }
+        head.verify(&proto_head.signature, log_key)?;
+
+        let writer = {
+            let mut writers = self.replica_writers.lock().expect("writer lock");
+            writers.entry(p).or_default().clone()
+        };
+        let _guard = writer.lock().await;
+        let held = self.latest_head(p)?;
+        let tail = match &held {
+            Some(h) => Tail {
+                sequence: h.sequence,
+                hash: to_hash(&h.chain_hash)?,
+            },
+            None => GENESIS,
+        };
+        let changes: Vec<Change<'_>> = batch
+            .changes
+            .iter()
+            .map(|c| Change {
+                sequence: c.sequence,
+                record: &c.record,
+            })
+            .collect();
+        let new = feed::check_batch(tail.sequence, &tail.hash, &changes, &head, |s| {
+            self.held_hash(p, s)
+        })?;
+
+        let head_bytes = proto_head.encode_to_vec();
+        if new.is_empty() {
+            // A heartbeat: only a newer statement about the same head counts.
+            let newer = held.as_ref().is_none_or(|h| h.time_ms < proto_head.time_ms);
+            if newer {
+                let mut b = sled::Batch::default();
+                b.insert(key(b'L', p, &[]), head_bytes.clone());
+                b.insert(key(b'H', p, &head.sequence.to_be_bytes()), head_bytes);
+                self.tree.apply_batch(b).map_err(NodeError::from)?;
+            }
+            return Ok(Applied {
+                new_changes: 0,
+                sequence: tail.sequence,
+            });
+        }
+        let mut b = sled::Batch::default();
+        let first_new = new[0].0;
+        for change in batch.changes.iter().filter(|c| c.sequence >= first_new) {
+            let record = StatusRecord::decode(change.record.as_slice())
+                .map_err(|e| FeedError::Malformed(format!("change {}: {e}", change.sequence)))?;
+            if record.issuer != p.to_string() {
+                return Err(FeedError::Malformed(format!(
+                    "change {} is a record of {}, in the feed of {p}",
+                    change.sequence, record.issuer
+                ))
+                .into());
+            }
+            if record
+                .holder
+                .parse::<hufu_federation::holder::HolderId>()
+                .is_err()
+            {
+                return Err(FeedError::Malformed(format!(
+                    "change {}: bad holder id",
+                    change.sequence
+                ))
+                .into());
+            }
+            let hash = new[(change.sequence - first_new) as usize].1;
+            let mut entry = hash.to_vec();
+            entry.extend_from_slice(&change.record);
+            b.insert(
+                key(b'S', p, record.holder.as_bytes()),
+                change.record.as_slice(),
+            );
+            b.insert(key(b'C', p, &change.sequence.to_be_bytes()), entry);
+        }
+        b.insert(key(b'L', p, &[]), head_bytes.clone());
+        b.insert(key(b'H', p, &head.sequence.to_be_bytes()), head_bytes);
+        self.tree.apply_batch(b).map_err(NodeError::from)?;
+        self.flush().await?;
+        self.notify(p, head.sequence);
+        Ok(Applied {
+            new_changes: new.len(),
+            sequence: head.sequence,
+        })
     }
 
     /// Makes everything written so far durable. sled serialises flushes
@@ -126,5 +420,11 @@ impl Store {
             .await
             .map_err(|e| NodeError::Internal(format!("flush task: {e}")))??;
         Ok(())
+    }
+
+    /// The sled database, for other components that keep their own trees
+    /// (the audit log, the witness).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 }

@@ -238,6 +238,17 @@ impl LogSigner {
         self.witness_key.to_string()
     }
 
+    /// Signs a status-feed head (see [`crate::feed`]). Feed heads start with
+    /// their own label, so a feed signature can never pass for a checkpoint
+    /// or a cosignature made with the same key.
+    pub fn sign_feed_head(&self, text: &str) -> Vec<u8> {
+        assert!(
+            text.starts_with(crate::feed::HEAD_LABEL),
+            "feed head text must start with its label"
+        );
+        self.pair.sign(text.as_bytes()).as_ref().to_vec()
+    }
+
     /// The log's signature line over a checkpoint text.
     pub(crate) fn sign_checkpoint(&self, text: &str) -> NoteSignature {
         NoteSignature {

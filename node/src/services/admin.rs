@@ -209,14 +209,14 @@ impl AdminService {
             }
             None => self.state.holder_from(None, None)?,
         };
-        let record =
-            self.state
-                .store
-                .get(holder.as_str())?
-                .ok_or_else(|| NodeError::HolderNotFound {
-                    issuer: self.state.province,
-                    holder: holder.to_string(),
-                })?;
+        let record = self
+            .state
+            .store
+            .get(self.state.province, holder.as_str())?
+            .ok_or_else(|| NodeError::HolderNotFound {
+                issuer: self.state.province,
+                holder: holder.to_string(),
+            })?;
         Ok(GetStatusResponse {
             record: Some(record),
         })
@@ -233,11 +233,15 @@ impl AdminService {
             }
             None => self.state.holder_from(None, None)?,
         };
-        let record = self.state.store.get(holder.as_str())?.ok_or_else(|| {
-            NodeError::FailedPrecondition(format!(
-                "no status for holder {holder}: set one before issuing a code"
-            ))
-        })?;
+        let record = self
+            .state
+            .store
+            .get(self.state.province, holder.as_str())?
+            .ok_or_else(|| {
+                NodeError::FailedPrecondition(format!(
+                    "no status for holder {holder}: set one before issuing a code"
+                ))
+            })?;
         let colour = match Colour::try_from(record.colour) {
             Ok(Colour::Green) => hufu_federation::codes::Colour::Green,
             Ok(Colour::Yellow) => hufu_federation::codes::Colour::Yellow,

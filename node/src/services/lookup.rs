@@ -18,7 +18,7 @@ use crate::auth::{Access, check};
 use crate::error::{NodeError, NodeResult};
 use crate::metrics::metered;
 use crate::state::NodeState;
-use crate::status::{colour_name, now_unix, seconds, timestamp};
+use crate::status::{colour_name, now_millis, now_unix, seconds, timestamp};
 
 /// Most holders one `BatchLookup` may ask for.
 pub const MAX_BATCH: usize = 1000;
@@ -32,26 +32,77 @@ impl LookupService {
         LookupService { state }
     }
 
+    /// The province asked about: this node's own, or a federation member.
     fn issuer(&self, issuer: &str) -> NodeResult<Province> {
         let asked = Province::parse(issuer).map_err(|e| NodeError::invalid(e.to_string()))?;
-        if asked != self.state.province {
-            return Err(NodeError::WrongProvince {
+        if asked == self.state.province {
+            return Ok(asked);
+        }
+        let membership = self.state.membership.load();
+        if membership.member(asked).is_some() {
+            return Ok(asked);
+        }
+        match membership.list {
+            None => Err(NodeError::WrongProvince {
                 asked,
                 own: self.state.province,
-            });
+            }),
+            Some(_) => Err(NodeError::NotFound(format!(
+                "province {asked} is not a member of the federation (trust list v{})",
+                membership.version()
+            ))),
         }
-        Ok(asked)
     }
 
     fn own_provenance(&self) -> Provenance {
-        Provenance {
-            source: Source::Authoritative as i32,
-            age: Some(hufu_proto::Duration::default()),
-            answered_by: self.state.province.to_string(),
+        provenance(Source::Authoritative, Some(0), self.state.province)
+    }
+
+    /// How old this node's replica of `p` is, in milliseconds (None: no
+    /// signed head from `p` yet).
+    fn replica_age_ms(&self, p: Province) -> NodeResult<Option<i64>> {
+        Ok(self
+            .state
+            .store
+            .latest_head(p)?
+            .map(|h| (now_millis() - h.time_ms).max(0)))
+    }
+
+    fn fresh(&self, age_ms: Option<i64>) -> bool {
+        age_ms.is_some_and(|a| a <= self.state.max_replica_age.as_millis() as i64)
+    }
+
+    /// A holder's record in province `p` and where it came from: this
+    /// node's own data, a fresh replica, the issuer asked directly, or (when
+    /// the issuer cannot be reached) the stale replica with its age.
+    async fn answer(
+        &self,
+        p: Province,
+        holder: &str,
+    ) -> NodeResult<(Option<StatusRecord>, Provenance)> {
+        if p == self.state.province {
+            return Ok((self.state.store.get(p, holder)?, self.own_provenance()));
+        }
+        let age = self.replica_age_ms(p)?;
+        if self.fresh(age) {
+            return Ok((
+                self.state.store.get(p, holder)?,
+                provenance(Source::Replica, age, self.state.province),
+            ));
+        }
+        match self.state.lookup_authoritative(p, holder).await {
+            Ok(record) => Ok((record, provenance(Source::Authoritative, Some(0), p))),
+            Err(why) => {
+                tracing::debug!(province = %p, error = %why, "issuer unreachable; answering from stale replica");
+                Ok((
+                    self.state.store.get(p, holder)?,
+                    provenance(Source::ReplicaStale, age, self.state.province),
+                ))
+            }
         }
     }
 
-    fn lookup(&self, request: Request<LookupRequest>) -> NodeResult<LookupResponse> {
+    async fn lookup(&self, request: Request<LookupRequest>) -> NodeResult<LookupResponse> {
         check(self.state.province, &request, "Lookup", Access::Lookup)?;
         let req = request.into_inner();
         let issuer = self.issuer(&req.issuer)?;
@@ -59,21 +110,18 @@ impl LookupService {
             .holder
             .parse()
             .map_err(|e: hufu_federation::holder::HolderError| NodeError::invalid(e.to_string()))?;
-        let record =
-            self.state
-                .store
-                .get(holder.as_str())?
-                .ok_or_else(|| NodeError::HolderNotFound {
-                    issuer,
-                    holder: holder.to_string(),
-                })?;
+        let (record, provenance) = self.answer(issuer, holder.as_str()).await?;
+        let record = record.ok_or_else(|| NodeError::HolderNotFound {
+            issuer,
+            holder: holder.to_string(),
+        })?;
         Ok(LookupResponse {
             record: Some(record),
-            provenance: Some(self.own_provenance()),
+            provenance: Some(provenance),
         })
     }
 
-    fn batch_lookup(
+    async fn batch_lookup(
         &self,
         request: Request<BatchLookupRequest>,
     ) -> NodeResult<BatchLookupResponse> {
@@ -85,7 +133,25 @@ impl LookupService {
                 req.holders.len()
             )));
         }
-        self.issuer(&req.issuer)?;
+        let p = self.issuer(&req.issuer)?;
+        // One freshness decision for the whole batch: a batch is answered
+        // from one source, never a mixture.
+        let provenance = if p == self.state.province {
+            self.own_provenance()
+        } else {
+            let age = self.replica_age_ms(p)?;
+            if self.fresh(age) {
+                provenance(Source::Replica, age, self.state.province)
+            } else {
+                match self.forward_batch(p, &req.holders).await {
+                    Ok(reply) => return Ok(reply),
+                    Err(why) => {
+                        tracing::debug!(province = %p, error = %why, "issuer unreachable; batch from stale replica");
+                        provenance(Source::ReplicaStale, age, self.state.province)
+                    }
+                }
+            }
+        };
         let mut entries = Vec::with_capacity(req.holders.len());
         for holder in req.holders {
             let entry = match holder.parse::<HolderId>() {
@@ -94,7 +160,7 @@ impl LookupService {
                     record: None,
                     error: e.to_string(),
                 },
-                Ok(id) => match self.state.store.get(id.as_str())? {
+                Ok(id) => match self.state.store.get(p, id.as_str())? {
                     Some(record) => BatchEntry {
                         holder,
                         record: Some(record),
@@ -111,11 +177,50 @@ impl LookupService {
         }
         Ok(BatchLookupResponse {
             entries,
-            provenance: Some(self.own_provenance()),
+            provenance: Some(provenance),
         })
     }
 
-    fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
+    /// Asks the issuing province for a whole batch, within the deadline.
+    async fn forward_batch(
+        &self,
+        p: Province,
+        holders: &[String],
+    ) -> Result<BatchLookupResponse, String> {
+        let membership = self.state.membership.load_full();
+        let member = membership.member(p).ok_or("not a member")?;
+        let endpoint = member.endpoints.first().ok_or("no endpoints")?;
+        if !self.state.peers.allows(p) {
+            return Err("circuit open".into());
+        }
+        let channel = self
+            .state
+            .peers
+            .channel(p, endpoint)
+            .map_err(|e| e.to_string())?;
+        let mut request = Request::new(BatchLookupRequest {
+            issuer: p.to_string(),
+            holders: holders.to_vec(),
+        });
+        request.set_timeout(self.state.peers.deadline);
+        let mut client = hufu_proto::v1::status_lookup_client::StatusLookupClient::new(channel);
+        match tokio::time::timeout(self.state.peers.deadline, client.batch_lookup(request)).await {
+            Ok(Ok(reply)) => {
+                self.state.peers.success(p);
+                Ok(reply.into_inner())
+            }
+            Ok(Err(status)) => {
+                self.state.peers.failure(p);
+                Err(status.message().to_owned())
+            }
+            Err(_) => {
+                self.state.peers.failure(p);
+                Err("deadline exceeded".into())
+            }
+        }
+    }
+
+    async fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
         check(self.state.province, &request, "Verify", Access::Verify)?;
         let req = request.into_inner();
         let now = now_unix();
@@ -132,20 +237,16 @@ impl LookupService {
             last_negative_test: claims.hc.neg_test.map(timestamp),
             reason: Reason::Unspecified as i32,
         };
-        // Effective status: the newer of the code's own claim and what this
-        // node knows about the holder. A stored record as new as the claim
-        // wins: it is the same decision, with its reason, from the source.
-        let (status, provenance) = if code.issuer == self.state.province {
-            match self.state.store.get(&claims.sub)? {
-                Some(stored) if seconds(stored.as_of.as_ref()) >= Some(claims.hc.as_of) => {
-                    (stored, self.own_provenance())
-                }
-                _ => (from_token, token_provenance(self.state.province)),
+        // Effective status: the newer of the code's own claim and what is
+        // known about the holder (own data, replica, or the issuer itself).
+        let (known, provenance) = self.answer(code.issuer, &claims.sub).await?;
+        // At equal `as_of` the record wins: the issuer may rewrite a status
+        // within the same second, and the record is its latest word.
+        let status = match known {
+            Some(record) if seconds(record.as_of.as_ref()).unwrap_or(0) >= claims.hc.as_of => {
+                record
             }
-        } else {
-            // Other provinces' statuses arrive with the federation's
-            // replicas; until then the signed claim is all there is.
-            (from_token, token_provenance(self.state.province))
+            _ => from_token,
         };
         let (policy_met, reason) = evaluate(req.policy.as_ref(), &status, &provenance, now);
         Ok(VerifyResponse {
@@ -163,7 +264,19 @@ impl LookupService {
         check(self.state.province, &request, "GetJwks", Access::PublicKeys)?;
         let req = request.into_inner();
         if !req.province.is_empty() {
-            self.issuer(&req.province)?;
+            let p = self.issuer(&req.province)?;
+            if p != self.state.province {
+                // Another member's keys as the trust list publishes them.
+                let membership = self.state.membership.load();
+                let member = membership
+                    .member(p)
+                    .ok_or_else(|| NodeError::NotFound(format!("province {p} is not a member")))?;
+                return Ok(GetJwksResponse {
+                    jwks_json: serde_json::to_string(&member.jwks)
+                        .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
+                    revoked_kids: member.revoked_kids.clone(),
+                });
+            }
         }
         let keyring = self.state.keyring.read().expect("keyring lock");
         let jwks = keyring.jwks(now_unix());
@@ -175,11 +288,14 @@ impl LookupService {
     }
 }
 
-fn token_provenance(own: Province) -> Provenance {
+fn provenance(source: Source, age_ms: Option<i64>, answered_by: Province) -> Provenance {
     Provenance {
-        source: Source::Token as i32,
-        age: None,
-        answered_by: own.to_string(),
+        source: source as i32,
+        age: age_ms.map(|ms| hufu_proto::Duration {
+            seconds: ms / 1000,
+            nanos: ((ms % 1000) * 1_000_000) as i32,
+        }),
+        answered_by: answered_by.to_string(),
     }
 }
 
@@ -266,7 +382,7 @@ impl StatusLookup for LookupService {
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupResponse>, Status> {
         metered(&self.state.metrics, "Lookup", async {
-            Ok(Response::new(self.lookup(request)?))
+            Ok(Response::new(self.lookup(request).await?))
         })
         .await
     }
@@ -276,7 +392,7 @@ impl StatusLookup for LookupService {
         request: Request<BatchLookupRequest>,
     ) -> Result<Response<BatchLookupResponse>, Status> {
         metered(&self.state.metrics, "BatchLookup", async {
-            Ok(Response::new(self.batch_lookup(request)?))
+            Ok(Response::new(self.batch_lookup(request).await?))
         })
         .await
     }
@@ -286,7 +402,7 @@ impl StatusLookup for LookupService {
         request: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
         metered(&self.state.metrics, "Verify", async {
-            Ok(Response::new(self.verify(request)?))
+            Ok(Response::new(self.verify(request).await?))
         })
         .await
     }

@@ -1,4 +1,5 @@
 //! The node's gRPC services.
 
 pub mod admin;
+pub mod federation;
 pub mod lookup;

@@ -77,3 +77,11 @@ pub fn pseudonym(province: &LocalProvince, n: u64) -> String {
         .pseudonym(&sample::national_id(province.province, n))
         .to_string()
 }
+
+/// Logs to the test's output when RUST_LOG is set (for debugging).
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+}

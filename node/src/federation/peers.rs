@@ -1,0 +1,209 @@
+//! Connections to other provinces' nodes, and the manners that keep a
+//! struggling province from being hammered by its neighbours: a deadline on
+//! every call, a circuit breaker per province, and gRFC A6 retry throttling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hufu_certs::{Province, TrustAnchors};
+use tonic::transport::Channel;
+
+use crate::client::{self, ClientCert, Target};
+
+/// Consecutive failures that open a province's circuit.
+const OPEN_AFTER: u32 = 3;
+/// How long an open circuit refuses calls before letting one probe through.
+const OPEN_FOR: Duration = Duration::from_secs(2);
+
+/// A circuit breaker: after repeated failures, calls fail fast for a while
+/// instead of waiting out deadlines against a province that is down.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    fn allows(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            Some(until) if now < until => false,
+            // Half-open: let one call probe; a failure re-opens at once.
+            Some(_) => {
+                self.open_until = Some(now + OPEN_FOR);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn success(&mut self) {
+        self.failures = 0;
+        self.open_until = None;
+    }
+
+    fn failure(&mut self, now: Instant) {
+        self.failures += 1;
+        if self.failures >= OPEN_AFTER {
+            self.open_until = Some(now + OPEN_FOR);
+        }
+    }
+}
+
+/// gRFC A6 retry throttling: every failure costs a token, every success
+/// earns a tenth of one; retries are allowed only while more than half the
+/// tokens remain.
+#[derive(Debug)]
+struct RetryThrottle {
+    tokens: f64,
+}
+
+const MAX_TOKENS: f64 = 10.0;
+const TOKEN_RATIO: f64 = 0.1;
+
+impl Default for RetryThrottle {
+    fn default() -> Self {
+        RetryThrottle { tokens: MAX_TOKENS }
+    }
+}
+
+impl RetryThrottle {
+    fn success(&mut self) {
+        self.tokens = (self.tokens + TOKEN_RATIO).min(MAX_TOKENS);
+    }
+
+    fn failure(&mut self) {
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    fn may_retry(&self) -> bool {
+        self.tokens > MAX_TOKENS / 2.0
+    }
+}
+
+#[derive(Debug, Default)]
+struct PeerHealth {
+    breaker: Breaker,
+    throttle: RetryThrottle,
+}
+
+/// The node's view of its peers: lazily connected channels per endpoint,
+/// and per-province health.
+pub struct Peers {
+    own_cert: ClientCert,
+    anchors: Arc<TrustAnchors>,
+    channels: Mutex<HashMap<(Province, String), Channel>>,
+    health: Mutex<HashMap<Province, PeerHealth>>,
+    pub deadline: Duration,
+}
+
+impl Peers {
+    pub fn new(own_cert: ClientCert, anchors: Arc<TrustAnchors>, deadline: Duration) -> Peers {
+        Peers {
+            own_cert,
+            anchors,
+            channels: Mutex::new(HashMap::new()),
+            health: Mutex::new(HashMap::new()),
+            deadline,
+        }
+    }
+
+    /// A channel to a node of `province` at `endpoint`, reconnecting as
+    /// needed; the server must prove it is a node of that province.
+    pub fn channel(&self, province: Province, endpoint: &str) -> anyhow::Result<Channel> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(c) = channels.get(&(province, endpoint.to_owned())) {
+            return Ok(c.clone());
+        }
+        let target = Target {
+            endpoint: endpoint.to_owned(),
+            province,
+            anchors: self.anchors.clone(),
+        };
+        let channel = client::connect_lazy(&target, &self.own_cert)?;
+        channels.insert((province, endpoint.to_owned()), channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets channels to endpoints no longer listed (after a trust list change).
+    pub fn retain(&self, keep: impl Fn(Province, &str) -> bool) {
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .retain(|(p, e), _| keep(*p, e));
+    }
+
+    /// Whether a call to `province` may be tried now.
+    pub fn allows(&self, province: Province) -> bool {
+        self.health
+            .lock()
+            .expect("health lock")
+            .entry(province)
+            .or_default()
+            .breaker
+            .allows(Instant::now())
+    }
+
+    pub fn may_retry(&self, province: Province) -> bool {
+        self.health
+            .lock()
+            .expect("health lock")
+            .entry(province)
+            .or_default()
+            .throttle
+            .may_retry()
+    }
+
+    pub fn success(&self, province: Province) {
+        let mut health = self.health.lock().expect("health lock");
+        let h = health.entry(province).or_default();
+        h.breaker.success();
+        h.throttle.success();
+    }
+
+    pub fn failure(&self, province: Province) {
+        let mut health = self.health.lock().expect("health lock");
+        let h = health.entry(province).or_default();
+        h.breaker.failure(Instant::now());
+        h.throttle.failure();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_opens_then_probes() {
+        let mut b = Breaker::default();
+        let t = Instant::now();
+        for _ in 0..OPEN_AFTER {
+            assert!(b.allows(t));
+            b.failure(t);
+        }
+        assert!(!b.allows(t));
+        assert!(!b.allows(t + OPEN_FOR / 2));
+        // One probe after the pause; a failed probe re-opens.
+        assert!(b.allows(t + OPEN_FOR));
+        assert!(!b.allows(t + OPEN_FOR));
+        b.failure(t + OPEN_FOR);
+        assert!(!b.allows(t + OPEN_FOR + OPEN_FOR / 2));
+        b.success();
+        assert!(b.allows(t));
+    }
+
+    #[test]
+    fn retries_stop_when_most_calls_fail() {
+        let mut r = RetryThrottle::default();
+        for _ in 0..4 {
+            r.failure();
+        }
+        assert!(r.may_retry());
+        r.failure();
+        assert!(!r.may_retry());
+        for _ in 0..10 {
+            r.success();
+        }
+        assert!(r.may_retry());
+    }
+}

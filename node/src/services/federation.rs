@@ -1,0 +1,271 @@
+//! `hufu.v1.Federation`: status-change feeds and trust-list gossip, for
+//! nodes of member provinces.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use hufu_certs::Province;
+use hufu_proto::v1::federation_server::Federation;
+use hufu_proto::v1::{
+    FeedBatch, FeedHead, GetTrustListRequest, GetTrustListResponse, OfferTrustListRequest,
+    OfferTrustListResponse, StatusChange, SubscribeRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Access, check};
+use crate::error::{NodeError, NodeResult};
+use crate::metrics::metered;
+use crate::state::NodeState;
+use crate::status::now_millis;
+
+pub struct FederationService {
+    state: Arc<NodeState>,
+}
+
+impl FederationService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        FederationService { state }
+    }
+}
+
+type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
+
+/// Streams one province's feed to one subscriber until it goes away.
+async fn serve_feed(
+    state: Arc<NodeState>,
+    p: Province,
+    mut after: u64,
+    tx: mpsc::Sender<Result<FeedBatch, Status>>,
+) {
+    let own = p == state.province;
+    let mut watch = state.store.watch(p);
+    let max = state.batch_changes;
+    let mut heartbeat = tokio::time::interval(state.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let batch = if own {
+            own_batch(&state, after, max).await
+        } else {
+            relay_batch(&state, p, after)
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(err) => {
+                let _ = tx.send(Err(err.into())).await;
+                return;
+            }
+        };
+        if let Some(batch) = batch {
+            after = batch.head.as_ref().map(|h| h.sequence).unwrap_or(after);
+            let sent = batch.changes.len() as u64;
+            if tx.send(Ok(batch)).await.is_err() {
+                return;
+            }
+            state.metrics.feed_served.inc_by(sent);
+            heartbeat.reset();
+            continue;
+        }
+        // Caught up: wait for a change, or restate the head as a heartbeat.
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = state.stop.cancelled() => return,
+            changed = watch.changed() => if changed.is_err() { return },
+            _ = heartbeat.tick() => {
+                let head = if own {
+                    own_head(&state, after).await
+                } else {
+                    state.store.latest_head(p)
+                };
+                match head {
+                    Ok(Some(head)) if head.sequence == after => {
+                        let hb = FeedBatch { changes: vec![], head: Some(head) };
+                        if tx.send(Ok(hb)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A signed head for this province at `sequence`.
+async fn own_head(state: &NodeState, sequence: u64) -> NodeResult<Option<FeedHead>> {
+    let hash = if sequence == 0 {
+        hufu_federation::feed::GENESIS_HASH
+    } else {
+        match state
+            .store
+            .changes(state.province, sequence - 1, sequence, 1)?
+            .pop()
+        {
+            Some((_, hash, _)) => hash,
+            None => return Ok(None),
+        }
+    };
+    let head = hufu_federation::feed::Head {
+        issuer: state.province,
+        sequence,
+        chain_hash: hash,
+        time_ms: now_millis(),
+        keys_digest: state.own_keys_digest(),
+    };
+    let signature = head.sign(&state.log_signer);
+    Ok(Some(FeedHead {
+        issuer: state.province.to_string(),
+        sequence,
+        chain_hash: hash.to_vec(),
+        time_ms: head.time_ms,
+        keys_digest: head.keys_digest.to_vec(),
+        signature,
+    }))
+}
+
+/// The next batch of this province's own changes after `after`, signed now.
+async fn own_batch(state: &NodeState, after: u64, max: usize) -> NodeResult<Option<FeedBatch>> {
+    let tail = state.store.tail(state.province).await?;
+    if tail.sequence <= after {
+        if tail.sequence < after {
+            return Err(NodeError::invalid(format!(
+                "subscriber is at change {after}, but province {} has only {}: a different history",
+                state.province, tail.sequence
+            )));
+        }
+        return Ok(None);
+    }
+    let changes = state
+        .store
+        .changes(state.province, after, tail.sequence, max)?;
+    let Some((last, _, _)) = changes.last() else {
+        return Ok(None);
+    };
+    let head = own_head(state, *last).await?;
+    Ok(Some(FeedBatch {
+        changes: changes
+            .into_iter()
+            .map(|(sequence, _, record)| StatusChange { sequence, record })
+            .collect(),
+        head,
+    }))
+}
+
+/// The next relayed batch of province `p` after `after`: the changes up to
+/// the next head the issuer signed.
+fn relay_batch(state: &NodeState, p: Province, after: u64) -> NodeResult<Option<FeedBatch>> {
+    let Some(head) = state.store.head_after(p, after)? else {
+        return Ok(None);
+    };
+    let changes = state.store.changes(p, after, head.sequence, usize::MAX)?;
+    if changes.len() as u64 != head.sequence - after {
+        // Older changes were never held here (this node joined late):
+        // nothing to relay from this point.
+        return Ok(None);
+    }
+    Ok(Some(FeedBatch {
+        changes: changes
+            .into_iter()
+            .map(|(sequence, _, record)| StatusChange { sequence, record })
+            .collect(),
+        head: Some(head),
+    }))
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    type SubscribeChangesStream = FeedStream;
+
+    async fn subscribe_changes(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<FeedStream>, Status> {
+        metered(&self.state.metrics, "SubscribeChanges", async {
+            let caller = check(
+                self.state.province,
+                &request,
+                "SubscribeChanges",
+                Access::Federation,
+            )?;
+            let req = request.into_inner();
+            let p = Province::parse(&req.issuer).map_err(|e| NodeError::invalid(e.to_string()))?;
+            if p != self.state.province {
+                if self.state.membership.load().member(p).is_none() {
+                    return Err(NodeError::NotFound(format!(
+                        "province {p} is not a member of trust list v{}",
+                        self.state.membership.load().version()
+                    ))
+                    .into());
+                }
+                if self.state.store.latest_head(p)?.is_none() {
+                    return Err(NodeError::NotFound(format!(
+                        "no replica of province {p} here yet"
+                    ))
+                    .into());
+                }
+            }
+            tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(serve_feed(self.state.clone(), p, req.after_sequence, tx));
+            Ok(Response::new(
+                Box::pin(ReceiverStream::new(rx)) as FeedStream
+            ))
+        })
+        .await
+    }
+
+    async fn get_trust_list(
+        &self,
+        request: Request<GetTrustListRequest>,
+    ) -> Result<Response<GetTrustListResponse>, Status> {
+        metered(&self.state.metrics, "GetTrustList", async {
+            check(
+                self.state.province,
+                &request,
+                "GetTrustList",
+                Access::Federation,
+            )?;
+            let after = request.into_inner().after_version;
+            let trust = self.state.trust.lock().await;
+            let notes = match trust.as_ref() {
+                Some(store) => ((after + 1)..=store.version())
+                    .filter_map(|v| store.get(v).map(|s| s.note().to_owned()))
+                    .collect(),
+                None => vec![],
+            };
+            Ok(Response::new(GetTrustListResponse { notes }))
+        })
+        .await
+    }
+
+    async fn offer_trust_list(
+        &self,
+        request: Request<OfferTrustListRequest>,
+    ) -> Result<Response<OfferTrustListResponse>, Status> {
+        metered(&self.state.metrics, "OfferTrustList", async {
+            // Peers gossip; this province's admins install what they signed.
+            let caller = crate::auth::caller(&request)?;
+            if !(caller.role == hufu_certs::Role::Admin && caller.province == self.state.province) {
+                check(
+                    self.state.province,
+                    &request,
+                    "OfferTrustList",
+                    Access::Federation,
+                )?;
+            }
+            let note = request.into_inner().note;
+            let applied = self.state.offer_trust_list(&note).await?;
+            Ok(Response::new(OfferTrustListResponse {
+                applied,
+                version: self.state.membership.load().version(),
+            }))
+        })
+        .await
+    }
+}

@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use hufu_certs::{LeafOptions, Province, Role};
@@ -71,7 +70,10 @@ pub enum Command {
     /// Code-signing keys: rotate, revoke (admin certificate).
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// A local demonstration on loopback.
+    /// The trust list: member files, genesis, signing, proposals, installing.
+    #[command(subcommand)]
+    Federation(FederationCommand),
+    /// A local federation demonstration on loopback.
     Demo(crate::demo::DemoArgs),
     /// Benchmarks that print figures.
     Bench(crate::bench::BenchArgs),
@@ -282,6 +284,87 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, clap::Subcommand)]
+pub enum FederationCommand {
+    /// Describe this province as a trust list member (JSON, to hand to the founders).
+    Member {
+        /// The province's hufu.toml.
+        #[arg(long, default_value = "hufu.toml")]
+        config: PathBuf,
+        /// host:port where other provinces reach this node (repeatable;
+        /// default: the config's client endpoint).
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Make an unsigned genesis trust list from member files.
+    Genesis {
+        #[arg(long = "member", required = true)]
+        members: Vec<PathBuf>,
+        /// Signatures of current members that the next version needs.
+        #[arg(long)]
+        threshold: usize,
+        /// Cosignatures an audit checkpoint needs (default 1).
+        #[arg(long)]
+        witness_quorum: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add this province's governance signature to a trust list file (in place).
+    Sign {
+        file: PathBuf,
+        #[arg(long, default_value = "hufu.toml")]
+        config: PathBuf,
+    },
+    /// Combine the signatures of several copies of one trust list.
+    Merge {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Propose the next version of a trust list (unsigned).
+    Propose {
+        /// The version in force.
+        #[arg(long)]
+        current: PathBuf,
+        /// Add a member (its member file).
+        #[arg(long = "add")]
+        add: Vec<PathBuf>,
+        /// Replace a member's keys, CA and endpoints (its new member file).
+        #[arg(long = "update")]
+        update: Vec<PathBuf>,
+        /// Remove a member.
+        #[arg(long = "remove")]
+        remove: Vec<Province>,
+        /// New endpoints for a member: PROVINCE=host:port[,host:port...]
+        #[arg(long = "endpoints")]
+        endpoints: Vec<String>,
+        #[arg(long)]
+        threshold: Option<usize>,
+        #[arg(long)]
+        witness_quorum: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a trust list: version, members, signatures.
+    Show { file: PathBuf },
+    /// Install a genesis (or the next version) into a stopped node's trust directory.
+    Install {
+        file: PathBuf,
+        #[arg(long, default_value = "hufu.toml")]
+        config: PathBuf,
+    },
+    /// Hand the next version to a running node (admin certificate); it gossips it on.
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
     /// Start signing with a new key; the old one stays published until its codes expire.
     Rotate {
@@ -365,6 +448,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Code(cmd) => code(cmd).await?,
         Command::Verify(args) => return verify(args).await,
         Command::Keys(cmd) => keys(cmd).await?,
+        Command::Federation(cmd) => federation(cmd).await?,
         Command::Demo(args) => crate::demo::run(args).await?,
         Command::Bench(args) => crate::bench::run(args).await?,
     }
@@ -710,14 +794,156 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits up to `timeout` for a node to answer health checks.
-pub async fn wait_ready(conn: &ConnArgs, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match conn.channel().await {
-            Ok(_) => return Ok(()),
-            Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
+    use crate::federation::ops;
+    match cmd {
+        FederationCommand::Member {
+            config,
+            endpoints,
+            out,
+        } => {
+            let config = NodeConfig::load(&config)?;
+            let json = ops::member_of(&config, endpoints)?.to_json();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, json)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "member file for {} written to {}",
+                        config.province,
+                        path.display()
+                    );
+                }
+                None => print!("{json}"),
+            }
+        }
+        FederationCommand::Genesis {
+            members,
+            threshold,
+            witness_quorum,
+            out,
+        } => {
+            let members = members
+                .iter()
+                .map(|m| ops::read_member(m))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let note = ops::genesis(members, threshold, witness_quorum)?;
+            ops::write_note(&out, &note)?;
+            println!(
+                "genesis trust list v1 with {} members written to {}; every founder signs it with `hufu federation sign`",
+                note.list.members.len(),
+                out.display()
+            );
+        }
+        FederationCommand::Sign { file, config } => {
+            let config = NodeConfig::load(&config)?;
+            let mut note = ops::read_note(&file)?;
+            ops::sign(&config, &mut note)?;
+            ops::write_note(&file, &note)?;
+            println!(
+                "signed v{} for {}; signatures: {}",
+                note.list.version,
+                config.province,
+                note.signer_names().join(", ")
+            );
+        }
+        FederationCommand::Merge { out, files } => {
+            let mut merged = ops::read_note(&files[0])?;
+            for f in &files[1..] {
+                merged.merge_signatures(&ops::read_note(f)?)?;
+            }
+            ops::write_note(&out, &merged)?;
+            println!("merged; signatures: {}", merged.signer_names().join(", "));
+        }
+        FederationCommand::Propose {
+            current,
+            add,
+            update,
+            remove,
+            endpoints,
+            threshold,
+            witness_quorum,
+            out,
+        } => {
+            let current = ops::read_note(&current)?;
+            let mut change = ops::Proposal {
+                add: add
+                    .iter()
+                    .map(|m| ops::read_member(m))
+                    .collect::<anyhow::Result<_>>()?,
+                update: update
+                    .iter()
+                    .map(|m| ops::read_member(m))
+                    .collect::<anyhow::Result<_>>()?,
+                remove,
+                threshold,
+                witness_quorum,
+                ..Default::default()
+            };
+            for e in endpoints {
+                let (p, list) = e.split_once('=').with_context(|| {
+                    format!("--endpoints {e:?}: expected PROVINCE=host:port[,host:port]")
+                })?;
+                change
+                    .endpoints
+                    .push((p.parse()?, list.split(',').map(str::to_owned).collect()));
+            }
+            let next = ops::propose(&current.list, change)?;
+            ops::write_note(&out, &next)?;
+            println!(
+                "proposed v{} written to {}; it needs {} signatures of v{}'s members",
+                next.list.version,
+                out.display(),
+                current.list.threshold,
+                current.list.version
+            );
+        }
+        FederationCommand::Show { file } => {
+            let note = ops::read_note(&file)?;
+            let list = &note.list;
+            println!(
+                "trust list v{} (threshold {}, witness quorum {})",
+                list.version, list.threshold, list.witness_quorum
+            );
+            for m in &list.members {
+                println!(
+                    "  {} {:<14} keys {:>2}  revoked {:>2}  endpoints {}",
+                    m.province,
+                    m.name,
+                    m.jwks.keys.len(),
+                    m.revoked_kids.len(),
+                    m.endpoints.join(",")
+                );
+            }
+            println!("signatures: {}", note.signer_names().join(", "));
+        }
+        FederationCommand::Install { file, config } => {
+            let config = NodeConfig::load(&config)?;
+            let note = ops::read_note(&file)?;
+            let version = ops::install(&config, &note)?;
+            println!(
+                "trust list v{version} installed in {}",
+                config.path(&config.trust_dir).display()
+            );
+        }
+        FederationCommand::Apply { file, conn } => {
+            let note = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let mut client =
+                hufu_proto::v1::federation_client::FederationClient::new(conn.channel().await?);
+            let reply = client
+                .offer_trust_list(hufu_proto::v1::OfferTrustListRequest { note })
+                .await?
+                .into_inner();
+            if reply.applied {
+                println!(
+                    "trust list v{} applied; peers are being told",
+                    reply.version
+                );
+            } else {
+                println!("the node already holds v{}", reply.version);
+            }
         }
     }
+    Ok(())
 }

@@ -1,24 +1,26 @@
-//! `hufu demo`: provinces on loopback with real certificates, storage and
-//! mutual TLS, telling the story of a code's life in a table.
+//! `hufu demo`: a federation of provinces on loopback, with real
+//! certificates, storage and mutual TLS, telling the story of codes crossing
+//! provinces, a status change propagating, and a province going down and
+//! coming back.
 
 use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
 use hufu_proto::v1::{
-    Colour, ImportRow, LookupRequest, PutStatusRequest, Source, StatusInput, Verdict,
-    VerifyRequest, issue_code_request, status_input,
+    Colour, ImportRow, IssueCodeRequest, PutStatusRequest, Source, StatusInput, Verdict,
+    VerifyRequest, VerifyResponse, issue_code_request, status_input,
 };
 
-use crate::local::LocalProvince;
+use crate::local::{LocalFederation, LocalProvince};
 use crate::sample;
 use crate::status::{colour_name, now_unix, timestamp};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Province to run.
-    #[arg(long, default_value = "440000")]
-    pub province: Province,
-    /// Sample holders to load.
+    /// Number of provinces (3 to 34): Shaanxi, Guangdong and Tianjin first.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=34))]
+    pub provinces: u8,
+    /// Sample holders per province.
     #[arg(long, default_value_t = 1000)]
     pub holders: u64,
     /// Stop after this many seconds (default: run until Ctrl-C).
@@ -38,21 +40,43 @@ fn source(s: i32) -> String {
         .to_lowercase()
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let scratch = tempfile::tempdir()?;
-    let p = args.province;
-    println!(
-        "Hufu demo: province {p} ({}) on loopback, data in {}",
-        p.name(),
-        scratch.path().display()
-    );
-    let mut province = LocalProvince::init(scratch.path(), p)?;
-    let addr = province.start().await?;
-    println!("node serving gRPC over mutual TLS on {addr}\n");
+/// "red replica 0.1s" for one verification.
+fn cell(r: &VerifyResponse) -> String {
+    if r.verdict != Verdict::Valid as i32 {
+        return Verdict::try_from(r.verdict)
+            .unwrap_or_default()
+            .as_str_name()
+            .to_lowercase();
+    }
+    let status = r.status.as_ref().map(|s| s.colour).unwrap_or(0);
+    let (src, age) = match &r.provenance {
+        Some(p) => (
+            source(p.source),
+            p.age
+                .as_ref()
+                .map(|a| a.seconds as f64 + a.nanos as f64 / 1e9)
+                .unwrap_or(0.0),
+        ),
+        None => ("?".into(), 0.0),
+    };
+    format!("{} {} {:.1}s", colour(status), src, age)
+}
 
-    // Load sample holders: every fifth yellow, every fiftieth red.
+fn chosen(n: u8) -> Vec<Province> {
+    let first: Vec<Province> = ["610000", "440000", "120000"]
+        .iter()
+        .map(|c| Province::parse(c).expect("known province"))
+        .collect();
+    let mut out: Vec<Province> = first.clone();
+    out.extend(Province::all().filter(|p| !first.contains(p)));
+    out.truncate(n as usize);
+    out
+}
+
+async fn import(province: &LocalProvince, holders: u64) -> anyhow::Result<u64> {
+    let p = province.province;
     let now = now_unix();
-    let rows: Vec<ImportRow> = (0..args.holders)
+    let rows: Vec<ImportRow> = (0..holders)
         .map(|n| ImportRow {
             line: n + 1,
             status: Some(StatusInput {
@@ -70,124 +94,267 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }),
         })
         .collect();
-    let mut admin = province.admin().await?;
-    let started = Instant::now();
-    let summary = admin
+    let summary = province
+        .admin()
+        .await?
         .import_statuses(tokio_stream::iter(rows))
         .await?
         .into_inner();
+    Ok(summary.accepted)
+}
+
+async fn issue(province: &LocalProvince, n: u64) -> anyhow::Result<String> {
+    Ok(province
+        .admin()
+        .await?
+        .issue_code(IssueCodeRequest {
+            subject: Some(issue_code_request::Subject::NationalId(
+                sample::national_id(province.province, n)
+                    .as_str()
+                    .to_owned(),
+            )),
+        })
+        .await?
+        .into_inner()
+        .token)
+}
+
+async fn verify_at(at: &LocalProvince, token: &str) -> anyhow::Result<VerifyResponse> {
+    Ok(at
+        .terminal("checkpoint-1")
+        .await?
+        .verify(VerifyRequest {
+            token: token.to_owned(),
+            policy: None,
+        })
+        .await?
+        .into_inner())
+}
+
+fn header(provinces: &[Province]) {
+    print!("{:<22}", "code issued by");
+    for p in provinces {
+        print!(" {:<26}", format!("verified at {p}"));
+    }
+    println!();
+}
+
+async fn matrix(
+    fed: &LocalFederation,
+    tokens: &[(Province, String)],
+    only: Option<Province>,
+) -> anyhow::Result<()> {
+    let running: Vec<Province> = fed
+        .provinces
+        .iter()
+        .filter(|p| p.is_running())
+        .map(|p| p.province)
+        .collect();
+    // Wide federations get one summary line per code instead of a column
+    // per province.
+    let wide = running.len() > 5;
+    if !wide {
+        header(&running);
+    }
+    for (issuer, token) in tokens {
+        if only.is_some_and(|o| o != *issuer) {
+            continue;
+        }
+        print!("{:<22}", format!("{issuer} {}", issuer.name()));
+        let mut tally: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+        for at in &running {
+            let r = verify_at(fed.get(*at), token).await?;
+            if wide {
+                let key = format!(
+                    "{} {}",
+                    colour(r.status.as_ref().map(|s| s.colour).unwrap_or(0)),
+                    r.provenance
+                        .as_ref()
+                        .map(|p| source(p.source))
+                        .unwrap_or_default()
+                );
+                let age = r
+                    .provenance
+                    .as_ref()
+                    .and_then(|p| p.age.as_ref())
+                    .map(|a| a.seconds as f64 + a.nanos as f64 / 1e9)
+                    .unwrap_or(0.0);
+                let entry = tally.entry(key).or_default();
+                entry.0 += 1;
+                entry.1 = entry.1.max(age);
+            } else {
+                print!(" {:<26}", cell(&r));
+            }
+        }
+        if wide {
+            let parts: Vec<String> = tally
+                .iter()
+                .map(|(k, (n, age))| format!("{n} × {k} (age ≤ {age:.1}s)"))
+                .collect();
+            print!(
+                " verified at {} provinces: {}",
+                running.len(),
+                parts.join(", ")
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let codes = chosen(args.provinces);
+    let big = codes.len() > 5;
     println!(
-        "imported {} holders in {:.0?} ({} rejected); national ids were pseudonymised at the node",
-        summary.accepted,
-        started.elapsed(),
-        summary.rejected.len()
+        "Hufu demo: a federation of {} provinces on loopback (data in {})\n",
+        codes.len(),
+        scratch.path().display()
+    );
+    let mut fed = LocalFederation::init(scratch.path(), &codes, |c| {
+        c.federation.heartbeat_ms = if big { 1000 } else { 200 };
+        c.federation.max_replica_age_secs = if big { 5 } else { 2 };
+        c.federation.peer_deadline_ms = 500;
+        c.federation.gossip_secs = 2;
+    })?;
+    fed.start_all().await?;
+    println!(
+        "{:<8} {:<16} {:<18} {}",
+        "province", "name", "endpoint", "holders"
+    );
+    for lp in &fed.provinces {
+        let n = import(lp, args.holders).await?;
+        println!(
+            "{:<8} {:<16} {:<18} {n}",
+            lp.province,
+            lp.province.name(),
+            lp.addr()?
+        );
+    }
+    println!(
+        "\ngenesis trust list v1 signed by all {} founders; every node replicates every other's status feed",
+        codes.len()
     );
 
-    // Codes for a few holders, verified by a checkpoint terminal.
-    let mut terminal = province.terminal("checkpoint-1").await?;
-    println!(
-        "\n{:<28} {:<8} {:<8} {:<15} {:>9}",
-        "holder", "lookup", "code", "source", "latency"
-    );
+    // Let the replicas fill.
+    let shown: Vec<Province> = codes.iter().copied().take(3).collect();
+    tokio::time::sleep(Duration::from_millis(if big { 3000 } else { 800 })).await;
     let mut tokens = Vec::new();
-    for n in [0u64, 3, 7, 11] {
-        let id = sample::national_id(p, n % args.holders.max(1));
-        let code = admin
-            .issue_code(hufu_proto::v1::IssueCodeRequest {
-                subject: Some(issue_code_request::Subject::NationalId(
-                    id.as_str().to_owned(),
+    for p in &shown {
+        tokens.push((*p, issue(fed.get(*p), 3).await?));
+    }
+    println!(
+        "\n1. A code from each province, scanned at every province's own node (colour, source, replica age):"
+    );
+    matrix(&fed, &tokens, None).await?;
+
+    // 2. A downgrade propagates.
+    let gd = shown[1];
+    let holder_n = 3;
+    let started = Instant::now();
+    fed.get(gd)
+        .admin()
+        .await?
+        .put_status(PutStatusRequest {
+            status: Some(StatusInput {
+                subject: Some(status_input::Subject::NationalId(
+                    sample::national_id(gd, holder_n).as_str().to_owned(),
                 )),
-            })
-            .await?
-            .into_inner();
-        let record = code.status.clone().unwrap_or_default();
-        let t = Instant::now();
-        let looked = terminal
-            .lookup(LookupRequest {
-                issuer: p.to_string(),
-                holder: record.holder.clone(),
-            })
-            .await?
-            .into_inner();
-        let verified = terminal
-            .verify(VerifyRequest {
-                token: code.token.clone(),
-                policy: None,
-            })
-            .await?
-            .into_inner();
-        println!(
-            "{:<28} {:<8} {:<8} {:<15} {:>7.1}ms",
-            record.holder,
-            colour(looked.record.map(|r| r.colour).unwrap_or(0)),
-            colour(verified.status.as_ref().map(|s| s.colour).unwrap_or(0)),
-            source(verified.provenance.as_ref().map(|p| p.source).unwrap_or(0)),
-            t.elapsed().as_secs_f64() * 1000.0
-        );
-        tokens.push((id, code));
+                colour: Colour::Red as i32,
+                as_of: None,
+                last_negative_test: None,
+                reason: hufu_proto::v1::Reason::CloseContact as i32,
+            }),
+        })
+        .await?;
+    let gd_token = tokens[1].1.clone();
+    println!(
+        "\n2. {gd} marks the holder of its code red (close contact). Time until each province sees it:"
+    );
+    for p in codes.iter().filter(|p| **p != gd) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = verify_at(fed.get(*p), &gd_token).await?;
+            if r.status.as_ref().map(|s| s.colour) == Some(Colour::Red as i32) {
+                if !big || shown.contains(p) {
+                    println!(
+                        "   {p} {:<14} {:>7.1} ms   ({})",
+                        p.name(),
+                        started.elapsed().as_secs_f64() * 1000.0,
+                        cell(&r)
+                    );
+                }
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{p} did not see the change within 10s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
-    if let Some((id, code)) = tokens.first() {
+    if big {
         println!(
-            "\ncode for holder {}: {} bytes, QR version {}",
-            code.status
-                .as_ref()
-                .map(|s| s.holder.as_str())
-                .unwrap_or(""),
-            code.token.len(),
-            crate::qr::version(&crate::qr::symbol(&code.token)?)
-        );
-        // The holder becomes a close contact after the code was issued: the
-        // still-valid code now verifies as the newer colour.
-        admin
-            .put_status(PutStatusRequest {
-                status: Some(StatusInput {
-                    subject: Some(status_input::Subject::NationalId(id.as_str().to_owned())),
-                    colour: Colour::Red as i32,
-                    as_of: None,
-                    last_negative_test: None,
-                    reason: hufu_proto::v1::Reason::CloseContact as i32,
-                }),
-            })
-            .await?;
-        let again = terminal
-            .verify(VerifyRequest {
-                token: code.token.clone(),
-                policy: None,
-            })
-            .await?
-            .into_inner();
-        println!(
-            "after a downgrade to red, the same code verifies as: {} ({})",
-            colour(again.status.map(|s| s.colour).unwrap_or(0)),
-            again.reason
-        );
-        let tampered = format!("{}x", code.token);
-        let bad = terminal
-            .verify(VerifyRequest {
-                token: tampered,
-                policy: None,
-            })
-            .await?
-            .into_inner();
-        println!(
-            "a tampered code: {} ({})",
-            Verdict::try_from(bad.verdict)
-                .unwrap_or_default()
-                .as_str_name(),
-            bad.reason
+            "   … and all {} others ({:.0} ms for the last)",
+            codes.len() - 1,
+            started.elapsed().as_secs_f64() * 1000.0
         );
     }
+
+    // 3. A province goes down.
+    println!(
+        "\n3. {gd}'s node stops. Its codes still verify everywhere, from replicas; the age column grows:"
+    );
+    fed.get_mut(gd).stop().await?;
+    let max_age = fed.get(shown[0]).config.federation.max_replica_age_secs;
+    tokio::time::sleep(Duration::from_secs(max_age + 1)).await;
+    matrix(&fed, &tokens, Some(gd)).await?;
+
+    // 4. It comes back and catches up.
+    fed.get_mut(gd).start().await?;
+    let restarted = Instant::now();
+    // Wait until every province answers for GD from a fresh replica again.
+    for p in codes.iter().filter(|p| **p != gd) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = verify_at(fed.get(*p), &gd_token).await?;
+            if r.provenance.as_ref().map(|p| p.source) == Some(Source::Replica as i32) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{p} did not catch up with {gd} within 15s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!(
+        "\n4. {gd} restarts; feeds resume where they stopped, and within {:.1}s every replica is fresh again:",
+        restarted.elapsed().as_secs_f64()
+    );
+    matrix(&fed, &tokens, Some(gd)).await?;
 
     let deadline = args
         .duration
         .map(|s| Instant::now() + Duration::from_secs(s));
     println!(
-        "\nnode running on {addr}; Ctrl-C to stop{}",
-        match args.duration {
-            Some(s) => format!(" (or {s}s)"),
-            None => String::new(),
-        }
+        "\nthe federation keeps running; Ctrl-C to stop{}",
+        args.duration
+            .map(|s| format!(" (or after {s}s)"))
+            .unwrap_or_default()
     );
+    for lp in &fed.provinces {
+        println!(
+            "  {} node {}  metrics http://{}/metrics",
+            lp.province,
+            lp.addr()?,
+            lp.node
+                .as_ref()
+                .and_then(|n| n.metrics_addr)
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+    }
     match deadline {
         Some(d) => {
             tokio::select! {
@@ -197,7 +364,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         None => crate::cli::shutdown_signal().await,
     }
-    province.stop().await?;
+    fed.stop_all().await?;
     println!("stopped");
     Ok(())
 }

@@ -19,7 +19,7 @@ use crate::state::NodeState;
 /// Largest feed message accepted (a batch of a few thousand changes).
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// How long a relay session lasts before the issuer itself is tried again.
-const RELAY_SESSION: Duration = Duration::from_secs(5);
+const RELAY_SESSION: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Where a session pulls from.

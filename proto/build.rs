@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "hufu/v1/status.proto",
         "hufu/v1/admin.proto",
         "hufu/v1/federation.proto",
+        "hufu/v1/audit.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

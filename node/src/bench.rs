@@ -1,6 +1,11 @@
 //! `hufu bench`: load generators that print figures. Nodes run in-process on
-//! loopback with real mutual TLS; callers are separate connections.
+//! loopback with real certificates, storage and mutual TLS; callers use
+//! separate connections. Every figure is also given as a ratio to a bare
+//! tonic service (the standard health check) behind the same mutual TLS,
+//! measured in the same run, because absolute rates on a shared machine are
+//! noisy.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -9,12 +14,13 @@ use hdrhistogram::Histogram;
 use hufu_certs::{Province, Role};
 use hufu_proto::v1::status_lookup_client::StatusLookupClient;
 use hufu_proto::v1::{
-    ImportRow, IssueCodeRequest, LookupRequest, StatusInput, Verdict, VerifyRequest,
-    issue_code_request, status_input,
+    BatchLookupRequest, ImportRow, IssueCodeRequest, LookupRequest, PutStatusRequest,
+    StatusInput, Verdict, VerifyRequest, issue_code_request, status_input,
 };
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::local::LocalProvince;
+use crate::local::{LocalFederation, LocalProvince};
 use crate::sample;
 use crate::status::{now_unix, timestamp};
 
@@ -33,18 +39,31 @@ pub struct BenchArgs {
     pub connections: usize,
 }
 
-#[derive(Debug, clap::Subcommand)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchWhat {
-    /// Lookup throughput and latency (closed loop).
+    /// Lookup and BatchLookup throughput and latency, against the bare echo.
     Lookup {
         #[arg(long, default_value_t = 10_000)]
         holders: u64,
     },
-    /// Verify: unique tokens vs the raw ES256 verify rate, and repeated (cached) tokens.
+    /// Verify: unique tokens against the raw ES256 verify rate, and repeated
+    /// (cached) tokens.
     Verify {
         #[arg(long, default_value_t = 20_000)]
         tokens: u64,
     },
+    /// Two provinces: feed replication throughput, propagation delay under
+    /// load, and cross-province verify from replica against local verify.
+    Federation {
+        /// Changes replicated in the throughput run.
+        #[arg(long, default_value_t = 200_000)]
+        changes: u64,
+        /// Status writes per second offered during the propagation run.
+        #[arg(long, default_value_t = 2_000)]
+        write_rate: u64,
+    },
+    /// All of the above, in one run.
+    All,
 }
 
 pub struct Figures {
@@ -59,19 +78,29 @@ impl Figures {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
 
-    pub fn print(&self, label: &str) {
+    fn ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    pub fn print(&self, label: &str, baseline: Option<f64>) {
+        let ratio = baseline.map(|b| format!("{:>5.2}x echo", self.rate() / b)).unwrap_or_default();
         println!(
-            "{label:<34} {:>10.0}/s  p50 {:>7.2}ms  p99 {:>7.2}ms  p99.9 {:>7.2}ms  errors {}",
+            "{label:<36} {:>9.0}/s  p50 {:>6.2}ms  p99 {:>6.2}ms  p99.9 {:>6.2}ms  errors {:<4} {ratio}",
             self.rate(),
-            self.latency.value_at_quantile(0.5) as f64 / 1000.0,
-            self.latency.value_at_quantile(0.99) as f64 / 1000.0,
-            self.latency.value_at_quantile(0.999) as f64 / 1000.0,
+            self.ms(0.5),
+            self.ms(0.99),
+            self.ms(0.999),
             self.errors
         );
     }
 }
 
-/// Runs `call(i)` from `concurrency` tasks over `channels` for `duration`.
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Runs `call(i, worker)` from `concurrency` tasks for `duration`: a closed
+/// loop, each task issuing its next call when the previous one returns.
 pub async fn closed_loop<F, Fut>(duration: Duration, concurrency: usize, call: F) -> Figures
 where
     F: Fn(u64, usize) -> Fut + Send + Sync + 'static,
@@ -88,7 +117,7 @@ where
         let counter = counter.clone();
         let errors = errors.clone();
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut hist = histogram();
             let mut ok = 0u64;
             while Instant::now() < deadline {
                 let i = counter.fetch_add(1, Ordering::Relaxed);
@@ -103,7 +132,7 @@ where
             (ok, hist)
         }));
     }
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut latency = histogram();
     let mut ok = 0;
     for t in tasks {
         if let Ok((n, h)) = t.await {
@@ -119,40 +148,36 @@ where
     }
 }
 
-async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Vec<String>> {
+/// Imports `n` sample holders and returns their pseudonyms.
+pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Vec<String>> {
     let p = province.province;
     let now = now_unix();
     let mut admin = province.admin().await?;
-    let rows: Vec<ImportRow> = (0..n)
-        .map(|i| ImportRow {
-            line: i + 1,
-            status: Some(StatusInput {
-                subject: Some(status_input::Subject::NationalId(
-                    sample::national_id(p, i).as_str().to_owned(),
-                )),
-                colour: 1 + (i % 3) as i32,
-                as_of: Some(timestamp(now - 60)),
-                last_negative_test: Some(timestamp(now - 3600)),
-                reason: 0,
-            }),
-        })
-        .collect();
-    let summary = admin
-        .import_statuses(tokio_stream::iter(rows))
-        .await?
-        .into_inner();
-    anyhow::ensure!(summary.rejected.is_empty(), "sample import rejected rows");
+    let mut start = 0;
+    while start < n {
+        let end = (start + 50_000).min(n);
+        let rows: Vec<ImportRow> = (start..end)
+            .map(|i| ImportRow {
+                line: i + 1,
+                status: Some(StatusInput {
+                    subject: Some(status_input::Subject::NationalId(sample::national_id(p, i).as_str().to_owned())),
+                    colour: 1 + (i % 3) as i32,
+                    as_of: Some(timestamp(now - 60)),
+                    last_negative_test: Some(timestamp(now - 3600)),
+                    reason: 0,
+                }),
+            })
+            .collect();
+        let summary = admin.import_statuses(tokio_stream::iter(rows)).await?.into_inner();
+        anyhow::ensure!(summary.rejected.is_empty(), "sample import rejected rows");
+        start = end;
+    }
     let secret_bytes = std::fs::read(province.config.path(&province.config.holder_secret))?;
     let secret = hufu_federation::holder::HolderSecret::new(&secret_bytes)?;
-    Ok((0..n)
-        .map(|i| secret.pseudonym(&sample::national_id(p, i)).to_string())
-        .collect())
+    Ok((0..n).map(|i| secret.pseudonym(&sample::national_id(p, i)).to_string()).collect())
 }
 
-async fn clients(
-    province: &LocalProvince,
-    n: usize,
-) -> anyhow::Result<Vec<StatusLookupClient<Channel>>> {
+async fn clients(province: &LocalProvince, n: usize) -> anyhow::Result<Vec<StatusLookupClient<Channel>>> {
     let cert = province.client_cert(Role::Terminal, "bench")?;
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
@@ -161,7 +186,7 @@ async fn clients(
     Ok(out)
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -170,116 +195,301 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         })
         .unwrap_or_else(|| "unknown cpu".into());
-    format!(
-        "{} cores, {cpu}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let build = if cfg!(debug_assertions) { "debug build (use --release for figures)" } else { "release build" };
+    format!("{cores} cores, {cpu}; {build}")
+}
+
+/// A bare tonic server (only the standard health service) behind the same
+/// mutual TLS as a node, with the node's certificates: the baseline.
+async fn bare_echo(province: &LocalProvince, stop: CancellationToken) -> anyhow::Result<std::net::SocketAddr> {
+    let config = &province.config;
+    let anchors = hufu_certs::TrustAnchors::new([rustls::pki_types::pem::PemObject::from_pem_slice(
+        province.ca_pem()?.as_bytes(),
     )
+    .map_err(|e| anyhow::anyhow!("CA: {e}"))?])?;
+    let tls = hufu_certs::server_config(anchors, &config.read(&config.node_cert)?, &config.read(&config.node_key)?)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = crate::net::incoming(
+        listener,
+        tokio_rustls::TlsAcceptor::from(tls),
+        256,
+        Duration::from_secs(10),
+        stop.clone(),
+        crate::metrics::Metrics::new(),
+    );
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        let _keep = _reporter;
+        let _ = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(config_streams()))
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+    });
+    Ok(addr)
+}
+
+fn config_streams() -> u32 {
+    crate::config::LimitsConfig::default().max_concurrent_streams
+}
+
+async fn echo_figures(province: &LocalProvince, args: &BenchArgs, duration: Duration) -> anyhow::Result<Figures> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let stop = CancellationToken::new();
+    let addr = bare_echo(province, stop.clone()).await?;
+    let target = crate::client::Target::with_ca_pem(&addr.to_string(), province.province, &province.ca_pem()?)?;
+    let cert = province.client_cert(Role::Terminal, "bench-echo")?;
+    let mut conns = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        conns.push(HealthClient::new(crate::client::connect(&target, &cert).await?));
+    }
+    let figures = closed_loop(duration, args.concurrency, move |_, w| {
+        let mut client = conns[w % conns.len()].clone();
+        async move { client.check(HealthCheckRequest { service: String::new() }).await.is_ok() }
+    })
+    .await;
+    stop.cancel();
+    Ok(figures)
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    println!("hufu bench on {}", machine());
+    println!(
+        "closed loop, {} requests in flight over {} mutual-TLS connections, {} s per figure\n",
+        args.concurrency, args.connections, args.seconds
+    );
+    let all = matches!(args.what, BenchWhat::All);
+    if all || matches!(args.what, BenchWhat::Lookup { .. }) {
+        let holders = match args.what {
+            BenchWhat::Lookup { holders } => holders,
+            _ => 10_000,
+        };
+        lookup(&args, holders).await?;
+    }
+    if all || matches!(args.what, BenchWhat::Verify { .. }) {
+        let tokens = match args.what {
+            BenchWhat::Verify { tokens } => tokens,
+            _ => 20_000,
+        };
+        verify(&args, tokens).await?;
+    }
+    if all || matches!(args.what, BenchWhat::Federation { .. }) {
+        let (changes, rate) = match args.what {
+            BenchWhat::Federation { changes, write_rate } => (changes, write_rate),
+            _ => (200_000, 2_000),
+        };
+        federation(&args, changes, rate).await?;
+    }
+    Ok(())
+}
+
+async fn single_province() -> anyhow::Result<(tempfile::TempDir, LocalProvince)> {
     let scratch = tempfile::tempdir()?;
-    let p = Province::parse("440000")?;
-    let mut province = LocalProvince::init(scratch.path(), p)?;
+    let mut province = LocalProvince::init(scratch.path(), Province::parse("440000")?)?;
     province.start().await?;
-    println!("machine: {}", machine());
+    Ok((scratch, province))
+}
+
+async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
-    match args.what {
-        BenchWhat::Lookup { holders } => {
-            let ids = Arc::new(load_holders(&province, holders).await?);
-            let conns = clients(&province, args.connections).await?;
-            let issuer = p.to_string();
-            let figures = closed_loop(duration, args.concurrency, move |i, w| {
-                let mut client = conns[w % conns.len()].clone();
-                let holder = ids[(i % ids.len() as u64) as usize].clone();
-                let issuer = issuer.clone();
-                async move {
-                    client
-                        .lookup(LookupRequest { issuer, holder })
-                        .await
-                        .is_ok()
-                }
-            })
-            .await;
-            figures.print("lookup");
+    let (_scratch, mut province) = single_province().await?;
+    let ids = Arc::new(load_holders(&province, holders).await?);
+    let echo = echo_figures(&province, args, duration).await?;
+    echo.print("bare tonic echo (health check)", None);
+    let conns = clients(&province, args.connections).await?;
+    let issuer = province.province.to_string();
+    let (c, i, n) = (conns.clone(), issuer.clone(), ids.clone());
+    let lookup = closed_loop(duration, args.concurrency, move |k, w| {
+        let mut client = c[w % c.len()].clone();
+        let holder = n[(k % n.len() as u64) as usize].clone();
+        let issuer = i.clone();
+        async move { client.lookup(LookupRequest { issuer, holder }).await.is_ok() }
+    })
+    .await;
+    lookup.print("Lookup", Some(echo.rate()));
+    let (c, i, n) = (conns.clone(), issuer.clone(), ids.clone());
+    let batch = closed_loop(duration, args.concurrency.min(16), move |k, w| {
+        let mut client = c[w % c.len()].clone();
+        let start = ((k * 1000) % n.len() as u64) as usize;
+        let holders: Vec<String> = (0..1000).map(|j| n[(start + j) % n.len()].clone()).collect();
+        let issuer = i.clone();
+        async move {
+            matches!(client.batch_lookup(BatchLookupRequest { issuer, holders }).await, Ok(r) if r.get_ref().entries.len() == 1000)
         }
-        BenchWhat::Verify { tokens } => {
-            let n = tokens.min(5_000);
-            let ids = load_holders(&province, n).await?;
-            let mut admin = province.admin().await?;
-            let mut list = Vec::with_capacity(tokens as usize);
-            for i in 0..tokens {
-                let reply = admin
-                    .issue_code(IssueCodeRequest {
-                        subject: Some(issue_code_request::Subject::Holder(
-                            ids[(i % n) as usize].clone(),
-                        )),
-                    })
-                    .await?
-                    .into_inner();
-                list.push(reply.token);
-            }
-            let list = Arc::new(list);
-            let raw = tokio::task::spawn_blocking(move || {
-                hufu_federation::codes::raw_es256_verify_rate(Duration::from_secs(2))
+    })
+    .await;
+    batch.print("BatchLookup (1,000 holders a call)", Some(echo.rate()));
+    println!("{:<36} {:>9.0} holders/s\n", "  BatchLookup holders", batch.rate() * 1000.0);
+    province.stop().await?;
+    Ok(())
+}
+
+async fn issue_tokens(province: &LocalProvince, ids: &[String], count: u64) -> anyhow::Result<Vec<String>> {
+    let mut admin = province.admin().await?;
+    let mut list = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let reply = admin
+            .issue_code(IssueCodeRequest {
+                subject: Some(issue_code_request::Subject::Holder(ids[(i as usize) % ids.len()].clone())),
             })
-            .await?;
-            let cores = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1) as f64;
-            println!(
-                "raw ES256 verify (aws-lc-rs, 1 thread): {raw:.0}/s; x{cores} cores = {:.0}/s",
-                raw * cores
-            );
-            let conns = clients(&province, args.connections).await?;
-            let verify = |tokens: Arc<Vec<String>>,
-                          conns: Vec<StatusLookupClient<Channel>>,
-                          repeat: bool| {
-                move |i: u64, w: usize| {
-                    let mut client = conns[w % conns.len()].clone();
-                    let token = if repeat {
-                        tokens[(i % 16) as usize].clone()
-                    } else {
-                        tokens[(i % tokens.len() as u64) as usize].clone()
-                    };
-                    async move {
-                        matches!(client.verify(VerifyRequest { token, policy: None }).await, Ok(r) if r.get_ref().verdict == Verdict::Valid as i32)
-                    }
-                }
-            };
-            let unique = closed_loop(
-                duration,
-                args.concurrency,
-                verify(list.clone(), conns.clone(), false),
-            )
-            .await;
-            unique.print("verify, unique tokens");
-            let repeated = closed_loop(
-                duration,
-                args.concurrency,
-                verify(list.clone(), conns.clone(), true),
-            )
-            .await;
-            repeated.print("verify, repeated tokens (cache)");
-            println!(
-                "unique-token verify / raw ES256 on one core: {:.2}; / all cores: {:.2}",
-                unique.rate() / raw,
-                unique.rate() / (raw * cores)
-            );
-            if unique.ok < list.len() as u64 {
-                println!(
-                    "(all {} unique tokens were fresh: none repeated within the run)",
-                    unique.ok
-                );
-            } else {
-                println!(
-                    "note: the run cycled through the {} tokens; later passes hit the cache",
-                    list.len()
-                );
+            .await?
+            .into_inner();
+        list.push(reply.token);
+    }
+    Ok(list)
+}
+
+fn verify_call(
+    tokens: Arc<Vec<String>>,
+    conns: Vec<StatusLookupClient<Channel>>,
+    repeat: bool,
+) -> impl Fn(u64, usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync + 'static {
+    move |i: u64, w: usize| {
+        let mut client = conns[w % conns.len()].clone();
+        let token = if repeat {
+            tokens[(i % 16) as usize].clone()
+        } else {
+            tokens[(i % tokens.len() as u64) as usize].clone()
+        };
+        Box::pin(async move {
+            matches!(client.verify(VerifyRequest { token, policy: None }).await, Ok(r) if r.get_ref().verdict == Verdict::Valid as i32)
+        })
+    }
+}
+
+async fn verify(args: &BenchArgs, tokens: u64) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.seconds);
+    let (_scratch, mut province) = single_province().await?;
+    let ids = load_holders(&province, tokens.min(5_000)).await?;
+    let list = Arc::new(issue_tokens(&province, &ids, tokens).await?);
+    let raw = tokio::task::spawn_blocking(|| hufu_federation::codes::raw_es256_verify_rate(Duration::from_secs(2))).await?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let echo = echo_figures(&province, args, duration).await?;
+    echo.print("bare tonic echo (health check)", None);
+    let conns = clients(&province, args.connections).await?;
+    let unique = closed_loop(duration, args.concurrency, verify_call(list.clone(), conns.clone(), false)).await;
+    unique.print("Verify, unique tokens", Some(echo.rate()));
+    let repeated = closed_loop(duration, args.concurrency, verify_call(list.clone(), conns.clone(), true)).await;
+    repeated.print("Verify, repeated tokens (cache)", Some(echo.rate()));
+    println!("{:<36} {:>9.0}/s on one core; {:.0}/s on {cores} cores", "raw ES256 verify (aws-lc-rs)", raw, raw * cores);
+    println!(
+        "Verify unique / raw ES256 on one core: {:.2}  (the node, TLS, HTTP/2 and the load generator share the {cores} cores){}\n",
+        unique.rate() / raw,
+        if unique.ok > list.len() as u64 {
+            format!("; note: the run cycled through its {} tokens, later passes hit the cache", list.len())
+        } else {
+            String::new()
+        }
+    );
+    province.stop().await?;
+    Ok(())
+}
+
+async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
+    let mut fed = LocalFederation::init(scratch.path(), &[a, b], |c| {
+        c.federation.heartbeat_ms = 200;
+        c.federation.max_replica_age_secs = 5;
+    })?;
+    // Replication throughput: A holds `changes` changes before B starts;
+    // time B's catch-up (each batch durable on arrival).
+    fed.get_mut(a).start().await?;
+    let ids = load_holders(fed.get(a), changes).await?;
+    let started = Instant::now();
+    fed.get_mut(b).start().await?;
+    let b_state = fed.get(b).node.as_ref().expect("running").state.clone();
+    loop {
+        if b_state.store.tail(a).await?.sequence >= changes {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "replication did not finish in 10 minutes");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    println!(
+        "feed replication to one peer: {changes} changes in {:.2}s = {:.0} changes/s (durable on arrival)",
+        took.as_secs_f64(),
+        changes as f64 / took.as_secs_f64()
+    );
+
+    // Propagation delay under load: writes at a fixed rate to A, each timed
+    // from its acknowledgement at A to its arrival at B.
+    let acked: Arc<std::sync::Mutex<HashMap<u64, Instant>>> = Default::default();
+    let mut seen_at_b = b_state.store.watch(a);
+    // The watch may trail the stored head by the last batch's flush.
+    let base = b_state.store.tail(a).await?.sequence;
+    let total = write_rate * args.seconds;
+    // B records when each change arrived (durably); joined with the
+    // acknowledgement times at the end, since B may hold a change before
+    // the writer has even heard A's acknowledgement.
+    let watcher = tokio::spawn(async move {
+        let mut arrivals = Vec::new();
+        let mut last = base;
+        while last < base + total && seen_at_b.changed().await.is_ok() {
+            let now = Instant::now();
+            let seq = *seen_at_b.borrow();
+            if seq > last {
+                arrivals.extend(((last + 1)..=seq).map(|s| (s, now)));
+                last = seq;
             }
+        }
+        arrivals
+    });
+    let admin = fed.get(a).admin().await?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / write_rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut inflight = tokio::task::JoinSet::new();
+    for i in 0..total {
+        tick.tick().await;
+        let mut admin = admin.clone();
+        let acked = acked.clone();
+        let holder = ids[(i % ids.len() as u64) as usize].clone();
+        inflight.spawn(async move {
+            let status = StatusInput {
+                subject: Some(status_input::Subject::Holder(holder)),
+                colour: 1 + (i % 3) as i32,
+                as_of: None,
+                last_negative_test: None,
+                reason: 0,
+            };
+            if let Ok(r) = admin.put_status(PutStatusRequest { status: Some(status) }).await {
+                let t = Instant::now();
+                acked.lock().expect("lock").insert(r.into_inner().sequence, t);
+            }
+        });
+    }
+    while inflight.join_next().await.is_some() {}
+    let arrivals = tokio::time::timeout(Duration::from_secs(30), watcher).await.ok().and_then(Result::ok).unwrap_or_default();
+    let mut delays = histogram();
+    let acked = acked.lock().expect("lock");
+    for (seq, arrived) in arrivals {
+        if let Some(ack) = acked.get(&seq) {
+            let _ = delays.record(arrived.saturating_duration_since(*ack).as_micros().max(1) as u64);
         }
     }
-    province.stop().await?;
+    println!(
+        "propagation A→B under {write_rate} writes/s: p50 {:.2}ms  p99 {:.2}ms  max {:.2}ms  ({} changes)",
+        delays.value_at_quantile(0.5) as f64 / 1000.0,
+        delays.value_at_quantile(0.99) as f64 / 1000.0,
+        delays.max() as f64 / 1000.0,
+        delays.len()
+    );
+
+    // Cross-province verify from the replica against local verify, at B.
+    let duration = Duration::from_secs(args.seconds);
+    let local_ids = load_holders(fed.get(b), 2_000).await?;
+    let local_tokens = Arc::new(issue_tokens(fed.get(b), &local_ids, 20_000).await?);
+    let foreign_tokens = Arc::new(issue_tokens(fed.get(a), &ids[..2_000.min(ids.len())], 20_000).await?);
+    let conns = clients(fed.get(b), args.connections).await?;
+    let local = closed_loop(duration, args.concurrency, verify_call(local_tokens, conns.clone(), false)).await;
+    local.print("Verify at B, B's codes (local)", None);
+    let foreign = closed_loop(duration, args.concurrency, verify_call(foreign_tokens, conns, false)).await;
+    foreign.print("Verify at B, A's codes (replica)", None);
+    println!("cross-province / local verify: {:.2}\n", foreign.rate() / local.rate());
+    fed.stop_all().await?;
     Ok(())
 }

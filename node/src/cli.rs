@@ -77,6 +77,9 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Benchmarks that print figures.
     Bench(crate::bench::BenchArgs),
+    /// The audit log: fetch a node's log (auditor certificate), verify, query and export it offline.
+    #[command(subcommand)]
+    Audit(crate::audit_cli::AuditCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -451,6 +454,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Federation(cmd) => federation(cmd).await?,
         Command::Demo(args) => crate::demo::run(args).await?,
         Command::Bench(args) => crate::bench::run(args).await?,
+        Command::Audit(cmd) => return crate::audit_cli::run(cmd).await,
     }
     Ok(ExitCode::SUCCESS)
 }

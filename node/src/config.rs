@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub codes: CodesConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// What the `hufu` client commands use to reach this node.
     pub client: ClientConfig,
     /// Where this file was loaded from; relative paths hang off its directory.
@@ -131,6 +133,35 @@ impl Default for LimitsConfig {
             max_handshakes: 256,
             handshake_timeout_secs: 10,
         }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Record cross-province events in the audit log. Off only to measure
+    /// what auditing costs: a federation member is expected to audit.
+    pub enabled: bool,
+    /// How often, in seconds, a grown log gets a new checkpoint that the
+    /// other members are asked to witness.
+    pub checkpoint_secs: f64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            checkpoint_secs: 10.0,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// The checkpoint interval, at least 10 ms.
+    pub fn checkpoint_every(&self) -> Duration {
+        Duration::try_from_secs_f64(self.checkpoint_secs)
+            .unwrap_or(Duration::from_secs(10))
+            .max(Duration::from_millis(10))
     }
 }
 

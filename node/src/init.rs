@@ -159,6 +159,13 @@ max_concurrent_streams = 128
 max_handshakes = 256
 handshake_timeout_secs = 10
 
+# The audit log of cross-province events, witnessed by the other members.
+# [audit]
+# Record events (off only to measure what auditing costs).
+# enabled = true
+# How often a grown log gets a checkpoint for the witnesses, in seconds.
+# checkpoint_secs = 10
+
 # Used by `hufu status`, `hufu code` and `hufu keys` to reach this node.
 [client]
 endpoint = "{endpoint}"

@@ -2,6 +2,8 @@
 //! metrics, and the library behind every `hufu` subcommand, so tests drive
 //! exactly what operators run.
 
+pub mod audit;
+pub mod audit_cli;
 pub mod auth;
 pub mod bench;
 pub mod cli;

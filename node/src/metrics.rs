@@ -34,6 +34,9 @@ pub struct Metrics {
     pub trust_refused: Counter,
     pub trust_version: Gauge,
     pub replica_head: Family<Labels, Gauge>,
+    pub audit_conflicts: Gauge,
+    pub audit_log_size: Gauge,
+    pub audit_published_size: Gauge,
 }
 
 impl Metrics {
@@ -52,6 +55,24 @@ impl Metrics {
         let trust_refused = Counter::default();
         let trust_version = Gauge::default();
         let replica_head = Family::<Labels, Gauge>::default();
+        let audit_conflicts = Gauge::default();
+        let audit_log_size = Gauge::default();
+        let audit_published_size = Gauge::default();
+        registry.register(
+            "audit_conflicts",
+            "conflicting signed checkpoints this node's witness has found in other provinces' audit logs, ever (evidence kept); anything above 0 is an alarm",
+            audit_conflicts.clone(),
+        );
+        registry.register(
+            "audit_log_size",
+            "entries in this node's audit log",
+            audit_log_size.clone(),
+        );
+        registry.register(
+            "audit_published_size",
+            "size of this node's latest published (witnessed) audit checkpoint",
+            audit_published_size.clone(),
+        );
         registry.register(
             "feed_changes_applied",
             "status changes of other provinces received and stored durably",
@@ -120,6 +141,9 @@ impl Metrics {
             trust_refused,
             trust_version,
             replica_head,
+            audit_conflicts,
+            audit_log_size,
+            audit_published_size,
         })
     }
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hufu_proto::v1::admin_server::AdminServer;
+use hufu_proto::v1::audit_server::AuditServer;
 use hufu_proto::v1::federation_server::FederationServer;
 use hufu_proto::v1::status_lookup_server::StatusLookupServer;
+use hufu_proto::v1::witness_server::WitnessServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -20,6 +22,7 @@ use crate::config::NodeConfig;
 use crate::metrics::{self, Metrics};
 use crate::net;
 use crate::services::admin::AdminService;
+use crate::services::audit::{AuditService, WitnessService};
 use crate::services::federation::FederationService;
 use crate::services::lookup::LookupService;
 use crate::state::NodeState;
@@ -39,6 +42,12 @@ impl RunningNode {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
         let result = self.task.await.context("server task panicked")?;
+        let state = self.state.clone();
+        match tokio::task::spawn_blocking(move || state.audit.log.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "audit log not flushed at shutdown"),
+            Err(err) => tracing::error!(error = %err, "audit log flush panicked"),
+        }
         self.state.store.flush().await?;
         result
     }
@@ -112,6 +121,13 @@ pub async fn start_on(
     let federation = FederationServer::new(FederationService::new(state.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(64 * 1024 * 1024);
+    // A page of 10,000 entries is a few MiB.
+    let audit = AuditServer::new(AuditService::new(state.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let witness = WitnessServer::new(WitnessService::new(state.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
 
     let incoming = net::incoming(
         listener,
@@ -130,12 +146,18 @@ pub async fn start_on(
         .add_service(reflection)
         .add_service(lookup)
         .add_service(admin)
-        .add_service(federation);
+        .add_service(federation)
+        .add_service(audit)
+        .add_service(witness);
 
     tokio::spawn(state.clone().gossip(
         Duration::from_secs(config.federation.gossip_secs.max(1)),
         stop.clone(),
     ));
+
+    if state.audit.enabled() {
+        tokio::spawn(crate::audit::run(state.clone(), stop.clone()));
+    }
 
     // Retired code-signing keys leave the verifier once their codes expire.
     {

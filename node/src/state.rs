@@ -17,6 +17,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::NodeAudit;
 use crate::client::ClientCert;
 use crate::config::NodeConfig;
 use crate::error::{NodeError, NodeResult};
@@ -37,6 +38,8 @@ pub struct NodeState {
     pub metrics: Arc<Metrics>,
     /// Signs this province's feed heads and audit checkpoints.
     pub log_signer: Arc<LogSigner>,
+    /// This node's audit log, and its witness for the other members' logs.
+    pub audit: NodeAudit,
     /// CAs whose certificates are accepted (all members').
     pub anchors: Arc<TrustAnchors>,
     /// The accepted trust lists (None: this node runs alone).
@@ -82,6 +85,12 @@ impl NodeState {
             config.codes.cache_entries,
         );
         let log_signer = Arc::new(LogSigner::load(&config.path(&config.log_key))?);
+        let audit = NodeAudit::open(store.db(), log_signer.clone(), &config.audit)
+            .context("cannot open the audit log")?;
+        metrics
+            .audit_conflicts
+            .set(audit.witness.conflicts().unwrap_or_default() as i64);
+        metrics.audit_log_size.set(audit.log.size()? as i64);
 
         // Trust: the trust list's member CAs, or (alone) the province's own
         // CA plus any configured member CAs.
@@ -123,6 +132,7 @@ impl NodeState {
             code_lifetime: config.code_lifetime(),
             metrics,
             log_signer,
+            audit,
             anchors,
             trust: tokio::sync::Mutex::new(trust),
             membership: ArcSwap::from_pointee(Membership::default()),

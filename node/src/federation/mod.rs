@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hufu_certs::Province;
+use hufu_certs::{Identity, Province};
+use hufu_federation::audit::{AnswerSource, EntryKind};
 use hufu_federation::trust::{Member, SignedTrustList, TrustList, TrustStore};
 use hufu_proto::v1::federation_client::FederationClient;
 use hufu_proto::v1::status_lookup_client::StatusLookupClient;
@@ -141,9 +142,14 @@ impl NodeState {
         }
     }
 
-    /// Applies a signed trust list offered by a peer or an admin. Returns
-    /// whether it was new.
-    pub async fn offer_trust_list(self: &Arc<Self>, note: &str) -> NodeResult<bool> {
+    /// Applies a signed trust list offered by `from`, a peer or an admin
+    /// (this node itself when it fetched the list by gossip). Returns whether
+    /// it was new; a new version is audited.
+    pub async fn offer_trust_list(
+        self: &Arc<Self>,
+        note: &str,
+        from: &Identity,
+    ) -> NodeResult<bool> {
         let signed = SignedTrustList::parse(note).map_err(|e| NodeError::invalid(e.to_string()))?;
         let mut trust = self.trust.lock().await;
         let Some(store) = trust.as_mut() else {
@@ -167,6 +173,18 @@ impl NodeState {
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             self.metrics.trust_version.set(signed.list.version as i64);
             tracing::info!(version = signed.list.version, "trust list applied");
+            let list = &signed.list;
+            self.audit.record(|| {
+                crate::audit::entry(EntryKind::TrustListChanged, from, self.province).with_detail(
+                    format!(
+                        "trust list v{} applied: {} members, threshold {}, witness quorum {}",
+                        list.version,
+                        list.members.len(),
+                        list.threshold,
+                        list.witness_quorum
+                    ),
+                )
+            });
             let state = self.clone();
             let note = note.to_owned();
             tokio::spawn(async move { state.push_trust_list(&note).await });
@@ -222,7 +240,7 @@ impl NodeState {
                     continue;
                 };
                 for note in reply.into_inner().notes {
-                    if let Err(err) = self.offer_trust_list(&note).await {
+                    if let Err(err) = self.offer_trust_list(&note, &self.identity).await {
                         tracing::warn!(from = %m.province, error = %err, "gossiped trust list refused");
                         break;
                     }
@@ -233,10 +251,12 @@ impl NodeState {
 
     /// Asks province `p` itself for a holder's status, within the peer
     /// deadline, trying its endpoints in turn while the retry budget allows.
+    /// The call is audited as made on behalf of `caller`.
     pub async fn lookup_authoritative(
         &self,
         p: Province,
         holder: &str,
+        caller: &Identity,
     ) -> Result<Option<StatusRecord>, String> {
         let membership = self.membership.load_full();
         let member = membership
@@ -245,8 +265,30 @@ impl NodeState {
         if !self.peers.allows(p) {
             return Err(format!("province {p} is failing: circuit open"));
         }
+        let result = self.ask_endpoints(p, &member.endpoints, holder).await;
+        self.audit.record(|| {
+            let made = crate::audit::about(
+                crate::audit::entry(EntryKind::LookupMade, caller, p),
+                holder,
+            );
+            match &result {
+                Ok(record) => made
+                    .with_answer(crate::audit::answer(record.as_ref()))
+                    .with_source(AnswerSource::Authoritative),
+                Err(_) => made.with_answer(crate::audit::UNREACHABLE),
+            }
+        });
+        result
+    }
+
+    async fn ask_endpoints(
+        &self,
+        p: Province,
+        endpoints: &[String],
+        holder: &str,
+    ) -> Result<Option<StatusRecord>, String> {
         let mut last_error = format!("province {p} lists no endpoints");
-        for (attempt, endpoint) in member.endpoints.iter().enumerate() {
+        for (attempt, endpoint) in endpoints.iter().enumerate() {
             if attempt > 0 && !self.peers.may_retry(p) {
                 break;
             }

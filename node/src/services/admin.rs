@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
+use hufu_certs::Identity;
+use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{CodeAlg, CodeClaims, HealthClaim};
 use hufu_proto::v1::admin_server::Admin;
 use hufu_proto::v1::{
@@ -14,11 +16,12 @@ use hufu_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit;
 use crate::auth::{Access, check};
 use crate::error::{NodeError, NodeResult};
 use crate::metrics::metered;
 use crate::state::NodeState;
-use crate::status::{format_time, now_unix, seconds, timestamp};
+use crate::status::{format_time, now_unix, reason_name, seconds, timestamp};
 use crate::store::PutOutcome;
 
 /// Import rows stored per transaction (and per flush).
@@ -86,11 +89,24 @@ impl AdminService {
         })
     }
 
+    /// Audits a stored status change: who, which holder, which colour.
+    fn audit_change(&self, caller: &Identity, record: &StatusRecord) {
+        self.state.audit.record(|| {
+            let reason = Reason::try_from(record.reason).unwrap_or(Reason::Unspecified);
+            audit::about(
+                audit::entry(EntryKind::StatusChanged, caller, self.state.province),
+                &record.holder,
+            )
+            .with_answer(audit::answer(Some(record)))
+            .with_detail(format!("reason {}", reason_name(reason)))
+        });
+    }
+
     async fn put_status(
         &self,
         request: Request<PutStatusRequest>,
     ) -> NodeResult<PutStatusResponse> {
-        check(self.state.province, &request, "PutStatus", Access::Admin)?;
+        let caller = check(self.state.province, &request, "PutStatus", Access::Admin)?;
         let input = request
             .into_inner()
             .status
@@ -105,6 +121,7 @@ impl AdminService {
             Some(PutOutcome::Applied { sequence }) => {
                 self.state.metrics.status_writes.inc();
                 self.state.metrics.last_sequence.set(*sequence as i64);
+                self.audit_change(&caller, &record);
                 *sequence
             }
             Some(PutOutcome::Unchanged) => 0,
@@ -124,7 +141,7 @@ impl AdminService {
     }
 
     async fn import(&self, request: Request<Streaming<ImportRow>>) -> NodeResult<ImportSummary> {
-        check(
+        let caller = check(
             self.state.province,
             &request,
             "ImportStatuses",
@@ -154,10 +171,10 @@ impl AdminService {
                 }),
             }
             if chunk.len() >= IMPORT_CHUNK {
-                self.store_chunk(&mut chunk, &mut summary).await?;
+                self.store_chunk(&caller, &mut chunk, &mut summary).await?;
             }
         }
-        self.store_chunk(&mut chunk, &mut summary).await?;
+        self.store_chunk(&caller, &mut chunk, &mut summary).await?;
         summary.rejected.sort_by_key(|r| r.line);
         tracing::info!(
             accepted = summary.accepted,
@@ -169,6 +186,7 @@ impl AdminService {
 
     async fn store_chunk(
         &self,
+        caller: &Identity,
         chunk: &mut Vec<(u64, StatusRecord)>,
         summary: &mut ImportSummary,
     ) -> NodeResult<()> {
@@ -177,9 +195,10 @@ impl AdminService {
         }
         let records: Vec<StatusRecord> = chunk.iter().map(|(_, r)| r.clone()).collect();
         let outcomes = self.state.store.put_many(&records).await?;
-        for ((line, _), outcome) in chunk.iter().zip(outcomes) {
+        for ((line, record), outcome) in chunk.iter().zip(outcomes) {
             match outcome {
                 PutOutcome::Applied { sequence } => {
+                    self.audit_change(caller, record);
                     summary.accepted += 1;
                     self.state.metrics.status_writes.inc();
                     self.state.metrics.last_sequence.set(sequence as i64);
@@ -274,7 +293,7 @@ impl AdminService {
     }
 
     fn rotate(&self, request: Request<RotateKeyRequest>) -> NodeResult<RotateKeyResponse> {
-        check(self.state.province, &request, "RotateKey", Access::Admin)?;
+        let caller = check(self.state.province, &request, "RotateKey", Access::Admin)?;
         let alg = request.get_ref().algorithm.trim();
         let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
             .parse()
@@ -289,6 +308,10 @@ impl AdminService {
         };
         self.state.publish_own_keys();
         tracing::info!(%kid, %previous, "code-signing key rotated");
+        self.state.audit.record(|| {
+            audit::entry(EntryKind::KeyRotated, &caller, self.state.province)
+                .with_detail(format!("new kid {kid}, previous kid {previous}"))
+        });
         Ok(RotateKeyResponse {
             kid,
             previous_kid: previous,
@@ -296,7 +319,7 @@ impl AdminService {
     }
 
     fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
-        check(self.state.province, &request, "RevokeKey", Access::Admin)?;
+        let caller = check(self.state.province, &request, "RevokeKey", Access::Admin)?;
         let kid = request.into_inner().kid;
         self.state
             .keyring
@@ -306,6 +329,10 @@ impl AdminService {
             .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
         self.state.publish_own_keys();
         tracing::warn!(%kid, "code-signing key revoked");
+        self.state.audit.record(|| {
+            audit::entry(EntryKind::KeyRevoked, &caller, self.state.province)
+                .with_detail(format!("kid {kid}"))
+        });
         Ok(RevokeKeyResponse {})
     }
 }

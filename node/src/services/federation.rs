@@ -260,7 +260,7 @@ impl Federation for FederationService {
                 )?;
             }
             let note = request.into_inner().note;
-            let applied = self.state.offer_trust_list(&note).await?;
+            let applied = self.state.offer_trust_list(&note, &caller).await?;
             Ok(Response::new(OfferTrustListResponse {
                 applied,
                 version: self.state.membership.load().version(),

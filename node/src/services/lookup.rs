@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use hufu_certs::Province;
+use hufu_certs::{Identity, Province};
+use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{self, Verdict as CodeVerdict};
 use hufu_federation::holder::HolderId;
 use hufu_proto::v1::status_lookup_server::StatusLookup;
@@ -14,6 +15,7 @@ use hufu_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::audit;
 use crate::auth::{Access, check};
 use crate::error::{NodeError, NodeResult};
 use crate::metrics::metered;
@@ -22,6 +24,9 @@ use crate::status::{colour_name, now_millis, now_unix, seconds, timestamp};
 
 /// Most holders one `BatchLookup` may ask for.
 pub const MAX_BATCH: usize = 1000;
+
+/// A batch entry's error for a holder without a status.
+const NO_STATUS: &str = "no status";
 
 pub struct LookupService {
     state: Arc<NodeState>,
@@ -54,6 +59,12 @@ impl LookupService {
         }
     }
 
+    /// Whether a call by `caller` about province `p` crosses provinces, and
+    /// so is audited: the caller or the holder's province is not this one.
+    fn cross_province(&self, caller: &Identity, p: Province) -> bool {
+        caller.province != self.state.province || p != self.state.province
+    }
+
     fn own_provenance(&self) -> Provenance {
         provenance(Source::Authoritative, Some(0), self.state.province)
     }
@@ -77,6 +88,7 @@ impl LookupService {
     /// the issuer cannot be reached) the stale replica with its age.
     async fn answer(
         &self,
+        caller: &Identity,
         p: Province,
         holder: &str,
     ) -> NodeResult<(Option<StatusRecord>, Provenance)> {
@@ -90,7 +102,7 @@ impl LookupService {
                 provenance(Source::Replica, age, self.state.province),
             ));
         }
-        match self.state.lookup_authoritative(p, holder).await {
+        match self.state.lookup_authoritative(p, holder, caller).await {
             Ok(record) => Ok((record, provenance(Source::Authoritative, Some(0), p))),
             Err(why) => {
                 tracing::debug!(province = %p, error = %why, "issuer unreachable; answering from stale replica");
@@ -103,14 +115,26 @@ impl LookupService {
     }
 
     async fn lookup(&self, request: Request<LookupRequest>) -> NodeResult<LookupResponse> {
-        check(self.state.province, &request, "Lookup", Access::Lookup)?;
+        let caller = check(self.state.province, &request, "Lookup", Access::Lookup)?;
         let req = request.into_inner();
         let issuer = self.issuer(&req.issuer)?;
         let holder: HolderId = req
             .holder
             .parse()
             .map_err(|e: hufu_federation::holder::HolderError| NodeError::invalid(e.to_string()))?;
-        let (record, provenance) = self.answer(issuer, holder.as_str()).await?;
+        let (record, provenance) = self.answer(&caller, issuer, holder.as_str()).await?;
+        if self.cross_province(&caller, issuer) {
+            self.state.audit.record(|| {
+                audit::answered(
+                    EntryKind::LookupServed,
+                    &caller,
+                    issuer,
+                    holder.as_str(),
+                    audit::answer(record.as_ref()),
+                    Some(provenance.source),
+                )
+            });
+        }
         let record = record.ok_or_else(|| NodeError::HolderNotFound {
             issuer,
             holder: holder.to_string(),
@@ -125,7 +149,7 @@ impl LookupService {
         &self,
         request: Request<BatchLookupRequest>,
     ) -> NodeResult<BatchLookupResponse> {
-        check(self.state.province, &request, "BatchLookup", Access::Lookup)?;
+        let caller = check(self.state.province, &request, "BatchLookup", Access::Lookup)?;
         let req = request.into_inner();
         if req.holders.len() > MAX_BATCH {
             return Err(NodeError::invalid(format!(
@@ -143,8 +167,20 @@ impl LookupService {
             if self.fresh(age) {
                 provenance(Source::Replica, age, self.state.province)
             } else {
-                match self.forward_batch(p, &req.holders).await {
-                    Ok(reply) => return Ok(reply),
+                match self.forward_batch(&caller, p, &req.holders).await {
+                    Ok(reply) => {
+                        self.state.audit.record_all(reply.entries.iter().map(|e| {
+                            audit::answered(
+                                EntryKind::LookupServed,
+                                &caller,
+                                p,
+                                &e.holder,
+                                audit::answer(e.record.as_ref()),
+                                Some(Source::Authoritative as i32),
+                            )
+                        }));
+                        return Ok(reply);
+                    }
                     Err(why) => {
                         tracing::debug!(province = %p, error = %why, "issuer unreachable; batch from stale replica");
                         provenance(Source::ReplicaStale, age, self.state.province)
@@ -169,11 +205,25 @@ impl LookupService {
                     None => BatchEntry {
                         holder,
                         record: None,
-                        error: "no status".into(),
+                        error: NO_STATUS.into(),
                     },
                 },
             };
             entries.push(entry);
+        }
+        if self.cross_province(&caller, p) {
+            self.state
+                .audit
+                .record_all(entries.iter().filter(|e| e.record.is_some() || e.error == NO_STATUS).map(|e| {
+                    audit::answered(
+                        EntryKind::LookupServed,
+                        &caller,
+                        p,
+                        &e.holder,
+                        audit::answer(e.record.as_ref()),
+                        Some(provenance.source),
+                    )
+                }));
         }
         Ok(BatchLookupResponse {
             entries,
@@ -181,9 +231,11 @@ impl LookupService {
         })
     }
 
-    /// Asks the issuing province for a whole batch, within the deadline.
+    /// Asks the issuing province for a whole batch, within the deadline, on
+    /// behalf of `caller`; each holder asked about is audited.
     async fn forward_batch(
         &self,
+        caller: &Identity,
         p: Province,
         holders: &[String],
     ) -> Result<BatchLookupResponse, String> {
@@ -204,29 +256,52 @@ impl LookupService {
         });
         request.set_timeout(self.state.peers.deadline);
         let mut client = hufu_proto::v1::status_lookup_client::StatusLookupClient::new(channel);
-        match tokio::time::timeout(self.state.peers.deadline, client.batch_lookup(request)).await {
-            Ok(Ok(reply)) => {
-                self.state.peers.success(p);
-                Ok(reply.into_inner())
-            }
-            Ok(Err(status)) => {
-                self.state.peers.failure(p);
-                Err(status.message().to_owned())
-            }
-            Err(_) => {
-                self.state.peers.failure(p);
-                Err("deadline exceeded".into())
-            }
+        let result =
+            match tokio::time::timeout(self.state.peers.deadline, client.batch_lookup(request))
+                .await
+            {
+                Ok(Ok(reply)) => {
+                    self.state.peers.success(p);
+                    Ok(reply.into_inner())
+                }
+                Ok(Err(status)) => {
+                    self.state.peers.failure(p);
+                    Err(status.message().to_owned())
+                }
+                Err(_) => {
+                    self.state.peers.failure(p);
+                    Err("deadline exceeded".into())
+                }
+            };
+        let made = |holder: &str, answer: &str, source| {
+            audit::answered(EntryKind::LookupMade, caller, p, holder, answer, source)
+        };
+        match &result {
+            Ok(reply) => self.state.audit.record_all(reply.entries.iter().map(|e| {
+                made(
+                    &e.holder,
+                    audit::answer(e.record.as_ref()),
+                    Some(Source::Authoritative as i32),
+                )
+            })),
+            Err(_) => self
+                .state
+                .audit
+                .record_all(holders.iter().map(|h| made(h, audit::UNREACHABLE, None))),
         }
+        result
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
-        check(self.state.province, &request, "Verify", Access::Verify)?;
+        let caller = check(self.state.province, &request, "Verify", Access::Verify)?;
         let req = request.into_inner();
         let now = now_unix();
         let code = match self.state.verifier.verify(&req.token, now) {
             Ok(code) => code,
-            Err(verdict) => return Ok(refusal(&verdict)),
+            Err(verdict) => {
+                self.audit_refusal(&caller, &req.token, &verdict);
+                return Ok(refusal(&verdict));
+            }
         };
         let claims = &code.claims;
         let from_token = StatusRecord {
@@ -239,16 +314,33 @@ impl LookupService {
         };
         // Effective status: the newer of the code's own claim and what is
         // known about the holder (own data, replica, or the issuer itself).
-        let (known, provenance) = self.answer(code.issuer, &claims.sub).await?;
+        let (known, provenance) = self.answer(&caller, code.issuer, &claims.sub).await?;
         // At equal `as_of` the record wins: the issuer may rewrite a status
         // within the same second, and the record is its latest word.
-        let status = match known {
+        let (status, source) = match known {
             Some(record) if seconds(record.as_of.as_ref()).unwrap_or(0) >= claims.hc.as_of => {
-                record
+                (record, provenance.source)
             }
-            _ => from_token,
+            _ => (from_token, Source::Token as i32),
         };
         let (policy_met, reason) = evaluate(req.policy.as_ref(), &status, &provenance, now);
+        if self.cross_province(&caller, code.issuer) {
+            self.state.audit.record(|| {
+                let e = audit::answered(
+                    EntryKind::VerifyServed,
+                    &caller,
+                    code.issuer,
+                    &claims.sub,
+                    audit::answer(Some(&status)),
+                    Some(source),
+                );
+                match (&req.policy, policy_met) {
+                    (None, _) => e,
+                    (Some(_), true) => e.with_detail("policy met"),
+                    (Some(_), false) => e.with_detail("policy not met"),
+                }
+            });
+        }
         Ok(VerifyResponse {
             verdict: Verdict::Valid as i32,
             reason,
@@ -258,6 +350,31 @@ impl LookupService {
             kid: code.kid.to_string(),
             expires: Some(timestamp(claims.exp)),
         })
+    }
+
+    /// Audits a refused code that claims another province as its issuer,
+    /// under the claims it carries (unverified, and said so).
+    fn audit_refusal(&self, caller: &Identity, token: &str, verdict: &CodeVerdict) {
+        if !self.state.audit.enabled() {
+            return;
+        }
+        let Some((issuer, holder)) = claimed_issuer(token) else {
+            return;
+        };
+        if !self.cross_province(caller, issuer) {
+            return;
+        }
+        self.state.audit.record(|| {
+            audit::answered(
+                EntryKind::VerifyServed,
+                caller,
+                issuer,
+                &holder,
+                verdict.label(),
+                None,
+            )
+            .with_detail("code refused; issuer and holder as claimed, unverified")
+        });
     }
 
     fn jwks(&self, request: Request<GetJwksRequest>) -> NodeResult<GetJwksResponse> {
@@ -286,6 +403,23 @@ impl LookupService {
             revoked_kids: keyring.revoked_kids(),
         })
     }
+}
+
+/// The issuer and holder a code claims, read without checking anything.
+fn claimed_issuer(token: &str) -> Option<(Province, String)> {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        iss: String,
+        #[serde(default)]
+        sub: String,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = data_encoding::BASE64URL_NOPAD
+        .decode(payload.as_bytes())
+        .ok()?;
+    let claims: Claims = serde_json::from_slice(&json).ok()?;
+    let issuer = Province::parse(claims.iss.strip_prefix("hufu:")?).ok()?;
+    Some((issuer, claims.sub))
 }
 
 fn provenance(source: Source, age_ms: Option<i64>, answered_by: Province) -> Provenance {

@@ -1,5 +1,6 @@
 //! The node's gRPC services.
 
 pub mod admin;
+pub mod audit;
 pub mod federation;
 pub mod lookup;

@@ -1,0 +1,343 @@
+//! The node's part of the audit log (DESIGN.md, "Audit log"): its own log
+//! of cross-province events, the witness it runs for the other members'
+//! logs, and the task that checkpoints its log, has the other members
+//! witness it and publishes it once the trust list's quorum is met.
+//!
+//! The log and the witness live in two trees of the node's sled database
+//! (`audit` and `witness`). Handlers record events with
+//! [`NodeAudit::record`]: a channel send to the library's batching writer,
+//! nothing on the hot path waits for the disk.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hufu_certs::{Identity, Province};
+use hufu_federation::audit::{
+    AnswerSource, AuditEntry, AuditError, AuditLog, Cosignature, EntryKind, LogSigner,
+    SignedCheckpoint, Witness, verify_cosignature, witness_verifier_key,
+};
+use hufu_federation::holder::HolderId;
+use hufu_federation::trust::{Member, TrustList};
+use hufu_proto::v1::witness_client::WitnessClient;
+use hufu_proto::v1::{AddCheckpointRequest, Colour, Source, StatusRecord, add_checkpoint_response};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AuditConfig;
+use crate::state::NodeState;
+use crate::status::{colour_name, now_millis};
+
+/// The sled tree of this node's audit log.
+pub const LOG_TREE: &str = "audit";
+/// The sled tree of this node's witness state and evidence.
+pub const WITNESS_TREE: &str = "witness";
+
+/// Times a witness is asked again, after telling which size to prove from.
+const WITNESS_ATTEMPTS: usize = 3;
+
+/// The audit log, the witness, and what the checkpoint task remembers.
+pub struct NodeAudit {
+    pub log: AuditLog,
+    pub witness: Witness,
+    enabled: bool,
+    every: Duration,
+    /// Per witnessing province, the size it last cosigned as far as this
+    /// node knows: where the next consistency proof starts.
+    witnessed: Mutex<HashMap<Province, u64>>,
+}
+
+impl NodeAudit {
+    /// Opens the log and the witness in `db`.
+    pub fn open(
+        db: &sled::Db,
+        signer: Arc<LogSigner>,
+        config: &AuditConfig,
+    ) -> anyhow::Result<NodeAudit> {
+        Ok(NodeAudit {
+            log: AuditLog::open(db.open_tree(LOG_TREE)?)?,
+            witness: Witness::open(db.open_tree(WITNESS_TREE)?, signer),
+            enabled: config.enabled,
+            every: config.checkpoint_every(),
+            witnessed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether events are recorded (`[audit] enabled`).
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Appends the entry `build` makes, when auditing is on. Never fails the
+    /// caller: a refused entry or a stopped writer is logged.
+    pub fn record(&self, build: impl FnOnce() -> AuditEntry) {
+        if self.enabled {
+            self.append(build());
+        }
+    }
+
+    /// Appends `entries` (not even made when auditing is off).
+    pub fn record_all(&self, entries: impl IntoIterator<Item = AuditEntry>) {
+        if self.enabled {
+            entries.into_iter().for_each(|e| self.append(e));
+        }
+    }
+
+    fn append(&self, mut entry: AuditEntry) {
+        if entry.detail.is_some()
+            && let Err(AuditError::BadEntry(reason)) = entry.check()
+        {
+            // Only the free text can be refused; the event itself is kept.
+            tracing::warn!(kind = entry.kind.as_str(), %reason, "audit detail dropped");
+            entry.detail = None;
+        }
+        if let Err(err) = self.log.append(&entry) {
+            tracing::error!(kind = entry.kind.as_str(), error = %err, "audit entry not recorded");
+        }
+    }
+}
+
+/// The answer of a lookup made to a province that did not answer.
+pub const UNREACHABLE: &str = "unreachable";
+
+/// An entry of `kind` by `caller` about `province`, now.
+pub fn entry(kind: EntryKind, caller: &Identity, province: Province) -> AuditEntry {
+    AuditEntry::new(
+        now_millis().max(0) as u64,
+        kind,
+        caller.clone(),
+        province,
+    )
+}
+
+/// `entry` about `holder`, if it is a pseudonym (anything else is left out:
+/// an entry names holders by pseudonym only).
+pub fn about(entry: AuditEntry, holder: &str) -> AuditEntry {
+    match holder.parse::<HolderId>() {
+        Ok(h) => entry.with_holder(h),
+        Err(_) => entry,
+    }
+}
+
+/// The answer word for a record: its colour, or `not_found`.
+pub fn answer(record: Option<&StatusRecord>) -> &'static str {
+    match record {
+        Some(r) => colour_name(Colour::try_from(r.colour).unwrap_or(Colour::Unspecified)),
+        None => "not_found",
+    }
+}
+
+/// The audit log's name for a provenance source.
+pub fn source(source: i32) -> Option<AnswerSource> {
+    match Source::try_from(source).ok()? {
+        Source::Authoritative => Some(AnswerSource::Authoritative),
+        Source::Replica => Some(AnswerSource::Replica),
+        Source::ReplicaStale => Some(AnswerSource::ReplicaStale),
+        Source::Token => Some(AnswerSource::Token),
+        Source::Unspecified => None,
+    }
+}
+
+/// Checkpoints the log every `[audit] checkpoint_secs` while it grows, until
+/// `stop`.
+pub async fn run(state: Arc<NodeState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(state.audit.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut alone_noted = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(list) = state.membership.load().list.clone() else {
+            if !alone_noted {
+                tracing::info!(
+                    "no trust list: audit entries are recorded, but no checkpoint is published until this node joins a federation (publishing needs the witness quorum of a trust list)"
+                );
+                alone_noted = true;
+            }
+            continue;
+        };
+        if let Err(err) = checkpoint(&state, &list).await {
+            tracing::warn!(error = %err, "audit checkpoint not published; retrying at the next interval");
+        }
+    }
+}
+
+/// One round: if the log grew past its last published checkpoint, a new
+/// checkpoint, witnessed by the other members, published on quorum.
+pub async fn checkpoint(state: &Arc<NodeState>, list: &TrustList) -> anyhow::Result<()> {
+    let audit = &state.audit;
+    let size = audit.log.size()?;
+    state.metrics.audit_log_size.set(size as i64);
+    let published = audit
+        .log
+        .latest_published()?
+        .map_or(0, |cp| cp.checkpoint().size);
+    if size == 0 || size <= published {
+        return Ok(());
+    }
+    // The witnesses remember what they cosign durably: so must the log,
+    // or after a crash it could sign another tree at a size they cosigned.
+    let flushed = state.clone();
+    tokio::task::spawn_blocking(move || flushed.audit.log.flush()).await??;
+    let mut cp = audit.log.checkpoint(&state.log_signer)?;
+    let size = cp.checkpoint().size;
+
+    let witnesses = list
+        .members
+        .iter()
+        .filter(|m| m.province != state.province);
+    let cosignatures =
+        futures::future::join_all(witnesses.map(|m| ask_witness(state, m, &cp))).await;
+    let mut cosigned = 0;
+    for c in cosignatures.into_iter().flatten() {
+        cp.add_cosignature(&c)?;
+        cosigned += 1;
+    }
+    match audit.log.publish(&cp, list) {
+        Ok(()) => {
+            state.metrics.audit_published_size.set(size as i64);
+            tracing::debug!(size, cosigned, "audit checkpoint published");
+            Ok(())
+        }
+        Err(AuditError::Quorum { valid, quorum, .. }) => anyhow::bail!(
+            "checkpoint at size {size} has {valid} valid cosignatures, the trust list's witness quorum is {quorum}: the other members' nodes must be reachable"
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Asks `member`'s nodes to cosign `cp`, proving consistency from the size
+/// its witness last cosigned. None (logged) when it does not.
+async fn ask_witness(
+    state: &Arc<NodeState>,
+    member: &Member,
+    cp: &SignedCheckpoint,
+) -> Option<Cosignature> {
+    let p = member.province;
+    let size = cp.checkpoint().size;
+    let Ok(witness_key) = witness_verifier_key(&member.log_key) else {
+        tracing::debug!(province = %p, "member has no usable log key: it runs no witness");
+        return None;
+    };
+    if !state.peers.allows(p) {
+        return None;
+    }
+    let known = state
+        .audit
+        .witnessed
+        .lock()
+        .expect("witnessed lock")
+        .get(&p)
+        .copied();
+    let mut old = match known {
+        Some(old) => old,
+        None => state
+            .audit
+            .log
+            .latest_published()
+            .ok()
+            .flatten()
+            .map_or(0, |cp| cp.checkpoint().size),
+    };
+    for endpoint in &member.endpoints {
+        let Ok(channel) = state.peers.channel(p, endpoint) else {
+            continue;
+        };
+        let mut client = WitnessClient::new(channel);
+        for _ in 0..WITNESS_ATTEMPTS {
+            if old > size {
+                tracing::error!(
+                    province = %p, witnessed = old, size,
+                    "the witness cosigned a larger tree than this audit log holds: the log lost entries; investigate before it is taken for a fork"
+                );
+                return None;
+            }
+            let proof = match state.audit.log.consistency_proof(old, size) {
+                Ok(proof) => proof,
+                Err(err) => {
+                    tracing::warn!(province = %p, error = %err, "no consistency proof for the witness");
+                    return None;
+                }
+            };
+            let mut request = tonic::Request::new(AddCheckpointRequest {
+                checkpoint: cp.note(),
+                old_size: old,
+                proof: proof.iter().map(|h| h.as_bytes().to_vec()).collect(),
+            });
+            request.set_timeout(state.peers.deadline);
+            let reply =
+                tokio::time::timeout(state.peers.deadline, client.add_checkpoint(request)).await;
+            let outcome = match reply {
+                Ok(Ok(reply)) => reply.into_inner().outcome,
+                Ok(Err(status)) => {
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) {
+                        state.peers.failure(p);
+                        break; // next endpoint
+                    }
+                    tracing::warn!(
+                        province = %p, %endpoint, code = ?status.code(), error = %status.message(),
+                        "witness refused this node's audit checkpoint"
+                    );
+                    return None;
+                }
+                Err(_) => {
+                    state.peers.failure(p);
+                    break;
+                }
+            };
+            state.peers.success(p);
+            match outcome {
+                Some(add_checkpoint_response::Outcome::Cosignature(line)) => {
+                    return match verify_cosignature(cp, &line, &witness_key) {
+                        Ok(c) => {
+                            state
+                                .audit
+                                .witnessed
+                                .lock()
+                                .expect("witnessed lock")
+                                .insert(p, size);
+                            Some(c)
+                        }
+                        Err(err) => {
+                            tracing::warn!(province = %p, error = %err, "witness returned a cosignature that does not verify");
+                            None
+                        }
+                    };
+                }
+                Some(add_checkpoint_response::Outcome::WitnessSize(have)) => {
+                    old = have;
+                    state
+                        .audit
+                        .witnessed
+                        .lock()
+                        .expect("witnessed lock")
+                        .insert(p, have);
+                }
+                None => {
+                    tracing::warn!(province = %p, "empty answer from witness");
+                    return None;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// An entry of `kind` by `caller` about `holder` of `province`, answered
+/// `answer` from `source` (a provenance source).
+pub fn answered(
+    kind: EntryKind,
+    caller: &Identity,
+    province: Province,
+    holder: &str,
+    answer: &str,
+    source: Option<i32>,
+) -> AuditEntry {
+    let mut e = about(entry(kind, caller, province), holder).with_answer(answer);
+    e.source = source.and_then(self::source);
+    e
+}

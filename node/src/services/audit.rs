@@ -1,0 +1,280 @@
+//! `hufu.v1.Audit`, the read-only audit API for auditors, and
+//! `hufu.v1.Witness`, through which the other members' nodes have this
+//! province witness their audit logs.
+
+use std::sync::Arc;
+
+use hufu_certs::Role;
+use hufu_federation::audit::{AuditError, SignedCheckpoint, TreeHash, WitnessError};
+use hufu_proto::v1::audit_server::Audit;
+use hufu_proto::v1::witness_server::Witness;
+use hufu_proto::v1::{
+    AddCheckpointRequest, AddCheckpointResponse, AuditLogEntry, AuditProof,
+    GetCheckpointsRequest, GetCheckpointsResponse, GetConsistencyProofRequest, GetEntriesRequest,
+    GetEntriesResponse, GetInclusionProofRequest, add_checkpoint_response,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Access, check};
+use crate::error::NodeError;
+use crate::metrics::metered;
+use crate::state::NodeState;
+
+/// Most checkpoints one `GetCheckpoints` returns.
+pub const MAX_CHECKPOINTS: usize = 1000;
+/// Most entries one `GetEntries` returns.
+pub const MAX_ENTRIES: u64 = 10_000;
+
+pub struct AuditService {
+    state: Arc<NodeState>,
+}
+
+impl AuditService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        AuditService { state }
+    }
+}
+
+/// The audit library's errors as gRPC statuses: sizes the log does not
+/// have are the caller's to fix, the rest is the node's.
+fn status(err: AuditError) -> Status {
+    match err {
+        AuditError::OutOfRange(msg) => Status::out_of_range(msg),
+        other => NodeError::Internal(format!("audit log: {other}")).into(),
+    }
+}
+
+fn proof(hashes: Vec<TreeHash>) -> AuditProof {
+    AuditProof {
+        hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    async fn get_checkpoints(
+        &self,
+        request: Request<GetCheckpointsRequest>,
+    ) -> Result<Response<GetCheckpointsResponse>, Status> {
+        metered(&self.state.metrics, "GetCheckpoints", async {
+            check(self.state.province, &request, "GetCheckpoints", Access::Audit)?;
+            let after = request.into_inner().after_size;
+            let log = &self.state.audit.log;
+            let mut checkpoints: Vec<String> = log
+                .published()
+                .map_err(status)?
+                .into_iter()
+                .filter(|cp| cp.checkpoint().size > after)
+                .take(MAX_CHECKPOINTS + 1)
+                .map(|cp| cp.note())
+                .collect();
+            let more = checkpoints.len() > MAX_CHECKPOINTS;
+            checkpoints.truncate(MAX_CHECKPOINTS);
+            Ok(Response::new(GetCheckpointsResponse {
+                origin: self.state.log_signer.origin().to_owned(),
+                log_size: log.size().map_err(status)?,
+                checkpoints,
+                more,
+            }))
+        })
+        .await
+    }
+
+    async fn get_entries(
+        &self,
+        request: Request<GetEntriesRequest>,
+    ) -> Result<Response<GetEntriesResponse>, Status> {
+        metered(&self.state.metrics, "GetEntries", async {
+            check(self.state.province, &request, "GetEntries", Access::Audit)?;
+            let req = request.into_inner();
+            let end = req.end.min(req.start.saturating_add(MAX_ENTRIES));
+            let entries = self
+                .state
+                .audit
+                .log
+                .entries(req.start, end)
+                .map_err(status)?
+                .into_iter()
+                .map(|(index, entry)| AuditLogEntry { index, entry })
+                .collect();
+            Ok(Response::new(GetEntriesResponse { entries }))
+        })
+        .await
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<GetInclusionProofRequest>,
+    ) -> Result<Response<AuditProof>, Status> {
+        metered(&self.state.metrics, "GetInclusionProof", async {
+            check(
+                self.state.province,
+                &request,
+                "GetInclusionProof",
+                Access::Audit,
+            )?;
+            let req = request.into_inner();
+            let hashes = self
+                .state
+                .audit
+                .log
+                .inclusion_proof(req.index, req.tree_size)
+                .map_err(status)?;
+            Ok(Response::new(proof(hashes)))
+        })
+        .await
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<GetConsistencyProofRequest>,
+    ) -> Result<Response<AuditProof>, Status> {
+        metered(&self.state.metrics, "GetConsistencyProof", async {
+            check(
+                self.state.province,
+                &request,
+                "GetConsistencyProof",
+                Access::Audit,
+            )?;
+            let req = request.into_inner();
+            let hashes = self
+                .state
+                .audit
+                .log
+                .consistency_proof(req.old_size, req.new_size)
+                .map_err(status)?;
+            Ok(Response::new(proof(hashes)))
+        })
+        .await
+    }
+}
+
+pub struct WitnessService {
+    state: Arc<NodeState>,
+}
+
+impl WitnessService {
+    pub fn new(state: Arc<NodeState>) -> Self {
+        WitnessService { state }
+    }
+
+    async fn add_checkpoint(
+        &self,
+        request: Request<AddCheckpointRequest>,
+    ) -> Result<AddCheckpointResponse, Status> {
+        let caller = check(
+            self.state.province,
+            &request,
+            "AddCheckpoint",
+            Access::Federation,
+        )?;
+        let membership = self.state.membership.load_full();
+        let denied = |why: String| NodeError::denied(&caller, "AddCheckpoint", &why);
+        if membership.member(caller.province).is_none() {
+            return Err(denied(format!(
+                "province {} is not a member of trust list v{}: only members' logs are witnessed",
+                caller.province,
+                membership.version()
+            ))
+            .into());
+        }
+        let req = request.into_inner();
+        let offered = SignedCheckpoint::parse(&req.checkpoint)
+            .map_err(|e| NodeError::invalid(e.to_string()))?;
+        let origin = offered.checkpoint().province().map_err(|e| NodeError::invalid(e.to_string()))?;
+        if origin != caller.province || caller.role != Role::Node {
+            return Err(denied(format!(
+                "the checkpoint is of {}, a log of province {origin}: a node may only have its own province's log witnessed",
+                offered.checkpoint().origin
+            ))
+            .into());
+        }
+        let log_key = membership
+            .member(origin)
+            .map(|m| m.log_key.clone())
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                NodeError::FailedPrecondition(format!(
+                    "province {origin} has no log key in trust list v{}",
+                    membership.version()
+                ))
+            })?;
+        let proof = req
+            .proof
+            .iter()
+            .map(|h| {
+                TreeHash::from_slice(h).ok_or_else(|| {
+                    NodeError::invalid(format!(
+                        "a proof hash has {} bytes, not 32",
+                        h.len()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // The witness flushes its state before cosigning: off the runtime.
+        let state = self.state.clone();
+        let note = req.checkpoint;
+        let old_size = req.old_size;
+        let result = tokio::task::spawn_blocking(move || {
+            state
+                .audit
+                .witness
+                .witness(&note, &log_key, old_size, &proof)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("witness task: {e}")))?;
+
+        let outcome = match result {
+            Ok(cosignature) => add_checkpoint_response::Outcome::Cosignature(cosignature.line()),
+            Err(WitnessError::OldSize { have, .. }) => {
+                add_checkpoint_response::Outcome::WitnessSize(have)
+            }
+            Err(err) if err.is_conflict() => {
+                let conflicts = self.state.audit.witness.conflicts().unwrap_or(u64::MAX);
+                self.state.metrics.audit_conflicts.set(conflicts as i64);
+                tracing::error!(
+                    %caller,
+                    origin = %offered.checkpoint().origin,
+                    error = %err,
+                    "AUDIT LOG CONFLICT: a province signed two checkpoints that cannot both be true; cosignature refused, evidence kept in this node's witness tree"
+                );
+                return Err(NodeError::FailedPrecondition(format!(
+                    "refused to cosign: {err}"
+                ))
+                .into());
+            }
+            Err(err) => {
+                return Err(match err {
+                    WitnessError::OwnLog { .. } | WitnessError::BadLogSignature { .. } => {
+                        denied(err.to_string())
+                    }
+                    WitnessError::Malformed(_) | WitnessError::LogKey(_) => {
+                        NodeError::invalid(err.to_string())
+                    }
+                    WitnessError::Rollback { .. } => {
+                        NodeError::FailedPrecondition(err.to_string())
+                    }
+                    _ => NodeError::Internal(err.to_string()),
+                }
+                .into());
+            }
+        };
+        Ok(AddCheckpointResponse {
+            outcome: Some(outcome),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Witness for WitnessService {
+    async fn add_checkpoint(
+        &self,
+        request: Request<AddCheckpointRequest>,
+    ) -> Result<Response<AddCheckpointResponse>, Status> {
+        metered(&self.state.metrics, "AddCheckpoint", async {
+            Ok(Response::new(self.add_checkpoint(request).await?))
+        })
+        .await
+    }
+}

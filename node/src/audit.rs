@@ -101,12 +101,7 @@ pub const UNREACHABLE: &str = "unreachable";
 
 /// An entry of `kind` by `caller` about `province`, now.
 pub fn entry(kind: EntryKind, caller: &Identity, province: Province) -> AuditEntry {
-    AuditEntry::new(
-        now_millis().max(0) as u64,
-        kind,
-        caller.clone(),
-        province,
-    )
+    AuditEntry::new(now_millis().max(0) as u64, kind, caller.clone(), province)
 }
 
 /// `entry` about `holder`, if it is a pseudonym (anything else is left out:
@@ -183,10 +178,7 @@ pub async fn checkpoint(state: &Arc<NodeState>, list: &TrustList) -> anyhow::Res
     let mut cp = audit.log.checkpoint(&state.log_signer)?;
     let size = cp.checkpoint().size;
 
-    let witnesses = list
-        .members
-        .iter()
-        .filter(|m| m.province != state.province);
+    let witnesses = list.members.iter().filter(|m| m.province != state.province);
     let cosignatures =
         futures::future::join_all(witnesses.map(|m| ask_witness(state, m, &cp))).await;
     let mut cosigned = 0;

@@ -210,7 +210,8 @@ async fn fetch(out: &Path, conn: &ConnArgs) -> anyhow::Result<()> {
         (origin, log_size) = (reply.origin, reply.log_size);
         let mut last = after_size;
         for note in &reply.checkpoints {
-            let cp = SignedCheckpoint::parse(note).context("the node sent a malformed checkpoint")?;
+            let cp =
+                SignedCheckpoint::parse(note).context("the node sent a malformed checkpoint")?;
             anyhow::ensure!(
                 cp.checkpoint().size > last,
                 "the node sent checkpoints out of order (size {} after {last})",
@@ -248,8 +249,9 @@ async fn fetch(out: &Path, conn: &ConnArgs) -> anyhow::Result<()> {
                 .hashes
                 .iter()
                 .map(|h| {
-                    TreeHash::from_slice(h)
-                        .ok_or_else(|| anyhow::anyhow!("the node sent a proof hash of {} bytes", h.len()))
+                    TreeHash::from_slice(h).ok_or_else(|| {
+                        anyhow::anyhow!("the node sent a proof hash of {} bytes", h.len())
+                    })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?
         };
@@ -297,10 +299,10 @@ fn load_trust(path: &Path) -> anyhow::Result<TrustList> {
             .with_context(|| format!("trust directory {}", path.display()))?;
         return Ok(store.current().list.clone());
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let signed = SignedTrustList::parse(&text)
-        .with_context(|| format!("trust list {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let signed =
+        SignedTrustList::parse(&text).with_context(|| format!("trust list {}", path.display()))?;
     if signed.list.version == 1 {
         signed
             .verify_genesis()

@@ -14,8 +14,8 @@ use hdrhistogram::Histogram;
 use hufu_certs::{Province, Role};
 use hufu_proto::v1::status_lookup_client::StatusLookupClient;
 use hufu_proto::v1::{
-    BatchLookupRequest, ImportRow, IssueCodeRequest, LookupRequest, PutStatusRequest,
-    StatusInput, Verdict, VerifyRequest, issue_code_request, status_input,
+    BatchLookupRequest, ImportRow, IssueCodeRequest, LookupRequest, PutStatusRequest, StatusInput,
+    Verdict, VerifyRequest, issue_code_request, status_input,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -83,7 +83,9 @@ impl Figures {
     }
 
     pub fn print(&self, label: &str, baseline: Option<f64>) {
-        let ratio = baseline.map(|b| format!("{:>5.2}x echo", self.rate() / b)).unwrap_or_default();
+        let ratio = baseline
+            .map(|b| format!("{:>5.2}x echo", self.rate() / b))
+            .unwrap_or_default();
         println!(
             "{label:<36} {:>9.0}/s  p50 {:>6.2}ms  p99 {:>6.2}ms  p99.9 {:>6.2}ms  errors {:<4} {ratio}",
             self.rate(),
@@ -160,7 +162,9 @@ pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Ve
             .map(|i| ImportRow {
                 line: i + 1,
                 status: Some(StatusInput {
-                    subject: Some(status_input::Subject::NationalId(sample::national_id(p, i).as_str().to_owned())),
+                    subject: Some(status_input::Subject::NationalId(
+                        sample::national_id(p, i).as_str().to_owned(),
+                    )),
                     colour: 1 + (i % 3) as i32,
                     as_of: Some(timestamp(now - 60)),
                     last_negative_test: Some(timestamp(now - 3600)),
@@ -168,16 +172,24 @@ pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Ve
                 }),
             })
             .collect();
-        let summary = admin.import_statuses(tokio_stream::iter(rows)).await?.into_inner();
+        let summary = admin
+            .import_statuses(tokio_stream::iter(rows))
+            .await?
+            .into_inner();
         anyhow::ensure!(summary.rejected.is_empty(), "sample import rejected rows");
         start = end;
     }
     let secret_bytes = std::fs::read(province.config.path(&province.config.holder_secret))?;
     let secret = hufu_federation::holder::HolderSecret::new(&secret_bytes)?;
-    Ok((0..n).map(|i| secret.pseudonym(&sample::national_id(p, i)).to_string()).collect())
+    Ok((0..n)
+        .map(|i| secret.pseudonym(&sample::national_id(p, i)).to_string())
+        .collect())
 }
 
-async fn clients(province: &LocalProvince, n: usize) -> anyhow::Result<Vec<StatusLookupClient<Channel>>> {
+async fn clients(
+    province: &LocalProvince,
+    n: usize,
+) -> anyhow::Result<Vec<StatusLookupClient<Channel>>> {
     let cert = province.client_cert(Role::Terminal, "bench")?;
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
@@ -195,25 +207,40 @@ pub fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let build = if cfg!(debug_assertions) { "debug build (use --release for figures)" } else { "release build" };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let build = if cfg!(debug_assertions) {
+        "debug build (use --release for figures)"
+    } else {
+        "release build"
+    };
     format!("{cores} cores, {cpu}; {build}")
 }
 
 /// A bare tonic server (only the standard health service) behind the same
 /// mutual TLS as a node, with the node's certificates: the baseline.
-async fn bare_echo(province: &LocalProvince, stop: CancellationToken) -> anyhow::Result<std::net::SocketAddr> {
+async fn bare_echo(
+    province: &LocalProvince,
+    stop: CancellationToken,
+) -> anyhow::Result<std::net::SocketAddr> {
     let config = &province.config;
-    let anchors = hufu_certs::TrustAnchors::new([rustls::pki_types::pem::PemObject::from_pem_slice(
-        province.ca_pem()?.as_bytes(),
-    )
-    .map_err(|e| anyhow::anyhow!("CA: {e}"))?])?;
-    let tls = hufu_certs::server_config(anchors, &config.read(&config.node_cert)?, &config.read(&config.node_key)?)?;
+    let anchors =
+        hufu_certs::TrustAnchors::new([rustls::pki_types::pem::PemObject::from_pem_slice(
+            province.ca_pem()?.as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("CA: {e}"))?])?;
+    let tls = hufu_certs::server_config(
+        anchors,
+        &config.read(&config.node_cert)?,
+        &config.read(&config.node_key)?,
+    )?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let incoming = crate::net::incoming(
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
+        10_000,
         256,
         Duration::from_secs(10),
         stop.clone(),
@@ -235,20 +262,37 @@ fn config_streams() -> u32 {
     crate::config::LimitsConfig::default().max_concurrent_streams
 }
 
-async fn echo_figures(province: &LocalProvince, args: &BenchArgs, duration: Duration) -> anyhow::Result<Figures> {
+async fn echo_figures(
+    province: &LocalProvince,
+    args: &BenchArgs,
+    duration: Duration,
+) -> anyhow::Result<Figures> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     let stop = CancellationToken::new();
     let addr = bare_echo(province, stop.clone()).await?;
-    let target = crate::client::Target::with_ca_pem(&addr.to_string(), province.province, &province.ca_pem()?)?;
+    let target = crate::client::Target::with_ca_pem(
+        &addr.to_string(),
+        province.province,
+        &province.ca_pem()?,
+    )?;
     let cert = province.client_cert(Role::Terminal, "bench-echo")?;
     let mut conns = Vec::new();
     for _ in 0..args.connections.max(1) {
-        conns.push(HealthClient::new(crate::client::connect(&target, &cert).await?));
+        conns.push(HealthClient::new(
+            crate::client::connect(&target, &cert).await?,
+        ));
     }
     let figures = closed_loop(duration, args.concurrency, move |_, w| {
         let mut client = conns[w % conns.len()].clone();
-        async move { client.check(HealthCheckRequest { service: String::new() }).await.is_ok() }
+        async move {
+            client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        }
     })
     .await;
     stop.cancel();
@@ -278,7 +322,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if all || matches!(args.what, BenchWhat::Federation { .. }) {
         let (changes, rate) = match args.what {
-            BenchWhat::Federation { changes, write_rate } => (changes, write_rate),
+            BenchWhat::Federation {
+                changes,
+                write_rate,
+            } => (changes, write_rate),
             _ => (200_000, 2_000),
         };
         federation(&args, changes, rate).await?;
@@ -306,7 +353,12 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
         let mut client = c[w % c.len()].clone();
         let holder = n[(k % n.len() as u64) as usize].clone();
         let issuer = i.clone();
-        async move { client.lookup(LookupRequest { issuer, holder }).await.is_ok() }
+        async move {
+            client
+                .lookup(LookupRequest { issuer, holder })
+                .await
+                .is_ok()
+        }
     })
     .await;
     lookup.print("Lookup", Some(echo.rate()));
@@ -322,18 +374,28 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     })
     .await;
     batch.print("BatchLookup (1,000 holders a call)", Some(echo.rate()));
-    println!("{:<36} {:>9.0} holders/s\n", "  BatchLookup holders", batch.rate() * 1000.0);
+    println!(
+        "{:<36} {:>9.0} holders/s\n",
+        "  BatchLookup holders",
+        batch.rate() * 1000.0
+    );
     province.stop().await?;
     Ok(())
 }
 
-async fn issue_tokens(province: &LocalProvince, ids: &[String], count: u64) -> anyhow::Result<Vec<String>> {
+async fn issue_tokens(
+    province: &LocalProvince,
+    ids: &[String],
+    count: u64,
+) -> anyhow::Result<Vec<String>> {
     let mut admin = province.admin().await?;
     let mut list = Vec::with_capacity(count as usize);
     for i in 0..count {
         let reply = admin
             .issue_code(IssueCodeRequest {
-                subject: Some(issue_code_request::Subject::Holder(ids[(i as usize) % ids.len()].clone())),
+                subject: Some(issue_code_request::Subject::Holder(
+                    ids[(i as usize) % ids.len()].clone(),
+                )),
             })
             .await?
             .into_inner();
@@ -346,7 +408,10 @@ fn verify_call(
     tokens: Arc<Vec<String>>,
     conns: Vec<StatusLookupClient<Channel>>,
     repeat: bool,
-) -> impl Fn(u64, usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync + 'static {
+) -> impl Fn(u64, usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
++ Send
++ Sync
++ 'static {
     move |i: u64, w: usize| {
         let mut client = conns[w % conns.len()].clone();
         let token = if repeat {
@@ -365,21 +430,44 @@ async fn verify(args: &BenchArgs, tokens: u64) -> anyhow::Result<()> {
     let (_scratch, mut province) = single_province().await?;
     let ids = load_holders(&province, tokens.min(5_000)).await?;
     let list = Arc::new(issue_tokens(&province, &ids, tokens).await?);
-    let raw = tokio::task::spawn_blocking(|| hufu_federation::codes::raw_es256_verify_rate(Duration::from_secs(2))).await?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let raw = tokio::task::spawn_blocking(|| {
+        hufu_federation::codes::raw_es256_verify_rate(Duration::from_secs(2))
+    })
+    .await?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     let echo = echo_figures(&province, args, duration).await?;
     echo.print("bare tonic echo (health check)", None);
     let conns = clients(&province, args.connections).await?;
-    let unique = closed_loop(duration, args.concurrency, verify_call(list.clone(), conns.clone(), false)).await;
+    let unique = closed_loop(
+        duration,
+        args.concurrency,
+        verify_call(list.clone(), conns.clone(), false),
+    )
+    .await;
     unique.print("Verify, unique tokens", Some(echo.rate()));
-    let repeated = closed_loop(duration, args.concurrency, verify_call(list.clone(), conns.clone(), true)).await;
+    let repeated = closed_loop(
+        duration,
+        args.concurrency,
+        verify_call(list.clone(), conns.clone(), true),
+    )
+    .await;
     repeated.print("Verify, repeated tokens (cache)", Some(echo.rate()));
-    println!("{:<36} {:>9.0}/s on one core; {:.0}/s on {cores} cores", "raw ES256 verify (aws-lc-rs)", raw, raw * cores);
+    println!(
+        "{:<36} {:>9.0}/s on one core; {:.0}/s on {cores} cores",
+        "raw ES256 verify (aws-lc-rs)",
+        raw,
+        raw * cores
+    );
     println!(
         "Verify unique / raw ES256 on one core: {:.2}  (the node, TLS, HTTP/2 and the load generator share the {cores} cores){}\n",
         unique.rate() / raw,
         if unique.ok > list.len() as u64 {
-            format!("; note: the run cycled through its {} tokens, later passes hit the cache", list.len())
+            format!(
+                "; note: the run cycled through its {} tokens, later passes hit the cache",
+                list.len()
+            )
         } else {
             String::new()
         }
@@ -406,7 +494,10 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
         if b_state.store.tail(a).await?.sequence >= changes {
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "replication did not finish in 10 minutes");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "replication did not finish in 10 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = started.elapsed();
@@ -456,19 +547,32 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
                 last_negative_test: None,
                 reason: 0,
             };
-            if let Ok(r) = admin.put_status(PutStatusRequest { status: Some(status) }).await {
+            if let Ok(r) = admin
+                .put_status(PutStatusRequest {
+                    status: Some(status),
+                })
+                .await
+            {
                 let t = Instant::now();
-                acked.lock().expect("lock").insert(r.into_inner().sequence, t);
+                acked
+                    .lock()
+                    .expect("lock")
+                    .insert(r.into_inner().sequence, t);
             }
         });
     }
     while inflight.join_next().await.is_some() {}
-    let arrivals = tokio::time::timeout(Duration::from_secs(30), watcher).await.ok().and_then(Result::ok).unwrap_or_default();
+    let arrivals = tokio::time::timeout(Duration::from_secs(30), watcher)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     let mut delays = histogram();
     let acked = acked.lock().expect("lock");
     for (seq, arrived) in arrivals {
         if let Some(ack) = acked.get(&seq) {
-            let _ = delays.record(arrived.saturating_duration_since(*ack).as_micros().max(1) as u64);
+            let _ =
+                delays.record(arrived.saturating_duration_since(*ack).as_micros().max(1) as u64);
         }
     }
     println!(
@@ -483,13 +587,27 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     let duration = Duration::from_secs(args.seconds);
     let local_ids = load_holders(fed.get(b), 2_000).await?;
     let local_tokens = Arc::new(issue_tokens(fed.get(b), &local_ids, 20_000).await?);
-    let foreign_tokens = Arc::new(issue_tokens(fed.get(a), &ids[..2_000.min(ids.len())], 20_000).await?);
+    let foreign_tokens =
+        Arc::new(issue_tokens(fed.get(a), &ids[..2_000.min(ids.len())], 20_000).await?);
     let conns = clients(fed.get(b), args.connections).await?;
-    let local = closed_loop(duration, args.concurrency, verify_call(local_tokens, conns.clone(), false)).await;
+    let local = closed_loop(
+        duration,
+        args.concurrency,
+        verify_call(local_tokens, conns.clone(), false),
+    )
+    .await;
     local.print("Verify at B, B's codes (local)", None);
-    let foreign = closed_loop(duration, args.concurrency, verify_call(foreign_tokens, conns, false)).await;
+    let foreign = closed_loop(
+        duration,
+        args.concurrency,
+        verify_call(foreign_tokens, conns, false),
+    )
+    .await;
     foreign.print("Verify at B, A's codes (replica)", None);
-    println!("cross-province / local verify: {:.2}\n", foreign.rate() / local.rate());
+    println!(
+        "cross-province / local verify: {:.2}\n",
+        foreign.rate() / local.rate()
+    );
     fed.stop_all().await?;
     Ok(())
 }

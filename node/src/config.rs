@@ -123,6 +123,12 @@ pub struct LimitsConfig {
     pub max_handshakes: usize,
     /// Seconds a client has to finish its TLS handshake.
     pub handshake_timeout_secs: u64,
+    /// Requests in flight across the node (0: derived from the cores).
+    pub max_in_flight: usize,
+    /// Push-back sent with RESOURCE_EXHAUSTED, in milliseconds.
+    pub retry_pushback_ms: u64,
+    /// Open connections at once; more are closed on accept.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -132,6 +138,9 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 128,
             max_handshakes: 256,
             handshake_timeout_secs: 10,
+            max_in_flight: 0,
+            retry_pushback_ms: 100,
+            max_connections: 10_000,
         }
     }
 }

@@ -158,6 +158,13 @@ max_concurrent_streams = 128
 # TLS handshakes in progress at once, and the time a client has to finish one.
 max_handshakes = 256
 handshake_timeout_secs = 10
+# Requests in flight across the whole node; beyond it requests are refused
+# at once with RESOURCE_EXHAUSTED and a retry push-back. Federation traffic
+# may fill it all, terminals 90%, admin work 50%. 0: 64 per core.
+max_in_flight = 0
+retry_pushback_ms = 100
+# Open connections at once.
+max_connections = 10000
 
 # The audit log of cross-province events, witnessed by the other members.
 # [audit]

@@ -2,6 +2,7 @@
 //! metrics, and the library behind every `hufu` subcommand, so tests drive
 //! exactly what operators run.
 
+pub mod admission;
 pub mod audit;
 pub mod audit_cli;
 pub mod auth;

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub trust_refused: Counter,
     pub trust_version: Gauge,
     pub replica_head: Family<Labels, Gauge>,
+    pub admitted: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub shed: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub in_flight: Gauge,
+    pub admission_limit: Gauge,
     pub audit_conflicts: Gauge,
     pub audit_log_size: Gauge,
     pub audit_published_size: Gauge,
@@ -55,6 +59,26 @@ impl Metrics {
         let trust_refused = Counter::default();
         let trust_version = Gauge::default();
         let replica_head = Family::<Labels, Gauge>::default();
+        let admitted = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        let shed = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        let in_flight = Gauge::default();
+        let admission_limit = Gauge::default();
+        registry.register(
+            "admitted",
+            "requests admitted, by class (federation, serving, bulk)",
+            admitted.clone(),
+        );
+        registry.register(
+            "shed",
+            "requests refused with RESOURCE_EXHAUSTED by admission control, by class",
+            shed.clone(),
+        );
+        registry.register("in_flight", "requests being handled now", in_flight.clone());
+        registry.register(
+            "admission_limit",
+            "requests in flight the node admits (classes get 100/90/50% of it)",
+            admission_limit.clone(),
+        );
         let audit_conflicts = Gauge::default();
         let audit_log_size = Gauge::default();
         let audit_published_size = Gauge::default();
@@ -141,6 +165,10 @@ impl Metrics {
             trust_refused,
             trust_version,
             replica_head,
+            admitted,
+            shed,
+            in_flight,
+            admission_limit,
             audit_conflicts,
             audit_log_size,
             audit_published_size,

@@ -32,6 +32,8 @@ pub struct PeerInfo {
 pub struct PeerConn {
     tls: TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Counts against the node's connection limit while open.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for PeerConn {
@@ -85,9 +87,11 @@ impl AsyncWrite for PeerConn {
 /// Accepts connections until `stop` is cancelled and yields those whose
 /// handshake succeeded. Failed handshakes are logged and counted, never
 /// surfaced to tonic (which would otherwise stop serving).
+#[allow(clippy::too_many_arguments)]
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    max_connections: usize,
     max_handshakes: usize,
     handshake_timeout: Duration,
     stop: CancellationToken,
@@ -95,6 +99,7 @@ pub fn incoming(
 ) -> ReceiverStream<Result<PeerConn, io::Error>> {
     let (tx, rx) = mpsc::channel(max_handshakes.max(1));
     let permits = Arc::new(Semaphore::new(max_handshakes.max(1)));
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -109,6 +114,11 @@ pub fn incoming(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                metrics.handshake_failures.inc();
+                tracing::warn!(%remote, "connection limit reached; connection dropped");
+                continue;
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 metrics.handshake_failures.inc();
@@ -137,7 +147,13 @@ pub fn incoming(
                                     identity: Arc::new(identity),
                                     remote,
                                 };
-                                let _ = tx.send(Ok(PeerConn { tls, info })).await;
+                                let _ = tx
+                                    .send(Ok(PeerConn {
+                                        tls,
+                                        info,
+                                        _slot: slot,
+                                    }))
+                                    .await;
                             }
                             Err(err) => {
                                 metrics.handshake_failures.inc();

@@ -132,13 +132,21 @@ pub async fn start_on(
     let incoming = net::incoming(
         listener,
         TlsAcceptor::from(tls),
+        limits.max_connections,
         limits.max_handshakes,
         Duration::from_secs(limits.handshake_timeout_secs),
         stop.clone(),
         metrics.clone(),
     );
 
+    let limit = if limits.max_in_flight == 0 {
+        crate::admission::default_limit()
+    } else {
+        limits.max_in_flight
+    };
+    let admission = crate::admission::Admission::new(limit, limits.retry_pushback_ms, &metrics);
     let router = Server::builder()
+        .layer(crate::admission::AdmissionLayer(admission))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

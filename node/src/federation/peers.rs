@@ -81,10 +81,77 @@ impl RetryThrottle {
     }
 }
 
+/// Client-side adaptive throttling (Google SRE book, "Handling Overload"):
+/// once a province accepts fewer than 1/K of the calls made to it, calls are
+/// dropped locally with probability (requests − K·accepts) / (requests + 1),
+/// so a struggling province sees its load fall instead of its neighbours'
+/// retries pile up. Counts halve every half minute to follow recovery.
+#[derive(Debug)]
+struct AdaptiveThrottle {
+    requests: f64,
+    accepts: f64,
+    since: Instant,
+}
+
+const K: f64 = 2.0;
+const MIN_HISTORY: f64 = 10.0;
+const HALF_LIFE: Duration = Duration::from_secs(30);
+
+impl Default for AdaptiveThrottle {
+    fn default() -> Self {
+        AdaptiveThrottle {
+            requests: 0.0,
+            accepts: 0.0,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl AdaptiveThrottle {
+    fn decay(&mut self, now: Instant) {
+        let halvings =
+            (now.duration_since(self.since).as_secs_f64() / HALF_LIFE.as_secs_f64()).floor();
+        if halvings >= 1.0 {
+            let factor = 0.5f64.powf(halvings);
+            self.requests *= factor;
+            self.accepts *= factor;
+            self.since = now;
+        }
+    }
+
+    fn reject_probability(&self) -> f64 {
+        // Too little history says nothing about the peer.
+        if self.requests < MIN_HISTORY {
+            return 0.0;
+        }
+        ((self.requests - K * self.accepts) / (self.requests + 1.0)).max(0.0)
+    }
+
+    /// Decides whether to make a call and counts it; `draw` is uniform in [0, 1).
+    fn allows(&mut self, now: Instant, draw: f64) -> bool {
+        self.decay(now);
+        let allowed = draw >= self.reject_probability();
+        self.requests += 1.0;
+        allowed
+    }
+
+    fn accepted(&mut self) {
+        self.accepts += 1.0;
+    }
+}
+
+/// A uniform draw in [0, 1) from the system's randomness.
+fn draw() -> f64 {
+    let mut bytes = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 #[derive(Debug, Default)]
 struct PeerHealth {
     breaker: Breaker,
     throttle: RetryThrottle,
+    adaptive: AdaptiveThrottle,
 }
 
 /// The node's view of its peers: lazily connected channels per endpoint,
@@ -133,15 +200,13 @@ impl Peers {
             .retain(|(p, e), _| keep(*p, e));
     }
 
-    /// Whether a call to `province` may be tried now.
+    /// Whether a call to `province` may be tried now: its circuit is not
+    /// open, and adaptive throttling does not drop the call.
     pub fn allows(&self, province: Province) -> bool {
-        self.health
-            .lock()
-            .expect("health lock")
-            .entry(province)
-            .or_default()
-            .breaker
-            .allows(Instant::now())
+        let now = Instant::now();
+        let mut health = self.health.lock().expect("health lock");
+        let h = health.entry(province).or_default();
+        h.breaker.allows(now) && h.adaptive.allows(now, draw())
     }
 
     pub fn may_retry(&self, province: Province) -> bool {
@@ -159,6 +224,7 @@ impl Peers {
         let h = health.entry(province).or_default();
         h.breaker.success();
         h.throttle.success();
+        h.adaptive.accepted();
     }
 
     pub fn failure(&self, province: Province) {
@@ -190,6 +256,27 @@ mod tests {
         assert!(!b.allows(t + OPEN_FOR + OPEN_FOR / 2));
         b.success();
         assert!(b.allows(t));
+    }
+
+    #[test]
+    fn adaptive_throttling_follows_the_accept_rate() {
+        let t = Instant::now();
+        let mut a = AdaptiveThrottle::default();
+        // All accepted: never drops.
+        for _ in 0..100 {
+            assert!(a.allows(t, 0.0));
+            a.accepted();
+        }
+        // Now nothing is accepted: the drop probability climbs towards 1.
+        for _ in 0..1000 {
+            a.allows(t, 0.5);
+        }
+        assert!(a.reject_probability() > 0.8, "{}", a.reject_probability());
+        assert!(!a.allows(t, 0.5));
+        // Counts halve with time, so recovery is noticed.
+        let later = t + HALF_LIFE * 8;
+        a.decay(later);
+        assert!(a.requests < 10.0);
     }
 
     #[test]

@@ -9,9 +9,9 @@ use hufu_federation::audit::{AuditError, SignedCheckpoint, TreeHash, WitnessErro
 use hufu_proto::v1::audit_server::Audit;
 use hufu_proto::v1::witness_server::Witness;
 use hufu_proto::v1::{
-    AddCheckpointRequest, AddCheckpointResponse, AuditLogEntry, AuditProof,
-    GetCheckpointsRequest, GetCheckpointsResponse, GetConsistencyProofRequest, GetEntriesRequest,
-    GetEntriesResponse, GetInclusionProofRequest, add_checkpoint_response,
+    AddCheckpointRequest, AddCheckpointResponse, AuditLogEntry, AuditProof, GetCheckpointsRequest,
+    GetCheckpointsResponse, GetConsistencyProofRequest, GetEntriesRequest, GetEntriesResponse,
+    GetInclusionProofRequest, add_checkpoint_response,
 };
 use tonic::{Request, Response, Status};
 
@@ -57,7 +57,12 @@ impl Audit for AuditService {
         request: Request<GetCheckpointsRequest>,
     ) -> Result<Response<GetCheckpointsResponse>, Status> {
         metered(&self.state.metrics, "GetCheckpoints", async {
-            check(self.state.province, &request, "GetCheckpoints", Access::Audit)?;
+            check(
+                self.state.province,
+                &request,
+                "GetCheckpoints",
+                Access::Audit,
+            )?;
             let after = request.into_inner().after_size;
             let log = &self.state.audit.log;
             let mut checkpoints: Vec<String> = log
@@ -181,7 +186,10 @@ impl WitnessService {
         let req = request.into_inner();
         let offered = SignedCheckpoint::parse(&req.checkpoint)
             .map_err(|e| NodeError::invalid(e.to_string()))?;
-        let origin = offered.checkpoint().province().map_err(|e| NodeError::invalid(e.to_string()))?;
+        let origin = offered
+            .checkpoint()
+            .province()
+            .map_err(|e| NodeError::invalid(e.to_string()))?;
         if origin != caller.province || caller.role != Role::Node {
             return Err(denied(format!(
                 "the checkpoint is of {}, a log of province {origin}: a node may only have its own province's log witnessed",
@@ -204,10 +212,7 @@ impl WitnessService {
             .iter()
             .map(|h| {
                 TreeHash::from_slice(h).ok_or_else(|| {
-                    NodeError::invalid(format!(
-                        "a proof hash has {} bytes, not 32",
-                        h.len()
-                    ))
+                    NodeError::invalid(format!("a proof hash has {} bytes, not 32", h.len()))
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -239,10 +244,9 @@ impl WitnessService {
                     error = %err,
                     "AUDIT LOG CONFLICT: a province signed two checkpoints that cannot both be true; cosignature refused, evidence kept in this node's witness tree"
                 );
-                return Err(NodeError::FailedPrecondition(format!(
-                    "refused to cosign: {err}"
-                ))
-                .into());
+                return Err(
+                    NodeError::FailedPrecondition(format!("refused to cosign: {err}")).into(),
+                );
             }
             Err(err) => {
                 return Err(match err {
@@ -252,9 +256,7 @@ impl WitnessService {
                     WitnessError::Malformed(_) | WitnessError::LogKey(_) => {
                         NodeError::invalid(err.to_string())
                     }
-                    WitnessError::Rollback { .. } => {
-                        NodeError::FailedPrecondition(err.to_string())
-                    }
+                    WitnessError::Rollback { .. } => NodeError::FailedPrecondition(err.to_string()),
                     _ => NodeError::Internal(err.to_string()),
                 }
                 .into());

@@ -212,18 +212,21 @@ impl LookupService {
             entries.push(entry);
         }
         if self.cross_province(&caller, p) {
-            self.state
-                .audit
-                .record_all(entries.iter().filter(|e| e.record.is_some() || e.error == NO_STATUS).map(|e| {
-                    audit::answered(
-                        EntryKind::LookupServed,
-                        &caller,
-                        p,
-                        &e.holder,
-                        audit::answer(e.record.as_ref()),
-                        Some(provenance.source),
-                    )
-                }));
+            self.state.audit.record_all(
+                entries
+                    .iter()
+                    .filter(|e| e.record.is_some() || e.error == NO_STATUS)
+                    .map(|e| {
+                        audit::answered(
+                            EntryKind::LookupServed,
+                            &caller,
+                            p,
+                            &e.holder,
+                            audit::answer(e.record.as_ref()),
+                            Some(provenance.source),
+                        )
+                    }),
+            );
         }
         Ok(BatchLookupResponse {
             entries,

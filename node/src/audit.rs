@@ -171,12 +171,13 @@ pub async fn checkpoint(state: &Arc<NodeState>, list: &TrustList) -> anyhow::Res
     if size == 0 || size <= published {
         return Ok(());
     }
-    // The witnesses remember what they cosign durably: so must the log,
-    // or after a crash it could sign another tree at a size they cosigned.
-    let flushed = state.clone();
-    tokio::task::spawn_blocking(move || flushed.audit.log.flush()).await??;
     let mut cp = audit.log.checkpoint(&state.log_signer)?;
     let size = cp.checkpoint().size;
+    // The witnesses remember what they cosign durably: so must the log,
+    // or after a crash it could sign another tree at a size they cosigned.
+    // The checkpoint's entries are written; this syncs them.
+    let flushed = state.clone();
+    tokio::task::spawn_blocking(move || flushed.audit.log.flush()).await??;
 
     let witnesses = list.members.iter().filter(|m| m.province != state.province);
     let cosignatures =
@@ -270,10 +271,19 @@ async fn ask_witness(
                         state.peers.failure(p);
                         break; // next endpoint
                     }
-                    tracing::warn!(
-                        province = %p, %endpoint, code = ?status.code(), error = %status.message(),
-                        "witness refused this node's audit checkpoint"
-                    );
+                    if status.code() == tonic::Code::FailedPrecondition {
+                        // The witness holds a checkpoint of this log that this
+                        // one does not extend: this log's history changed.
+                        tracing::error!(
+                            province = %p, %endpoint, error = %status.message(),
+                            "a witness refused this node's audit checkpoint as conflicting with one it cosigned: investigate this node's audit log"
+                        );
+                    } else {
+                        tracing::warn!(
+                            province = %p, %endpoint, code = ?status.code(), error = %status.message(),
+                            "witness refused this node's audit checkpoint"
+                        );
+                    }
                     return None;
                 }
                 Err(_) => {

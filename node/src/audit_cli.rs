@@ -5,12 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use hufu_certs::Province;
 use hufu_federation::audit::{
-    DirWriter, EntryKind, ExportFormat, Filter, Record, SignedCheckpoint, TreeHash, export, query,
-    verify_dir,
+    DirWriter, EntryKind, ExportFormat, Filter, LogSigner, Record, SignedCheckpoint, TreeHash,
+    Witness, export, query, verify_dir,
 };
 use hufu_federation::holder::HolderId;
 use hufu_federation::trust::{SignedTrustList, TrustList, TrustStore};
@@ -18,6 +19,7 @@ use hufu_proto::v1::audit_client::AuditClient;
 use hufu_proto::v1::{GetCheckpointsRequest, GetConsistencyProofRequest, GetEntriesRequest};
 
 use crate::cli::ConnArgs;
+use crate::config::NodeConfig;
 use crate::status::{format_time, parse_time};
 
 /// Largest audit API reply accepted: a page of 10,000 entries is a few MiB.
@@ -57,6 +59,15 @@ pub enum AuditCommand {
         dir: PathBuf,
         #[command(flatten)]
         filter: FilterArgs,
+    },
+    /// Print the evidence of conflicting checkpoints this node's witness has
+    /// kept, one JSON object per line: both signed checkpoints and the proof
+    /// offered. Run it on the node's host while the node is stopped (its
+    /// database admits one process at a time).
+    Evidence {
+        /// The node's hufu.toml.
+        #[arg(long, default_value = "hufu.toml")]
+        config: PathBuf,
     },
     /// Write the entries that match every filter given as JSON Lines or CSV
     /// (verify the directory first).
@@ -165,6 +176,7 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                 if records.len() == 1 { "y" } else { "ies" }
             );
         }
+        AuditCommand::Evidence { config } => evidence(&config)?,
         AuditCommand::Export {
             dir,
             format,
@@ -287,6 +299,32 @@ async fn fetch(out: &Path, conn: &ConnArgs) -> anyhow::Result<()> {
     println!(
         "next: hufu audit verify {} --trust <a trust list obtained independently>",
         out.display()
+    );
+    Ok(())
+}
+
+/// Prints the evidence kept by the witness of the node configured in
+/// `config_path`.
+fn evidence(config_path: &Path) -> anyhow::Result<()> {
+    let config = NodeConfig::load(config_path)?;
+    let data = config.audit_dir();
+    let db = sled::Config::new().path(&data).open().with_context(|| {
+        format!(
+            "cannot open the node's database {} (stop the node first: it is in use while the node runs)",
+            data.display()
+        )
+    })?;
+    let signer = LogSigner::load(&config.path(&config.log_key))?;
+    let witness = Witness::open(db.open_tree(crate::audit::WITNESS_TREE)?, Arc::new(signer));
+    let evidence = witness.evidence()?;
+    for e in &evidence {
+        println!("{}", serde_json::to_string(e)?);
+    }
+    eprintln!(
+        "{} piece{} of evidence of conflicting audit checkpoints kept by {}",
+        evidence.len(),
+        if evidence.len() == 1 { "" } else { "s" },
+        witness.name()
     );
     Ok(())
 }

@@ -62,7 +62,14 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 2_000)]
         write_rate: u64,
     },
-    /// All of the above, in one run.
+    /// Open-loop surge against a node in its own process: offered load
+    /// stepped from 1x to 10x of its measured capacity and back.
+    Surge {
+        /// Offered-load multiples of capacity, in order.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,6,8,10,1")]
+        steps: Vec<f64>,
+    },
+    /// Lookup, verify and federation, in one run.
     All,
 }
 
@@ -97,7 +104,7 @@ impl Figures {
     }
 }
 
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
@@ -186,7 +193,7 @@ pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Ve
         .collect())
 }
 
-async fn clients(
+pub async fn clients(
     province: &LocalProvince,
     n: usize,
 ) -> anyhow::Result<Vec<StatusLookupClient<Channel>>> {
@@ -319,6 +326,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             _ => 20_000,
         };
         verify(&args, tokens).await?;
+    }
+    if let BenchWhat::Surge { steps } = &args.what {
+        crate::surge::run(&args, steps).await?;
     }
     if all || matches!(args.what, BenchWhat::Federation { .. }) {
         let (changes, rate) = match args.what {
@@ -482,6 +492,9 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     let mut fed = LocalFederation::init(scratch.path(), &[a, b], |c| {
         c.federation.heartbeat_ms = 200;
         c.federation.max_replica_age_secs = 5;
+        c.audit.enabled = std::env::var("HUFU_BENCH_AUDIT")
+            .map(|v| v != "0")
+            .unwrap_or(true);
     })?;
     // Replication throughput: A holds `changes` changes before B starts;
     // time B's catch-up (each batch durable on arrival).
@@ -568,7 +581,7 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
         .and_then(Result::ok)
         .unwrap_or_default();
     let mut delays = histogram();
-    let acked = acked.lock().expect("lock");
+    let acked = std::mem::take(&mut *acked.lock().expect("lock"));
     for (seq, arrived) in arrivals {
         if let Some(ack) = acked.get(&seq) {
             let _ =
@@ -590,6 +603,23 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     let foreign_tokens =
         Arc::new(issue_tokens(fed.get(a), &ids[..2_000.min(ids.len())], 20_000).await?);
     let conns = clients(fed.get(b), args.connections).await?;
+    let sample = conns[0]
+        .clone()
+        .verify(VerifyRequest {
+            token: foreign_tokens[0].clone(),
+            policy: None,
+        })
+        .await?
+        .into_inner();
+    let provenance = sample.provenance.unwrap_or_default();
+    println!(
+        "a code of A verified at B: source {:?}, age {:?}",
+        hufu_proto::v1::Source::try_from(provenance.source).unwrap_or_default(),
+        provenance
+            .age
+            .map(|a| Duration::new(a.seconds as u64, a.nanos as u32))
+            .unwrap_or_default()
+    );
     let local = closed_loop(
         duration,
         args.concurrency,

@@ -211,6 +211,12 @@ impl NodeConfig {
         std::fs::read_to_string(&full).with_context(|| format!("cannot read {}", full.display()))
     }
 
+    /// The audit log's own sled database, beside `data_dir` (its batched
+    /// writes never contend with the status store's).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.path(&self.data_dir).with_extension("audit")
+    }
+
     pub fn code_lifetime(&self) -> Duration {
         Duration::from_secs(self.codes.lifetime_secs)
     }

@@ -219,8 +219,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     })?;
     fed.start_all().await?;
     println!(
-        "{:<8} {:<16} {:<18} {}",
-        "province", "name", "endpoint", "holders"
+        "{:<8} {:<16} {:<18} holders",
+        "province", "name", "endpoint"
     );
     for lp in &fed.provinces {
         let n = import(lp, args.holders).await?;

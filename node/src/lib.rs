@@ -25,3 +25,4 @@ pub mod services;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod surge;

@@ -89,8 +89,14 @@ impl LocalProvince {
         self.config.read(&self.config.ca_cert)
     }
 
+    /// Where this province's node is reached: the in-process node if
+    /// running here, else the configured endpoint (a node in another process).
     pub fn target(&self) -> anyhow::Result<Target> {
-        Target::with_ca_pem(&self.addr()?.to_string(), self.province, &self.ca_pem()?)
+        let endpoint = match &self.node {
+            Some(node) => node.addr.to_string(),
+            None => self.config.client.endpoint.clone(),
+        };
+        Target::with_ca_pem(&endpoint, self.province, &self.ca_pem()?)
     }
 
     /// A fresh certificate of this province's CA for `role`/`name`.

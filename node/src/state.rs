@@ -85,12 +85,25 @@ impl NodeState {
             config.codes.cache_entries,
         );
         let log_signer = Arc::new(LogSigner::load(&config.path(&config.log_key))?);
-        let audit = NodeAudit::open(store.db(), log_signer.clone(), &config.audit)
+        // The audit log has its own database: its batched writes then never
+        // contend with status reads and writes on the hot path.
+        let audit_path = config.audit_dir();
+        let audit_db = sled::Config::new()
+            .path(&audit_path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .with_context(|| format!("cannot open audit storage {}", audit_path.display()))?;
+        let audit = NodeAudit::open(&audit_db, log_signer.clone(), &config.audit)
             .context("cannot open the audit log")?;
         metrics
             .audit_conflicts
             .set(audit.witness.conflicts().unwrap_or_default() as i64);
         metrics.audit_log_size.set(audit.log.size()? as i64);
+        if let Some(cp) = audit.log.latest_published()? {
+            metrics
+                .audit_published_size
+                .set(cp.checkpoint().size as i64);
+        }
 
         // Trust: the trust list's member CAs, or (alone) the province's own
         // CA plus any configured member CAs.

@@ -50,6 +50,9 @@ const GENESIS: Tail = Tail {
     hash: GENESIS_HASH,
 };
 
+/// A stored change: its number, chain hash and encoded record.
+pub type StoredChange = (u64, [u8; 32], Vec<u8>);
+
 /// Result of applying a replicated batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -211,7 +214,7 @@ impl Store {
         after: u64,
         until: u64,
         max: usize,
-    ) -> NodeResult<Vec<(u64, [u8; 32], Vec<u8>)>> {
+    ) -> NodeResult<Vec<StoredChange>> {
         let start = key(b'C', p, &(after + 1).to_be_bytes());
         let end = key(b'C', p, &until.to_be_bytes());
         let mut out = Vec::new();

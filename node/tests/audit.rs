@@ -15,13 +15,15 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hufu_certs::{Identity, Province, Role};
 use hufu_federation::audit::{
-    AnswerSource, AuditEntry, AuditLog, EntryKind, LogSigner, SignedCheckpoint,
+    AnswerSource, AuditEntry, AuditLog, EntryKind, LogSigner, SignedCheckpoint, TreeHash,
+    leaf_hash, verify_consistency, verify_inclusion,
 };
 use hufu_node::local::{LocalFederation, LocalProvince};
 use hufu_proto::v1::audit_client::AuditClient;
 use hufu_proto::v1::witness_client::WitnessClient;
 use hufu_proto::v1::{
-    AddCheckpointRequest, BatchLookupRequest, Colour, GetCheckpointsRequest, IssueCodeRequest,
+    AddCheckpointRequest, BatchLookupRequest, Colour, GetCheckpointsRequest,
+    GetConsistencyProofRequest, GetEntriesRequest, GetInclusionProofRequest, IssueCodeRequest,
     LookupRequest, PutStatusRequest, RotateKeyRequest, Source, Verdict, VerifyRequest,
     add_checkpoint_response, issue_code_request,
 };
@@ -375,6 +377,83 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         );
         fetched.insert(lp.province, out);
     }
+    // The audit API's proofs check against what it publishes.
+    let alice = hufu_node::client::ClientCert::load(
+        &tj.dir.join("auditor/alice.pem"),
+        &tj.dir.join("auditor/alice.key"),
+    )
+    .unwrap();
+    let mut api = AuditClient::new(gd.channel_as(&alice).await.unwrap());
+    let published = api
+        .get_checkpoints(GetCheckpointsRequest { after_size: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.origin, "hufu.audit/440000/node-1");
+    assert!(!published.more && published.checkpoints.len() >= 3);
+    let first = SignedCheckpoint::parse(&published.checkpoints[0]).unwrap();
+    let last = SignedCheckpoint::parse(published.checkpoints.last().unwrap()).unwrap();
+    let (old, new) = (first.checkpoint(), last.checkpoint());
+    let later = api
+        .get_checkpoints(GetCheckpointsRequest {
+            after_size: old.size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(later.checkpoints.len(), published.checkpoints.len() - 1);
+    let hashes = |proof: hufu_proto::v1::AuditProof| -> Vec<TreeHash> {
+        proof
+            .hashes
+            .iter()
+            .map(|h| TreeHash::from_slice(h).unwrap())
+            .collect()
+    };
+    let consistency = api
+        .get_consistency_proof(GetConsistencyProofRequest {
+            old_size: old.size,
+            new_size: new.size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    verify_consistency(&hashes(consistency), old.size, old.root, new.size, new.root).unwrap();
+    let page = api
+        .get_entries(GetEntriesRequest {
+            start: 2,
+            end: u64::MAX,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(page.len() as u64, sizes[&p(GD)] - 2);
+    assert_eq!(page[0].index, 2);
+    let inclusion = api
+        .get_inclusion_proof(GetInclusionProofRequest {
+            index: 2,
+            tree_size: new.size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    verify_inclusion(
+        &hashes(inclusion),
+        2,
+        leaf_hash(&page[0].entry),
+        new.size,
+        new.root,
+    )
+    .unwrap();
+    let err = api
+        .get_inclusion_proof(GetInclusionProofRequest {
+            index: 2,
+            tree_size: new.size + 1_000,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+
     // A trust directory works too: its chain is checked from the genesis.
     let (code, _, stderr) = hufu(&[
         "audit",
@@ -628,6 +707,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
     }
     for lp in [sn, gd, tj] {
         searched.extend(files(&lp.config.path(&lp.config.data_dir)));
+        searched.extend(files(&lp.config.audit_dir()));
     }
     let mut pseudonym_seen = false;
     for file in &searched {
@@ -648,7 +728,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     let scratch = tempfile::tempdir().unwrap();
-    let fed = federation(scratch.path()).await;
+    let mut fed = federation(scratch.path()).await;
     let (sn, gd, tj) = (fed.get(p(SN)), fed.get(p(GD)), fed.get(p(TJ)));
     common::import_samples(gd, 4).await;
     published_all(gd).await;
@@ -791,28 +871,67 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // GD's real history goes on being witnessed: SN's state was not moved
-    // by the fork.
+    // by the fork. (Quorum is one: should TJ alone cosign a round, GD's log
+    // grows again.)
     let before = state(gd).audit.log.size().unwrap();
-    gd.admin()
-        .await
-        .unwrap()
-        .put_status(PutStatusRequest {
-            status: Some(common::sample_input(p(GD), 0, Colour::Red)),
-        })
-        .await
-        .unwrap();
-    let after = published_all(gd).await;
-    assert!(after > before);
-    let latest = state(gd).audit.log.latest_published().unwrap().unwrap();
-    assert!(
-        latest
+    let mut admin = gd.admin().await.unwrap();
+    let mut cosigned = false;
+    for attempt in 0..5 {
+        let mut input = common::sample_input(p(GD), 0, Colour::Red);
+        input.as_of = Some(hufu_node::status::timestamp(
+            hufu_node::status::now_unix() - 500 + attempt,
+        ));
+        admin
+            .put_status(PutStatusRequest {
+                status: Some(input),
+            })
+            .await
+            .unwrap();
+        let size = published_all(gd).await;
+        let latest = state(gd).audit.log.latest_published().unwrap().unwrap();
+        if latest
             .cosignatures()
             .iter()
-            .any(|c| c.witness() == "hufu.witness/610000"),
-        "{}",
-        latest.note()
+            .any(|c| c.witness() == "hufu.witness/610000")
+        {
+            assert!(size > before);
+            assert_eq!(
+                state(sn)
+                    .audit
+                    .witness
+                    .latest(origin)
+                    .unwrap()
+                    .unwrap()
+                    .checkpoint()
+                    .size,
+                size
+            );
+            assert_eq!(state(sn).audit.witness.evidence().unwrap().len(), 2);
+            cosigned = true;
+            break;
+        }
+    }
+    assert!(
+        cosigned,
+        "SN cosigned none of GD's checkpoints after the fork"
     );
-    assert_eq!(state(sn).audit.witness.evidence().unwrap().len(), 2);
+
+    // SN's operator reads the evidence from the stopped node's database.
+    let sn_config = s(&sn.dir.join("hufu.toml"));
+    fed.get_mut(p(SN)).stop().await.unwrap();
+    let (code, stdout, stderr) = hufu(&["audit", "evidence", "--config", &sn_config]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("2 pieces of evidence") && stderr.contains("hufu.witness/610000"),
+        "{stderr}"
+    );
+    let kept: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(kept[0]["origin"], origin);
+    assert_eq!(kept[0]["offered"], fork.note());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,17 +69,29 @@ async fn acknowledged_statuses_survive_kill_9() {
     let mut child = serve(&config);
     let mut client = admin(&target, &cert).await;
 
-    // Concurrent single writes, each acknowledged...
+    // Concurrent single writes, each acknowledged. A well-behaved client
+    // honours the node's push-back when admission control sheds a burst.
     let mut tasks = Vec::new();
     for n in 0..100u64 {
         let mut client = client.clone();
         tasks.push(tokio::spawn(async move {
-            client
-                .put_status(PutStatusRequest {
+            loop {
+                let request = PutStatusRequest {
                     status: Some(common::sample_input(p, n, common::colour_of(n))),
-                })
-                .await
-                .map(|r| r.into_inner().sequence)
+                };
+                match client.put_status(request).await {
+                    Ok(r) => return Ok(r.into_inner().sequence),
+                    Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                        let ms: u64 = e
+                            .metadata()
+                            .get("grpc-retry-pushback-ms")
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                            .unwrap_or(100);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }));
     }
     let mut sequences = Vec::new();

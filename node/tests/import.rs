@@ -169,7 +169,10 @@ async fn no_national_id_is_stored() {
     let ids: Vec<String> = (0..200)
         .map(|n| sample::national_id(p, n).as_str().to_owned())
         .collect();
-    let mut files = vec![node.province.config.path(&node.province.config.data_dir)];
+    let mut files = vec![
+        node.province.config.path(&node.province.config.data_dir),
+        node.province.config.audit_dir(),
+    ];
     let mut seen = 0;
     while let Some(path) = files.pop() {
         if path.is_dir() {

@@ -397,9 +397,13 @@ impl Writer {
         while let Ok(first) = receiver.recv() {
             // Group commit: take whatever else is already queued, so a busy
             // log writes large batches and an idle one writes at once.
+            // Then linger briefly for more: each write rewrites the last
+            // partial hash tile, so a log fed one entry at a time would
+            // write kilobytes per entry. A flush request ends the wait.
             let mut entries = Vec::new();
             let mut flushes = Vec::new();
             let mut next = Some(first);
+            let linger_until = std::time::Instant::now() + LINGER;
             while let Some(message) = next.take() {
                 match message {
                     Message::Entry(bytes) => entries.push(bytes),
@@ -408,7 +412,15 @@ impl Writer {
                 if entries.len() < self.max_batch {
                     match receiver.try_recv() {
                         Ok(message) => next = Some(message),
-                        Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+                        Err(TryRecvError::Disconnected) => {}
+                        Err(TryRecvError::Empty) if flushes.is_empty() => {
+                            let left =
+                                linger_until.saturating_duration_since(std::time::Instant::now());
+                            if !left.is_zero() {
+                                next = receiver.recv_timeout(left).ok();
+                            }
+                        }
+                        Err(TryRecvError::Empty) => {}
                     }
                 }
             }
@@ -494,6 +506,9 @@ impl Writer {
         Ok(())
     }
 }
+
+/// How long the writer waits for more entries before writing a batch.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Reads stored hashes from the tree's hash tiles.
 struct Stored<'a>(&'a sled::Tree);

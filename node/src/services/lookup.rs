@@ -28,6 +28,11 @@ pub const MAX_BATCH: usize = 1000;
 /// A batch entry's error for a holder without a status.
 const NO_STATUS: &str = "no status";
 
+/// Whether a batch entry is an answer about a holder (not an invalid id).
+fn answered(entry: &BatchEntry) -> bool {
+    entry.record.is_some() || entry.error == NO_STATUS
+}
+
 pub struct LookupService {
     state: Arc<NodeState>,
 }
@@ -169,16 +174,18 @@ impl LookupService {
             } else {
                 match self.forward_batch(&caller, p, &req.holders).await {
                     Ok(reply) => {
-                        self.state.audit.record_all(reply.entries.iter().map(|e| {
-                            audit::answered(
-                                EntryKind::LookupServed,
-                                &caller,
-                                p,
-                                &e.holder,
-                                audit::answer(e.record.as_ref()),
-                                Some(Source::Authoritative as i32),
-                            )
-                        }));
+                        self.state.audit.record_all(
+                            reply.entries.iter().filter(|e| answered(e)).map(|e| {
+                                audit::answered(
+                                    EntryKind::LookupServed,
+                                    &caller,
+                                    p,
+                                    &e.holder,
+                                    audit::answer(e.record.as_ref()),
+                                    Some(Source::Authoritative as i32),
+                                )
+                            }),
+                        );
                         return Ok(reply);
                     }
                     Err(why) => {
@@ -212,21 +219,18 @@ impl LookupService {
             entries.push(entry);
         }
         if self.cross_province(&caller, p) {
-            self.state.audit.record_all(
-                entries
-                    .iter()
-                    .filter(|e| e.record.is_some() || e.error == NO_STATUS)
-                    .map(|e| {
-                        audit::answered(
-                            EntryKind::LookupServed,
-                            &caller,
-                            p,
-                            &e.holder,
-                            audit::answer(e.record.as_ref()),
-                            Some(provenance.source),
-                        )
-                    }),
-            );
+            self.state
+                .audit
+                .record_all(entries.iter().filter(|e| answered(e)).map(|e| {
+                    audit::answered(
+                        EntryKind::LookupServed,
+                        &caller,
+                        p,
+                        &e.holder,
+                        audit::answer(e.record.as_ref()),
+                        Some(provenance.source),
+                    )
+                }));
         }
         Ok(BatchLookupResponse {
             entries,
@@ -280,17 +284,23 @@ impl LookupService {
             audit::answered(EntryKind::LookupMade, caller, p, holder, answer, source)
         };
         match &result {
-            Ok(reply) => self.state.audit.record_all(reply.entries.iter().map(|e| {
-                made(
-                    &e.holder,
-                    audit::answer(e.record.as_ref()),
-                    Some(Source::Authoritative as i32),
-                )
-            })),
-            Err(_) => self
-                .state
-                .audit
-                .record_all(holders.iter().map(|h| made(h, audit::UNREACHABLE, None))),
+            Ok(reply) => {
+                self.state
+                    .audit
+                    .record_all(reply.entries.iter().filter(|e| answered(e)).map(|e| {
+                        made(
+                            &e.holder,
+                            audit::answer(e.record.as_ref()),
+                            Some(Source::Authoritative as i32),
+                        )
+                    }))
+            }
+            Err(_) => self.state.audit.record_all(
+                holders
+                    .iter()
+                    .filter(|h| h.parse::<HolderId>().is_ok())
+                    .map(|h| made(h, audit::UNREACHABLE, None)),
+            ),
         }
         result
     }

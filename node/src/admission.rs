@@ -142,6 +142,16 @@ fn exempt<B>(request: &http::Request<B>) -> bool {
     request.uri().path() == "/hufu.v1.Federation/SubscribeChanges"
 }
 
+/// Methods whose response is a stream (the feed is exempt altogether).
+fn streams_response<B>(request: &http::Request<B>) -> bool {
+    matches!(
+        request.uri().path(),
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+            | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+            | "/grpc.health.v1.Health/Watch"
+    )
+}
+
 #[derive(Clone)]
 pub struct AdmissionLayer(pub Arc<Admission>);
 
@@ -164,12 +174,14 @@ pub struct AdmissionService<S> {
 
 type Body = tonic::body::Body;
 
-impl<S, B> tower::Service<http::Request<B>> for AdmissionService<S>
+impl<S> tower::Service<http::Request<Body>> for AdmissionService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    B: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
@@ -182,32 +194,75 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // The clone that was polled ready serves this call.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
         if exempt(&request) {
+            let mut inner = inner;
             return Either::Left(Box::pin(inner.call(request)));
         }
         let class = classify(&request);
-        match self.admission.try_admit(class) {
-            Some(permit) => {
-                let future = inner.call(request);
-                // The slot is held until the response body ends, so a
-                // streaming answer counts for as long as it streams.
-                Either::Left(Box::pin(async move {
-                    let response = future.await?;
-                    Ok(response.map(|body| {
-                        Body::new(HeldBody {
-                            inner: body,
-                            _permit: permit,
-                        })
-                    }))
-                }))
-            }
-            None => Either::Right(ready(Ok(refusal(&self.admission, class)))),
+        if streams_request(&request) {
+            return match self.admission.try_admit(class) {
+                Some(permit) => Either::Left(Box::pin(admitted(inner, request, permit))),
+                None => Either::Right(ready(Ok(refusal(&self.admission, class)))),
+            };
         }
+        // A unary request is admitted once its message has fully arrived:
+        // a slot must not be held while a slow caller is still sending.
+        let admission = self.admission.clone();
+        Either::Left(Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let bytes = match http_body_util::BodyExt::collect(body).await {
+                Ok(collected) => collected.to_bytes(),
+                Err(status) => return Ok(status.into_http()),
+            };
+            let request =
+                http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+            match admission.try_admit(class) {
+                Some(permit) => admitted(inner, request, permit).await,
+                None => Ok(refusal(&admission, class)),
+            }
+        }))
     }
+}
+
+/// Runs an admitted request, holding its slot until the handler answers
+/// (or, for a streaming answer, until the stream ends).
+async fn admitted<S>(
+    mut inner: S,
+    request: http::Request<Body>,
+    permit: Permit,
+) -> Result<http::Response<Body>, S::Error>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    let streams = streams_response(&request);
+    let response = inner.call(request).await?;
+    if streams {
+        Ok(response.map(|body| {
+            Body::new(HeldBody {
+                inner: body,
+                _permit: permit,
+            })
+        }))
+    } else {
+        // A unary answer is complete when its handler returns; how fast the
+        // caller reads it is the caller's affair.
+        drop(permit);
+        Ok(response)
+    }
+}
+
+/// Methods whose request is a stream of messages.
+fn streams_request<B>(request: &http::Request<B>) -> bool {
+    matches!(
+        request.uri().path(),
+        "/hufu.v1.Admin/ImportStatuses"
+            | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+            | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
 }
 
 /// A response body that keeps its request's admission slot until it ends.

@@ -90,8 +90,9 @@ impl NodeAudit {
             tracing::warn!(kind = entry.kind.as_str(), %reason, "audit detail dropped");
             entry.detail = None;
         }
-        if let Err(err) = self.log.append(&entry) {
-            tracing::error!(kind = entry.kind.as_str(), error = %err, "audit entry not recorded");
+        let kind = entry.kind;
+        if let Err(err) = self.log.append(entry) {
+            tracing::error!(kind = kind.as_str(), error = %err, "audit entry not recorded");
         }
     }
 }

@@ -339,6 +339,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             _ => (200_000, 2_000),
         };
         federation(&args, changes, rate).await?;
+        audit_cost(&args).await?;
     }
     Ok(())
 }
@@ -492,9 +493,6 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     let mut fed = LocalFederation::init(scratch.path(), &[a, b], |c| {
         c.federation.heartbeat_ms = 200;
         c.federation.max_replica_age_secs = 5;
-        c.audit.enabled = std::env::var("HUFU_BENCH_AUDIT")
-            .map(|v| v != "0")
-            .unwrap_or(true);
     })?;
     // Replication throughput: A holds `changes` changes before B starts;
     // time B's catch-up (each batch durable on arrival).
@@ -639,5 +637,182 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
         foreign.rate() / local.rate()
     );
     fed.stop_all().await?;
+    Ok(())
+}
+
+/// A two-province federation for [`audit_cost`]: B holds a replica of A's
+/// holders and is asked to verify A's codes.
+struct AuditPair {
+    _scratch: tempfile::TempDir,
+    fed: LocalFederation,
+    b: Province,
+    tokens: Arc<Vec<String>>,
+    conns: Vec<StatusLookupClient<Channel>>,
+}
+
+impl AuditPair {
+    async fn start(audit: bool) -> anyhow::Result<AuditPair> {
+        let scratch = tempfile::tempdir()?;
+        let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
+        let mut fed = LocalFederation::init(scratch.path(), &[a, b], |c| {
+            c.federation.heartbeat_ms = 200;
+            c.federation.max_replica_age_secs = 5;
+            c.audit.enabled = audit;
+        })?;
+        fed.start_all().await?;
+        let holders = 2_000;
+        let ids = load_holders(fed.get(a), holders).await?;
+        let b_state = fed.get(b).node.as_ref().expect("running").state.clone();
+        let started = Instant::now();
+        while b_state.store.tail(a).await?.sequence < holders {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "replication did not finish in a minute"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let tokens = Arc::new(issue_tokens(fed.get(a), &ids, 20_000).await?);
+        let conns = clients(fed.get(b), 4).await?;
+        Ok(AuditPair {
+            _scratch: scratch,
+            fed,
+            b,
+            tokens,
+            conns,
+        })
+    }
+
+    /// The entries in B's audit log, once written.
+    async fn b_log_size(&self) -> anyhow::Result<u64> {
+        let state = self
+            .fed
+            .get(self.b)
+            .node
+            .as_ref()
+            .expect("running")
+            .state
+            .clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            state.audit.log.flush()?;
+            state.audit.log.size()
+        })
+        .await??)
+    }
+}
+
+/// What auditing costs the hot path, measured in one run: cross-province
+/// verify at B (each call appends an audit entry) against a federation that
+/// audits and an otherwise identical one that does not, in alternating
+/// rounds (on, off, off, on) so that drift on a shared machine affects both
+/// alike. Then the audit log alone: appends per second and proof sizes.
+async fn audit_cost(args: &BenchArgs) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.seconds);
+    let mut on = AuditPair::start(true).await?;
+    let mut off = AuditPair::start(false).await?;
+    let logged = on.b_log_size().await?;
+    let mut rounds: [Vec<Figures>; 2] = Default::default();
+    for audited in [true, false, false, true] {
+        let pair = if audited { &on } else { &off };
+        let figures = closed_loop(
+            duration,
+            args.concurrency,
+            verify_call(pair.tokens.clone(), pair.conns.clone(), false),
+        )
+        .await;
+        rounds[usize::from(!audited)].push(figures);
+    }
+    let [with, without] = rounds.map(|r| {
+        r.into_iter()
+            .reduce(|mut sum, f| {
+                sum.ok += f.ok;
+                sum.errors += f.errors;
+                sum.elapsed += f.elapsed;
+                let _ = sum.latency.add(&f.latency);
+                sum
+            })
+            .expect("two rounds")
+    });
+    with.print("Verify at B, A's codes, audit on", None);
+    without.print("Verify at B, A's codes, audit off", None);
+    let entries = on.b_log_size().await? - logged;
+    println!(
+        "auditing costs {:.1}% of cross-province verify throughput (on / off: {:.2}); B's audit log gained {entries} entries for {} verifies",
+        (1.0 - with.rate() / without.rate()) * 100.0,
+        with.rate() / without.rate(),
+        with.ok
+    );
+    on.fed.stop_all().await?;
+    off.fed.stop_all().await?;
+    tokio::task::spawn_blocking(audit_log_figures).await??;
+    println!();
+    Ok(())
+}
+
+/// The audit log alone, in a temporary sled database like a node's: appends
+/// of verify entries from one thread, written and flushed, and the sizes of
+/// proofs in the resulting log of a million entries.
+fn audit_log_figures() -> anyhow::Result<()> {
+    use hufu_federation::audit::{AnswerSource, AuditEntry, AuditLog, EntryKind};
+    const ENTRIES: u64 = 1_000_000;
+    let scratch = tempfile::tempdir()?;
+    let db = sled::Config::new()
+        .path(scratch.path().join("audit"))
+        .mode(sled::Mode::HighThroughput)
+        .open()?;
+    let log = AuditLog::open(db.open_tree(crate::audit::LOG_TREE)?)?;
+    let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
+    let caller = hufu_certs::Identity::new(b, Role::Terminal, "bench")?;
+    let secret = hufu_federation::holder::HolderSecret::new(&[7; 32])?;
+    let holders: Vec<_> = (0..1024)
+        .map(|i| secret.pseudonym(&sample::national_id(a, i)))
+        .collect();
+    let started = Instant::now();
+    let mut appending = Duration::ZERO;
+    for i in 0..ENTRIES {
+        let entry = AuditEntry::new(
+            1_700_000_000_000 + i,
+            EntryKind::VerifyServed,
+            caller.clone(),
+            a,
+        )
+        .with_holder(holders[(i % 1024) as usize].clone())
+        .with_answer("green")
+        .with_source(AnswerSource::Replica);
+        let t = Instant::now();
+        log.append(entry)?;
+        appending += t.elapsed();
+    }
+    log.flush()?;
+    let took = started.elapsed();
+    println!(
+        "audit log appends: {ENTRIES} in {:.2}s = {:.0}/s written and flushed, one thread appending ({:.0} ns a call)",
+        took.as_secs_f64(),
+        ENTRIES as f64 / took.as_secs_f64(),
+        appending.as_nanos() as f64 / ENTRIES as f64
+    );
+    let n = log.size()?;
+    let inclusion = [0, n / 3, n / 2, n - 1]
+        .into_iter()
+        .map(|i| log.inclusion_proof(i, n).map(|p| p.len()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let consistency = [1, n / 3, n / 2 + 1, n - 1]
+        .into_iter()
+        .map(|m| log.consistency_proof(m, n).map(|p| p.len()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let bytes = |hashes: &[usize]| {
+        let (lo, hi) = (hashes.iter().min(), hashes.iter().max());
+        format!(
+            "{} to {} hashes = {} to {} bytes",
+            lo.unwrap_or(&0),
+            hi.unwrap_or(&0),
+            lo.unwrap_or(&0) * 32,
+            hi.unwrap_or(&0) * 32
+        )
+    };
+    println!(
+        "proofs in a real log of {n} entries: inclusion {}; consistency from a smaller size {}",
+        bytes(&inclusion),
+        bytes(&consistency)
+    );
     Ok(())
 }

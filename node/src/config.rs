@@ -135,7 +135,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_bytes: 2 * 1024 * 1024,
-            max_concurrent_streams: 128,
+            max_concurrent_streams: 32,
             max_handshakes: 256,
             handshake_timeout_secs: 10,
             max_in_flight: 0,

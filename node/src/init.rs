@@ -154,7 +154,7 @@ cache_entries = {cache}
 # Largest request message accepted, in bytes.
 max_message_bytes = 2097152
 # HTTP/2 streams one connection may have open at once.
-max_concurrent_streams = 128
+max_concurrent_streams = 32
 # TLS handshakes in progress at once, and the time a client has to finish one.
 max_handshakes = 256
 handshake_timeout_secs = 10

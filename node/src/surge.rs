@@ -6,7 +6,6 @@
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -19,9 +18,10 @@ use crate::bench::{BenchArgs, closed_loop, histogram, load_holders};
 use crate::client::{self, ClientCert, Target};
 use crate::local::{LocalProvince, free_port};
 
-/// Requests the generator lets be outstanding before it counts further
-/// sends as dropped at the caller (keeps the generator itself bounded).
-const MAX_OUTSTANDING: u64 = 50_000;
+/// Calls a connection may have outstanding: the node's HTTP/2 stream limit.
+/// Beyond it a real caller's call would wait for a stream, so the generator
+/// counts it as dropped at the caller instead of queueing without bound.
+const STREAMS_PER_CONNECTION: u64 = 32;
 /// Every call carries this deadline, as a real caller's would.
 const DEADLINE: Duration = Duration::from_secs(1);
 
@@ -64,6 +64,9 @@ impl NodeProcess {
     }
 }
 
+/// Offers `rate` lookups a second for `duration`, spread over one worker per
+/// connection. Each worker keeps its calls in flight in a `FuturesUnordered`
+/// (no task per request: the generator must stay cheaper than the node).
 async fn open_loop(
     rate: f64,
     duration: Duration,
@@ -71,85 +74,112 @@ async fn open_loop(
     holders: Arc<Vec<String>>,
     issuer: &str,
 ) -> Step {
-    let outstanding = Arc::new(AtomicU64::new(0));
-    let (tx, mut rx) =
-        tokio::sync::mpsc::unbounded_channel::<(Result<(), tonic::Code>, Duration)>();
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+
+    let workers = conns.len().max(1);
+    let per_worker = rate / workers as f64;
     let started = Instant::now();
-    let total = (rate * duration.as_secs_f64()) as u64;
-    let mut sent = 0u64;
-    let mut dropped = 0u64;
-    let collector = tokio::spawn(async move {
-        let mut step = (0u64, 0u64, 0u64, histogram(), histogram());
-        while let Some((result, latency)) = rx.recv().await {
-            let micros = latency.as_micros().max(1) as u64;
-            match result {
-                Ok(()) => {
+    let end = started + duration;
+    let mut tasks = Vec::new();
+    for (w, client) in conns.iter().enumerate() {
+        let client = client.clone();
+        let holders = holders.clone();
+        let issuer = issuer.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut step = (0u64, 0u64, 0u64, 0u64, 0u64, histogram(), histogram());
+            let mut inflight = FuturesUnordered::new();
+            let mut sent = 0u64;
+            let limit = STREAMS_PER_CONNECTION;
+            loop {
+                let now = Instant::now();
+                let due = if now >= end {
+                    (per_worker * duration.as_secs_f64()) as u64
+                } else {
+                    (per_worker * now.duration_since(started).as_secs_f64()) as u64 + 1
+                };
+                while sent < due {
+                    let scheduled = started + Duration::from_secs_f64(sent as f64 / per_worker);
+                    sent += 1;
                     step.0 += 1;
-                    let _ = step.3.record(micros);
+                    if inflight.len() as u64 >= limit {
+                        step.4 += 1;
+                        continue;
+                    }
+                    let mut client = client.clone();
+                    let mut request = tonic::Request::new(LookupRequest {
+                        issuer: issuer.clone(),
+                        holder: holders[(sent as usize * workers + w) % holders.len()].clone(),
+                    });
+                    request.set_timeout(DEADLINE);
+                    inflight.push(async move {
+                        let result = client.lookup(request).await.map(|_| ()).map_err(|s| s.code());
+                        (result, scheduled.elapsed())
+                    });
                 }
-                Err(tonic::Code::ResourceExhausted) => {
-                    step.1 += 1;
-                    let _ = step.4.record(micros);
+                if now >= end && inflight.is_empty() {
+                    break;
                 }
-                Err(_) => step.2 += 1,
+                let next = started + Duration::from_secs_f64(sent as f64 / per_worker);
+                let wake = if now >= end { now + DEADLINE * 2 } else { next };
+                tokio::select! {
+                    Some((result, latency)) = inflight.next(), if !inflight.is_empty() => {
+                        let micros = latency.as_micros().max(1) as u64;
+                        match result {
+                            Ok(()) => { step.1 += 1; let _ = step.5.record(micros); }
+                            Err(tonic::Code::ResourceExhausted) => { step.2 += 1; let _ = step.6.record(micros); }
+                            Err(_) => step.3 += 1,
+                        }
+                    }
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                }
             }
-        }
-        step
-    });
-    while sent < total {
-        // Send everything whose time has come; then sleep to the next.
-        let due = ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
-        while sent < due {
-            let scheduled = started + Duration::from_secs_f64(sent as f64 / rate);
-            if outstanding.load(Ordering::Relaxed) >= MAX_OUTSTANDING {
-                dropped += 1;
-                sent += 1;
-                continue;
-            }
-            outstanding.fetch_add(1, Ordering::Relaxed);
-            let mut client = conns[sent as usize % conns.len()].clone();
-            let mut request = tonic::Request::new(LookupRequest {
-                issuer: issuer.to_owned(),
-                holder: holders[sent as usize % holders.len()].clone(),
-            });
-            request.set_timeout(DEADLINE);
-            let tx = tx.clone();
-            let outstanding = outstanding.clone();
-            tokio::spawn(async move {
-                let result = client
-                    .lookup(request)
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| s.code());
-                let _ = tx.send((result, scheduled.elapsed()));
-                outstanding.fetch_sub(1, Ordering::Relaxed);
-            });
-            sent += 1;
-        }
-        let next = started + Duration::from_secs_f64(sent as f64 / rate);
-        tokio::time::sleep_until(next.into()).await;
+            step
+        }));
     }
-    drop(tx);
-    let (ok, shed, errors, admitted, refused) = collector
-        .await
-        .unwrap_or_else(|_| (0, 0, 0, histogram(), histogram()));
-    Step {
+    let mut total = Step {
         offered: rate,
-        ok,
-        shed,
-        errors,
-        dropped,
-        admitted,
-        refused,
-        elapsed: started.elapsed(),
+        ok: 0,
+        shed: 0,
+        errors: 0,
+        dropped: 0,
+        admitted: histogram(),
+        refused: histogram(),
+        elapsed: Duration::ZERO,
+    };
+    let mut sent = 0;
+    for t in tasks {
+        if let Ok((s, ok, shed, errors, dropped, admitted, refused)) = t.await {
+            sent += s;
+            total.ok += ok;
+            total.shed += shed;
+            total.errors += errors;
+            total.dropped += dropped;
+            let _ = total.admitted.add(admitted);
+            let _ = total.refused.add(refused);
+        }
     }
+    let _ = sent;
+    total.elapsed = duration;
+    total
 }
 
 pub async fn run(args: &BenchArgs, steps: &[f64]) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let p = Province::parse("440000")?;
-    let listen = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let province = LocalProvince::init_at(scratch.path(), p, listen)?;
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut opts = crate::init::InitOptions::new(p);
+    opts.listen = listen;
+    opts.metrics_listen = Some(metrics_addr);
+    let dir = scratch.path().join(p.to_string());
+    let config_path = crate::init::init_province(&dir, &opts)?;
+    let province = LocalProvince {
+        province: p,
+        dir,
+        config: crate::config::NodeConfig::load(&config_path)?,
+        node: None,
+    };
     let exe = std::env::current_exe()?;
     // With two or more cores, the node gets core 0 and the generator the
     // rest (taskset, where present), so neither starves the other at random.
@@ -243,21 +273,29 @@ pub async fn run(args: &BenchArgs, steps: &[f64]) -> anyhow::Result<()> {
         DEADLINE
     );
     println!(
-        "{:>5} {:>9} {:>9} {:>6} {:>9} {:>7} {:>7} {:>9} {:>9} {:>11} {:>9}",
+        "client view: what callers got (latency from each call's scheduled time, so it includes waiting at the caller)"
+    );
+    println!(
+        "node view: what reached the node, from its own metrics: admitted and refused per second\n"
+    );
+    println!(
+        "{:>5} {:>9} {:>9} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>10} {:>9} {:>8}",
         "load",
         "offered/s",
         "goodput/s",
         "/cap",
-        "shed/s",
         "errors",
         "dropped",
         "p50 ms",
         "p99 ms",
-        "refusal p99",
+        "ref p99",
+        "admitted/s",
+        "shed/s",
         "node MiB"
     );
     for &multiple in steps {
         let rate = capacity.rate() * multiple;
+        let before = node_counts(metrics_addr).await;
         let step = open_loop(
             rate,
             Duration::from_secs(args.seconds),
@@ -266,20 +304,22 @@ pub async fn run(args: &BenchArgs, steps: &[f64]) -> anyhow::Result<()> {
             &issuer,
         )
         .await;
+        let after = node_counts(metrics_addr).await;
         let secs = step.elapsed.as_secs_f64();
         let (rss, _) = node.memory_mib();
         println!(
-            "{:>4}x {:>9.0} {:>9.0} {:>6.2} {:>9.0} {:>7} {:>7} {:>9.2} {:>9.2} {:>9.2}ms {:>9.0}",
+            "{:>4}x {:>9.0} {:>9.0} {:>6.2} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2} | {:>10.0} {:>9.0} {:>8.0}",
             multiple,
             step.offered,
             step.ok as f64 / secs,
             step.ok as f64 / secs / capacity.rate(),
-            step.shed as f64 / secs,
             step.errors,
             step.dropped,
             step.admitted.value_at_quantile(0.5) as f64 / 1000.0,
             step.admitted.value_at_quantile(0.99) as f64 / 1000.0,
             step.refused.value_at_quantile(0.99) as f64 / 1000.0,
+            (after.0 - before.0) / secs,
+            (after.1 - before.1) / secs,
             rss
         );
     }
@@ -292,4 +332,28 @@ pub async fn run(args: &BenchArgs, steps: &[f64]) -> anyhow::Result<()> {
         "(goodput counts answered lookups; latency is from each request's scheduled send time; the generator shares the machine with the node)"
     );
     Ok(())
+}
+
+/// (admitted, shed) serving-class request counts from the node's /metrics.
+async fn node_counts(addr: std::net::SocketAddr) -> (f64, f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return (0.0, 0.0);
+    };
+    let _ = tcp
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut text = String::new();
+    let _ = tcp.read_to_string(&mut text).await;
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("hufu_admitted_total{class=\"serving\"}"),
+        value("hufu_shed_total{class=\"serving\"}"),
+    )
 }

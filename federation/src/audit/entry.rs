@@ -109,8 +109,8 @@ pub enum AnswerSource {
 
 /// One audited event: who asked (`caller`), about what (`province`,
 /// `holder`), what was answered and from where, and when.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "Wire", into = "Wire")]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Wire")]
 pub struct AuditEntry {
     /// Unix time in milliseconds.
     pub time: u64,
@@ -131,8 +131,8 @@ pub struct AuditEntry {
     pub detail: Option<String>,
 }
 
-/// The encoding, field by field in canonical order.
-#[derive(Serialize, Deserialize)]
+/// The encoding, field by field in canonical order, as read.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Wire {
     v: u32,
@@ -146,19 +146,42 @@ struct Wire {
     detail: Option<String>,
 }
 
-impl From<AuditEntry> for Wire {
-    fn from(e: AuditEntry) -> Wire {
-        Wire {
+/// The encoding as written: [`Wire`], borrowing the entry's fields.
+#[derive(Serialize)]
+struct WireRef<'a> {
+    v: u32,
+    time: u64,
+    kind: EntryKind,
+    caller: String,
+    province: Province,
+    holder: Option<&'a str>,
+    answer: Option<&'a str>,
+    source: Option<AnswerSource>,
+    detail: Option<&'a str>,
+}
+
+impl Serialize for AuditEntry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        WireRef {
             v: VERSION,
-            time: e.time,
-            kind: e.kind,
-            caller: e.caller.uri(),
-            province: e.province,
-            holder: e.holder.map(|h| h.as_str().to_owned()),
-            answer: e.answer,
-            source: e.source,
-            detail: e.detail,
+            time: self.time,
+            kind: self.kind,
+            caller: self.caller.uri(),
+            province: self.province,
+            holder: self.holder.as_ref().map(HolderId::as_str),
+            answer: self.answer.as_deref(),
+            source: self.source,
+            detail: self.detail.as_deref(),
         }
+        .serialize(serializer)
+    }
+}
+
+/// So that [`AuditLog::append`](super::AuditLog::append) takes an entry by
+/// value or by reference.
+impl From<&AuditEntry> for AuditEntry {
+    fn from(entry: &AuditEntry) -> AuditEntry {
+        entry.clone()
     }
 }
 
@@ -272,7 +295,15 @@ impl AuditEntry {
     /// the log stores and hashes.
     pub fn encode(&self) -> Result<Vec<u8>, AuditError> {
         self.check()?;
-        serde_json::to_vec(self).map_err(|e| AuditError::BadEntry(e.to_string()))
+        let mut out = Vec::with_capacity(256);
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the canonical encoding to `out`, without the checks: for an
+    /// entry already checked.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), AuditError> {
+        serde_json::to_writer(out, self).map_err(|e| AuditError::BadEntry(e.to_string()))
     }
 
     /// Reads an entry, refusing anything but its canonical encoding.

@@ -5,11 +5,17 @@
 //!
 //! | key                       | value                                   |
 //! |---------------------------|-----------------------------------------|
-//! | `entry/` u64 index        | the entry's canonical encoding          |
+//! | `bundle/` u64 index       | a bundle: consecutive entries from that index, each as a u32 length and its canonical encoding |
 //! | `hash/` u64 tile          | 128 stored hashes of 32 bytes, in order |
 //! | `meta/head`               | u64 size, then the 32-byte root         |
 //! | `meta/origin`             | the origin of the first checkpoint      |
 //! | `checkpoint/` u64 size    | a published checkpoint, as a signed note|
+//!
+//! Each written batch of entries is one bundle (or a few, past
+//! [`BUNDLE_BYTES`]): one sled value, not one per entry, so the writer's
+//! cost per entry is little more than encoding and hashing it. Bundles are
+//! contiguous: each starts where the one before ends, and the last ends at
+//! the head's size.
 //!
 //! Hashes use the stored-hash layout of Go's sumdb `tlog` (Crosby and
 //! Wallach): every complete subtree's hash is stored once, when its last
@@ -19,15 +25,21 @@
 //!
 //! Each batch of entries, their hash tiles and the new head go in one atomic
 //! sled batch, so the head never names entries or hashes that are not there.
-//! The writer keeps the hashes of the log's maximal complete subtrees in
-//! memory (O(log n) of them): they are all an append reads.
+//! The writer keeps the hashes of the log's maximal complete subtrees and
+//! the last, partial hash tile in memory: all an append reads.
+//!
+//! Appending is a short critical section on the caller's thread: the entry
+//! is checked and pushed onto a queue. The writer sleeps while it lingers
+//! for a batch, so appenders do not wake it one entry at a time: only the
+//! first entry of a batch, a full batch, a full queue or a flush wakes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tlog_tiles::{Hash, HashReader};
 
@@ -37,7 +49,7 @@ use super::proof::EMPTY_ROOT;
 use super::{AuditEntry, AuditError, LogSigner, TreeHash};
 use crate::trust::TrustList;
 
-const ENTRY_PREFIX: &[u8] = b"entry/";
+const BUNDLE_PREFIX: &[u8] = b"bundle/";
 const HASH_PREFIX: &[u8] = b"hash/";
 const CHECKPOINT_PREFIX: &[u8] = b"checkpoint/";
 const HEAD_KEY: &[u8] = b"meta/head";
@@ -47,11 +59,25 @@ const ORIGIN_KEY: &[u8] = b"meta/origin";
 /// than one key per hash.
 const TILE_HASHES: u64 = 128;
 
+/// Largest bundle, in bytes (one entry longer than this is a bundle of its
+/// own): a batch past it is stored as several bundles, so each stays well
+/// inside a sled log segment rather than becoming a file of its own, and
+/// reading a few entries reads at most a few bundles.
+const BUNDLE_BYTES: usize = 64 * 1024;
+
+/// How long the writer waits for more entries before writing a batch, unless
+/// a full batch, a full queue or a flush cuts it short. This is also how
+/// long an appended entry can take to count in [`AuditLog::size`].
+const LINGER: Duration = Duration::from_millis(20);
+
 /// How the writer batches appends.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchConfig {
     /// Entries waiting to be written at most; [`AuditLog::append`] blocks
     /// while the queue is full, so memory stays bounded under any load.
+    /// Generous by default: the writer keeps up with far more than a node
+    /// serves, and blocking an appender is only back-pressure under extreme
+    /// overload.
     pub queue: usize,
     /// Entries written in one sled batch at most.
     pub max_batch: usize,
@@ -61,30 +87,50 @@ impl Default for BatchConfig {
     fn default() -> BatchConfig {
         BatchConfig {
             queue: 65_536,
-            max_batch: 1024,
+            max_batch: 4096,
         }
     }
 }
 
-enum Message {
-    Entry(Vec<u8>),
+/// What appenders and the writer share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when the writer takes entries or stops, for appenders
+    /// waiting for room in a full queue.
+    room: Condvar,
+    /// The bound of `queue.entries`.
+    limit: usize,
+    max_batch: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    entries: VecDeque<AuditEntry>,
     /// Reply once everything queued before is written and synced to disk.
-    Flush(SyncSender<Result<(), String>>),
+    flushes: Vec<SyncSender<Result<(), String>>>,
+    /// The log is being dropped: write what is queued, then stop.
+    closing: bool,
+    /// Why the writer stopped, once it has.
+    failure: Option<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// An append-only Merkle log of [`AuditEntry`]s in a sled tree.
 ///
 /// One `AuditLog` per tree: it is the only writer. Share it with an `Arc`.
 /// Appends are queued and written by a background thread; an entry counts in
-/// [`size`](Self::size), roots and proofs once written, which under load is
-/// within one batch, and is on disk after [`flush`](Self::flush) or sled's
-/// own periodic flush. Dropping the log writes what is queued first.
+/// [`size`](Self::size), roots and proofs once written, within [`LINGER`]
+/// (20 ms) or one batch, and is on disk after [`flush`](Self::flush) or
+/// sled's own periodic flush. Dropping the log writes what is queued first.
 pub struct AuditLog {
     tree: sled::Tree,
-    sender: Option<SyncSender<Message>>,
+    shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
-    /// Why the writer stopped, once it has.
-    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl fmt::Debug for AuditLog {
@@ -105,35 +151,70 @@ impl AuditLog {
     /// Opens the log kept in `tree` with `config`.
     pub fn open_with(tree: sled::Tree, config: BatchConfig) -> Result<AuditLog, AuditError> {
         let size = read_head(&tree)?.0;
-        let (sender, receiver) = mpsc::sync_channel(config.queue.max(1));
-        let failure = Arc::new(Mutex::new(None));
-        let writer = Writer::open(tree.clone(), size, config.max_batch.max(1))?;
-        let failed = Arc::clone(&failure);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            room: Condvar::new(),
+            limit: config.queue.max(1),
+            // A full queue is a full batch, which the writer writes at once.
+            max_batch: config.max_batch.clamp(1, config.queue.max(1)),
+        });
+        let writer = Writer::open(tree.clone(), size)?;
+        let for_writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
             .name("hufu-audit".into())
-            .spawn(move || writer.run(receiver, failed))
+            .spawn(move || writer.run(&for_writer))
             .map_err(|e| AuditError::Storage(format!("cannot start the audit writer: {e}")))?;
         Ok(AuditLog {
             tree,
-            sender: Some(sender),
+            shared,
             writer: Some(writer),
-            failure,
         })
     }
 
-    /// Queues `entry`. Cheap: encoding and a channel send. Blocks only while
-    /// the queue is full. Fails if the entry is invalid or the writer has
-    /// stopped.
-    pub fn append(&self, entry: &AuditEntry) -> Result<(), AuditError> {
-        let bytes = entry.encode()?;
-        self.send(Message::Entry(bytes))
+    /// Queues `entry` (given by value, or by reference to be cloned). Cheap:
+    /// the entry's checks and a push onto the queue under a lock held for
+    /// nanoseconds; encoding, hashing and storage happen on the writer
+    /// thread. Blocks only while the queue is full. Fails if the entry is
+    /// invalid or the writer has stopped.
+    pub fn append(&self, entry: impl Into<AuditEntry>) -> Result<(), AuditError> {
+        let entry = entry.into();
+        entry.check()?;
+        let shared = &*self.shared;
+        let mut queue = shared.lock();
+        while queue.failure.is_none() && queue.entries.len() >= shared.limit {
+            // Back-pressure: the writer is behind by a whole queue.
+            self.wake();
+            queue = shared
+                .room
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if let Some(reason) = &queue.failure {
+            return Err(AuditError::Closed(reason.clone()));
+        }
+        queue.entries.push_back(entry);
+        let queued = queue.entries.len();
+        drop(queue);
+        // The first entry starts the writer's linger; a full batch ends it.
+        // Any other append leaves the writer asleep.
+        if queued == 1 || queued == shared.max_batch {
+            self.wake();
+        }
+        Ok(())
     }
 
     /// Waits until everything appended before is written and synced to
     /// disk. Blocking: from async code, call it in `spawn_blocking`.
     pub fn flush(&self) -> Result<(), AuditError> {
         let (reply, done) = mpsc::sync_channel(1);
-        self.send(Message::Flush(reply))?;
+        {
+            let mut queue = self.shared.lock();
+            if let Some(reason) = &queue.failure {
+                return Err(AuditError::Closed(reason.clone()));
+            }
+            queue.flushes.push(reply);
+        }
+        self.wake();
         match done.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(reason)) => Err(AuditError::Storage(reason)),
@@ -141,19 +222,14 @@ impl AuditLog {
         }
     }
 
-    fn send(&self, message: Message) -> Result<(), AuditError> {
-        match &self.sender {
-            Some(sender) => sender.send(message).map_err(|_| self.closed()),
-            None => Err(self.closed()),
+    fn wake(&self) {
+        if let Some(writer) = &self.writer {
+            writer.thread().unpark();
         }
     }
 
     fn closed(&self) -> AuditError {
-        let failure = self
-            .failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let failure = self.shared.lock().failure.clone();
         AuditError::Closed(failure.unwrap_or_else(|| "the log was closed".into()))
     }
 
@@ -182,13 +258,42 @@ impl AuditLog {
         if start >= end {
             return Ok(Vec::new());
         }
-        self.tree
-            .range(key(ENTRY_PREFIX, start)..key(ENTRY_PREFIX, end))
-            .map(|item| {
-                let (k, v) = item?;
-                Ok((index_of(&k)?, v.to_vec()))
-            })
-            .collect()
+        // The bundle holding `start` is the last one keyed at or before it.
+        let first = match self
+            .tree
+            .range(key(BUNDLE_PREFIX, 0)..=key(BUNDLE_PREFIX, start))
+            .next_back()
+        {
+            Some(item) => index_of(&item?.0)?,
+            None => return Err(damaged(format!("no bundle holds entry {start}"))),
+        };
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let mut next = first;
+        for item in self
+            .tree
+            .range(key(BUNDLE_PREFIX, first)..key(BUNDLE_PREFIX, end))
+        {
+            let (k, bundle) = item?;
+            let at = index_of(&k)?;
+            if at != next {
+                return Err(damaged(format!(
+                    "the bundle at entry {at} follows one that ends at entry {next}"
+                )));
+            }
+            for bytes in unbundle(at, &bundle)? {
+                if (start..end).contains(&next) {
+                    out.push((next, bytes.to_vec()));
+                }
+                next += 1;
+            }
+        }
+        if next < end {
+            return Err(damaged(format!(
+                "entries {next} to {} are missing",
+                end - 1
+            )));
+        }
+        Ok(out)
     }
 
     /// The proof that entry `index` is in the tree of `tree_size` entries.
@@ -363,8 +468,9 @@ impl AuditLog {
 
 impl Drop for AuditLog {
     fn drop(&mut self) {
-        // Closing the channel lets the writer drain the queue and stop.
-        self.sender.take();
+        // The writer writes what is queued, then stops.
+        self.shared.lock().closing = true;
+        self.wake();
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -375,55 +481,103 @@ impl Drop for AuditLog {
 struct Writer {
     tree: sled::Tree,
     size: u64,
-    max_batch: usize,
     /// The hashes of the maximal complete subtrees of the log, by stored
     /// index: all an append reads, kept here so appends never read sled.
     frontier: BTreeMap<u64, Hash>,
+    /// The last hash tile, as stored, while it is partial (else empty): each
+    /// batch extends it.
+    tile: Vec<u8>,
 }
 
 impl Writer {
-    fn open(tree: sled::Tree, size: u64, max_batch: usize) -> Result<Writer, AuditError> {
+    fn open(tree: sled::Tree, size: u64) -> Result<Writer, AuditError> {
         let indexes = tlog_tiles::sub_tree_index(0, size, Vec::new());
         let hashes = Stored(&tree).read_hashes(&indexes).map_err(storage)?;
+        let stored = tlog_tiles::stored_hash_count(size);
+        let tile = match stored % TILE_HASHES {
+            0 => Vec::new(),
+            filled => {
+                let mut tile = tree
+                    .get(key(HASH_PREFIX, stored / TILE_HASHES))?
+                    .map(|v| v.to_vec())
+                    .unwrap_or_default();
+                if tile.len() < filled as usize * 32 {
+                    return Err(damaged(format!(
+                        "hash tile {} is shorter than the log's size says",
+                        stored / TILE_HASHES
+                    )));
+                }
+                tile.truncate(filled as usize * 32);
+                tile
+            }
+        };
         Ok(Writer {
             tree,
             size,
-            max_batch,
             frontier: indexes.into_iter().zip(hashes).collect(),
+            tile,
         })
     }
 
-    fn run(mut self, receiver: Receiver<Message>, failure: Arc<Mutex<Option<String>>>) {
-        while let Ok(first) = receiver.recv() {
-            // Group commit: take whatever else is already queued, so a busy
-            // log writes large batches and an idle one writes at once.
-            // Then linger briefly for more: each write rewrites the last
-            // partial hash tile, so a log fed one entry at a time would
-            // write kilobytes per entry. A flush request ends the wait.
-            let mut entries = Vec::new();
-            let mut flushes = Vec::new();
-            let mut next = Some(first);
-            let linger_until = std::time::Instant::now() + LINGER;
-            while let Some(message) = next.take() {
-                match message {
-                    Message::Entry(bytes) => entries.push(bytes),
-                    Message::Flush(reply) => flushes.push(reply),
-                }
-                if entries.len() < self.max_batch {
-                    match receiver.try_recv() {
-                        Ok(message) => next = Some(message),
-                        Err(TryRecvError::Disconnected) => {}
-                        Err(TryRecvError::Empty) if flushes.is_empty() => {
-                            let left =
-                                linger_until.saturating_duration_since(std::time::Instant::now());
-                            if !left.is_zero() {
-                                next = receiver.recv_timeout(left).ok();
-                            }
-                        }
-                        Err(TryRecvError::Empty) => {}
-                    }
-                }
+    fn run(mut self, shared: &Shared) {
+        // However the writer ends, appenders and flushes waiting on it learn
+        // that it has.
+        struct Stopped<'a>(&'a Shared);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                let mut queue = self.0.lock();
+                queue
+                    .failure
+                    .get_or_insert_with(|| "the writer stopped".into());
+                queue.flushes.clear();
+                drop(queue);
+                self.0.room.notify_all();
             }
+        }
+        let _stopped = Stopped(shared);
+
+        // When the batch being gathered must be written at the latest.
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let mut queue = shared.lock();
+            if queue.entries.is_empty() && queue.flushes.is_empty() {
+                if queue.closing {
+                    return;
+                }
+                deadline = None;
+                drop(queue);
+                // The next append wakes the writer.
+                std::thread::park();
+                continue;
+            }
+            // Group commit: linger for more entries, asleep, so that a busy
+            // log writes large batches without appenders waking the writer
+            // for each entry. A full batch, a full queue (appenders wake the
+            // writer), a flush or closing ends the wait.
+            let now = Instant::now();
+            let until = *deadline.get_or_insert(now + LINGER);
+            let ready = now >= until
+                || queue.entries.len() >= shared.max_batch
+                || !queue.flushes.is_empty()
+                || queue.closing;
+            if !ready {
+                drop(queue);
+                std::thread::park_timeout(until - now);
+                continue;
+            }
+            deadline = None;
+            let take = queue.entries.len().min(shared.max_batch);
+            let entries: Vec<AuditEntry> = queue.entries.drain(..take).collect();
+            // A flush is answered once everything queued before it is
+            // written: when the queue is empty after this batch.
+            let flushes = if queue.entries.is_empty() {
+                std::mem::take(&mut queue.flushes)
+            } else {
+                Vec::new()
+            };
+            drop(queue);
+            shared.room.notify_all();
+
             let mut result = self.write(&entries);
             if result.is_ok() && !flushes.is_empty() {
                 result = self.tree.flush().map(drop).map_err(AuditError::from);
@@ -437,63 +591,59 @@ impl Writer {
                     error = %reason,
                     "audit log write failed: the writer stops, and appends now fail"
                 );
-                *failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(reason);
+                shared.lock().failure = Some(reason);
                 return;
             }
         }
     }
 
-    /// Appends `entries` in one atomic batch: entries, hash tiles, head.
-    fn write(&mut self, entries: &[Vec<u8>]) -> Result<(), AuditError> {
+    /// Appends `entries` in one atomic batch: bundles, hash tiles, head.
+    fn write(&mut self, entries: &[AuditEntry]) -> Result<(), AuditError> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut pending = Pending {
             frontier: &self.frontier,
-            base: tlog_tiles::stored_hash_index(0, self.size),
+            base: tlog_tiles::stored_hash_count(self.size),
             hashes: Vec::new(),
         };
         let mut batch = sled::Batch::default();
         let mut size = self.size;
-        for bytes in entries {
-            let leaf = tlog_tiles::record_hash(bytes);
+        let mut bundle = Vec::with_capacity(BUNDLE_BYTES.min(entries.len() * 512));
+        let mut bundle_at = size;
+        let mut bytes = Vec::with_capacity(512);
+        for entry in entries {
+            bytes.clear();
+            entry.encode_into(&mut bytes)?;
+            let leaf = tlog_tiles::record_hash(&bytes);
             let hashes =
                 tlog_tiles::stored_hashes_for_record_hash(size, leaf, &pending).map_err(storage)?;
             pending.hashes.extend(hashes);
-            batch.insert(key(ENTRY_PREFIX, size), bytes.as_slice());
+            if !bundle.is_empty() && bundle.len() + 4 + bytes.len() > BUNDLE_BYTES {
+                batch.insert(key(BUNDLE_PREFIX, bundle_at), std::mem::take(&mut bundle));
+                bundle_at = size;
+            }
+            let len = u32::try_from(bytes.len())
+                .map_err(|_| AuditError::BadEntry("an entry longer than 4 GiB".into()))?;
+            bundle.extend_from_slice(&len.to_be_bytes());
+            bundle.extend_from_slice(&bytes);
             size += 1;
         }
+        batch.insert(key(BUNDLE_PREFIX, bundle_at), bundle);
 
         // The new hashes extend the last, partial tile and fill new ones.
-        let (base, hashes) = (pending.base, &pending.hashes);
-        let first_tile = base / TILE_HASHES;
-        let mut tile = match base % TILE_HASHES {
-            0 => Vec::new(),
-            filled => {
-                let mut old = self
-                    .tree
-                    .get(key(HASH_PREFIX, first_tile))?
-                    .map(|v| v.to_vec())
-                    .unwrap_or_default();
-                if old.len() < filled as usize * 32 {
-                    return Err(AuditError::Storage(format!(
-                        "hash tile {first_tile} is shorter than the log's size says"
-                    )));
-                }
-                old.truncate(filled as usize * 32);
-                old
-            }
-        };
-        let mut tile_index = first_tile;
-        for hash in hashes {
+        let mut tile = self.tile.clone();
+        let mut tile_index = pending.base / TILE_HASHES;
+        for hash in &pending.hashes {
             tile.extend_from_slice(&hash.0);
             if tile.len() == TILE_HASHES as usize * 32 {
-                batch.insert(key(HASH_PREFIX, tile_index), std::mem::take(&mut tile));
+                batch.insert(key(HASH_PREFIX, tile_index), tile.as_slice());
+                tile.clear();
                 tile_index += 1;
             }
         }
         if !tile.is_empty() {
-            batch.insert(key(HASH_PREFIX, tile_index), tile);
+            batch.insert(key(HASH_PREFIX, tile_index), tile.as_slice());
         }
 
         let root = tlog_tiles::tree_hash(size, &pending).map_err(storage)?;
@@ -503,12 +653,35 @@ impl Writer {
         self.tree.apply_batch(batch)?;
         self.size = size;
         self.frontier = indexes.into_iter().zip(frontier).collect();
+        self.tile = tile;
         Ok(())
     }
 }
 
-/// How long the writer waits for more entries before writing a batch.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+/// The entries of the bundle stored at entry `at`, in order.
+fn unbundle(at: u64, mut bundle: &[u8]) -> Result<Vec<&[u8]>, AuditError> {
+    let mut out = Vec::new();
+    while !bundle.is_empty() {
+        let entry = bundle
+            .split_first_chunk::<4>()
+            .map(|(len, rest)| (u32::from_be_bytes(*len) as usize, rest))
+            .filter(|(len, rest)| *len <= rest.len())
+            .map(|(len, rest)| rest.split_at(len));
+        let Some((bytes, rest)) = entry else {
+            return Err(damaged(format!(
+                "the bundle at entry {at} is cut short after {} entries",
+                out.len()
+            )));
+        };
+        out.push(bytes);
+        bundle = rest;
+    }
+    Ok(out)
+}
+
+fn damaged(what: String) -> AuditError {
+    AuditError::Storage(format!("the audit log in sled is damaged: {what}"))
+}
 
 /// Reads stored hashes from the tree's hash tiles.
 struct Stored<'a>(&'a sled::Tree);
@@ -584,7 +757,7 @@ fn index_of(k: &[u8]) -> Result<u64, AuditError> {
     k.get(k.len().saturating_sub(8)..)
         .and_then(|b| b.try_into().ok())
         .map(u64::from_be_bytes)
-        .ok_or_else(|| AuditError::Storage("an entry key is too short".into()))
+        .ok_or_else(|| damaged("a key is too short".into()))
 }
 
 fn head_bytes(size: u64, root: TreeHash) -> Vec<u8> {
@@ -605,5 +778,160 @@ fn read_head(tree: &sled::Tree) -> Result<(u64, TreeHash), AuditError> {
             "the audit log head is not 40 bytes: this tree is not an audit log, or it is damaged"
                 .into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hufu_certs::{Identity, Province, Role};
+
+    use super::*;
+    use crate::audit::{AnswerSource, EntryKind};
+
+    fn entry(i: u64) -> AuditEntry {
+        let p = Province::parse("440000").unwrap();
+        let caller = Identity::new(Province::parse("610000").unwrap(), Role::Node, "sn-1").unwrap();
+        AuditEntry::new(1_700_000_000_000 + i, EntryKind::VerifyServed, caller, p)
+            .with_answer("green")
+            .with_source(AnswerSource::Replica)
+            .with_detail(format!("entry {i}"))
+    }
+
+    fn bundles(tree: &sled::Tree) -> Vec<(u64, usize)> {
+        tree.scan_prefix(BUNDLE_PREFIX)
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                (index_of(&k).unwrap(), v.len())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn large_batches_are_split_into_bundles_read_back_across_their_edges() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("audit").unwrap();
+        let log = AuditLog::open(tree.clone()).unwrap();
+        let n = 2000;
+        for i in 0..n {
+            log.append(entry(i)).unwrap();
+        }
+        log.flush().unwrap();
+        assert_eq!(log.size().unwrap(), n);
+
+        // A batch past BUNDLE_BYTES is stored as several bundles, each
+        // starting where the one before ends.
+        let stored = bundles(&tree);
+        assert!(stored.len() > 2, "{stored:?}");
+        assert!(stored.iter().all(|&(_, len)| len <= BUNDLE_BYTES));
+        assert_eq!(stored[0].0, 0);
+
+        let all = log.entries(0, n).unwrap();
+        let expected: Vec<_> = (0..n).map(|i| (i, entry(i).encode().unwrap())).collect();
+        assert_eq!(all, expected);
+        // Ranges starting and ending inside and at the edges of bundles.
+        for &(at, _) in &stored {
+            for (start, end) in [
+                (at, at + 1),
+                (at.saturating_sub(1), at + 1),
+                (at.saturating_sub(3), at + 300),
+            ] {
+                let end = end.min(n);
+                assert_eq!(
+                    log.entries(start, end).unwrap(),
+                    expected[start as usize..end as usize],
+                    "{start}..{end}"
+                );
+            }
+        }
+        assert_eq!(log.entries(n - 1, n + 10).unwrap().len(), 1);
+        assert!(log.entries(n, n + 10).unwrap().is_empty());
+
+        // A bundle cut short is reported, not read as fewer entries.
+        let (at, _) = stored[1];
+        let bundle = tree.get(key(BUNDLE_PREFIX, at)).unwrap().unwrap();
+        tree.insert(key(BUNDLE_PREFIX, at), &bundle[..bundle.len() - 1])
+            .unwrap();
+        let err = log.entries(at, at + 1).unwrap_err();
+        assert!(err.to_string().contains("cut short"), "{err}");
+    }
+
+    #[test]
+    fn a_reopened_log_extends_its_partial_hash_tile_as_if_never_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let whole = AuditLog::open(db.open_tree("whole").unwrap()).unwrap();
+        for i in 0..700 {
+            whole.append(entry(i)).unwrap();
+        }
+        whole.flush().unwrap();
+
+        // Closed and reopened at sizes that leave the last tile partial.
+        let tree = db.open_tree("reopened").unwrap();
+        for range in [0..1, 1..150, 150..151, 151..700] {
+            let log = AuditLog::open(tree.clone()).unwrap();
+            for i in range {
+                log.append(entry(i)).unwrap();
+            }
+        }
+        let reopened = AuditLog::open(tree).unwrap();
+        assert_eq!(reopened.size().unwrap(), 700);
+        assert_eq!(reopened.root().unwrap(), whole.root().unwrap());
+        for size in [1, 150, 151, 256, 699, 700] {
+            assert_eq!(
+                reopened.root_at(size).unwrap(),
+                whole.root_at(size).unwrap()
+            );
+            assert_eq!(
+                reopened.inclusion_proof(size / 2, size).unwrap(),
+                whole.inclusion_proof(size / 2, size).unwrap()
+            );
+            assert_eq!(
+                reopened.consistency_proof(size / 3, size).unwrap(),
+                whole.consistency_proof(size / 3, size).unwrap()
+            );
+        }
+        assert_eq!(
+            reopened.entries(0, 700).unwrap(),
+            whole.entries(0, 700).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_full_queue_holds_appenders_back_until_the_writer_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = Arc::new(
+            AuditLog::open_with(
+                db.open_tree("audit").unwrap(),
+                BatchConfig {
+                    queue: 3,
+                    max_batch: 100,
+                },
+            )
+            .unwrap(),
+        );
+        let started = Instant::now();
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        log.append(entry(t * 100 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        log.flush().unwrap();
+        assert_eq!(log.size().unwrap(), 300);
+        // A full queue is a full batch, written at once, not after lingering.
+        assert!(
+            started.elapsed() < LINGER * 50,
+            "took {:?}",
+            started.elapsed()
+        );
     }
 }

@@ -106,7 +106,7 @@ impl Default for FederationConfig {
             max_replica_age_secs: 30,
             peer_deadline_ms: 1000,
             heartbeat_ms: 1000,
-            batch_changes: 2000,
+            batch_changes: 5000,
             gossip_secs: 5,
         }
     }

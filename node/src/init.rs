@@ -134,7 +134,7 @@ max_replica_age_secs = 30
 peer_deadline_ms = 1000
 # Feed heartbeat interval (milliseconds) and changes per feed batch.
 heartbeat_ms = 1000
-batch_changes = 2000
+batch_changes = 5000
 # How often to ask peers for a newer trust list, in seconds.
 gossip_secs = 5
 

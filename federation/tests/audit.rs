@@ -286,7 +286,7 @@ fn batched_appends_give_rfc6962_roots_and_proofs() {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
                 for i in 0..250 {
-                    log.append(&entry(t * 250 + i)).unwrap();
+                    log.append(entry(t * 250 + i)).unwrap();
                 }
             })
         })
@@ -382,7 +382,7 @@ fn dropping_the_log_writes_what_is_queued() {
     let db = sled::open(dir.path().join("db")).unwrap();
     let log = AuditLog::open(db.open_tree("audit").unwrap()).unwrap();
     for i in 0..500 {
-        log.append(&entry(i)).unwrap();
+        log.append(entry(i)).unwrap();
     }
     drop(log);
     let log = AuditLog::open(db.open_tree("audit").unwrap()).unwrap();

@@ -749,7 +749,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     for i in 0..have + 3 {
         forked
             .append(
-                &AuditEntry::new(
+                AuditEntry::new(
                     1_700_000_000_000 + i,
                     EntryKind::KeyRevoked,
                     mallory.clone(),
@@ -821,7 +821,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     let same_size = AuditLog::open(same_size_db.open_tree("audit").unwrap()).unwrap();
     for i in 0..witnessed.checkpoint().size {
         same_size
-            .append(&AuditEntry::new(
+            .append(AuditEntry::new(
                 i,
                 EntryKind::KeyRevoked,
                 mallory.clone(),

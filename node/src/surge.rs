@@ -147,10 +147,8 @@ async fn open_loop(
         refused: histogram(),
         elapsed: Duration::ZERO,
     };
-    let mut sent = 0;
     for t in tasks {
-        if let Ok((s, ok, shed, errors, dropped, admitted, refused)) = t.await {
-            sent += s;
+        if let Ok((_sent, ok, shed, errors, dropped, admitted, refused)) = t.await {
             total.ok += ok;
             total.shed += shed;
             total.errors += errors;
@@ -159,7 +157,6 @@ async fn open_loop(
             let _ = total.refused.add(refused);
         }
     }
-    let _ = sent;
     total.elapsed = duration;
     total
 }

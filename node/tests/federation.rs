@@ -99,7 +99,7 @@ async fn codes_cross_provinces_and_changes_propagate() {
     for issuer in [SN, GD, TJ] {
         let token = issue(fed.get(p(issuer)), 1).await;
         for at in [SN, GD, TJ] {
-            let mut terminal = fed.get(p(at)).terminal("checkpoint").await.unwrap();
+            let terminal = fed.get(p(at)).terminal("checkpoint").await.unwrap();
             let reply = eventually(Duration::from_secs(10), || {
                 let mut terminal = terminal.clone();
                 let token = token.clone();

@@ -25,7 +25,7 @@ pub enum Class {
     Federation,
     /// Verification, lookups and everything else callers do.
     Serving,
-    /// The admin API (imports, status writes, code issuing).
+    /// The admin API (imports, status writes, code issuing) and the audit API.
     Bulk,
 }
 
@@ -127,7 +127,8 @@ pub fn classify<B>(request: &http::Request<B>) -> Class {
     if path.starts_with("/hufu.v1.Federation/") || path.starts_with("/hufu.v1.Witness/") {
         return Class::Federation;
     }
-    if path.starts_with("/hufu.v1.Admin/") {
+    // Admin work and auditors' bulk reads yield to everything else.
+    if path.starts_with("/hufu.v1.Admin/") || path.starts_with("/hufu.v1.Audit/") {
         return Class::Bulk;
     }
     match request.extensions().get::<PeerInfo>() {

@@ -503,21 +503,31 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     let started = Instant::now();
     fed.get_mut(b).start().await?;
     let b_state = fed.get(b).node.as_ref().expect("running").state.clone();
+    // The stream's rate is timed from the first batch stored to the last,
+    // apart from B's start-up (TLS connection, first subscription).
+    let mut first: Option<(Instant, u64)> = None;
     loop {
-        if b_state.store.tail(a).await?.sequence >= changes {
+        let seq = b_state.store.tail(a).await?.sequence;
+        if first.is_none() && seq > 0 {
+            first = Some((Instant::now(), seq));
+        }
+        if seq >= changes {
             break;
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
             "replication did not finish in 10 minutes"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let took = started.elapsed();
+    let (t0, s0) = first.unwrap_or((started, 0));
+    let streaming = t0.elapsed().as_secs_f64().max(1e-6);
     println!(
-        "feed replication to one peer: {changes} changes in {:.2}s = {:.0} changes/s (durable on arrival)",
+        "feed replication to one peer: {changes} changes in {:.2}s from B's start = {:.0} changes/s; streaming after the first batch: {:.0} changes/s (each batch durable on arrival)",
         took.as_secs_f64(),
-        changes as f64 / took.as_secs_f64()
+        changes as f64 / took.as_secs_f64(),
+        (changes - s0) as f64 / streaming
     );
 
     // Propagation delay under load: writes at a fixed rate to A, each timed

@@ -63,7 +63,7 @@ const TILE_HASHES: u64 = 128;
 /// own): a batch past it is stored as several bundles, so each stays well
 /// inside a sled log segment rather than becoming a file of its own, and
 /// reading a few entries reads at most a few bundles.
-const BUNDLE_BYTES: usize = 6 * 1024;
+const BUNDLE_BYTES: usize = 64 * 1024;
 
 /// How long the writer waits for more entries before writing a batch, unless
 /// a full batch, a full queue or a flush cuts it short. This is also how

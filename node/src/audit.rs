@@ -3,10 +3,10 @@
 //! logs, and the task that checkpoints its log, has the other members
 //! witness it and publishes it once the trust list's quorum is met.
 //!
-//! The log and the witness live in two trees of the node's sled database
-//! (`audit` and `witness`). Handlers record events with
-//! [`NodeAudit::record`]: a channel send to the library's batching writer,
-//! nothing on the hot path waits for the disk.
+//! The log and the witness live in two trees (`audit` and `witness`) of a
+//! sled database of their own, beside the node's data directory. Handlers
+//! record events with [`NodeAudit::record`]: a push onto the queue of the
+//! library's batching writer; nothing on the hot path waits for the disk.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -716,21 +716,36 @@ impl AuditPair {
 /// verify at B (each call appends an audit entry) against a federation that
 /// audits and an otherwise identical one that does not, in alternating
 /// rounds (on, off, off, on) so that drift on a shared machine affects both
-/// alike. Then the audit log alone: appends per second and proof sizes.
+/// alike. Codes repeat, so verify is the cached, cheapest kind, where an
+/// audit entry weighs most. Also the process's CPU time per verify, steadier
+/// than throughput on a shared machine. Then the audit log alone: appends
+/// per second and proof sizes.
 async fn audit_cost(args: &BenchArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
     let mut on = AuditPair::start(true).await?;
     let mut off = AuditPair::start(false).await?;
+    // Warm up: every code verified (and cached) once in each federation.
+    for pair in [&on, &off] {
+        closed_loop(
+            Duration::from_secs(1),
+            args.concurrency,
+            verify_call(pair.tokens.clone(), pair.conns.clone(), false),
+        )
+        .await;
+    }
     let logged = on.b_log_size().await?;
     let mut rounds: [Vec<Figures>; 2] = Default::default();
+    let mut cpu = [Duration::ZERO; 2];
     for audited in [true, false, false, true] {
         let pair = if audited { &on } else { &off };
+        let started = process_cpu();
         let figures = closed_loop(
             duration,
             args.concurrency,
             verify_call(pair.tokens.clone(), pair.conns.clone(), false),
         )
         .await;
+        cpu[usize::from(!audited)] += process_cpu().saturating_sub(started);
         rounds[usize::from(!audited)].push(figures);
     }
     let [with, without] = rounds.map(|r| {
@@ -753,11 +768,34 @@ async fn audit_cost(args: &BenchArgs) -> anyhow::Result<()> {
         with.rate() / without.rate(),
         with.ok
     );
+    let [cpu_with, cpu_without] = [(cpu[0], &with), (cpu[1], &without)]
+        .map(|(cpu, f)| cpu.as_secs_f64() * 1e6 / f.ok.max(1) as f64);
+    println!(
+        "process CPU per verify (node, TLS and load generator): audit on {cpu_with:.1}us, off {cpu_without:.1}us: an audit entry adds {:.1}us ({:.1}%)",
+        cpu_with - cpu_without,
+        (cpu_with / cpu_without - 1.0) * 100.0
+    );
     on.fed.stop_all().await?;
     off.fed.stop_all().await?;
     tokio::task::spawn_blocking(audit_log_figures).await??;
     println!();
     Ok(())
+}
+
+/// This process's CPU time, user and system, from `/proc/self/stat` (in
+/// clock ticks of 10 ms); zero where there is no such file.
+fn process_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let user: u64 = fields.get(11)?.parse().ok()?;
+            let system: u64 = fields.get(12)?.parse().ok()?;
+            Some(user + system)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 /// The audit log alone, in a temporary sled database like a node's: appends

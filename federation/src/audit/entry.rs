@@ -301,9 +301,35 @@ impl AuditEntry {
     }
 
     /// Appends the canonical encoding to `out`, without the checks: for an
-    /// entry already checked.
+    /// entry already checked. Written directly rather than through serde, as
+    /// the log's writer does it for every entry: byte for byte what
+    /// serde_json makes of the entry's [`Serialize`] (a test holds them
+    /// equal).
     pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), AuditError> {
-        serde_json::to_writer(out, self).map_err(|e| AuditError::BadEntry(e.to_string()))
+        use std::io::Write;
+        let source = self.source.map(|s| match s {
+            AnswerSource::Authoritative => "authoritative",
+            AnswerSource::Replica => "replica",
+            AnswerSource::ReplicaStale => "replica_stale",
+            AnswerSource::Token => "token",
+        });
+        write!(
+            out,
+            "{{\"v\":{VERSION},\"time\":{},\"kind\":\"{}\",\"caller\":",
+            self.time,
+            self.kind.as_str()
+        )
+        .and_then(|()| json_str(out, Some(&self.caller.uri())))
+        .and_then(|()| write!(out, ",\"province\":\"{}\",\"holder\":", self.province))
+        .and_then(|()| json_str(out, self.holder.as_ref().map(HolderId::as_str)))
+        .and_then(|()| out.write_all(b",\"answer\":"))
+        .and_then(|()| json_str(out, self.answer.as_deref()))
+        .and_then(|()| out.write_all(b",\"source\":"))
+        .and_then(|()| json_str(out, source))
+        .and_then(|()| out.write_all(b",\"detail\":"))
+        .and_then(|()| json_str(out, self.detail.as_deref()))
+        .and_then(|()| out.write_all(b"}"))
+        .map_err(|e| AuditError::BadEntry(e.to_string()))
     }
 
     /// Reads an entry, refusing anything but its canonical encoding.
@@ -325,6 +351,22 @@ impl AuditEntry {
     }
 }
 
+/// Writes `s` as JSON, or `null`: as is when nothing in it needs escaping
+/// (every string of a valid entry but a `detail` with quotes or
+/// backslashes), else escaped by serde_json.
+fn json_str(out: &mut Vec<u8>, s: Option<&str>) -> std::io::Result<()> {
+    match s {
+        None => out.extend_from_slice(b"null"),
+        Some(s) if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') => {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        }
+        Some(s) => serde_json::to_writer(out, s)?,
+    }
+    Ok(())
+}
+
 /// The longest run of numeric characters, full-width digits included.
 fn longest_digit_run(s: &str) -> usize {
     let (mut longest, mut run) = (0, 0);
@@ -333,4 +375,81 @@ fn longest_digit_run(s: &str) -> usize {
         longest = longest.max(run);
     }
     longest
+}
+
+#[cfg(test)]
+mod tests {
+    use hufu_certs::{Identity, Province, Role};
+
+    use super::*;
+    use crate::holder::{HolderSecret, NationalId};
+
+    #[test]
+    fn the_direct_encoding_is_serde_jsons_byte_for_byte() {
+        let secret = HolderSecret::new(&[7u8; 32]).unwrap();
+        let holder =
+            secret.pseudonym(&NationalId::with_check_character("11010519491231002").unwrap());
+        let caller =
+            Identity::new(Province::parse("610000").unwrap(), Role::Node, "sn-1.a_b").unwrap();
+        let base = AuditEntry::new(
+            u64::MAX,
+            EntryKind::LookupServed,
+            caller.clone(),
+            Province::parse("110000").unwrap(),
+        );
+        let mut entries = vec![base.clone()];
+        for kind in [
+            EntryKind::LookupMade,
+            EntryKind::VerifyServed,
+            EntryKind::StatusChanged,
+            EntryKind::KeyRotated,
+            EntryKind::KeyRevoked,
+            EntryKind::TrustListChanged,
+        ] {
+            entries.push(AuditEntry {
+                kind,
+                time: 0,
+                ..base.clone()
+            });
+        }
+        for source in [
+            AnswerSource::Authoritative,
+            AnswerSource::Replica,
+            AnswerSource::ReplicaStale,
+            AnswerSource::Token,
+        ] {
+            entries.push(
+                base.clone()
+                    .with_holder(holder.clone())
+                    .with_answer("not_found")
+                    .with_source(source),
+            );
+        }
+        for detail in [
+            "policy met",
+            "",
+            "quote \" and backslash \\ and slash /",
+            "控制 é ✓ 🙂",
+            "tab\there, newline\n, nul\u{0}, del\u{7f}, \u{1b}[0m",
+            "\u{2028}\u{2029}",
+        ] {
+            entries.push(base.clone().with_detail(detail));
+        }
+        // An identity built without its checks, escaped all the same.
+        let mut odd = caller;
+        odd.name = "a\"b\\c\u{1}".into();
+        entries.push(AuditEntry {
+            caller: odd,
+            ..base.clone()
+        });
+        for e in &entries {
+            let mut direct = Vec::new();
+            e.encode_into(&mut direct).unwrap();
+            let serde = serde_json::to_vec(e).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&direct),
+                String::from_utf8_lossy(&serde)
+            );
+        }
+    }
 }

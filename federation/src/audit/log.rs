@@ -32,6 +32,8 @@
 //! is checked and pushed onto a queue. The writer sleeps while it lingers
 //! for a batch, so appenders do not wake it one entry at a time: only the
 //! first entry of a batch, a full batch, a full queue or a flush wakes it.
+//! (Encoding on the caller's thread instead, into a queue laid out as a
+//! bundle, was measured: the same CPU in all, about 100 ns more per append.)
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -124,9 +126,10 @@ impl Shared {
 ///
 /// One `AuditLog` per tree: it is the only writer. Share it with an `Arc`.
 /// Appends are queued and written by a background thread; an entry counts in
-/// [`size`](Self::size), roots and proofs once written, within [`LINGER`]
-/// (20 ms) or one batch, and is on disk after [`flush`](Self::flush) or
-/// sled's own periodic flush. Dropping the log writes what is queued first.
+/// [`size`](Self::size), roots and proofs once written, within 20 ms (the
+/// writer's linger for a batch) or one batch, and is on disk after
+/// [`flush`](Self::flush) or sled's own periodic flush. Dropping the log
+/// writes what is queued first.
 pub struct AuditLog {
     tree: sled::Tree,
     shared: Arc<Shared>,
@@ -526,9 +529,13 @@ impl Writer {
         impl Drop for Stopped<'_> {
             fn drop(&mut self) {
                 let mut queue = self.0.lock();
-                queue
-                    .failure
-                    .get_or_insert_with(|| "the writer stopped".into());
+                queue.failure.get_or_insert_with(|| {
+                    if std::thread::panicking() {
+                        "the writer panicked, a bug: report it".into()
+                    } else {
+                        "the log was closed".into()
+                    }
+                });
                 queue.flushes.clear();
                 drop(queue);
                 self.0.room.notify_all();
@@ -545,6 +552,10 @@ impl Writer {
                     return;
                 }
                 deadline = None;
+                // Memory stays bounded by the queue only while it is full.
+                if queue.entries.capacity() > 4 * shared.max_batch {
+                    queue.entries.shrink_to(shared.max_batch);
+                }
                 drop(queue);
                 // The next append wakes the writer.
                 std::thread::park();

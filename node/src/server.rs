@@ -51,11 +51,6 @@ impl RunningNode {
         self.state.store.flush().await?;
         result
     }
-
-    /// Resolves when the server stops on its own (it should not).
-    pub fn stop_token(&self) -> CancellationToken {
-        self.stop.clone()
-    }
 }
 
 /// Starts a node with `config`, listening on `config.listen` (port 0 picks a

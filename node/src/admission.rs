@@ -124,11 +124,13 @@ impl Drop for Permit {
 /// The class of a request, from its path and the caller's certificate.
 pub fn classify<B>(request: &http::Request<B>) -> Class {
     let path = request.uri().path();
-    if path.starts_with("/hufu.v1.Federation/") || path.starts_with("/hufu.v1.Witness/") {
+    if path.starts_with("/hufu.v1.FederationService/")
+        || path.starts_with("/hufu.v1.WitnessService/")
+    {
         return Class::Federation;
     }
     // Admin work and auditors' bulk reads yield to everything else.
-    if path.starts_with("/hufu.v1.Admin/") || path.starts_with("/hufu.v1.Audit/") {
+    if path.starts_with("/hufu.v1.AdminService/") || path.starts_with("/hufu.v1.AuditService/") {
         return Class::Bulk;
     }
     match request.extensions().get::<PeerInfo>() {
@@ -140,7 +142,7 @@ pub fn classify<B>(request: &http::Request<B>) -> Class {
 /// Long-lived streams are not requests in flight: a feed subscription lasts
 /// as long as the peer is connected, and members are few.
 fn exempt<B>(request: &http::Request<B>) -> bool {
-    request.uri().path() == "/hufu.v1.Federation/SubscribeChanges"
+    request.uri().path() == "/hufu.v1.FederationService/SubscribeChanges"
 }
 
 /// Methods whose response is a stream (the feed is exempt altogether).
@@ -260,7 +262,7 @@ where
 fn streams_request<B>(request: &http::Request<B>) -> bool {
     matches!(
         request.uri().path(),
-        "/hufu.v1.Admin/ImportStatuses"
+        "/hufu.v1.AdminService/ImportStatuses"
             | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
             | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
     )

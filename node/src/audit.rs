@@ -19,7 +19,7 @@ use hufu_federation::audit::{
 };
 use hufu_federation::holder::HolderId;
 use hufu_federation::trust::{Member, TrustList};
-use hufu_proto::v1::witness_client::WitnessClient;
+use hufu_proto::v1::witness_service_client::WitnessServiceClient;
 use hufu_proto::v1::{AddCheckpointRequest, Colour, Source, StatusRecord, add_checkpoint_response};
 use tokio_util::sync::CancellationToken;
 
@@ -238,7 +238,7 @@ async fn ask_witness(
         let Ok(channel) = state.peers.channel(p, endpoint) else {
             continue;
         };
-        let mut client = WitnessClient::new(channel);
+        let mut client = WitnessServiceClient::new(channel);
         for _ in 0..WITNESS_ATTEMPTS {
             if old > size {
                 tracing::error!(

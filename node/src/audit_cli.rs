@@ -15,7 +15,7 @@ use hufu_federation::audit::{
 };
 use hufu_federation::holder::HolderId;
 use hufu_federation::trust::{SignedTrustList, TrustList, TrustStore};
-use hufu_proto::v1::audit_client::AuditClient;
+use hufu_proto::v1::audit_service_client::AuditServiceClient;
 use hufu_proto::v1::{GetCheckpointsRequest, GetConsistencyProofRequest, GetEntriesRequest};
 
 use crate::cli::ConnArgs;
@@ -205,7 +205,7 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 /// Copies the node's published checkpoints, the consistency proofs between
 /// them and the entries they cover into `out`.
 async fn fetch(out: &Path, conn: &ConnArgs) -> anyhow::Result<()> {
-    let mut client = AuditClient::new(conn.channel().await?)
+    let mut client = AuditServiceClient::new(conn.channel().await?)
         .max_decoding_message_size(MAX_REPLY_BYTES)
         .max_encoding_message_size(MAX_REPLY_BYTES);
 

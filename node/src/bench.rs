@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use hufu_certs::{Province, Role};
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
-    BatchLookupRequest, ImportRow, IssueCodeRequest, LookupRequest, PutStatusRequest, StatusInput,
-    Verdict, VerifyRequest, issue_code_request, status_input,
+    BatchLookupRequest, ImportStatusesRequest, IssueCodeRequest, LookupRequest, PutStatusRequest,
+    StatusInput, Verdict, VerifyRequest, issue_code_request, status_input,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -165,8 +165,8 @@ pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Ve
     let mut start = 0;
     while start < n {
         let end = (start + 50_000).min(n);
-        let rows: Vec<ImportRow> = (start..end)
-            .map(|i| ImportRow {
+        let rows: Vec<ImportStatusesRequest> = (start..end)
+            .map(|i| ImportStatusesRequest {
                 line: i + 1,
                 status: Some(StatusInput {
                     subject: Some(status_input::Subject::NationalId(
@@ -196,11 +196,13 @@ pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Ve
 pub async fn clients(
     province: &LocalProvince,
     n: usize,
-) -> anyhow::Result<Vec<StatusLookupClient<Channel>>> {
+) -> anyhow::Result<Vec<StatusLookupServiceClient<Channel>>> {
     let cert = province.client_cert(Role::Terminal, "bench")?;
     let mut out = Vec::new();
     for _ in 0..n.max(1) {
-        out.push(StatusLookupClient::new(province.channel_as(&cert).await?));
+        out.push(StatusLookupServiceClient::new(
+            province.channel_as(&cert).await?,
+        ));
     }
     Ok(out)
 }
@@ -417,7 +419,7 @@ async fn issue_tokens(
 
 fn verify_call(
     tokens: Arc<Vec<String>>,
-    conns: Vec<StatusLookupClient<Channel>>,
+    conns: Vec<StatusLookupServiceClient<Channel>>,
     repeat: bool,
 ) -> impl Fn(u64, usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
 + Send
@@ -659,7 +661,7 @@ struct AuditPair {
     fed: LocalFederation,
     b: Province,
     tokens: Arc<Vec<String>>,
-    conns: Vec<StatusLookupClient<Channel>>,
+    conns: Vec<StatusLookupServiceClient<Channel>>,
 }
 
 impl AuditPair {

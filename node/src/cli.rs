@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use hufu_certs::{LeafOptions, Province, Role};
-use hufu_proto::v1::admin_client::AdminClient;
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::admin_service_client::AdminServiceClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
     Colour, GetJwksRequest, GetStatusRequest, IssueCodeRequest, LookupRequest, Policy,
     PutStatusRequest, RevokeKeyRequest, RotateKeyRequest, StatusInput, StatusRecord, Verdict,
@@ -432,7 +432,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             issuer,
             conn,
         } => {
-            let mut client = StatusLookupClient::new(conn.channel().await?);
+            let mut client = StatusLookupServiceClient::new(conn.channel().await?);
             let issuer = match issuer {
                 Some(p) => p,
                 None => conn.province()?,
@@ -548,7 +548,7 @@ async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         StatusCommand::Import { file, format, conn } => {
             let parsed = import::read_file(&file, format)?;
-            let mut admin = AdminClient::new(conn.channel().await?);
+            let mut admin = AdminServiceClient::new(conn.channel().await?);
             let sent = parsed.rows.len();
             let summary = admin
                 .import_statuses(tokio_stream::iter(parsed.rows))
@@ -597,7 +597,7 @@ async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
                 },
                 reason: parse_reason(&reason).map_err(anyhow::Error::msg)? as i32,
             };
-            let mut admin = AdminClient::new(conn.channel().await?);
+            let mut admin = AdminServiceClient::new(conn.channel().await?);
             let reply = admin
                 .put_status(PutStatusRequest {
                     status: Some(status),
@@ -616,7 +616,7 @@ async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
                 }
                 status_input::Subject::Holder(h) => get_status_request::Subject::Holder(h),
             };
-            let mut admin = AdminClient::new(conn.channel().await?);
+            let mut admin = AdminServiceClient::new(conn.channel().await?);
             let reply = admin
                 .get_status(GetStatusRequest {
                     subject: Some(subject),
@@ -660,7 +660,7 @@ async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
                 }
                 status_input::Subject::Holder(h) => issue_code_request::Subject::Holder(h),
             };
-            let mut admin = AdminClient::new(conn.channel().await?);
+            let mut admin = AdminServiceClient::new(conn.channel().await?);
             let reply = admin
                 .issue_code(IssueCodeRequest {
                     subject: Some(subject),
@@ -689,7 +689,7 @@ async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
             }
         }
         CodeCommand::Jwks { conn } => {
-            let mut client = StatusLookupClient::new(conn.channel().await?);
+            let mut client = StatusLookupServiceClient::new(conn.channel().await?);
             let reply = client
                 .get_jwks(GetJwksRequest::default())
                 .await?
@@ -732,7 +732,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let mut client = StatusLookupClient::new(args.conn.channel().await?);
+    let mut client = StatusLookupServiceClient::new(args.conn.channel().await?);
     let reply = client
         .verify(VerifyRequest { token, policy })
         .await?
@@ -776,7 +776,7 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Rotate { alg, conn } => {
-            let mut admin = AdminClient::new(conn.channel().await?);
+            let mut admin = AdminServiceClient::new(conn.channel().await?);
             let reply = admin
                 .rotate_key(RotateKeyRequest { algorithm: alg })
                 .await?
@@ -788,7 +788,7 @@ async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             );
         }
         KeysCommand::Revoke { kid, conn } => {
-            let mut admin = AdminClient::new(conn.channel().await?);
+            let mut admin = AdminServiceClient::new(conn.channel().await?);
             admin
                 .revoke_key(RevokeKeyRequest { kid: kid.clone() })
                 .await?;
@@ -934,7 +934,9 @@ async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
             let note = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let mut client =
-                hufu_proto::v1::federation_client::FederationClient::new(conn.channel().await?);
+                hufu_proto::v1::federation_service_client::FederationServiceClient::new(
+                    conn.channel().await?,
+                );
             let reply = client
                 .offer_trust_list(hufu_proto::v1::OfferTrustListRequest { note })
                 .await?

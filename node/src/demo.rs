@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
 use hufu_proto::v1::{
-    Colour, ImportRow, IssueCodeRequest, PutStatusRequest, Source, StatusInput, Verdict,
-    VerifyRequest, VerifyResponse, issue_code_request, status_input,
+    Colour, ImportStatusesRequest, IssueCodeRequest, PutStatusRequest, Source, StatusInput,
+    Verdict, VerifyRequest, VerifyResponse, issue_code_request, status_input,
 };
 
 use crate::local::{LocalFederation, LocalProvince};
@@ -76,8 +76,8 @@ fn chosen(n: u8) -> Vec<Province> {
 async fn import(province: &LocalProvince, holders: u64) -> anyhow::Result<u64> {
     let p = province.province;
     let now = now_unix();
-    let rows: Vec<ImportRow> = (0..holders)
-        .map(|n| ImportRow {
+    let rows: Vec<ImportStatusesRequest> = (0..holders)
+        .map(|n| ImportStatusesRequest {
             line: n + 1,
             status: Some(StatusInput {
                 subject: Some(status_input::Subject::NationalId(

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use hufu_proto::v1::{ImportRejection, ImportRow, StatusInput, status_input};
+use hufu_proto::v1::{ImportRejection, ImportStatusesRequest, StatusInput, status_input};
 use serde::Deserialize;
 
 use crate::status::{parse_colour, parse_reason, parse_time, timestamp};
@@ -77,14 +77,14 @@ impl InputRow {
 /// Parsed file: rows to send and lines refused before sending.
 #[derive(Debug, Default)]
 pub struct Parsed {
-    pub rows: Vec<ImportRow>,
+    pub rows: Vec<ImportStatusesRequest>,
     pub rejected: Vec<ImportRejection>,
 }
 
 impl Parsed {
     fn push(&mut self, line: u64, row: Result<StatusInput, String>) {
         match row {
-            Ok(status) => self.rows.push(ImportRow {
+            Ok(status) => self.rows.push(ImportStatusesRequest {
                 line,
                 status: Some(status),
             }),

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use hufu_certs::{Identity, LeafOptions, Province, Role};
-use hufu_proto::v1::admin_client::AdminClient;
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::admin_service_client::AdminServiceClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use tonic::transport::Channel;
 
 use crate::client::{self, ClientCert, Target};
@@ -127,17 +127,17 @@ impl LocalProvince {
     }
 
     /// An Admin client with the province's admin certificate.
-    pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
+    pub async fn admin(&self) -> anyhow::Result<AdminServiceClient<Channel>> {
         let cert = ClientCert::load(
             &self.config.path(&self.config.client.admin_cert),
             &self.config.path(&self.config.client.admin_key),
         )?;
-        Ok(AdminClient::new(self.channel_as(&cert).await?))
+        Ok(AdminServiceClient::new(self.channel_as(&cert).await?))
     }
 
     /// A StatusLookup client with a terminal certificate of this province.
-    pub async fn terminal(&self, name: &str) -> anyhow::Result<StatusLookupClient<Channel>> {
-        Ok(StatusLookupClient::new(
+    pub async fn terminal(&self, name: &str) -> anyhow::Result<StatusLookupServiceClient<Channel>> {
+        Ok(StatusLookupServiceClient::new(
             self.channel(Role::Terminal, name).await?,
         ))
     }

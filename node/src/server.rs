@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hufu_proto::v1::admin_server::AdminServer;
-use hufu_proto::v1::audit_server::AuditServer;
-use hufu_proto::v1::federation_server::FederationServer;
-use hufu_proto::v1::status_lookup_server::StatusLookupServer;
-use hufu_proto::v1::witness_server::WitnessServer;
+use hufu_proto::v1::admin_service_server::AdminServiceServer;
+use hufu_proto::v1::audit_service_server::AuditServiceServer;
+use hufu_proto::v1::federation_service_server::FederationServiceServer;
+use hufu_proto::v1::status_lookup_service_server::StatusLookupServiceServer;
+use hufu_proto::v1::witness_service_server::WitnessServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -93,10 +93,10 @@ pub async fn start_on(
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<StatusLookupServer<LookupService>>()
+        .set_serving::<StatusLookupServiceServer<LookupService>>()
         .await;
     health_reporter
-        .set_serving::<AdminServer<AdminService>>()
+        .set_serving::<AdminServiceServer<AdminService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hufu_proto::v1::FILE_DESCRIPTOR_SET)
@@ -106,21 +106,21 @@ pub async fn start_on(
 
     let limits = &config.limits;
     let max = limits.max_message_bytes;
-    let lookup = StatusLookupServer::new(LookupService::new(state.clone()))
+    let lookup = StatusLookupServiceServer::new(LookupService::new(state.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.max(4 * 1024 * 1024));
-    let admin = AdminServer::new(AdminService::new(state.clone()))
+    let admin = AdminServiceServer::new(AdminService::new(state.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.max(4 * 1024 * 1024));
 
-    let federation = FederationServer::new(FederationService::new(state.clone()))
+    let federation = FederationServiceServer::new(FederationService::new(state.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(64 * 1024 * 1024);
     // A page of 10,000 entries is a few MiB.
-    let audit = AuditServer::new(AuditService::new(state.clone()))
+    let audit = AuditServiceServer::new(AuditService::new(state.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let witness = WitnessServer::new(WitnessService::new(state.clone()))
+    let witness = WitnessServiceServer::new(WitnessService::new(state.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use hufu_certs::Province;
 use hufu_federation::feed::{self, Change, FeedError, GENESIS_HASH, Head};
-use hufu_proto::v1::{FeedBatch, FeedHead, StatusRecord};
+use hufu_proto::v1::{FeedHead, StatusRecord, SubscribeChangesResponse};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -307,7 +307,7 @@ impl Store {
     pub async fn apply_batch(
         &self,
         p: Province,
-        batch: &FeedBatch,
+        batch: &SubscribeChangesResponse,
         log_key: &str,
     ) -> Result<Applied, ApplyError> {
         if p == self.own {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use hufu_certs::{Province, Role};
 use hufu_proto::v1::LookupRequest;
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use tonic::transport::Channel;
 
 use crate::bench::{BenchArgs, closed_loop, histogram, load_holders};
@@ -70,7 +70,7 @@ impl NodeProcess {
 async fn open_loop(
     rate: f64,
     duration: Duration,
-    conns: &[StatusLookupClient<Channel>],
+    conns: &[StatusLookupServiceClient<Channel>],
     holders: Arc<Vec<String>>,
     issuer: &str,
 ) -> Step {
@@ -234,7 +234,7 @@ pub async fn run(args: &BenchArgs, steps: &[f64]) -> anyhow::Result<()> {
     let cert = remote.client_cert(Role::Terminal, "surge")?;
     let mut conns = Vec::new();
     for _ in 0..args.connections.max(1) * 2 {
-        conns.push(StatusLookupClient::new(
+        conns.push(StatusLookupServiceClient::new(
             client::connect(&target, &cert).await?,
         ));
     }

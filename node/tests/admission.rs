@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use hufu_certs::Role;
 use hufu_node::local::LocalProvince;
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
-use hufu_proto::v1::{ImportRow, LookupRequest};
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
+use hufu_proto::v1::{ImportStatusesRequest, LookupRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -57,11 +57,11 @@ async fn overload_is_shed_by_class_and_the_node_recovers() {
     let mut terminal = gd.terminal("gate").await.unwrap();
     terminal.lookup(lookup()).await.unwrap();
     let channel = gd.channel(Role::Terminal, "probe").await.unwrap();
-    StatusLookupClient::new(channel.clone())
+    StatusLookupServiceClient::new(channel.clone())
         .lookup(lookup())
         .await
         .unwrap();
-    let mut node = StatusLookupClient::new(gd.channel(Role::Node, "node-2").await.unwrap());
+    let mut node = StatusLookupServiceClient::new(gd.channel(Role::Node, "node-2").await.unwrap());
     node.lookup(lookup()).await.unwrap();
     admin
         .clone()
@@ -80,7 +80,7 @@ async fn overload_is_shed_by_class_and_the_node_recovers() {
     let mut holds = Vec::new();
     let mut calls = Vec::new();
     for _ in 0..5 {
-        let (tx, rx) = mpsc::channel::<ImportRow>(1);
+        let (tx, rx) = mpsc::channel::<ImportStatusesRequest>(1);
         let mut admin = admin.clone();
         calls.push(tokio::spawn(async move {
             admin
@@ -91,7 +91,7 @@ async fn overload_is_shed_by_class_and_the_node_recovers() {
         holds.push(tx);
     }
     wait_in_flight(&gd, 5).await;
-    let (_tx, rx) = mpsc::channel::<ImportRow>(1);
+    let (_tx, rx) = mpsc::channel::<ImportStatusesRequest>(1);
     let err = admin
         .clone()
         .import_statuses(ReceiverStream::new(rx))

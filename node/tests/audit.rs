@@ -19,8 +19,8 @@ use hufu_federation::audit::{
     leaf_hash, verify_consistency, verify_inclusion,
 };
 use hufu_node::local::{LocalFederation, LocalProvince};
-use hufu_proto::v1::audit_client::AuditClient;
-use hufu_proto::v1::witness_client::WitnessClient;
+use hufu_proto::v1::audit_service_client::AuditServiceClient;
+use hufu_proto::v1::witness_service_client::WitnessServiceClient;
 use hufu_proto::v1::{
     AddCheckpointRequest, BatchLookupRequest, Colour, GetCheckpointsRequest,
     GetConsistencyProofRequest, GetEntriesRequest, GetInclusionProofRequest, IssueCodeRequest,
@@ -383,7 +383,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         &tj.dir.join("auditor/alice.key"),
     )
     .unwrap();
-    let mut api = AuditClient::new(gd.channel_as(&alice).await.unwrap());
+    let mut api = AuditServiceClient::new(gd.channel_as(&alice).await.unwrap());
     let published = api
         .get_checkpoints(GetCheckpointsRequest { after_size: 0 })
         .await
@@ -402,9 +402,8 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .unwrap()
         .into_inner();
     assert_eq!(later.checkpoints.len(), published.checkpoints.len() - 1);
-    let hashes = |proof: hufu_proto::v1::AuditProof| -> Vec<TreeHash> {
-        proof
-            .hashes
+    let hashes = |hashes: Vec<Vec<u8>>| -> Vec<TreeHash> {
+        hashes
             .iter()
             .map(|h| TreeHash::from_slice(h).unwrap())
             .collect()
@@ -417,7 +416,14 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .await
         .unwrap()
         .into_inner();
-    verify_consistency(&hashes(consistency), old.size, old.root, new.size, new.root).unwrap();
+    verify_consistency(
+        &hashes(consistency.hashes),
+        old.size,
+        old.root,
+        new.size,
+        new.root,
+    )
+    .unwrap();
     let page = api
         .get_entries(GetEntriesRequest {
             start: 2,
@@ -438,7 +444,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .unwrap()
         .into_inner();
     verify_inclusion(
-        &hashes(inclusion),
+        &hashes(inclusion.hashes),
         2,
         leaf_hash(&page[0].entry),
         new.size,
@@ -765,7 +771,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
 
     // Submitted to SN's witness as GD's node.
     let gd_node = gd.client_cert(Role::Node, "node-1").unwrap();
-    let mut witness = WitnessClient::new(sn.channel_as(&gd_node).await.unwrap());
+    let mut witness = WitnessServiceClient::new(sn.channel_as(&gd_node).await.unwrap());
     let reply = witness
         .add_checkpoint(AddCheckpointRequest {
             checkpoint: fork.note(),
@@ -843,7 +849,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
 
     // Only a province's own nodes may submit its log, and only nodes.
     let tj_node = tj.client_cert(Role::Node, "node-1").unwrap();
-    let err = WitnessClient::new(sn.channel_as(&tj_node).await.unwrap())
+    let err = WitnessServiceClient::new(sn.channel_as(&tj_node).await.unwrap())
         .add_checkpoint(AddCheckpointRequest {
             checkpoint: fork.note(),
             old_size: 0,
@@ -854,7 +860,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("own province's log"), "{err:?}");
     let gd_auditor = gd.client_cert(Role::Auditor, "eve").unwrap();
-    let err = WitnessClient::new(sn.channel_as(&gd_auditor).await.unwrap())
+    let err = WitnessServiceClient::new(sn.channel_as(&gd_auditor).await.unwrap())
         .add_checkpoint(AddCheckpointRequest {
             checkpoint: fork.note(),
             old_size: 0,
@@ -864,7 +870,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     // And the audit API is for auditors only.
-    let err = AuditClient::new(sn.channel(Role::Terminal, "gate").await.unwrap())
+    let err = AuditServiceClient::new(sn.channel(Role::Terminal, "gate").await.unwrap())
         .get_checkpoints(GetCheckpointsRequest::default())
         .await
         .unwrap_err();
@@ -958,7 +964,7 @@ async fn alone_a_node_records_but_publishes_nothing_and_auditing_can_be_off() {
     // Without a trust list there is no witness quorum to publish under.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let auditor = alone.client_cert(Role::Auditor, "alice").unwrap();
-    let reply = AuditClient::new(alone.channel_as(&auditor).await.unwrap())
+    let reply = AuditServiceClient::new(alone.channel_as(&auditor).await.unwrap())
         .get_checkpoints(GetCheckpointsRequest::default())
         .await
         .unwrap()

@@ -6,8 +6,8 @@ mod common;
 use hufu_certs::{CertificateAuthority, Identity, LeafOptions, Role};
 use hufu_node::client::ClientCert;
 use hufu_node::local::LocalProvince;
-use hufu_proto::v1::admin_client::AdminClient;
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::admin_service_client::AdminServiceClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{GetStatusRequest, LookupRequest, get_status_request};
 use tonic::Code;
 
@@ -62,7 +62,7 @@ async fn assert_refused_at_handshake(s: &Setup, cert: &ClientCert, what: &str) {
     match s.gd.channel_as(cert).await {
         Err(_) => {}
         Ok(channel) => {
-            let err = StatusLookupClient::new(channel)
+            let err = StatusLookupServiceClient::new(channel)
                 .lookup(lookup_request(&s.holder))
                 .await
                 .expect_err(what);
@@ -181,13 +181,14 @@ async fn permissions_follow_the_certificate_identity() {
     // A terminal of another (member) province connects, but may not look up
     // here: its own province's node answers it.
     let mut foreign =
-        StatusLookupClient::new(s.sn.channel_to(&s.gd, Role::Terminal, "gate-sn").await);
+        StatusLookupServiceClient::new(s.sn.channel_to(&s.gd, Role::Terminal, "gate-sn").await);
     let err = foreign.lookup(lookup_request(&s.holder)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("own province"), "{}", err.message());
 
     // A node of another member province may look up.
-    let mut peer = StatusLookupClient::new(s.sn.channel_to(&s.gd, Role::Node, "node-1").await);
+    let mut peer =
+        StatusLookupServiceClient::new(s.sn.channel_to(&s.gd, Role::Node, "node-1").await);
     let reply = peer
         .lookup(lookup_request(&s.holder))
         .await
@@ -198,7 +199,7 @@ async fn permissions_follow_the_certificate_identity() {
     // Terminals may not administer; admins of another province neither;
     // admins may not look up as terminals do.
     let admin_call = |channel| async move {
-        AdminClient::new(channel)
+        AdminServiceClient::new(channel)
             .get_status(GetStatusRequest {
                 subject: Some(get_status_request::Subject::Holder(
                     String::from("A").repeat(26),
@@ -219,7 +220,7 @@ async fn permissions_follow_the_certificate_identity() {
     let err = admin_call(s.gd.channel(Role::Auditor, "aud").await.unwrap()).await;
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    let err = StatusLookupClient::new(s.gd.channel(Role::Admin, "admin2").await.unwrap())
+    let err = StatusLookupServiceClient::new(s.gd.channel(Role::Admin, "admin2").await.unwrap())
         .lookup(lookup_request(&s.holder))
         .await
         .unwrap_err();

@@ -13,7 +13,7 @@ use hufu_federation::codes::{CodeAlg, CodeClaims, Colour as CodeColour, HealthCl
 use hufu_node::local::LocalProvince;
 use hufu_node::sample;
 use hufu_node::status::{now_unix, timestamp};
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
     Colour, GetJwksRequest, GetJwksResponse, IssueCodeRequest, IssueCodeResponse, Policy,
     PutStatusRequest, Reason, RevokeKeyRequest, RotateKeyRequest, Source, StatusInput, Verdict,
@@ -73,7 +73,7 @@ async fn put_status(
 }
 
 async fn verify(
-    terminal: &mut StatusLookupClient<Channel>,
+    terminal: &mut StatusLookupServiceClient<Channel>,
     token: &str,
     policy: Option<Policy>,
 ) -> VerifyResponse {
@@ -87,7 +87,7 @@ async fn verify(
         .into_inner()
 }
 
-async fn jwks(terminal: &mut StatusLookupClient<Channel>) -> (GetJwksResponse, Vec<String>) {
+async fn jwks(terminal: &mut StatusLookupServiceClient<Channel>) -> (GetJwksResponse, Vec<String>) {
     let reply = terminal
         .get_jwks(GetJwksRequest::default())
         .await
@@ -300,7 +300,7 @@ async fn issue_and_verify_round_trip_from_a_terminal() {
     let admin = province
         .channel(Role::Admin, "ops")
         .await
-        .map(StatusLookupClient::new)
+        .map(StatusLookupServiceClient::new)
         .unwrap()
         .verify(VerifyRequest {
             token: issued.token.clone(),

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use hufu_node::client::{ClientCert, Target};
 use hufu_node::init::{InitOptions, init_province};
-use hufu_proto::v1::admin_client::AdminClient;
-use hufu_proto::v1::{Colour, GetStatusRequest, ImportRow, PutStatusRequest, get_status_request};
+use hufu_proto::v1::admin_service_client::AdminServiceClient;
+use hufu_proto::v1::{
+    Colour, GetStatusRequest, ImportStatusesRequest, PutStatusRequest, get_status_request,
+};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -42,10 +44,13 @@ fn serve(config: &std::path::Path) -> Serve {
     )
 }
 
-async fn admin(target: &Target, cert: &ClientCert) -> AdminClient<tonic::transport::Channel> {
+async fn admin(
+    target: &Target,
+    cert: &ClientCert,
+) -> AdminServiceClient<tonic::transport::Channel> {
     for _ in 0..200 {
         if let Ok(channel) = hufu_node::client::connect(target, cert).await {
-            return AdminClient::new(channel);
+            return AdminServiceClient::new(channel);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -105,8 +110,8 @@ async fn acknowledged_statuses_survive_kill_9() {
         "change numbers have no gaps"
     );
     // ...and a bulk import, acknowledged by its summary.
-    let rows: Vec<ImportRow> = (100..2100u64)
-        .map(|n| ImportRow {
+    let rows: Vec<ImportStatusesRequest> = (100..2100u64)
+        .map(|n| ImportStatusesRequest {
             line: n,
             status: Some(common::sample_input(p, n, Colour::Red)),
         })

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use hufu_certs::{Identity, LeafOptions, Province, Role};
 use hufu_node::local::{LocalFederation, LocalProvince};
-use hufu_proto::v1::federation_client::FederationClient;
+use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::{
-    Colour, FeedBatch, IssueCodeRequest, LookupRequest, OfferTrustListRequest, PutStatusRequest,
-    Source, SubscribeRequest, Verdict, VerifyRequest, issue_code_request,
+    Colour, IssueCodeRequest, LookupRequest, OfferTrustListRequest, PutStatusRequest, Source,
+    SubscribeChangesRequest, SubscribeChangesResponse, Verdict, VerifyRequest, issue_code_request,
 };
 use tonic::Code;
 
@@ -143,7 +143,10 @@ async fn codes_cross_provinces_and_changes_propagate() {
                     hufu_node::client::connect(&fed.get(p(issuer)).target().unwrap(), &cert)
                         .await
                         .unwrap();
-                let err = hufu_proto::v1::status_lookup_client::StatusLookupClient::new(channel)
+                let err =
+                    hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(
+                        channel,
+                    )
                     .verify(VerifyRequest {
                         token: token.clone(),
                         policy: None,
@@ -346,15 +349,15 @@ async fn forgeries_are_refused_and_the_node_keeps_serving() {
     )
     .await
     .unwrap();
-    let mut stream = FederationClient::new(channel)
-        .subscribe_changes(SubscribeRequest {
+    let mut stream = FederationServiceClient::new(channel)
+        .subscribe_changes(SubscribeChangesRequest {
             issuer: GD.into(),
             after_sequence: 0,
         })
         .await
         .unwrap()
         .into_inner();
-    let genuine: FeedBatch = stream.message().await.unwrap().unwrap();
+    let genuine: SubscribeChangesResponse = stream.message().await.unwrap().unwrap();
     assert_eq!(genuine.changes.len(), 3);
     drop(stream);
 
@@ -450,7 +453,7 @@ async fn forgeries_are_refused_and_the_node_keeps_serving() {
     .unwrap();
     hufu_node::federation::ops::sign(&fed.get(p(TJ)).config, &mut next).unwrap();
     let mut admin_fed =
-        FederationClient::new(fed.get(p(GD)).channel(Role::Admin, "admin").await.unwrap());
+        FederationServiceClient::new(fed.get(p(GD)).channel(Role::Admin, "admin").await.unwrap());
     let err = admin_fed
         .offer_trust_list(OfferTrustListRequest {
             note: next.note().to_owned(),
@@ -517,8 +520,8 @@ async fn forgeries_are_refused_and_the_node_keeps_serving() {
         let channel = hufu_node::client::connect(&fed.get(p(SN)).target().ok()?, &cert)
             .await
             .ok()?;
-        FederationClient::new(channel)
-            .subscribe_changes(SubscribeRequest {
+        FederationServiceClient::new(channel)
+            .subscribe_changes(SubscribeChangesRequest {
                 issuer: SN.into(),
                 after_sequence: 0,
             })

@@ -136,7 +136,7 @@ async fn health_reflection_and_metrics_answer() {
         .unwrap();
 
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "hufu.v1.StatusLookup", "hufu.v1.Admin"] {
+    for service in ["", "hufu.v1.StatusLookupService", "hufu.v1.AdminService"] {
         let reply = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -147,8 +147,9 @@ async fn health_reflection_and_metrics_answer() {
         assert_eq!(reply.status, ServingStatus::Serving as i32, "{service}");
     }
 
-    let mut terminal =
-        hufu_proto::v1::status_lookup_client::StatusLookupClient::new(channel.clone());
+    let mut terminal = hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(
+        channel.clone(),
+    );
     let _ = terminal
         .lookup(LookupRequest {
             issuer: "440000".into(),
@@ -171,8 +172,8 @@ async fn health_reflection_and_metrics_answer() {
     };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     for wanted in [
-        "hufu.v1.StatusLookup",
-        "hufu.v1.Admin",
+        "hufu.v1.StatusLookupService",
+        "hufu.v1.AdminService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.contains(&wanted), "{names:?}");

@@ -80,7 +80,7 @@ async fn garbage_and_oversized_requests_are_refused_cleanly() {
         vec![0x0f, 0x01, 0x02],
         b"\xff\xfe garbage".to_vec(),
     ] {
-        let status = raw_call(channel.clone(), "/hufu.v1.StatusLookup/Lookup", body).await;
+        let status = raw_call(channel.clone(), "/hufu.v1.StatusLookupService/Lookup", body).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(
             status.message().contains("malformed LookupRequest"),
@@ -90,7 +90,7 @@ async fn garbage_and_oversized_requests_are_refused_cleanly() {
     }
     let status = raw_call(
         channel.clone(),
-        "/hufu.v1.Admin/PutStatus",
+        "/hufu.v1.AdminService/PutStatus",
         vec![0x0a, 0x05, 0x01],
     )
     .await;
@@ -99,11 +99,13 @@ async fn garbage_and_oversized_requests_are_refused_cleanly() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     // An unknown method.
-    let status = raw_call(channel.clone(), "/hufu.v1.StatusLookup/Nope", vec![]).await;
+    let status = raw_call(channel.clone(), "/hufu.v1.StatusLookupService/Nope", vec![]).await;
     assert_eq!(status.code(), Code::Unimplemented);
 
     // Larger than the 2 MiB limit.
-    let mut client = hufu_proto::v1::status_lookup_client::StatusLookupClient::new(channel.clone());
+    let mut client = hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(
+        channel.clone(),
+    );
     let err = client
         .batch_lookup(BatchLookupRequest {
             issuer: "440000".into(),
@@ -125,7 +127,8 @@ async fn garbage_and_oversized_requests_are_refused_cleanly() {
             .await
             .unwrap(),
     ] {
-        let mut client = hufu_proto::v1::status_lookup_client::StatusLookupClient::new(channel);
+        let mut client =
+            hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(channel);
         let reply = client
             .lookup(LookupRequest {
                 issuer: "440000".into(),

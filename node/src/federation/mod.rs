@@ -13,8 +13,8 @@ use std::time::Duration;
 use hufu_certs::{Identity, Province};
 use hufu_federation::audit::{AnswerSource, EntryKind};
 use hufu_federation::trust::{Member, SignedTrustList, TrustList, TrustStore};
-use hufu_proto::v1::federation_client::FederationClient;
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
+use hufu_proto::v1::federation_service_client::FederationServiceClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{GetTrustListRequest, LookupRequest, OfferTrustListRequest, StatusRecord};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -200,7 +200,7 @@ impl NodeState {
                 let Ok(channel) = self.peers.channel(m.province, endpoint) else {
                     continue;
                 };
-                let mut client = FederationClient::new(channel);
+                let mut client = FederationServiceClient::new(channel);
                 let mut request = tonic::Request::new(OfferTrustListRequest {
                     note: note.to_owned(),
                 });
@@ -236,7 +236,10 @@ impl NodeState {
                     after_version: membership.version(),
                 });
                 request.set_timeout(self.peers.deadline);
-                let Ok(reply) = FederationClient::new(channel).get_trust_list(request).await else {
+                let Ok(reply) = FederationServiceClient::new(channel)
+                    .get_trust_list(request)
+                    .await
+                else {
                     continue;
                 };
                 for note in reply.into_inner().notes {
@@ -298,7 +301,7 @@ impl NodeState {
                 holder: holder.to_owned(),
             });
             request.set_timeout(self.peers.deadline);
-            let mut client = StatusLookupClient::new(channel);
+            let mut client = StatusLookupServiceClient::new(channel);
             match tokio::time::timeout(self.peers.deadline, client.lookup(request)).await {
                 Ok(Ok(reply)) => {
                     self.peers.success(p);

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
 use hufu_federation::codes::Jwks;
-use hufu_proto::v1::federation_client::FederationClient;
-use hufu_proto::v1::status_lookup_client::StatusLookupClient;
-use hufu_proto::v1::{GetJwksRequest, SubscribeRequest};
+use hufu_proto::v1::federation_service_client::FederationServiceClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
+use hufu_proto::v1::{GetJwksRequest, SubscribeChangesRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::state::NodeState;
@@ -119,9 +119,10 @@ async fn session(
         .peers
         .channel(source.province, &source.endpoint)
         .map_err(|e| e.to_string())?;
-    let mut client = FederationClient::new(channel).max_decoding_message_size(MAX_BATCH_BYTES);
+    let mut client =
+        FederationServiceClient::new(channel).max_decoding_message_size(MAX_BATCH_BYTES);
     let deadline = state.peers.deadline;
-    let call = client.subscribe_changes(SubscribeRequest {
+    let call = client.subscribe_changes(SubscribeChangesRequest {
         issuer: p.to_string(),
         after_sequence: after,
     });
@@ -194,7 +195,10 @@ async fn refresh_keys_if_changed(
         province: p.to_string(),
     });
     request.set_timeout(state.peers.deadline);
-    let reply = match StatusLookupClient::new(channel).get_jwks(request).await {
+    let reply = match StatusLookupServiceClient::new(channel)
+        .get_jwks(request)
+        .await
+    {
         Ok(r) => r.into_inner(),
         Err(status) => {
             tracing::debug!(province = %p, error = %status.message(), "fetching keys failed");

@@ -1,4 +1,4 @@
-//! `hufu.v1.Admin`: a province's own administration (statuses, codes, keys),
+//! `hufu.v1.AdminService`: a province's own administration (statuses, codes, keys),
 //! for admins of the node's province only.
 
 use std::sync::Arc;
@@ -7,12 +7,13 @@ use futures::StreamExt;
 use hufu_certs::Identity;
 use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{CodeAlg, CodeClaims, HealthClaim};
-use hufu_proto::v1::admin_server::Admin;
+use hufu_proto::v1::admin_service_server;
 use hufu_proto::v1::{
-    Colour, GetStatusRequest, GetStatusResponse, ImportRejection, ImportRow, ImportSummary,
-    IssueCodeRequest, IssueCodeResponse, PutStatusRequest, PutStatusResponse, Reason,
-    RevokeKeyRequest, RevokeKeyResponse, RotateKeyRequest, RotateKeyResponse, StatusInput,
-    StatusRecord, get_status_request, issue_code_request, status_input,
+    Colour, GetStatusRequest, GetStatusResponse, ImportRejection, ImportStatusesRequest,
+    ImportStatusesResponse, IssueCodeRequest, IssueCodeResponse, PutStatusRequest,
+    PutStatusResponse, Reason, RevokeKeyRequest, RevokeKeyResponse, RotateKeyRequest,
+    RotateKeyResponse, StatusInput, StatusRecord, get_status_request, issue_code_request,
+    status_input,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -140,7 +141,10 @@ impl AdminService {
         })
     }
 
-    async fn import(&self, request: Request<Streaming<ImportRow>>) -> NodeResult<ImportSummary> {
+    async fn import(
+        &self,
+        request: Request<Streaming<ImportStatusesRequest>>,
+    ) -> NodeResult<ImportStatusesResponse> {
         let caller = check(
             self.state.province,
             &request,
@@ -148,7 +152,7 @@ impl AdminService {
             Access::Admin,
         )?;
         let mut rows = request.into_inner();
-        let mut summary = ImportSummary::default();
+        let mut summary = ImportStatusesResponse::default();
         let mut chunk: Vec<(u64, StatusRecord)> = Vec::with_capacity(IMPORT_CHUNK);
         let now = now_unix();
         while let Some(row) = rows.next().await {
@@ -188,7 +192,7 @@ impl AdminService {
         &self,
         caller: &Identity,
         chunk: &mut Vec<(u64, StatusRecord)>,
-        summary: &mut ImportSummary,
+        summary: &mut ImportStatusesResponse,
     ) -> NodeResult<()> {
         if chunk.is_empty() {
             return Ok(());
@@ -338,7 +342,7 @@ impl AdminService {
 }
 
 #[tonic::async_trait]
-impl Admin for AdminService {
+impl admin_service_server::AdminService for AdminService {
     async fn put_status(
         &self,
         request: Request<PutStatusRequest>,
@@ -351,8 +355,8 @@ impl Admin for AdminService {
 
     async fn import_statuses(
         &self,
-        request: Request<Streaming<ImportRow>>,
-    ) -> Result<Response<ImportSummary>, Status> {
+        request: Request<Streaming<ImportStatusesRequest>>,
+    ) -> Result<Response<ImportStatusesResponse>, Status> {
         metered(&self.state.metrics, "ImportStatuses", async {
             Ok(Response::new(self.import(request).await?))
         })

@@ -1,18 +1,18 @@
-//! `hufu.v1.Audit`, the read-only audit API for auditors, and
-//! `hufu.v1.Witness`, through which the other members' nodes have this
+//! `hufu.v1.AuditService`, the read-only audit API for auditors, and
+//! `hufu.v1.WitnessService`, through which the other members' nodes have this
 //! province witness their audit logs.
 
 use std::sync::Arc;
 
 use hufu_certs::Role;
 use hufu_federation::audit::{AuditError, SignedCheckpoint, TreeHash, WitnessError};
-use hufu_proto::v1::audit_server::Audit;
-use hufu_proto::v1::witness_server::Witness;
 use hufu_proto::v1::{
-    AddCheckpointRequest, AddCheckpointResponse, AuditLogEntry, AuditProof, GetCheckpointsRequest,
-    GetCheckpointsResponse, GetConsistencyProofRequest, GetEntriesRequest, GetEntriesResponse,
-    GetInclusionProofRequest, add_checkpoint_response,
+    AddCheckpointRequest, AddCheckpointResponse, AuditLogEntry, GetCheckpointsRequest,
+    GetCheckpointsResponse, GetConsistencyProofRequest, GetConsistencyProofResponse,
+    GetEntriesRequest, GetEntriesResponse, GetInclusionProofRequest, GetInclusionProofResponse,
+    add_checkpoint_response,
 };
+use hufu_proto::v1::{audit_service_server, witness_service_server};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Access, check};
@@ -44,14 +44,13 @@ fn status(err: AuditError) -> Status {
     }
 }
 
-fn proof(hashes: Vec<TreeHash>) -> AuditProof {
-    AuditProof {
-        hashes: hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
-    }
+/// Proof hashes as the wire carries them.
+fn proof(hashes: Vec<TreeHash>) -> Vec<Vec<u8>> {
+    hashes.iter().map(|h| h.as_bytes().to_vec()).collect()
 }
 
 #[tonic::async_trait]
-impl Audit for AuditService {
+impl audit_service_server::AuditService for AuditService {
     async fn get_checkpoints(
         &self,
         request: Request<GetCheckpointsRequest>,
@@ -110,7 +109,7 @@ impl Audit for AuditService {
     async fn get_inclusion_proof(
         &self,
         request: Request<GetInclusionProofRequest>,
-    ) -> Result<Response<AuditProof>, Status> {
+    ) -> Result<Response<GetInclusionProofResponse>, Status> {
         metered(&self.state.metrics, "GetInclusionProof", async {
             check(
                 self.state.province,
@@ -125,7 +124,9 @@ impl Audit for AuditService {
                 .log
                 .inclusion_proof(req.index, req.tree_size)
                 .map_err(status)?;
-            Ok(Response::new(proof(hashes)))
+            Ok(Response::new(GetInclusionProofResponse {
+                hashes: proof(hashes),
+            }))
         })
         .await
     }
@@ -133,7 +134,7 @@ impl Audit for AuditService {
     async fn get_consistency_proof(
         &self,
         request: Request<GetConsistencyProofRequest>,
-    ) -> Result<Response<AuditProof>, Status> {
+    ) -> Result<Response<GetConsistencyProofResponse>, Status> {
         metered(&self.state.metrics, "GetConsistencyProof", async {
             check(
                 self.state.province,
@@ -148,7 +149,9 @@ impl Audit for AuditService {
                 .log
                 .consistency_proof(req.old_size, req.new_size)
                 .map_err(status)?;
-            Ok(Response::new(proof(hashes)))
+            Ok(Response::new(GetConsistencyProofResponse {
+                hashes: proof(hashes),
+            }))
         })
         .await
     }
@@ -269,7 +272,7 @@ impl WitnessService {
 }
 
 #[tonic::async_trait]
-impl Witness for WitnessService {
+impl witness_service_server::WitnessService for WitnessService {
     async fn add_checkpoint(
         &self,
         request: Request<AddCheckpointRequest>,

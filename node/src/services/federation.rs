@@ -1,4 +1,4 @@
-//! `hufu.v1.Federation`: status-change feeds and trust-list gossip, for
+//! `hufu.v1.FederationService`: status-change feeds and trust-list gossip, for
 //! nodes of member provinces.
 
 use std::pin::Pin;
@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use futures::Stream;
 use hufu_certs::Province;
-use hufu_proto::v1::federation_server::Federation;
+use hufu_proto::v1::federation_service_server;
 use hufu_proto::v1::{
-    FeedBatch, FeedHead, GetTrustListRequest, GetTrustListResponse, OfferTrustListRequest,
-    OfferTrustListResponse, StatusChange, SubscribeRequest,
+    FeedHead, GetTrustListRequest, GetTrustListResponse, OfferTrustListRequest,
+    OfferTrustListResponse, StatusChange, SubscribeChangesRequest, SubscribeChangesResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,14 +31,14 @@ impl FederationService {
     }
 }
 
-type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
+type FeedStream = Pin<Box<dyn Stream<Item = Result<SubscribeChangesResponse, Status>> + Send>>;
 
 /// Streams one province's feed to one subscriber until it goes away.
 async fn serve_feed(
     state: Arc<NodeState>,
     p: Province,
     mut after: u64,
-    tx: mpsc::Sender<Result<FeedBatch, Status>>,
+    tx: mpsc::Sender<Result<SubscribeChangesResponse, Status>>,
 ) {
     let own = p == state.province;
     let mut watch = state.store.watch(p);
@@ -81,7 +81,7 @@ async fn serve_feed(
                 };
                 match head {
                     Ok(Some(head)) if head.sequence == after => {
-                        let hb = FeedBatch { changes: vec![], head: Some(head) };
+                        let hb = SubscribeChangesResponse { changes: vec![], head: Some(head) };
                         if tx.send(Ok(hb)).await.is_err() {
                             return;
                         }
@@ -130,7 +130,11 @@ async fn own_head(state: &NodeState, sequence: u64) -> NodeResult<Option<FeedHea
 }
 
 /// The next batch of this province's own changes after `after`, signed now.
-async fn own_batch(state: &NodeState, after: u64, max: usize) -> NodeResult<Option<FeedBatch>> {
+async fn own_batch(
+    state: &NodeState,
+    after: u64,
+    max: usize,
+) -> NodeResult<Option<SubscribeChangesResponse>> {
     let tail = state.store.tail(state.province).await?;
     if tail.sequence <= after {
         if tail.sequence < after {
@@ -148,7 +152,7 @@ async fn own_batch(state: &NodeState, after: u64, max: usize) -> NodeResult<Opti
         return Ok(None);
     };
     let head = own_head(state, *last).await?;
-    Ok(Some(FeedBatch {
+    Ok(Some(SubscribeChangesResponse {
         changes: changes
             .into_iter()
             .map(|(sequence, _, record)| StatusChange { sequence, record })
@@ -159,7 +163,11 @@ async fn own_batch(state: &NodeState, after: u64, max: usize) -> NodeResult<Opti
 
 /// The next relayed batch of province `p` after `after`: the changes up to
 /// the next head the issuer signed.
-fn relay_batch(state: &NodeState, p: Province, after: u64) -> NodeResult<Option<FeedBatch>> {
+fn relay_batch(
+    state: &NodeState,
+    p: Province,
+    after: u64,
+) -> NodeResult<Option<SubscribeChangesResponse>> {
     let Some(head) = state.store.head_after(p, after)? else {
         return Ok(None);
     };
@@ -169,7 +177,7 @@ fn relay_batch(state: &NodeState, p: Province, after: u64) -> NodeResult<Option<
         // nothing to relay from this point.
         return Ok(None);
     }
-    Ok(Some(FeedBatch {
+    Ok(Some(SubscribeChangesResponse {
         changes: changes
             .into_iter()
             .map(|(sequence, _, record)| StatusChange { sequence, record })
@@ -179,12 +187,12 @@ fn relay_batch(state: &NodeState, p: Province, after: u64) -> NodeResult<Option<
 }
 
 #[tonic::async_trait]
-impl Federation for FederationService {
+impl federation_service_server::FederationService for FederationService {
     type SubscribeChangesStream = FeedStream;
 
     async fn subscribe_changes(
         &self,
-        request: Request<SubscribeRequest>,
+        request: Request<SubscribeChangesRequest>,
     ) -> Result<Response<FeedStream>, Status> {
         metered(&self.state.metrics, "SubscribeChanges", async {
             let caller = check(

@@ -1,4 +1,4 @@
-//! `hufu.v1.StatusLookup`: status lookups and code verification for
+//! `hufu.v1.StatusLookupService`: status lookups and code verification for
 //! terminals of this province and nodes of every member.
 
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use hufu_certs::{Identity, Province};
 use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{self, Verdict as CodeVerdict};
 use hufu_federation::holder::HolderId;
-use hufu_proto::v1::status_lookup_server::StatusLookup;
+use hufu_proto::v1::status_lookup_service_server::StatusLookupService;
 use hufu_proto::v1::{
     BatchEntry, BatchLookupRequest, BatchLookupResponse, Colour, GetJwksRequest, GetJwksResponse,
     LookupRequest, LookupResponse, Policy, Provenance, Reason, Source, StatusRecord, Verdict,
@@ -262,7 +262,8 @@ impl LookupService {
             holders: holders.to_vec(),
         });
         request.set_timeout(self.state.peers.deadline);
-        let mut client = hufu_proto::v1::status_lookup_client::StatusLookupClient::new(channel);
+        let mut client =
+            hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(channel);
         let result =
             match tokio::time::timeout(self.state.peers.deadline, client.batch_lookup(request))
                 .await
@@ -523,7 +524,7 @@ fn evaluate(
 }
 
 #[tonic::async_trait]
-impl StatusLookup for LookupService {
+impl StatusLookupService for LookupService {
     async fn lookup(
         &self,
         request: Request<LookupRequest>,

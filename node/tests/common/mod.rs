@@ -6,7 +6,7 @@ use hufu_certs::Province;
 use hufu_node::local::LocalProvince;
 use hufu_node::sample;
 use hufu_node::status::{now_unix, timestamp};
-use hufu_proto::v1::{Colour, ImportRow, StatusInput, status_input};
+use hufu_proto::v1::{Colour, ImportStatusesRequest, StatusInput, status_input};
 
 pub fn province(code: &str) -> Province {
     Province::parse(code).unwrap()
@@ -42,8 +42,8 @@ pub fn sample_input(p: Province, n: u64, colour: Colour) -> StatusInput {
 /// returns their pseudonyms, computed independently with the province secret.
 pub async fn import_samples(province: &LocalProvince, count: u64) -> Vec<String> {
     let p = province.province;
-    let rows: Vec<ImportRow> = (0..count)
-        .map(|n| ImportRow {
+    let rows: Vec<ImportStatusesRequest> = (0..count)
+        .map(|n| ImportStatusesRequest {
             line: n + 1,
             status: Some(sample_input(p, n, colour_of(n))),
         })

@@ -409,6 +409,7 @@ async fn issue_tokens(
                 subject: Some(issue_code_request::Subject::Holder(
                     ids[(i as usize) % ids.len()].clone(),
                 )),
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -433,7 +434,7 @@ fn verify_call(
             tokens[(i % tokens.len() as u64) as usize].clone()
         };
         Box::pin(async move {
-            matches!(client.verify(VerifyRequest { token, policy: None }).await, Ok(r) if r.get_ref().verdict == Verdict::Valid as i32)
+            matches!(client.verify(VerifyRequest { token, policy: None, ..Default::default() }).await, Ok(r) if r.get_ref().verdict == Verdict::Valid as i32)
         })
     }
 }
@@ -620,6 +621,7 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
         .verify(VerifyRequest {
             token: foreign_tokens[0].clone(),
             policy: None,
+            ..Default::default()
         })
         .await?
         .into_inner();

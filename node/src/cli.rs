@@ -8,7 +8,7 @@ use hufu_certs::{LeafOptions, Province, Role};
 use hufu_proto::v1::admin_service_client::AdminServiceClient;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
-    Colour, GetJwksRequest, GetStatusRequest, IssueCodeRequest, LookupRequest, Policy,
+    Colour, GetJwksRequest, GetStatusRequest, HolderMatch, IssueCodeRequest, LookupRequest, Policy,
     PutStatusRequest, RevokeKeyRequest, RotateKeyRequest, StatusInput, StatusRecord, Verdict,
     VerifyRequest, get_status_request, issue_code_request, status_input,
 };
@@ -253,6 +253,10 @@ pub enum CodeCommand {
     Issue {
         #[command(flatten)]
         who: HolderArgs,
+        /// The holder's name as on the identity card; the code carries it
+        /// masked (张*三), for checkpoints to compare with the person.
+        #[arg(long)]
+        name: Option<String>,
         /// Also write the code as a QR image (.png or .svg).
         #[arg(long)]
         qr: Option<PathBuf>,
@@ -271,8 +275,12 @@ pub enum CodeCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// The code (compact JWT); "-" reads it from stdin.
+    /// The code (compact JWT, or the QR text "HUFU:/…"); "-" reads it from stdin.
     pub token: String,
+    /// National id read from the identity card of the person showing the
+    /// code: the node answers whether it is the holder's.
+    #[arg(long = "id")]
+    pub national_id: Option<String>,
     /// Require a negative test within this many hours.
     #[arg(long)]
     pub negative_test_within_hours: Option<i64>,
@@ -650,6 +658,7 @@ async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
     match cmd {
         CodeCommand::Issue {
             who,
+            name,
             qr,
             qr_terminal,
             conn,
@@ -664,6 +673,7 @@ async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
             let reply = admin
                 .issue_code(IssueCodeRequest {
                     subject: Some(subject),
+                    name: name.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -734,7 +744,11 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let mut client = StatusLookupServiceClient::new(args.conn.channel().await?);
     let reply = client
-        .verify(VerifyRequest { token, policy })
+        .verify(VerifyRequest {
+            token,
+            policy,
+            national_id: args.national_id.clone().unwrap_or_default(),
+        })
         .await?
         .into_inner();
     let verdict = Verdict::try_from(reply.verdict).unwrap_or_default();
@@ -752,6 +766,22 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     if let Some(status) = &reply.status {
         print_record(status);
     }
+    if !reply.masked_name.is_empty() {
+        println!("name:               {}", reply.masked_name);
+    }
+    if !reply.masked_national_id.is_empty() {
+        println!("national id:        {}", reply.masked_national_id);
+    }
+    let holder_match = HolderMatch::try_from(reply.holder_match).unwrap_or_default();
+    if holder_match != HolderMatch::Unspecified {
+        println!(
+            "holder match:       {}",
+            holder_match
+                .as_str_name()
+                .trim_start_matches("HOLDER_MATCH_")
+                .to_lowercase()
+        );
+    }
     if let Some(p) = &reply.provenance {
         let source = hufu_proto::v1::Source::try_from(p.source).unwrap_or_default();
         println!(
@@ -766,7 +796,10 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     println!("policy met:         {}", reply.policy_met);
-    Ok(if reply.policy_met {
+    Ok(if holder_match == HolderMatch::False {
+        // Someone else's code: whatever its colour, it does not admit.
+        ExitCode::from(5)
+    } else if reply.policy_met {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(4)

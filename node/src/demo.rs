@@ -113,6 +113,7 @@ async fn issue(province: &LocalProvince, n: u64) -> anyhow::Result<String> {
                     .as_str()
                     .to_owned(),
             )),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -126,6 +127,7 @@ async fn verify_at(at: &LocalProvince, token: &str) -> anyhow::Result<VerifyResp
         .verify(VerifyRequest {
             token: token.to_owned(),
             policy: None,
+            ..Default::default()
         })
         .await?
         .into_inner())

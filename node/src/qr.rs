@@ -9,14 +9,18 @@ use qrcode::{EcLevel, QrCode};
 /// a phone screen or a printed card and scanning slows down.
 pub const MAX_COMFORTABLE_VERSION: i16 = 15;
 
-/// The QR symbol for a token, at error-correction level M (15% damage
+/// The QR symbol for a token, holding its numeric QR text
+/// ([`hufu_federation::codes::qr`]), at error-correction level M (15% damage
 /// tolerated: a phone screen with glare still scans) when that fits in
-/// [`MAX_COMFORTABLE_VERSION`], else at level L: a full ES256 code (about
-/// 425 bytes) needs version 16 at M but 13 or 14 at L, and a smaller symbol
-/// scans better than a more redundant one.
+/// [`MAX_COMFORTABLE_VERSION`], else at level L, because a smaller symbol
+/// scans better than a more redundant one. An ES256 code with a masked name
+/// and id (about 470 bytes) needs version 15 at level M.
 pub fn symbol(token: &str) -> anyhow::Result<QrCode> {
+    let text = hufu_federation::codes::qr::to_qr_text(token);
     let at = |level| {
-        QrCode::with_error_correction_level(token.as_bytes(), level)
+        // The encoder picks the modes: alphanumeric for the prefix,
+        // numeric for the digits.
+        QrCode::with_error_correction_level(text.as_bytes(), level)
             .context("token does not fit in a QR code")
     };
     let m = at(EcLevel::M)?;
@@ -75,4 +79,43 @@ pub fn to_terminal(code: &QrCode) -> String {
         .dark_color(qrcode::render::unicode::Dense1x2::Light)
         .light_color(qrcode::render::unicode::Dense1x2::Dark)
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A token-shaped string of `len` characters.
+    fn token_of(len: usize) -> String {
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        (0..len)
+            .map(|i| match i {
+                90 | 375 => '.',
+                _ => alphabet[(i * 7) % 64] as char,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_longest_code_fits_version_15_at_level_m_only_in_numeric_form() {
+        // An ES256 code whose masked name is as long as any (25 bytes) is
+        // 486 characters; in byte mode it would need version 17 at level M.
+        let token = token_of(486);
+        let code = symbol(&token).unwrap();
+        assert_eq!((version(&code), level(&code)), (15, "M"));
+        let bytes = QrCode::with_error_correction_level(token.as_bytes(), EcLevel::M).unwrap();
+        assert!(
+            version(&bytes) > MAX_COMFORTABLE_VERSION,
+            "{}",
+            version(&bytes)
+        );
+        for len in [424, 462, 470, 486] {
+            let s = symbol(&token_of(len)).unwrap();
+            println!(
+                "{len} characters: version {} level {}",
+                version(&s),
+                level(&s)
+            );
+        }
+    }
 }

@@ -86,6 +86,7 @@ async fn issue(province: &LocalProvince, n: u64) -> String {
                     .as_str()
                     .to_owned(),
             )),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -239,6 +240,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
                 .verify(VerifyRequest {
                     token,
                     policy: None,
+                    ..Default::default()
                 })
                 .await
                 .ok()?
@@ -257,6 +259,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .verify(VerifyRequest {
             token: forged,
             policy: None,
+            ..Default::default()
         })
         .await
         .unwrap()

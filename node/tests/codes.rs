@@ -24,6 +24,14 @@ use tonic::transport::Channel;
 
 const HOURS: i64 = 3600;
 
+/// The name codes are issued with, and how they show it.
+const HOLDER_NAME: &str = "张小三";
+const MASKED_NAME: &str = "张*三";
+
+/// A name whose masked form is as long as any (25 bytes): three words of
+/// four-byte characters (𠮷 is a real surname character).
+const LONGEST_NAME: &str = "𠮷𠮷𠮷𠮷·𠮷𠮷𠮷𠮷·𠮷𠮷𠮷𠮷";
+
 fn national_id(province: &LocalProvince, n: u64) -> String {
     sample::national_id(province.province, n)
         .as_str()
@@ -40,6 +48,7 @@ async fn issue(province: &LocalProvince, n: u64) -> IssueCodeResponse {
             subject: Some(issue_code_request::Subject::NationalId(national_id(
                 province, n,
             ))),
+            name: HOLDER_NAME.into(),
         })
         .await
         .unwrap()
@@ -81,6 +90,7 @@ async fn verify(
         .verify(VerifyRequest {
             token: token.to_owned(),
             policy,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -204,6 +214,8 @@ fn claims(province: &LocalProvince, holder: &str, nbf: i64, exp: i64) -> CodeCla
             as_of: nbf - HOURS,
             neg_test: Some(nbf - 2 * HOURS),
         },
+        hn: None,
+        hi: None,
     }
 }
 
@@ -305,6 +317,7 @@ async fn issue_and_verify_round_trip_from_a_terminal() {
         .verify(VerifyRequest {
             token: issued.token.clone(),
             policy: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -395,6 +408,13 @@ async fn pyjwt_verifies_a_code_from_the_jwks_served_over_get_jwks() {
     assert_eq!(decoded["sub"], holders[0].as_str());
     assert_eq!(decoded["hc"]["colour"], "green");
     assert_eq!(decoded["exp"], issued.expires.unwrap().seconds);
+    // The display claims are signed like the rest, and PyJWT reads them.
+    let id = national_id(province, 0);
+    assert_eq!(decoded["hn"], MASKED_NAME);
+    assert_eq!(
+        decoded["hi"],
+        format!("{}**********{}", &id[..4], &id[14..])
+    );
     let decoded = pyjwt_decode(&reply.jwks_json, &old.token, &tampered).await;
     assert_eq!(decoded["sub"], holders[1].as_str());
     assert_eq!(decoded["hc"]["colour"], "yellow");
@@ -732,7 +752,7 @@ fn decode_qr(path: &Path) -> (usize, String) {
 }
 
 #[tokio::test]
-async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token() {
+async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token_at_version_15_level_m() {
     let node = common::start("440000").await;
     let province = &node.province;
     common::import_samples(province, 1).await;
@@ -747,6 +767,8 @@ async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token() {
         id.clone().into(),
         "--qr".into(),
         png.clone().into(),
+        "--name".into(),
+        LONGEST_NAME.into(),
     ];
     args.extend(conn_args(province));
     let output = hufu(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>()).await;
@@ -755,9 +777,9 @@ async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token() {
     let token = text(&output.stdout).trim().to_owned();
     assert_eq!(token.split('.').count(), 3, "{token}");
 
-    // stderr: "kid …; expires …; 424 bytes, QR version 13 (level L)". A
-    // real ES256 code is about 425 bytes: version 16 at level M, 13 at L.
-    // Version 15 and below scans comfortably.
+    // stderr: "kid …; expires …; 490 bytes, QR version 15 (level M)". With
+    // the longest masked name a code is about 490 bytes: in numeric form it
+    // still fits version 15 at level M, which scans comfortably.
     let version: i16 = stderr
         .split("QR version ")
         .nth(1)
@@ -772,19 +794,71 @@ async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token() {
         stderr.contains(&format!("{} bytes", token.len())),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("(level M)") || stderr.contains("(level L)"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("(level M)"), "{stderr}");
 
     let (scanned_version, scanned) = decode_qr(&png);
-    assert_eq!(scanned, token);
     assert_eq!(scanned_version, version as usize);
-    // What the QR code carries is a good code of this node.
+    assert!(scanned.starts_with("HUFU:/"), "{scanned}");
+    assert_eq!(
+        hufu_federation::codes::qr::from_scanned(&scanned).unwrap(),
+        token
+    );
+    // What the QR code carries is a good code of this node, as scanned.
     let mut terminal = province.terminal("gate-1").await.unwrap();
     let reply = verify(&mut terminal, &scanned, None).await;
     assert_valid(&reply);
     assert_eq!(colour_of(&reply), Colour::Green);
+    assert_eq!(reply.masked_name, "𠮷***·𠮷***·𠮷***");
+
+    // `hufu verify` shows the masked name and id, and with the card's id
+    // says whether the code is the holder's.
+    let masked_id = format!("{}**********{}", &id[..4], &id[14..]);
+    let other = national_id(province, 1);
+    let (cert, key) = hufu_node::init::issue_cert(
+        &province.dir,
+        Role::Terminal,
+        "gate-2",
+        &LeafOptions::default(),
+    )
+    .unwrap();
+    for (card, says, code) in [(&id, "true", 0), (&other, "false", 5)] {
+        let mut verify_args: Vec<std::ffi::OsString> = vec![
+            "verify".into(),
+            scanned.clone().into(),
+            "--id".into(),
+            card.into(),
+        ];
+        verify_args.extend(conn_args(province));
+        verify_args.extend(["--cert".into(), cert.clone().into()]);
+        verify_args.extend(["--key".into(), key.clone().into()]);
+        let output = hufu(
+            &verify_args
+                .iter()
+                .map(|a| a.as_os_str())
+                .collect::<Vec<_>>(),
+        )
+        .await;
+        let stdout = text(&output.stdout);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{stdout}{}",
+            text(&output.stderr)
+        );
+        assert!(
+            stdout.contains("name:               𠮷***·𠮷***·𠮷***"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("national id:        {masked_id}")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("holder match:       {says}")),
+            "{stdout}"
+        );
+        assert!(!stdout.contains(card.as_str()), "{stdout}");
+    }
 
     // SVG, chosen by the extension; and half blocks on the terminal.
     let svg = out.path().join("code.svg");

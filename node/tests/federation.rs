@@ -47,6 +47,7 @@ async fn issue(province: &LocalProvince, n: u64) -> String {
                     .as_str()
                     .to_owned(),
             )),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -108,6 +109,7 @@ async fn codes_cross_provinces_and_changes_propagate() {
                         .verify(VerifyRequest {
                             token,
                             policy: None,
+                            ..Default::default()
                         })
                         .await
                         .ok()?
@@ -150,6 +152,7 @@ async fn codes_cross_provinces_and_changes_propagate() {
                     .verify(VerifyRequest {
                         token: token.clone(),
                         policy: None,
+                        ..Default::default()
                     })
                     .await
                     .unwrap_err();
@@ -202,6 +205,7 @@ async fn codes_cross_provinces_and_changes_propagate() {
         .verify(VerifyRequest {
             token,
             policy: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -254,6 +258,7 @@ async fn a_province_down_then_back_and_catch_up_through_a_peer() {
                 .verify(VerifyRequest {
                     token,
                     policy: None,
+                    ..Default::default()
                 })
                 .await
                 .ok()?
@@ -279,6 +284,7 @@ async fn a_province_down_then_back_and_catch_up_through_a_peer() {
         .verify(VerifyRequest {
             token: token.clone(),
             policy: Some(strict),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -303,7 +303,8 @@ impl Keyring {
     }
 
     /// Signs `claims` with the active key: a compact JWS with header
-    /// `{typ: "JWT", alg, kid}`.
+    /// `{alg, kid}` (no `typ`: it is optional, and leaving it out keeps the
+    /// QR symbol a version smaller).
     pub fn sign(&self, claims: &CodeClaims) -> Result<String, CodeError> {
         jsonwebtoken::encode(&self.active.header, claims, &self.active.key)
             .map_err(|e| CodeError::Sign(e.to_string()))
@@ -364,6 +365,7 @@ fn active_key(record: &KeyRecord, pkcs8: &[u8], path: &Path) -> Result<ActiveKey
         CodeAlg::EdDsa => EncodingKey::from_ed_der(pkcs8),
     };
     let mut header = Header::new(record.alg.algorithm());
+    header.typ = None;
     header.kid = Some(record.kid.clone());
     let active = ActiveKey {
         kid: record.kid.clone(),

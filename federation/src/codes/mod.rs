@@ -5,10 +5,16 @@
 //! a [`CodeVerifier`] and checks codes without calling anyone. The token is a
 //! plain compact JWS (ES256 by default, EdDSA allowed) so that standard JOSE
 //! tools verify it from the published JWKS too.
+//!
+//! Beside the pseudonym a code may carry the holder's masked name and masked
+//! national id ([`display`]), for a checkpoint to compare with the person
+//! showing it. In a QR symbol a code is written in numeric form ([`qr`]).
 
 mod bench;
+pub mod display;
 mod jwk;
 mod keyring;
+pub mod qr;
 mod verify;
 
 use std::fmt;
@@ -139,6 +145,14 @@ pub struct CodeClaims {
     pub nbf: i64,
     pub exp: i64,
     pub hc: HealthClaim,
+    /// The holder's masked name ([`display::mask_name`]), when the issuer
+    /// was given it. Omitted otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hn: Option<String>,
+    /// The holder's masked national id ([`display::mask_national_id`]),
+    /// when the code was issued by national id. Omitted otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hi: Option<String>,
 }
 
 impl CodeClaims {
@@ -158,6 +172,8 @@ impl CodeClaims {
             nbf: now,
             exp: now.saturating_add(lifetime),
             hc,
+            hn: None,
+            hi: None,
         }
     }
 }
@@ -223,4 +239,8 @@ pub enum CodeError {
 
     #[error("unknown colour {0:?}: expected green, yellow or red")]
     UnknownColour(String),
+
+    /// A holder's name that cannot be shown masked; the message says why.
+    #[error("{0}")]
+    Name(String),
 }

@@ -2,6 +2,7 @@
 //! the replicas it keeps of every other member's status feed, and direct
 //! calls to other provinces when a replica is too old to answer alone.
 
+pub mod holder_match;
 pub mod ops;
 pub mod peers;
 pub mod replicator;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use futures::StreamExt;
 use hufu_certs::Identity;
 use hufu_federation::audit::EntryKind;
-use hufu_federation::codes::{CodeAlg, CodeClaims, HealthClaim};
+use hufu_federation::codes::{CodeAlg, CodeClaims, HealthClaim, display};
+use hufu_federation::holder::NationalId;
 use hufu_proto::v1::admin_service_server;
 use hufu_proto::v1::{
     Colour, GetStatusRequest, GetStatusResponse, ImportRejection, ImportStatusesRequest,
@@ -247,14 +248,25 @@ impl AdminService {
 
     fn issue_code(&self, request: Request<IssueCodeRequest>) -> NodeResult<IssueCodeResponse> {
         check(self.state.province, &request, "IssueCode", Access::Admin)?;
-        let holder = match &request.get_ref().subject {
+        let req = request.get_ref();
+        // The display data is worked out here and signed into the code; the
+        // name and id themselves go no further than this function.
+        let masked_name = match req.name.trim() {
+            "" => None,
+            name => Some(display::mask_name(name).map_err(|e| NodeError::invalid(e.to_string()))?),
+        };
+        let (holder, masked_id) = match &req.subject {
             Some(issue_code_request::Subject::NationalId(id)) => {
-                self.state.holder_from(Some(id), None)?
+                let id = NationalId::parse(id).map_err(|e| NodeError::invalid(e.to_string()))?;
+                (
+                    self.state.secret.pseudonym(&id),
+                    Some(display::mask_national_id(&id)),
+                )
             }
             Some(issue_code_request::Subject::Holder(h)) => {
-                self.state.holder_from(None, Some(h))?
+                (self.state.holder_from(None, Some(h))?, None)
             }
-            None => self.state.holder_from(None, None)?,
+            None => (self.state.holder_from(None, None)?, None),
         };
         let record = self
             .state
@@ -283,6 +295,8 @@ impl AdminService {
                 as_of: seconds(record.as_of.as_ref()).unwrap_or(now),
                 neg_test: seconds(record.last_negative_test.as_ref()),
             },
+            hn: masked_name,
+            hi: masked_id,
         };
         let keyring = self.state.keyring.read().expect("keyring lock");
         let token = keyring

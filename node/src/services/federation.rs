@@ -6,17 +6,22 @@ use std::sync::Arc;
 
 use futures::Stream;
 use hufu_certs::Province;
+use hufu_federation::audit::{AnswerSource, EntryKind};
+use hufu_federation::holder::{HolderError, HolderId, NationalId};
 use hufu_proto::v1::federation_service_server;
 use hufu_proto::v1::{
-    FeedHead, GetTrustListRequest, GetTrustListResponse, OfferTrustListRequest,
-    OfferTrustListResponse, StatusChange, SubscribeChangesRequest, SubscribeChangesResponse,
+    FeedHead, GetTrustListRequest, GetTrustListResponse, MatchHolderRequest, MatchHolderResponse,
+    OfferTrustListRequest, OfferTrustListResponse, StatusChange, SubscribeChangesRequest,
+    SubscribeChangesResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::audit;
 use crate::auth::{Access, check};
 use crate::error::{NodeError, NodeResult};
+use crate::federation::holder_match;
 use crate::metrics::metered;
 use crate::state::NodeState;
 use crate::status::now_millis;
@@ -28,6 +33,43 @@ pub struct FederationService {
 impl FederationService {
     pub fn new(state: Arc<NodeState>) -> Self {
         FederationService { state }
+    }
+
+    /// Answers whether a national id is one of this province's holders'.
+    /// The id is pseudonymised at once and goes nowhere else; the audit
+    /// entry names the holder by pseudonym and the answer only.
+    fn match_holder(
+        &self,
+        request: Request<MatchHolderRequest>,
+    ) -> NodeResult<MatchHolderResponse> {
+        let caller = check(
+            self.state.province,
+            &request,
+            "MatchHolder",
+            Access::Federation,
+        )?;
+        let req = request.into_inner();
+        let holder: HolderId = req
+            .holder
+            .parse()
+            .map_err(|e: HolderError| NodeError::invalid(e.to_string()))?;
+        let id = NationalId::parse(&req.national_id)
+            .map_err(|e| NodeError::invalid(format!("{e}: re-read the identity card")))?;
+        let matches = aws_lc_rs::constant_time::verify_slices_are_equal(
+            self.state.secret.pseudonym(&id).as_str().as_bytes(),
+            holder.as_str().as_bytes(),
+        )
+        .is_ok();
+        if caller.province != self.state.province {
+            self.state.audit.record(|| {
+                audit::entry(EntryKind::LookupServed, &caller, self.state.province)
+                    .with_holder(holder.clone())
+                    .with_answer(holder_match::answer_word(matches))
+                    .with_source(AnswerSource::Authoritative)
+                    .with_detail(holder_match::DETAIL)
+            });
+        }
+        Ok(MatchHolderResponse { matches })
     }
 }
 
@@ -273,6 +315,16 @@ impl federation_service_server::FederationService for FederationService {
                 applied,
                 version: self.state.membership.load().version(),
             }))
+        })
+        .await
+    }
+
+    async fn match_holder(
+        &self,
+        request: Request<MatchHolderRequest>,
+    ) -> Result<Response<MatchHolderResponse>, Status> {
+        metered(&self.state.metrics, "MatchHolder", async {
+            Ok(Response::new(self.match_holder(request)?))
         })
         .await
     }

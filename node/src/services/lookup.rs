@@ -6,12 +6,12 @@ use std::sync::Arc;
 use hufu_certs::{Identity, Province};
 use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{self, Verdict as CodeVerdict};
-use hufu_federation::holder::HolderId;
+use hufu_federation::holder::{HolderId, NationalId};
 use hufu_proto::v1::status_lookup_service_server::StatusLookupService;
 use hufu_proto::v1::{
     BatchEntry, BatchLookupRequest, BatchLookupResponse, Colour, GetJwksRequest, GetJwksResponse,
-    LookupRequest, LookupResponse, Policy, Provenance, Reason, Source, StatusRecord, Verdict,
-    VerifyRequest, VerifyResponse,
+    HolderMatch, LookupRequest, LookupResponse, Policy, Provenance, Reason, Source, StatusRecord,
+    Verdict, VerifyRequest, VerifyResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -309,8 +309,19 @@ impl LookupService {
     async fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
         let caller = check(self.state.province, &request, "Verify", Access::Verify)?;
         let req = request.into_inner();
+        // The national id read from a card is checked first, so that a
+        // misread is the terminal's error before anything else happens; it
+        // lives only in this call.
+        let national_id = match req.national_id.trim() {
+            "" => None,
+            id => Some(NationalId::parse(id).map_err(|e| {
+                NodeError::invalid(format!("national_id: {e}: read the identity card again"))
+            })?),
+        };
         let now = now_unix();
-        let code = match self.state.verifier.verify(&req.token, now) {
+        let code = match codes::qr::from_scanned(&req.token)
+            .and_then(|token| self.state.verifier.verify(&token, now))
+        {
             Ok(code) => code,
             Err(verdict) => {
                 self.audit_refusal(&caller, &req.token, &verdict);
@@ -327,8 +338,13 @@ impl LookupService {
             reason: Reason::Unspecified as i32,
         };
         // Effective status: the newer of the code's own claim and what is
-        // known about the holder (own data, replica, or the issuer itself).
-        let (known, provenance) = self.answer(&caller, code.issuer, &claims.sub).await?;
+        // known about the holder (own data, replica, or the issuer itself);
+        // the holder match, when asked, at the same time.
+        let (known, holder_match) = tokio::join!(
+            self.answer(&caller, code.issuer, &claims.sub),
+            self.holder_match(&caller, code.issuer, &claims.sub, national_id.as_ref()),
+        );
+        let (known, provenance) = known?;
         // At equal `as_of` the record wins: the issuer may rewrite a status
         // within the same second, and the record is its latest word.
         let (status, source) = match known {
@@ -348,10 +364,22 @@ impl LookupService {
                     audit::answer(Some(&status)),
                     Some(source),
                 );
-                match (&req.policy, policy_met) {
-                    (None, _) => e,
-                    (Some(_), true) => e.with_detail("policy met"),
-                    (Some(_), false) => e.with_detail("policy not met"),
+                let policy = match (&req.policy, policy_met) {
+                    (None, _) => None,
+                    (Some(_), true) => Some("policy met"),
+                    (Some(_), false) => Some("policy not met"),
+                };
+                // Only that a match was asked and its outcome.
+                let matched = match holder_match {
+                    HolderMatch::Unspecified => None,
+                    HolderMatch::True => Some("holder match true"),
+                    HolderMatch::False => Some("holder match false"),
+                    HolderMatch::Unknown => Some("holder match unknown"),
+                };
+                match (policy, matched) {
+                    (None, None) => e,
+                    (Some(d), None) | (None, Some(d)) => e.with_detail(d),
+                    (Some(p), Some(m)) => e.with_detail(format!("{p}; {m}")),
                 }
             });
         }
@@ -363,7 +391,42 @@ impl LookupService {
             policy_met,
             kid: code.kid.to_string(),
             expires: Some(timestamp(claims.exp)),
+            masked_name: claims.hn.clone().unwrap_or_default(),
+            masked_national_id: claims.hi.clone().unwrap_or_default(),
+            holder_match: holder_match as i32,
         })
+    }
+
+    /// Whether `id` is the national id of `holder` of province `p`: this
+    /// node recomputes the pseudonym for its own province's codes, and asks
+    /// the issuer for another's. UNSPECIFIED when no id was given.
+    async fn holder_match(
+        &self,
+        caller: &Identity,
+        p: Province,
+        holder: &str,
+        id: Option<&NationalId>,
+    ) -> HolderMatch {
+        let Some(id) = id else {
+            return HolderMatch::Unspecified;
+        };
+        if p != self.state.province {
+            return self
+                .state
+                .match_holder_authoritative(p, holder, id, caller)
+                .await;
+        }
+        let own = self.state.secret.pseudonym(id);
+        if aws_lc_rs::constant_time::verify_slices_are_equal(
+            own.as_str().as_bytes(),
+            holder.as_bytes(),
+        )
+        .is_ok()
+        {
+            HolderMatch::True
+        } else {
+            HolderMatch::False
+        }
     }
 
     /// Audits a refused code that claims another province as its issuer,
@@ -427,6 +490,7 @@ fn claimed_issuer(token: &str) -> Option<(Province, String)> {
         #[serde(default)]
         sub: String,
     }
+    let token = codes::qr::from_scanned(token).ok()?;
     let payload = token.split('.').nth(1)?;
     let json = data_encoding::BASE64URL_NOPAD
         .decode(payload.as_bytes())

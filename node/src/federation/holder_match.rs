@@ -22,6 +22,39 @@ pub fn answer_word(matches: bool) -> &'static str {
 pub const DETAIL: &str = "holder match";
 
 impl NodeState {
+    /// Whether `id` is the national id of `holder` of province `p`: this
+    /// node recomputes the pseudonym for its own province's codes, and asks
+    /// the issuer for another's. UNSPECIFIED when no id was given.
+    pub async fn holder_match(
+        &self,
+        caller: &Identity,
+        p: Province,
+        holder: &str,
+        id: Option<&NationalId>,
+    ) -> HolderMatch {
+        let Some(id) = id else {
+            return HolderMatch::Unspecified;
+        };
+        if p != self.province {
+            return self.match_holder_authoritative(p, holder, id, caller).await;
+        }
+        if self.is_own_holder(id, holder) {
+            HolderMatch::True
+        } else {
+            HolderMatch::False
+        }
+    }
+
+    /// Whether `id` pseudonymises to `holder` under this province's secret.
+    /// Compared in constant time: the answer is all a caller learns.
+    pub fn is_own_holder(&self, id: &NationalId, holder: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(
+            self.secret.pseudonym(id).as_str().as_bytes(),
+            holder.as_bytes(),
+        )
+        .is_ok()
+    }
+
     /// Whether `id` is the national id of holder `holder` of province `p`,
     /// asked of `p` itself on behalf of `caller`. The call made is audited
     /// (the pseudonym and the answer, never the id).

@@ -342,7 +342,8 @@ impl LookupService {
         // the holder match, when asked, at the same time.
         let (known, holder_match) = tokio::join!(
             self.answer(&caller, code.issuer, &claims.sub),
-            self.holder_match(&caller, code.issuer, &claims.sub, national_id.as_ref()),
+            self.state
+                .holder_match(&caller, code.issuer, &claims.sub, national_id.as_ref()),
         );
         let (known, provenance) = known?;
         // At equal `as_of` the record wins: the issuer may rewrite a status
@@ -395,38 +396,6 @@ impl LookupService {
             masked_national_id: claims.hi.clone().unwrap_or_default(),
             holder_match: holder_match as i32,
         })
-    }
-
-    /// Whether `id` is the national id of `holder` of province `p`: this
-    /// node recomputes the pseudonym for its own province's codes, and asks
-    /// the issuer for another's. UNSPECIFIED when no id was given.
-    async fn holder_match(
-        &self,
-        caller: &Identity,
-        p: Province,
-        holder: &str,
-        id: Option<&NationalId>,
-    ) -> HolderMatch {
-        let Some(id) = id else {
-            return HolderMatch::Unspecified;
-        };
-        if p != self.state.province {
-            return self
-                .state
-                .match_holder_authoritative(p, holder, id, caller)
-                .await;
-        }
-        let own = self.state.secret.pseudonym(id);
-        if aws_lc_rs::constant_time::verify_slices_are_equal(
-            own.as_str().as_bytes(),
-            holder.as_bytes(),
-        )
-        .is_ok()
-        {
-            HolderMatch::True
-        } else {
-            HolderMatch::False
-        }
     }
 
     /// Audits a refused code that claims another province as its issuer,

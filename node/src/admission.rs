@@ -294,13 +294,23 @@ impl http_body::Body for HeldBody {
     }
 }
 
+/// The refusal: `RESOURCE_EXHAUSTED` with the push-back delay twice, as the
+/// `grpc-retry-pushback-ms` header that gRPC's own retry logic reads, and as
+/// a `google.rpc.RetryInfo` detail that applications read.
 fn refusal(admission: &Admission, class: Class) -> http::Response<Body> {
-    let status = tonic::Status::resource_exhausted(format!(
-        "node at capacity ({} requests in flight, {} class limit reached): retry after {} ms",
-        admission.in_flight(),
-        class.label(),
-        admission.pushback_ms
-    ));
+    use tonic_types::{ErrorDetails, StatusExt};
+    let status = tonic::Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "node at capacity ({} requests in flight, {} class limit reached): retry after {} ms",
+            admission.in_flight(),
+            class.label(),
+            admission.pushback_ms
+        ),
+        ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(
+            admission.pushback_ms,
+        ))),
+    );
     let mut response = status.into_http::<Body>();
     if let Ok(value) = http::HeaderValue::from_str(&admission.pushback_ms.to_string()) {
         response

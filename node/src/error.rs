@@ -1,12 +1,22 @@
 //! One error type for the node's services, mapped to gRPC status codes in one
 //! place so callers see consistent codes and lowercase, actionable messages.
+//!
+//! Where a caller can act on a refusal programmatically, the status also
+//! carries `google.rpc` rich error details (`grpc-status-details-bin`): a
+//! `BadRequest` naming the request field at fault for invalid input, so a
+//! client can point its user at the field without parsing the message.
 
 use hufu_certs::{Province, Role};
+use tonic_types::{ErrorDetails, StatusExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("{0}")]
     InvalidArgument(String),
+    /// Invalid input in one request field, named by its path in the request
+    /// message (`status.national_id`).
+    #[error("{description}")]
+    InvalidField { field: String, description: String },
     #[error("no status for holder {holder} in province {issuer}")]
     HolderNotFound { issuer: Province, holder: String },
     #[error("{0}")]
@@ -40,6 +50,27 @@ impl NodeError {
         NodeError::InvalidArgument(msg.into())
     }
 
+    /// Invalid input in the request field `field` (its proto name).
+    pub fn invalid_field(field: &str, description: impl Into<String>) -> Self {
+        NodeError::InvalidField {
+            field: field.to_owned(),
+            description: description.into(),
+        }
+    }
+
+    /// The same error, with a field path made relative to the message that
+    /// holds the field at `parent`: `national_id` within `status` becomes
+    /// `status.national_id`.
+    pub fn within(self, parent: &str) -> Self {
+        match self {
+            NodeError::InvalidField { field, description } => NodeError::InvalidField {
+                field: format!("{parent}.{field}"),
+                description,
+            },
+            other => other,
+        }
+    }
+
     pub fn denied(caller: &hufu_certs::Identity, method: &'static str, why: &str) -> Self {
         NodeError::PermissionDenied {
             caller: caller.uri(),
@@ -66,8 +97,15 @@ impl NodeError {
 impl From<NodeError> for tonic::Status {
     fn from(err: NodeError) -> tonic::Status {
         use tonic::Code;
+        if let NodeError::InvalidField { field, description } = &err {
+            return tonic::Status::with_error_details(
+                Code::InvalidArgument,
+                err.to_string(),
+                ErrorDetails::with_bad_request_violation(field, description),
+            );
+        }
         let code = match &err {
-            NodeError::InvalidArgument(_) => Code::InvalidArgument,
+            NodeError::InvalidArgument(_) | NodeError::InvalidField { .. } => Code::InvalidArgument,
             NodeError::HolderNotFound { .. } | NodeError::NotFound(_) => Code::NotFound,
             NodeError::PermissionDenied { .. } => Code::PermissionDenied,
             NodeError::Unauthenticated => Code::Unauthenticated,

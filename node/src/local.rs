@@ -126,7 +126,7 @@ impl LocalProvince {
         self.channel_as(&self.client_cert(role, name)?).await
     }
 
-    /// An Admin client with the province's admin certificate.
+    /// An AdminService client with the province's admin certificate.
     pub async fn admin(&self) -> anyhow::Result<AdminServiceClient<Channel>> {
         let cert = ClientCert::load(
             &self.config.path(&self.config.client.admin_cert),
@@ -135,7 +135,7 @@ impl LocalProvince {
         Ok(AdminServiceClient::new(self.channel_as(&cert).await?))
     }
 
-    /// A StatusLookup client with a terminal certificate of this province.
+    /// A StatusLookupService client with a terminal certificate of this province.
     pub async fn terminal(&self, name: &str) -> anyhow::Result<StatusLookupServiceClient<Channel>> {
         Ok(StatusLookupServiceClient::new(
             self.channel(Role::Terminal, name).await?,

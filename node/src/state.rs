@@ -198,15 +198,17 @@ impl NodeState {
     ) -> NodeResult<HolderId> {
         match (national_id, holder) {
             (Some(id), _) => {
-                let id = NationalId::parse(id).map_err(|e| NodeError::invalid(e.to_string()))?;
+                let id = NationalId::parse(id)
+                    .map_err(|e| NodeError::invalid_field("national_id", e.to_string()))?;
                 Ok(self.secret.pseudonym(&id))
             }
             (None, Some(h)) => h
                 .parse()
                 .map_err(|e: hufu_federation::holder::HolderError| {
-                    NodeError::invalid(e.to_string())
+                    NodeError::invalid_field("holder", e.to_string())
                 }),
-            (None, None) => Err(NodeError::invalid(
+            (None, None) => Err(NodeError::invalid_field(
+                "national_id",
                 "name the holder: national_id or holder is required",
             )),
         }

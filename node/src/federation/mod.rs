@@ -151,7 +151,8 @@ impl NodeState {
         note: &str,
         from: &Identity,
     ) -> NodeResult<bool> {
-        let signed = SignedTrustList::parse(note).map_err(|e| NodeError::invalid(e.to_string()))?;
+        let signed = SignedTrustList::parse(note)
+            .map_err(|e| NodeError::invalid_field("note", e.to_string()))?;
         let mut trust = self.trust.lock().await;
         let Some(store) = trust.as_mut() else {
             return Err(NodeError::FailedPrecondition(

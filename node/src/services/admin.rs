@@ -52,7 +52,8 @@ impl AdminService {
         };
         let colour = Colour::try_from(input.colour).unwrap_or(Colour::Unspecified);
         if colour == Colour::Unspecified {
-            return Err(NodeError::invalid(
+            return Err(NodeError::invalid_field(
+                "colour",
                 "colour is required: green, yellow or red",
             ));
         }
@@ -60,26 +61,26 @@ impl AdminService {
             Ok(Reason::Unspecified) => Reason::None,
             Ok(r) => r,
             Err(_) => {
-                return Err(NodeError::invalid(format!(
-                    "unknown reason {}",
-                    input.reason
-                )));
+                return Err(NodeError::invalid_field(
+                    "reason",
+                    format!("unknown reason {}", input.reason),
+                ));
             }
         };
         let as_of = seconds(input.as_of.as_ref()).unwrap_or(now);
         if as_of > now + MAX_FUTURE_SKEW_SECS {
-            return Err(NodeError::invalid(format!(
-                "as_of {} is in the future",
-                format_time(as_of)
-            )));
+            return Err(NodeError::invalid_field(
+                "as_of",
+                format!("as_of {} is in the future", format_time(as_of)),
+            ));
         }
         if let Some(neg) = seconds(input.last_negative_test.as_ref())
             && neg > now + MAX_FUTURE_SKEW_SECS
         {
-            return Err(NodeError::invalid(format!(
-                "last_negative_test {} is in the future",
-                format_time(neg)
-            )));
+            return Err(NodeError::invalid_field(
+                "last_negative_test",
+                format!("last_negative_test {} is in the future", format_time(neg)),
+            ));
         }
         Ok(StatusRecord {
             issuer: self.state.province.to_string(),
@@ -112,8 +113,10 @@ impl AdminService {
         let input = request
             .into_inner()
             .status
-            .ok_or_else(|| NodeError::invalid("status is required"))?;
-        let record = self.record_from(&input, now_unix())?;
+            .ok_or_else(|| NodeError::invalid_field("status", "status is required"))?;
+        let record = self
+            .record_from(&input, now_unix())
+            .map_err(|e| e.within("status"))?;
         let outcome = self
             .state
             .store
@@ -315,7 +318,7 @@ impl AdminService {
         let alg = request.get_ref().algorithm.trim();
         let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
             .parse()
-            .map_err(|e| NodeError::invalid(format!("{e}")))?;
+            .map_err(|e| NodeError::invalid_field("algorithm", format!("{e}")))?;
         let (kid, previous) = {
             let mut keyring = self.state.keyring.write().expect("keyring lock");
             let previous = keyring.active_kid().to_owned();

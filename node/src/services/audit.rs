@@ -188,11 +188,11 @@ impl WitnessService {
         }
         let req = request.into_inner();
         let offered = SignedCheckpoint::parse(&req.checkpoint)
-            .map_err(|e| NodeError::invalid(e.to_string()))?;
+            .map_err(|e| NodeError::invalid_field("checkpoint", e.to_string()))?;
         let origin = offered
             .checkpoint()
             .province()
-            .map_err(|e| NodeError::invalid(e.to_string()))?;
+            .map_err(|e| NodeError::invalid_field("checkpoint", e.to_string()))?;
         if origin != caller.province || caller.role != Role::Node {
             return Err(denied(format!(
                 "the checkpoint is of {}, a log of province {origin}: a node may only have its own province's log witnessed",
@@ -215,7 +215,10 @@ impl WitnessService {
             .iter()
             .map(|h| {
                 TreeHash::from_slice(h).ok_or_else(|| {
-                    NodeError::invalid(format!("a proof hash has {} bytes, not 32", h.len()))
+                    NodeError::invalid_field(
+                        "proof",
+                        format!("a proof hash has {} bytes, not 32", h.len()),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

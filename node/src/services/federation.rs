@@ -240,7 +240,8 @@ impl federation_service_server::FederationService for FederationService {
                 Access::Federation,
             )?;
             let req = request.into_inner();
-            let p = Province::parse(&req.issuer).map_err(|e| NodeError::invalid(e.to_string()))?;
+            let p = Province::parse(&req.issuer)
+                .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
             if p != self.state.province {
                 if self.state.membership.load().member(p).is_none() {
                     return Err(NodeError::NotFound(format!(

@@ -44,7 +44,8 @@ impl LookupService {
 
     /// The province asked about: this node's own, or a federation member.
     fn issuer(&self, issuer: &str) -> NodeResult<Province> {
-        let asked = Province::parse(issuer).map_err(|e| NodeError::invalid(e.to_string()))?;
+        let asked = Province::parse(issuer)
+            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
         if asked == self.state.province {
             return Ok(asked);
         }
@@ -123,10 +124,12 @@ impl LookupService {
         let caller = check(self.state.province, &request, "Lookup", Access::Lookup)?;
         let req = request.into_inner();
         let issuer = self.issuer(&req.issuer)?;
-        let holder: HolderId = req
-            .holder
-            .parse()
-            .map_err(|e: hufu_federation::holder::HolderError| NodeError::invalid(e.to_string()))?;
+        let holder: HolderId =
+            req.holder
+                .parse()
+                .map_err(|e: hufu_federation::holder::HolderError| {
+                    NodeError::invalid_field("holder", e.to_string())
+                })?;
         let (record, provenance) = self.answer(&caller, issuer, holder.as_str()).await?;
         if self.cross_province(&caller, issuer) {
             self.state.audit.record(|| {
@@ -157,10 +160,13 @@ impl LookupService {
         let caller = check(self.state.province, &request, "BatchLookup", Access::Lookup)?;
         let req = request.into_inner();
         if req.holders.len() > MAX_BATCH {
-            return Err(NodeError::invalid(format!(
-                "batch of {} holders exceeds the limit of {MAX_BATCH}; split it into several calls",
-                req.holders.len()
-            )));
+            return Err(NodeError::invalid_field(
+                "holders",
+                format!(
+                    "batch of {} holders exceeds the limit of {MAX_BATCH}; split it into several calls",
+                    req.holders.len()
+                ),
+            ));
         }
         let p = self.issuer(&req.issuer)?;
         // One freshness decision for the whole batch: a batch is answered

@@ -256,11 +256,15 @@ impl AdminService {
         // name and id themselves go no further than this function.
         let masked_name = match req.name.trim() {
             "" => None,
-            name => Some(display::mask_name(name).map_err(|e| NodeError::invalid(e.to_string()))?),
+            name => Some(
+                display::mask_name(name)
+                    .map_err(|e| NodeError::invalid_field("name", e.to_string()))?,
+            ),
         };
         let (holder, masked_id) = match &req.subject {
             Some(issue_code_request::Subject::NationalId(id)) => {
-                let id = NationalId::parse(id).map_err(|e| NodeError::invalid(e.to_string()))?;
+                let id = NationalId::parse(id)
+                    .map_err(|e| NodeError::invalid_field("national_id", e.to_string()))?;
                 (
                     self.state.secret.pseudonym(&id),
                     Some(display::mask_national_id(&id)),

@@ -52,9 +52,10 @@ impl FederationService {
         let holder: HolderId = req
             .holder
             .parse()
-            .map_err(|e: HolderError| NodeError::invalid(e.to_string()))?;
-        let id = NationalId::parse(&req.national_id)
-            .map_err(|e| NodeError::invalid(format!("{e}: re-read the identity card")))?;
+            .map_err(|e: HolderError| NodeError::invalid_field("holder", e.to_string()))?;
+        let id = NationalId::parse(&req.national_id).map_err(|e| {
+            NodeError::invalid_field("national_id", format!("{e}: re-read the identity card"))
+        })?;
         let matches = self.state.is_own_holder(&id, holder.as_str());
         if caller.province != self.state.province {
             self.state.audit.record(|| {
@@ -176,10 +177,13 @@ async fn own_batch(
     let tail = state.store.tail(state.province).await?;
     if tail.sequence <= after {
         if tail.sequence < after {
-            return Err(NodeError::invalid(format!(
-                "subscriber is at change {after}, but province {} has only {}: a different history",
-                state.province, tail.sequence
-            )));
+            return Err(NodeError::invalid_field(
+                "after_sequence",
+                format!(
+                    "subscriber is at change {after}, but province {} has only {}: a different history",
+                    state.province, tail.sequence
+                ),
+            ));
         }
         return Ok(None);
     }

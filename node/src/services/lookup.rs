@@ -321,7 +321,10 @@ impl LookupService {
         let national_id = match req.national_id.trim() {
             "" => None,
             id => Some(NationalId::parse(id).map_err(|e| {
-                NodeError::invalid(format!("national_id: {e}: read the identity card again"))
+                NodeError::invalid_field(
+                    "national_id",
+                    format!("national_id: {e}: read the identity card again"),
+                )
             })?),
         };
         let now = now_unix();

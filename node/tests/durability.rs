@@ -50,7 +50,12 @@ async fn admin(
 ) -> AdminServiceClient<tonic::transport::Channel> {
     for _ in 0..200 {
         if let Ok(channel) = hufu_node::client::connect(target, cert).await {
-            return AdminServiceClient::new(channel);
+            let mut client = AdminServiceClient::new(channel);
+            // One round trip first, so that the client knows the node's
+            // stream limit (its HTTP/2 SETTINGS) and queues a burst of calls
+            // instead of opening streams the node must refuse.
+            let _ = client.get_status(GetStatusRequest::default()).await;
+            return client;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

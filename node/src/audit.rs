@@ -34,6 +34,8 @@ pub const WITNESS_TREE: &str = "witness";
 
 /// Times a witness is asked again, after telling which size to prove from.
 const WITNESS_ATTEMPTS: usize = 3;
+/// Checkpoint rounds without quorum in a row before it is logged as a warning.
+const UNPUBLISHED_WARN_AFTER: u32 = 3;
 
 /// The audit log, the witness, and what the checkpoint task remembers.
 pub struct NodeAudit {
@@ -139,6 +141,9 @@ pub async fn run(state: Arc<NodeState>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(state.audit.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut alone_noted = false;
+    // One round without quorum is ordinary (a witness restarting, a busy
+    // moment); rounds failing in a row are what an operator must see.
+    let mut unpublished = 0u32;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -153,8 +158,16 @@ pub async fn run(state: Arc<NodeState>, stop: CancellationToken) {
             }
             continue;
         };
-        if let Err(err) = checkpoint(&state, &list).await {
-            tracing::warn!(error = %err, "audit checkpoint not published; retrying at the next interval");
+        match checkpoint(&state, &list).await {
+            Ok(()) => unpublished = 0,
+            Err(err) => {
+                unpublished += 1;
+                if unpublished >= UNPUBLISHED_WARN_AFTER {
+                    tracing::warn!(error = %err, rounds = unpublished, "audit checkpoints not published for several intervals; retrying at the next one");
+                } else {
+                    tracing::info!(error = %err, "audit checkpoint not published; retrying at the next interval");
+                }
+            }
         }
     }
 }
@@ -265,11 +278,24 @@ async fn ask_witness(
             let outcome = match reply {
                 Ok(Ok(reply)) => reply.into_inner().outcome,
                 Ok(Err(status)) => {
+                    // A server that ran out of the call's grpc-timeout
+                    // answers CANCELLED: that is a timeout, not a refusal.
                     if matches!(
                         status.code(),
-                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
                     ) {
                         state.peers.failure(p);
+                        let what = if status.code() == tonic::Code::Unavailable {
+                            "witness unreachable".to_owned()
+                        } else {
+                            format!("witness timed out after {:?}", state.peers.deadline)
+                        };
+                        tracing::info!(
+                            province = %p, %endpoint, code = ?status.code(), error = %status.message(),
+                            "{what}; it is asked again at the next checkpoint"
+                        );
                         break; // next endpoint
                     }
                     if status.code() == tonic::Code::FailedPrecondition {
@@ -289,6 +315,11 @@ async fn ask_witness(
                 }
                 Err(_) => {
                     state.peers.failure(p);
+                    tracing::info!(
+                        province = %p, %endpoint,
+                        "witness timed out after {:?}; it is asked again at the next checkpoint",
+                        state.peers.deadline
+                    );
                     break;
                 }
             };

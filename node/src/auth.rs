@@ -47,7 +47,13 @@ pub fn authorize(
             return Err(NodeError::denied(
                 caller,
                 method,
-                &format!("terminals may only call nodes of their own province ({own})"),
+                &format!(
+                    "a terminal of province {} ({}) may only call its own province's nodes, and this node serves {own} ({}): point the terminal at a {} node",
+                    caller.province,
+                    caller.province.name(),
+                    own.name(),
+                    caller.province
+                ),
             ));
         }
         (Access::Lookup, Role::Terminal | Role::Node) => true,
@@ -57,7 +63,12 @@ pub fn authorize(
             return Err(NodeError::denied(
                 caller,
                 method,
-                &format!("admins may only administer nodes of their own province ({own})"),
+                &format!(
+                    "an admin of province {} ({}) may only administer its own province's nodes, and this node serves {own} ({})",
+                    caller.province,
+                    caller.province.name(),
+                    own.name()
+                ),
             ));
         }
         (Access::Admin, Role::Admin) => true,

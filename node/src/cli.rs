@@ -80,6 +80,25 @@ pub enum Command {
     /// The audit log: fetch a node's log (auditor certificate), verify, query and export it offline.
     #[command(subcommand)]
     Audit(crate::audit_cli::AuditCommand),
+    /// The node's configuration: check it without serving.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script: `hufu completions bash > /etc/bash_completion.d/hufu`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Check a configuration as `hufu serve` would use it, without serving:
+    /// files, keys, certificates against the province, limits, free ports.
+    /// Exits 2 if anything would fail.
+    Check {
+        #[arg(long, default_value = "hufu.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,6 +202,7 @@ impl ConnArgs {
             }
             _ => return Err(need("cert")),
         };
+        crate::explain::dialled(&endpoint, province);
         let target = Target::with_ca_pem(&endpoint, province, &ca_pem)?;
         client::connect(&target, &cert).await
     }
@@ -402,8 +422,11 @@ pub fn init_tracing(cli: &Cli) {
         };
         tracing_subscriber::EnvFilter::new(default)
     });
+    // Colour codes only for a person at a terminal, never into a journal,
+    // a file or a pipe.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if cli.log_json {
         builder.json().init();
@@ -463,6 +486,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => crate::demo::run(args).await?,
         Command::Bench(args) => crate::bench::run(args).await?,
         Command::Audit(cmd) => return crate::audit_cli::run(cmd).await,
+        Command::Config(ConfigCommand::Check { config }) => {
+            let report = crate::config_check::check(&config).await;
+            for f in &report.findings {
+                println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.text);
+            }
+            if !report.passed() {
+                eprintln!(
+                    "hufu: {} cannot serve: fix what FAIL names",
+                    config.display()
+                );
+                return Ok(ExitCode::from(2));
+            }
+            println!("{} is ready to serve", config.display());
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "hufu", &mut std::io::stdout());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -56,7 +56,9 @@ impl Target {
     }
 }
 
-fn host_port(endpoint: &str) -> anyhow::Result<(String, u16)> {
+/// `host` and `port` of an endpoint written `host:port` (an `https://`
+/// prefix allowed).
+pub(crate) fn host_port(endpoint: &str) -> anyhow::Result<(String, u16)> {
     let rest = endpoint
         .trim()
         .trim_start_matches("https://")

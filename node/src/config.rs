@@ -220,4 +220,98 @@ impl NodeConfig {
     pub fn code_lifetime(&self) -> Duration {
         Duration::from_secs(self.codes.lifetime_secs)
     }
+
+    /// Settings a node cannot serve with, each saying what to set instead.
+    /// Such a value starts silently and then fails every call (a stream
+    /// limit of 0 hangs them, a message limit of 0 refuses them all).
+    pub fn limit_problems(&self) -> Vec<String> {
+        let l = &self.limits;
+        let d = LimitsConfig::default();
+        let mut problems = Vec::new();
+        let mut zero = |name: &str, value: u64, default: String, effect: &str| {
+            if value == 0 {
+                problems.push(format!(
+                    "{name} = 0 {effect}: set it to at least 1 (default {default})"
+                ));
+            }
+        };
+        zero(
+            "limits.max_concurrent_streams",
+            l.max_concurrent_streams.into(),
+            d.max_concurrent_streams.to_string(),
+            "would make every call wait forever",
+        );
+        zero(
+            "limits.max_message_bytes",
+            l.max_message_bytes as u64,
+            d.max_message_bytes.to_string(),
+            "would refuse every request",
+        );
+        zero(
+            "limits.max_connections",
+            l.max_connections as u64,
+            d.max_connections.to_string(),
+            "would close every connection",
+        );
+        zero(
+            "limits.max_handshakes",
+            l.max_handshakes as u64,
+            d.max_handshakes.to_string(),
+            "would refuse every TLS handshake",
+        );
+        zero(
+            "limits.handshake_timeout_secs",
+            l.handshake_timeout_secs,
+            d.handshake_timeout_secs.to_string(),
+            "would time out every TLS handshake",
+        );
+        zero(
+            "codes.lifetime_secs",
+            self.codes.lifetime_secs,
+            CodesConfig::default().lifetime_secs.to_string(),
+            "would issue codes that have already expired",
+        );
+        zero(
+            "federation.peer_deadline_ms",
+            self.federation.peer_deadline_ms,
+            FederationConfig::default().peer_deadline_ms.to_string(),
+            "would time out every call to another province",
+        );
+        problems
+    }
+
+    /// Refuses settings a node cannot serve with (see [`Self::limit_problems`]).
+    pub fn check_limits(&self) -> anyhow::Result<()> {
+        let problems = self.limit_problems();
+        anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+        Ok(())
+    }
+
+    /// Whether a node holds this configuration's storage open (sled keeps
+    /// an exclusive lock on `data_dir/db` while a node runs).
+    pub fn storage_in_use(&self) -> anyhow::Result<bool> {
+        use fs2::FileExt;
+        let lock = self.path(&self.data_dir).join("db");
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&lock)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot open {}", lock.display()))
+                );
+            }
+        };
+        match file.try_lock_exclusive() {
+            Ok(()) => {
+                let _ = FileExt::unlock(&file);
+                Ok(false)
+            }
+            Err(e) if e.kind() == fs2::lock_contended_error().kind() => Ok(true),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot lock {}", lock.display()))),
+        }
+    }
 }

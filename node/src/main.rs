@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(hufu_node::cli::run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("hufu: {err:#}");
+            eprintln!("hufu: {}", hufu_node::explain::explain(&err));
             std::process::ExitCode::FAILURE
         }
     }

@@ -76,6 +76,9 @@ pub async fn start_on(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
 ) -> anyhow::Result<RunningNode> {
+    config
+        .check_limits()
+        .context("the configuration cannot serve")?;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let state = NodeState::open(config, metrics.clone(), stop.clone())?;
@@ -97,6 +100,15 @@ pub async fn start_on(
         .await;
     health_reporter
         .set_serving::<AdminServiceServer<AdminService>>()
+        .await;
+    health_reporter
+        .set_serving::<FederationServiceServer<FederationService>>()
+        .await;
+    health_reporter
+        .set_serving::<AuditServiceServer<AuditService>>()
+        .await;
+    health_reporter
+        .set_serving::<WitnessServiceServer<WitnessService>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hufu_proto::v1::FILE_DESCRIPTOR_SET)

@@ -99,6 +99,10 @@ impl NodeState {
             .audit_conflicts
             .set(audit.witness.conflicts().unwrap_or_default() as i64);
         metrics.audit_log_size.set(audit.log.size()? as i64);
+        // Gauges say what is on disk from the start, not 0 until the next write.
+        metrics
+            .last_sequence
+            .set(*store.watch(config.province).borrow() as i64);
         if let Some(cp) = audit.log.latest_published()? {
             metrics
                 .audit_published_size
@@ -161,6 +165,15 @@ impl NodeState {
         state.publish_own_keys();
         if let Some(list) = list {
             state.metrics.trust_version.set(list.version as i64);
+            for m in list
+                .members
+                .iter()
+                .filter(|m| m.province != config.province)
+            {
+                if let Some(head) = state.store.latest_head(m.province)? {
+                    state.metrics.replica_head_time(m.province, head.time_ms);
+                }
+            }
             state.enforce(&list)?;
         }
         Ok(state)

@@ -184,7 +184,13 @@ async fn permissions_follow_the_certificate_identity() {
         StatusLookupServiceClient::new(s.sn.channel_to(&s.gd, Role::Terminal, "gate-sn").await);
     let err = foreign.lookup(lookup_request(&s.holder)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("own province"), "{}", err.message());
+    // It names both provinces: the caller's and the node's.
+    assert!(
+        err.message()
+            .contains("a terminal of province 610000 (Shaanxi) may only call its own province's nodes, and this node serves 440000 (Guangdong)"),
+        "{}",
+        err.message()
+    );
 
     // A node of another member province may look up.
     let mut peer =

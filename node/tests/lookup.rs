@@ -136,7 +136,15 @@ async fn health_reflection_and_metrics_answer() {
         .unwrap();
 
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "hufu.v1.StatusLookupService", "hufu.v1.AdminService"] {
+    // Every service the node serves reports SERVING, not NOT_FOUND.
+    for service in [
+        "",
+        "hufu.v1.StatusLookupService",
+        "hufu.v1.AdminService",
+        "hufu.v1.FederationService",
+        "hufu.v1.AuditService",
+        "hufu.v1.WitnessService",
+    ] {
         let reply = health
             .check(HealthCheckRequest {
                 service: service.into(),

@@ -126,6 +126,14 @@ pub fn propose(current: &TrustList, change: Proposal) -> anyhow::Result<SignedTr
 /// into an empty one, or the next version. Returns the version now held.
 pub fn install(config: &NodeConfig, note: &SignedTrustList) -> anyhow::Result<u64> {
     let dir = config.path(&config.trust_dir);
+    // A running node reads its trust directory only at start: a list
+    // written under it would be ignored until a restart, silently.
+    anyhow::ensure!(
+        !config.storage_in_use()?,
+        "the node of province {} is running (it holds {}): stop it and install again, or hand the list to the running node with `hufu federation apply`",
+        config.province,
+        config.path(&config.data_dir).display()
+    );
     anyhow::ensure!(
         note.list.member(config.province).is_some(),
         "province {} is not a member of this trust list (v{})",

@@ -29,9 +29,65 @@ struct Source {
     direct: bool,
 }
 
+/// Whether `p`'s own feed reaches this node, for the log lines an operator
+/// watches: one when it goes down, one when it comes back.
+struct Link {
+    p: Province,
+    /// Since when the issuer's own feed has not delivered; None while it does.
+    down_since: Option<Instant>,
+    /// Whether the feed has delivered since this node started.
+    ever_up: bool,
+    /// Whether "down" has been logged for the current outage.
+    reported: bool,
+}
+
+/// A peer not reached this long after start is reported down: nodes of a
+/// federation start in any order, and a few seconds apart is not an outage.
+const DOWN_AT_START: Duration = Duration::from_secs(30);
+
+impl Link {
+    fn new(p: Province) -> Link {
+        Link {
+            p,
+            down_since: Some(Instant::now()),
+            ever_up: false,
+            reported: false,
+        }
+    }
+
+    fn delivered(&mut self) {
+        if let Some(since) = self.down_since.take()
+            && self.reported
+        {
+            tracing::info!(
+                province = %self.p,
+                "feed from province {} is back after {:.0?}: replicating directly again",
+                self.p,
+                since.elapsed()
+            );
+        }
+        self.ever_up = true;
+        self.reported = false;
+    }
+
+    fn failed(&mut self, error: &str) {
+        let since = *self.down_since.get_or_insert_with(Instant::now);
+        if self.reported || (!self.ever_up && since.elapsed() < DOWN_AT_START) {
+            return;
+        }
+        self.reported = true;
+        tracing::warn!(
+            province = %self.p, %error,
+            "feed from province {} is down: its codes verify from the replica and its feed is caught up through other members meanwhile",
+            self.p
+        );
+    }
+}
+
 pub async fn run(state: Arc<NodeState>, p: Province, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
     let mut relay_turn = 0usize;
+    let mut link = Link::new(p);
     loop {
         if stop.is_cancelled() {
             return;
@@ -44,11 +100,12 @@ pub async fn run(state: Arc<NodeState>, p: Province, stop: CancellationToken) {
             backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         };
-        match session(&state, p, &source, &stop).await {
+        match session(&state, p, &source, &stop, &mut link).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(err) => {
                 if source.direct {
                     state.peers.failure(p);
+                    link.failed(&err);
                 }
                 tracing::debug!(province = %p, from = %source.province, endpoint = %source.endpoint, error = %err, "feed session ended");
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -102,6 +159,7 @@ async fn session(
     p: Province,
     source: &Source,
     stop: &CancellationToken,
+    link: &mut Link,
 ) -> Result<(), String> {
     let log_key = state
         .membership
@@ -155,6 +213,7 @@ async fn session(
                 if let Some(head) = &batch.head {
                     state.metrics.replica_head_time(p, head.time_ms);
                     if source.direct {
+                        link.delivered();
                         state.peers.success(p);
                         refresh_keys_if_changed(state, p, &source.endpoint, &head.keys_digest)
                             .await;

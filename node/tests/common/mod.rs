@@ -85,3 +85,20 @@ pub fn logs() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
 }
+
+/// The node's Prometheus text, fetched over plain HTTP from its metrics listener.
+pub async fn metrics(province: &LocalProvince) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = province
+        .node
+        .as_ref()
+        .and_then(|n| n.metrics_addr)
+        .expect("a running node with a metrics listener");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
+}

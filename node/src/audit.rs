@@ -279,15 +279,20 @@ async fn ask_witness(
                 Ok(Ok(reply)) => reply.into_inner().outcome,
                 Ok(Err(status)) => {
                     // A server that ran out of the call's grpc-timeout
-                    // answers CANCELLED: that is a timeout, not a refusal.
+                    // answers CANCELLED: that is a timeout, not a refusal;
+                    // UNKNOWN is a broken connection (no handler answers it).
                     if matches!(
                         status.code(),
                         tonic::Code::Unavailable
                             | tonic::Code::DeadlineExceeded
                             | tonic::Code::Cancelled
+                            | tonic::Code::Unknown
                     ) {
                         state.peers.failure(p);
-                        let what = if status.code() == tonic::Code::Unavailable {
+                        let what = if matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::Unknown
+                        ) {
                             "witness unreachable".to_owned()
                         } else {
                             format!("witness timed out after {:?}", state.peers.deadline)

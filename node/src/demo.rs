@@ -3,6 +3,9 @@
 //! provinces, a status change propagating, and a province going down and
 //! coming back.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
@@ -10,6 +13,9 @@ use hufu_proto::v1::{
     Colour, ImportStatusesRequest, IssueCodeRequest, PutStatusRequest, Source, StatusInput,
     Verdict, VerifyRequest, VerifyResponse, issue_code_request, status_input,
 };
+
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
+use tonic::transport::Channel;
 
 use crate::local::{LocalFederation, LocalProvince};
 use crate::sample;
@@ -20,9 +26,10 @@ pub struct DemoArgs {
     /// Number of provinces (3 to 34): Shaanxi, Guangdong and Tianjin first.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=34))]
     pub provinces: u8,
-    /// Sample holders per province.
-    #[arg(long, default_value_t = 1000)]
-    pub holders: u64,
+    /// Sample holders per province (default 1000; 100 with more than five
+    /// provinces, where every node replicates every other's holders).
+    #[arg(long)]
+    pub holders: Option<u64>,
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     pub duration: Option<u64>,
@@ -120,17 +127,76 @@ async fn issue(province: &LocalProvince, n: u64) -> anyhow::Result<String> {
         .token)
 }
 
-async fn verify_at(at: &LocalProvince, token: &str) -> anyhow::Result<VerifyResponse> {
-    Ok(at
-        .terminal("checkpoint-1")
-        .await?
-        .verify(VerifyRequest {
-            token: token.to_owned(),
-            policy: None,
-            ..Default::default()
-        })
-        .await?
-        .into_inner())
+/// One checkpoint terminal per province, connected once: a scan is then one
+/// call on an open connection, as at a real checkpoint, not a certificate
+/// issued and a TLS handshake made per scan.
+#[derive(Default)]
+struct Terminals(Mutex<HashMap<Province, StatusLookupServiceClient<Channel>>>);
+
+impl Terminals {
+    async fn verify(&self, at: &LocalProvince, token: &str) -> anyhow::Result<VerifyResponse> {
+        let known = self
+            .0
+            .lock()
+            .expect("terminals lock")
+            .get(&at.province)
+            .cloned();
+        let mut client = match known {
+            Some(client) => client,
+            None => {
+                let client = at.terminal("checkpoint-1").await?;
+                self.0
+                    .lock()
+                    .expect("terminals lock")
+                    .insert(at.province, client.clone());
+                client
+            }
+        };
+        Ok(client
+            .verify(VerifyRequest {
+                token: token.to_owned(),
+                policy: None,
+                ..Default::default()
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Drops the connection to a province whose node restarted.
+    fn forget(&self, p: Province) {
+        self.0.lock().expect("terminals lock").remove(&p);
+    }
+}
+
+/// Waits until every running node holds every other province's feed up to
+/// that province's newest change; returns how long that took.
+async fn replicated(fed: &LocalFederation, within: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let running: Vec<_> = fed
+        .provinces
+        .iter()
+        .filter_map(|lp| lp.node.as_ref().map(|n| (lp.province, n.state.clone())))
+        .collect();
+    loop {
+        let mut behind = None;
+        'all: for (p, state) in &running {
+            let newest = state.store.last_sequence().await;
+            for (q, other) in &running {
+                if q != p && other.store.tail(*p).await?.sequence < newest {
+                    behind = Some((*q, *p));
+                    break 'all;
+                }
+            }
+        }
+        let Some((q, p)) = behind else {
+            return Ok(started.elapsed());
+        };
+        anyhow::ensure!(
+            started.elapsed() < within,
+            "{q} did not replicate {p}'s feed within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn header(provinces: &[Province]) {
@@ -143,6 +209,7 @@ fn header(provinces: &[Province]) {
 
 async fn matrix(
     fed: &LocalFederation,
+    terminals: &Terminals,
     tokens: &[(Province, String)],
     only: Option<Province>,
 ) -> anyhow::Result<()> {
@@ -164,8 +231,13 @@ async fn matrix(
         }
         print!("{:<22}", format!("{issuer} {}", issuer.name()));
         let mut tally: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
-        for at in &running {
-            let r = verify_at(fed.get(*at), token).await?;
+        let answers = futures::future::try_join_all(
+            running
+                .iter()
+                .map(|at| terminals.verify(fed.get(*at), token)),
+        )
+        .await?;
+        for r in &answers {
             if wide {
                 let key = format!(
                     "{} {}",
@@ -185,7 +257,7 @@ async fn matrix(
                 entry.0 += 1;
                 entry.1 = entry.1.max(age);
             } else {
-                print!(" {:<26}", cell(&r));
+                print!(" {:<26}", cell(r));
             }
         }
         if wide {
@@ -204,8 +276,24 @@ async fn matrix(
     Ok(())
 }
 
+/// The demo's throwaway data. In memory where the system offers it: the
+/// demo's nodes share one disk, which real provinces never do, and would
+/// spend the demo queueing behind each other's flushes.
+fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    let memory = Path::new("/dev/shm");
+    if memory.is_dir()
+        && let Ok(dir) = tempfile::Builder::new()
+            .prefix("hufu-demo-")
+            .tempdir_in(memory)
+    {
+        return Ok(dir);
+    }
+    tempfile::Builder::new().prefix("hufu-demo-").tempdir()
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let scratch = tempfile::tempdir()?;
+    let began = Instant::now();
+    let scratch = scratch_dir()?;
     let codes = chosen(args.provinces);
     let big = codes.len() > 5;
     println!(
@@ -214,18 +302,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         scratch.path().display()
     );
     let mut fed = LocalFederation::init(scratch.path(), &codes, |c| {
+        // All nodes share this machine's cores, which real provinces never
+        // do: a wide federation restates heads and gossips less often, and
+        // gives a peer the default deadline to answer.
         c.federation.heartbeat_ms = if big { 1000 } else { 200 };
         c.federation.max_replica_age_secs = if big { 5 } else { 2 };
-        c.federation.peer_deadline_ms = 500;
-        c.federation.gossip_secs = 2;
+        c.federation.peer_deadline_ms = if big { 1000 } else { 500 };
+        c.federation.gossip_secs = if big { 15 } else { 2 };
     })?;
+    let holders = args.holders.unwrap_or(if big { 100 } else { 1000 });
     fed.start_all().await?;
+    let started = began.elapsed();
     println!(
         "{:<8} {:<16} {:<18} holders",
         "province", "name", "endpoint"
     );
-    for lp in &fed.provinces {
-        let n = import(lp, args.holders).await?;
+    let imported =
+        futures::future::try_join_all(fed.provinces.iter().map(|lp| import(lp, holders))).await?;
+    for (lp, n) in fed.provinces.iter().zip(imported) {
         println!(
             "{:<8} {:<16} {:<18} {n}",
             lp.province,
@@ -233,14 +327,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             lp.addr()?
         );
     }
+    let filled = replicated(&fed, Duration::from_secs(120)).await?;
     println!(
-        "\ngenesis trust list v1 signed by all {} founders; every node replicates every other's status feed",
-        codes.len()
+        "\ngenesis trust list v1 signed by all {n} founders; {n} nodes started in {:.1}s; every node replicates every other's status feed, all replicas full {:.1}s after the imports",
+        started.as_secs_f64(),
+        filled.as_secs_f64(),
+        n = codes.len(),
     );
 
-    // Let the replicas fill.
+    let terminals = Terminals::default();
     let shown: Vec<Province> = codes.iter().copied().take(3).collect();
-    tokio::time::sleep(Duration::from_millis(if big { 3000 } else { 800 })).await;
     let mut tokens = Vec::new();
     for p in &shown {
         tokens.push((*p, issue(fed.get(*p), 3).await?));
@@ -248,7 +344,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "\n1. A code from each province, scanned at every province's own node (colour, source, replica age):"
     );
-    matrix(&fed, &tokens, None).await?;
+    matrix(&fed, &terminals, &tokens, None).await?;
 
     // 2. A downgrade propagates.
     let gd = shown[1];
@@ -276,7 +372,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for p in codes.iter().filter(|p| **p != gd) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = verify_at(fed.get(*p), &gd_token).await?;
+            let r = terminals.verify(fed.get(*p), &gd_token).await?;
             if r.status.as_ref().map(|s| s.colour) == Some(Colour::Red as i32) {
                 if !big || shown.contains(p) {
                     println!(
@@ -310,16 +406,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     fed.get_mut(gd).stop().await?;
     let max_age = fed.get(shown[0]).config.federation.max_replica_age_secs;
     tokio::time::sleep(Duration::from_secs(max_age + 1)).await;
-    matrix(&fed, &tokens, Some(gd)).await?;
+    matrix(&fed, &terminals, &tokens, Some(gd)).await?;
 
     // 4. It comes back and catches up.
     fed.get_mut(gd).start().await?;
+    terminals.forget(gd);
     let restarted = Instant::now();
     // Wait until every province answers for GD from a fresh replica again.
     for p in codes.iter().filter(|p| **p != gd) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let r = verify_at(fed.get(*p), &gd_token).await?;
+            let r = terminals.verify(fed.get(*p), &gd_token).await?;
             if r.provenance.as_ref().map(|p| p.source) == Some(Source::Replica as i32) {
                 break;
             }
@@ -334,7 +431,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "\n4. {gd} restarts; feeds resume where they stopped, and within {:.1}s every replica is fresh again:",
         restarted.elapsed().as_secs_f64()
     );
-    matrix(&fed, &tokens, Some(gd)).await?;
+    matrix(&fed, &terminals, &tokens, Some(gd)).await?;
 
     let deadline = args
         .duration

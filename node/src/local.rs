@@ -195,6 +195,11 @@ impl LocalFederation {
     }
 
     pub async fn stop_all(&mut self) -> anyhow::Result<()> {
+        // Everyone is told first: nodes stopping one by one would each see
+        // the others' feeds go down.
+        for node in self.provinces.iter().filter_map(|p| p.node.as_ref()) {
+            node.state.stop.cancel();
+        }
         for p in &mut self.provinces {
             p.stop().await?;
         }

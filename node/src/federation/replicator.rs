@@ -29,65 +29,92 @@ struct Source {
     direct: bool,
 }
 
+/// What the operator is told about a peer's own feed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkEvent {
+    /// It stopped delivering (a restart, a network fault): said at once.
+    Interrupted,
+    /// It has not delivered for [`DOWN_AFTER`]: an outage.
+    Down(Duration),
+    /// It delivers again after an interruption that was reported.
+    Back(Duration),
+}
+
+/// A peer's feed silent this long is down, not restarting. Nodes of a
+/// federation also start in any order, a few seconds apart.
+const DOWN_AFTER: Duration = Duration::from_secs(30);
+
 /// Whether `p`'s own feed reaches this node, for the log lines an operator
 /// watches: one when it goes down, one when it comes back.
 struct Link {
-    p: Province,
     /// Since when the issuer's own feed has not delivered; None while it does.
     down_since: Option<Instant>,
     /// Whether the feed has delivered since this node started.
     ever_up: bool,
-    /// Whether "down" has been logged for the current outage.
-    reported: bool,
+    interrupted_said: bool,
+    down_said: bool,
 }
 
-/// A peer not reached this long after start is reported down: nodes of a
-/// federation start in any order, and a few seconds apart is not an outage.
-const DOWN_AT_START: Duration = Duration::from_secs(30);
-
 impl Link {
-    fn new(p: Province) -> Link {
+    fn new(now: Instant) -> Link {
         Link {
-            p,
-            down_since: Some(Instant::now()),
+            down_since: Some(now),
             ever_up: false,
-            reported: false,
+            interrupted_said: false,
+            down_said: false,
         }
     }
 
-    fn delivered(&mut self) {
-        if let Some(since) = self.down_since.take()
-            && self.reported
-        {
-            tracing::info!(
-                province = %self.p,
-                "feed from province {} is back after {:.0?}: replicating directly again",
-                self.p,
-                since.elapsed()
-            );
-        }
+    fn delivered(&mut self, now: Instant) -> Option<LinkEvent> {
+        let since = self.down_since.take();
+        let said = self.interrupted_said || self.down_said;
         self.ever_up = true;
-        self.reported = false;
+        self.interrupted_said = false;
+        self.down_said = false;
+        match since {
+            Some(since) if said => Some(LinkEvent::Back(now - since)),
+            _ => None,
+        }
     }
 
-    fn failed(&mut self, error: &str) {
-        let since = *self.down_since.get_or_insert_with(Instant::now);
-        if self.reported || (!self.ever_up && since.elapsed() < DOWN_AT_START) {
-            return;
+    fn failed(&mut self, now: Instant) -> Option<LinkEvent> {
+        let since = *self.down_since.get_or_insert(now);
+        if self.ever_up && !self.interrupted_said {
+            self.interrupted_said = true;
+            return Some(LinkEvent::Interrupted);
         }
-        self.reported = true;
-        tracing::warn!(
-            province = %self.p, %error,
-            "feed from province {} is down: its codes verify from the replica and its feed is caught up through other members meanwhile",
-            self.p
-        );
+        if !self.down_said && now - since >= DOWN_AFTER {
+            self.down_said = true;
+            return Some(LinkEvent::Down(now - since));
+        }
+        None
+    }
+}
+
+fn log_link(p: Province, event: Option<LinkEvent>, error: &str) {
+    match event {
+        None => {}
+        Some(LinkEvent::Interrupted) => tracing::info!(
+            province = %p, %error,
+            "feed from province {p} interrupted: replicating through other members until it is back"
+        ),
+        Some(LinkEvent::Down(d)) => tracing::warn!(
+            province = %p, %error,
+            "feed from province {p} is down (no delivery for {}s): its codes verify from the replica, caught up through other members where they can",
+            d.as_secs()
+        ),
+        Some(LinkEvent::Back(d)) => tracing::info!(
+            province = %p,
+            "feed from province {p} is back after {}s: replicating directly again",
+            d.as_secs()
+        ),
     }
 }
 
 pub async fn run(state: Arc<NodeState>, p: Province, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
     let mut relay_turn = 0usize;
-    let mut link = Link::new(p);
+    let mut link = Link::new(Instant::now());
     loop {
         if stop.is_cancelled() {
             return;
@@ -105,7 +132,7 @@ pub async fn run(state: Arc<NodeState>, p: Province, stop: CancellationToken) {
             Err(err) => {
                 if source.direct {
                     state.peers.failure(p);
-                    link.failed(&err);
+                    log_link(p, link.failed(Instant::now()), &err);
                 }
                 tracing::debug!(province = %p, from = %source.province, endpoint = %source.endpoint, error = %err, "feed session ended");
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -213,7 +240,7 @@ async fn session(
                 if let Some(head) = &batch.head {
                     state.metrics.replica_head_time(p, head.time_ms);
                     if source.direct {
-                        link.delivered();
+                        log_link(p, link.delivered(Instant::now()), "");
                         state.peers.success(p);
                         refresh_keys_if_changed(state, p, &source.endpoint, &head.keys_digest)
                             .await;
@@ -290,5 +317,32 @@ async fn refresh_keys_if_changed(
             tracing::info!(province = %p, keys = jwks.keys.len(), revoked = revoked.len(), "code keys refreshed");
         }
         Err(err) => tracing::warn!(province = %p, error = %err, "published code keys refused"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_feed_is_reported_interrupted_down_and_back_once_each() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut link = Link::new(t);
+        // Peers start in any order: silence at start is not reported at once.
+        assert_eq!(link.failed(t + s), None);
+        assert_eq!(link.delivered(t + 2 * s), None);
+        // A running feed that stops is said at once, and only once.
+        assert_eq!(link.failed(t + 10 * s), Some(LinkEvent::Interrupted));
+        assert_eq!(link.failed(t + 12 * s), None);
+        // Still silent after DOWN_AFTER: an outage, said once.
+        assert_eq!(link.failed(t + 40 * s), Some(LinkEvent::Down(30 * s)));
+        assert_eq!(link.failed(t + 50 * s), None);
+        assert_eq!(link.delivered(t + 60 * s), Some(LinkEvent::Back(50 * s)));
+        assert_eq!(link.delivered(t + 61 * s), None);
+        // A peer never reached since start is down after DOWN_AFTER too.
+        let mut link = Link::new(t);
+        assert_eq!(link.failed(t + 29 * s), None);
+        assert_eq!(link.failed(t + 31 * s), Some(LinkEvent::Down(31 * s)));
     }
 }

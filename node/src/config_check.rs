@@ -200,9 +200,15 @@ async fn handshake(config: &NodeConfig) -> anyhow::Result<String> {
 fn trust(config: &NodeConfig) -> anyhow::Result<String> {
     let dir = config.path(&config.trust_dir);
     let Some(store) = crate::federation::load_trust(&dir, config.province)? else {
+        // Alone, the node also trusts the CAs listed in member_cas.
+        for path in &config.member_cas {
+            first_cert(&config.read(path)?)
+                .with_context(|| format!("member CA {}", path.display()))?;
+        }
         return Ok(format!(
-            "no trust list in {}: the node serves its province alone",
-            dir.display()
+            "no trust list in {}: the node serves its province alone ({} member CAs)",
+            dir.display(),
+            config.member_cas.len()
         ));
     };
     let list = &store.current().list;

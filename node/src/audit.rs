@@ -280,19 +280,20 @@ async fn ask_witness(
                 Ok(Err(status)) => {
                     // A server that ran out of the call's grpc-timeout
                     // answers CANCELLED: that is a timeout, not a refusal;
-                    // UNKNOWN is a broken connection (no handler answers it).
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Cancelled
-                            | tonic::Code::Unknown
-                    ) {
-                        state.peers.failure(p);
-                        let what = if matches!(
+                    // a status with a transport error behind it is a broken
+                    // connection, whatever its code.
+                    let broken = std::error::Error::source(&status).is_some()
+                        || matches!(
                             status.code(),
                             tonic::Code::Unavailable | tonic::Code::Unknown
-                        ) {
+                        );
+                    let timed_out = matches!(
+                        status.code(),
+                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                    );
+                    if broken || timed_out {
+                        state.peers.failure(p);
+                        let what = if broken {
                             "witness unreachable".to_owned()
                         } else {
                             format!("witness timed out after {:?}", state.peers.deadline)

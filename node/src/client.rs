@@ -14,6 +14,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// How long a client waits for a connection (TCP and TLS) to a node.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A client certificate and key, as PEM.
 #[derive(Clone, Debug)]
 pub struct ClientCert {
@@ -119,7 +122,7 @@ fn connector(
         .map_err(|e| anyhow::anyhow!("bad server name {host:?}: {e}"))?
         .to_owned();
     let tls = TlsConnector::from(config);
-    let ep = endpoint(&host, port, Duration::from_secs(5))?;
+    let ep = endpoint(&host, port, CONNECT_TIMEOUT)?;
     let svc = tower::service_fn(move |_: Uri| {
         let tls = tls.clone();
         let server_name = server_name.clone();

@@ -57,12 +57,32 @@ impl LocalProvince {
     /// Starts the node. After the first start the same port is reused, so
     /// clients can reconnect after a restart.
     pub async fn start(&mut self) -> anyhow::Result<SocketAddr> {
+        self.start_with(None).await
+    }
+
+    /// Starts the node on `listener` when given (bound earlier, so that no
+    /// other process can take its port meanwhile), else on `config.listen`.
+    async fn start_with(
+        &mut self,
+        listener: Option<std::net::TcpListener>,
+    ) -> anyhow::Result<SocketAddr> {
         anyhow::ensure!(
             self.node.is_none(),
             "province {} is already running",
             self.province
         );
-        let node = crate::server::start(&self.config).await?;
+        let node = match listener {
+            None => crate::server::start(&self.config).await?,
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let metrics = match self.config.metrics_listen {
+                    Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+                    None => None,
+                };
+                crate::server::start_on(&self.config, listener, metrics).await?
+            }
+        };
         let addr = node.addr;
         self.config.listen = addr;
         self.config.client.endpoint = addr.to_string();
@@ -147,6 +167,10 @@ impl LocalProvince {
 /// list signed by every founder, a node per province.
 pub struct LocalFederation {
     pub provinces: Vec<LocalProvince>,
+    /// Each province's listener, bound at `init` and held until its first
+    /// start: on a busy host another process could take a port picked and
+    /// released in between.
+    reserved: std::collections::HashMap<Province, std::net::TcpListener>,
 }
 
 /// A free loopback port (bound and released; fine for local use).
@@ -166,8 +190,11 @@ impl LocalFederation {
     ) -> anyhow::Result<LocalFederation> {
         use crate::federation::ops;
         let mut provinces = Vec::new();
+        let mut reserved = std::collections::HashMap::new();
         for p in codes {
-            let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let listen = listener.local_addr()?;
+            reserved.insert(*p, listener);
             let mut province = LocalProvince::init_at(root, *p, listen)?;
             tune(&mut province.config);
             provinces.push(province);
@@ -184,12 +211,16 @@ impl LocalFederation {
         for lp in &provinces {
             ops::install(&lp.config, &genesis)?;
         }
-        Ok(LocalFederation { provinces })
+        Ok(LocalFederation {
+            provinces,
+            reserved,
+        })
     }
 
     pub async fn start_all(&mut self) -> anyhow::Result<()> {
         for p in &mut self.provinces {
-            p.start().await?;
+            let listener = self.reserved.remove(&p.province);
+            p.start_with(listener).await?;
         }
         Ok(())
     }
@@ -213,7 +244,10 @@ impl LocalFederation {
             .expect("province in federation")
     }
 
+    /// The province, to change or to start and stop on its own: its
+    /// reserved listener is let go, and it binds `config.listen` itself.
     pub fn get_mut(&mut self, p: Province) -> &mut LocalProvince {
+        self.reserved.remove(&p);
         self.provinces
             .iter_mut()
             .find(|x| x.province == p)

@@ -246,6 +246,8 @@ async fn logs_are_plain_in_a_pipe_and_say_when_a_feed_goes_down_and_comes_back()
         .iter()
         .map(|lp| save(lp, &lp.config))
         .collect();
+    // The processes bind the ports the federation reserved.
+    drop(fed);
     let sn = Served::start(&configs[0]);
     let gd = Served::start(&configs[1]);
     sn.wait_for(&["node serving"]).await;

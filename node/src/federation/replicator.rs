@@ -206,7 +206,11 @@ async fn session(
         .map_err(|e| e.to_string())?;
     let mut client =
         FederationServiceClient::new(channel).max_decoding_message_size(MAX_BATCH_BYTES);
-    let deadline = state.peers.deadline;
+    // The first call on a channel also connects it (TCP and TLS): when a
+    // federation starts, every node connects to every other at once, and
+    // a subscription refused for taking longer than a lookup would only
+    // start the handshake again.
+    let deadline = state.peers.deadline + crate::client::CONNECT_TIMEOUT;
     let call = client.subscribe_changes(SubscribeChangesRequest {
         issuer: p.to_string(),
         after_sequence: after,

@@ -751,3 +751,67 @@ fn pyjwt_verifies_codes_from_the_published_jwks() {
         assert_eq!(decoded["exp"], now + LIFETIME.as_secs() as i64);
     }
 }
+
+/// Signs `header` (JSON text) and `claims` with the ES256 key file of `kid`
+/// in `dir`, the way an issuer holding the key could.
+fn sign_raw(dir: &Path, kid: &str, header: &str, claims: &CodeClaims) -> String {
+    let text = std::fs::read_to_string(dir.join("keys").join(format!("{kid}.pem"))).unwrap();
+    let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der).unwrap();
+    let message = format!(
+        "{}.{}",
+        b64(header.as_bytes()),
+        b64(&serde_json::to_vec(claims).unwrap())
+    );
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let signature = pair.sign(&rng, message.as_bytes()).unwrap();
+    format!("{message}.{}", b64(signature.as_ref()))
+}
+
+#[test]
+fn a_crit_header_is_refused_whatever_its_value() {
+    let (dir, ring) = keyring(CodeAlg::Es256);
+    let now = unix_now();
+    let verifier = verifier_for(guangdong(), &ring, now);
+    let kid = ring.active_kid();
+    let c = claims(guangdong(), now);
+    // The same signing path without crit verifies, so only crit is refused.
+    let plain = format!(r#"{{"alg":"ES256","typ":"JWT","kid":"{kid}"}}"#);
+    verifier
+        .verify(&sign_raw(dir.path(), kid, &plain, &c), now)
+        .unwrap();
+    for crit in ["null", "[]", r#"["exp"]"#, "{}", "0"] {
+        let header = format!(r#"{{"alg":"ES256","typ":"JWT","kid":"{kid}","crit":{crit}}}"#);
+        let token = sign_raw(dir.path(), kid, &header, &c);
+        assert_malformed(verifier.verify(&token, now), "critical extensions");
+    }
+}
+
+#[test]
+fn a_code_issued_in_the_future_is_not_yet_valid() {
+    let (dir, ring) = keyring(CodeAlg::Es256);
+    let now = unix_now();
+    let verifier = verifier_for(guangdong(), &ring, now);
+    let kid = ring.active_kid();
+    let header = format!(r#"{{"alg":"ES256","typ":"JWT","kid":"{kid}"}}"#);
+    let leeway = LEEWAY.as_secs() as i64;
+    // An issuer a day ahead, with nbf left at the real time: only iat says so.
+    let mut c = claims(guangdong(), now);
+    c.iat = now + 86_400;
+    let token = sign_raw(dir.path(), kid, &header, &c);
+    let verdict = verifier.verify(&token, now).unwrap_err();
+    assert_eq!(verdict, Verdict::NotYetValid { nbf: c.iat });
+    // The leeway applies to iat as to nbf.
+    c.iat = now + leeway;
+    let token = sign_raw(dir.path(), kid, &header, &c);
+    verifier.verify(&token, now).unwrap();
+    c.iat = now + leeway + 5;
+    let token = sign_raw(dir.path(), kid, &header, &c);
+    assert!(matches!(
+        verifier.verify(&token, now),
+        Err(Verdict::NotYetValid { .. })
+    ));
+}

@@ -134,7 +134,17 @@ impl fmt::Debug for CodeVerifier {
 struct RawHeader {
     alg: String,
     kid: Option<String>,
-    crit: Option<serde_json::Value>,
+    /// Whether the header names `crit` at all: `"crit": null` is a crit
+    /// header too (RFC 7515 4.1.11 allows no null), so presence is what
+    /// counts, not the value an `Option` would make of it.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
+}
+
+/// True for any value, null included; the field's absence gives the default.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d)?;
+    Ok(true)
 }
 
 impl CodeVerifier {
@@ -193,7 +203,8 @@ impl CodeVerifier {
     }
 
     /// Verifies `token` at `now_unix` (seconds): size, header, algorithm,
-    /// issuer and key, revocation, signature, then `exp`/`nbf` with leeway.
+    /// issuer and key, revocation, signature, then `exp`/`nbf`/`iat` with
+    /// leeway.
     pub fn verify(&self, token: &str, now_unix: i64) -> Result<VerifiedCode, Verdict> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Verdict::Malformed(format!(
@@ -252,7 +263,7 @@ impl CodeVerifier {
                 )));
             }
         };
-        if header.crit.is_some() {
+        if header.crit {
             return Err(malformed(
                 "header lists critical extensions (crit), which hufu codes never use",
             ));
@@ -330,6 +341,11 @@ impl CodeVerifier {
         }
         if now.saturating_add(self.leeway) < claims.nbf {
             return Err(Verdict::NotYetValid { nbf: claims.nbf });
+        }
+        // A code issued in the future comes from an issuer whose clock is
+        // ahead (or from a forger): it is not valid yet either.
+        if now.saturating_add(self.leeway) < claims.iat {
+            return Err(Verdict::NotYetValid { nbf: claims.iat });
         }
         Ok(())
     }

@@ -13,8 +13,8 @@ use arc_swap::ArcSwap;
 use rustls::DistinguishedName;
 use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::CertificateDer;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 
@@ -44,6 +44,10 @@ pub(crate) struct AnchorSet {
 #[derive(Debug)]
 pub(crate) struct Anchor {
     cert: CertificateDer<'static>,
+    /// The CA's basicConstraints pathLenConstraint. webpki keeps only a
+    /// trust anchor's name and key, so the anchor's own limit on sub-CAs
+    /// below it is enforced here (see [`Anchor::check_path_len`]).
+    path_len: Option<u32>,
     /// Checks client chains: signature, validity, EKU clientAuth.
     pub(crate) client: Arc<dyn ClientCertVerifier>,
     /// Checks server chains: signature, validity, EKU serverAuth, host name.
@@ -136,10 +140,12 @@ impl AnchorSet {
                     .build()?;
             let server =
                 WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?;
+            let path_len = ca_path_len(&cert)?;
             by_province.insert(
                 province,
                 Anchor {
                     cert,
+                    path_len,
                     client,
                     server,
                 },
@@ -158,6 +164,62 @@ impl AnchorSet {
     pub(crate) fn get(&self, province: Province) -> Option<&Anchor> {
         self.by_province.get(&province)
     }
+}
+
+impl Anchor {
+    /// Refuses a chain whose path to this CA holds more sub-CAs than the
+    /// CA's pathLenConstraint allows (Hufu's province CAs say pathlen:0:
+    /// leaves only). Called after the ordinary webpki check succeeded; a
+    /// chain without intermediates always passes, so the usual handshake
+    /// pays nothing.
+    pub(crate) fn check_path_len(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+        algorithms: &WebPkiSupportedAlgorithms,
+    ) -> Result<(), CertError> {
+        let Some(max) = self.path_len else {
+            return Ok(());
+        };
+        if intermediates.is_empty() {
+            return Ok(());
+        }
+        let refused = |detail: String| CertError::PathLen { max, detail };
+        let leaf = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| refused(format!("unreadable certificate: {e}")))?;
+        let anchor = webpki::anchor_from_trusted_cert(&self.cert)
+            .map_err(|e| refused(format!("unreadable ca certificate: {e}")))?;
+        let within = |path: &webpki::VerifiedPath<'_>| {
+            if path.intermediate_certificates().count() > max as usize {
+                Err(webpki::Error::PathLenConstraintViolated)
+            } else {
+                Ok(())
+            }
+        };
+        leaf.verify_for_usage(
+            algorithms.all,
+            &[anchor],
+            intermediates,
+            now,
+            usage,
+            None,
+            Some(&within),
+        )
+        .map(|_| ())
+        .map_err(|e| refused(format!("{e:?}")))
+    }
+}
+
+/// A CA certificate's pathLenConstraint, if it has one.
+fn ca_path_len(cert: &CertificateDer<'_>) -> Result<Option<u32>, CertError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+    let constraints = parsed
+        .basic_constraints()
+        .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+    Ok(constraints.and_then(|c| c.value.path_len_constraint))
 }
 
 /// Gives the hint list a `'static` lifetime.

@@ -90,6 +90,11 @@ pub enum CertError {
     #[error("a node certificate is required here, got a {0} certificate: issue one with role node")]
     NotANode(Role),
 
+    #[error(
+        "certificate chain goes through a sub-ca, but the province ca allows {max} below it (pathlen:{max}): issue the certificate from the province ca itself ({detail})"
+    )]
+    PathLen { max: u32, detail: String },
+
     #[error("peer presented no certificate")]
     NoPeerCertificate,
 

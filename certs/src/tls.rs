@@ -123,10 +123,25 @@ impl ClientCertVerifier for ProvinceClientVerifier {
         let anchor = anchors
             .get(identity.province)
             .ok_or_else(|| refuse(CertError::NoAnchor(identity.province)))?;
-        anchor
+        let verified = anchor
             .client
             .verify_client_cert(end_entity, intermediates, now)
-            .inspect_err(|e| tracing::debug!(%identity, error = %e, "client certificate refused"))
+            .inspect_err(
+                |e| tracing::debug!(%identity, error = %e, "client certificate refused"),
+            )?;
+        anchor
+            .check_path_len(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                &self.algorithms(),
+            )
+            .map_err(refuse)
+            .inspect_err(
+                |e| tracing::debug!(%identity, error = %e, "client certificate refused"),
+            )?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -186,9 +201,23 @@ impl ServerCertVerifier for ProvinceServerVerifier {
         let anchor = anchors
             .get(self.expected)
             .ok_or_else(|| refuse(CertError::NoAnchor(self.expected)))?;
+        let verified = anchor.server.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         anchor
-            .server
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .check_path_len(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+                &self.algorithms(),
+            )
+            .map_err(refuse)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

@@ -341,3 +341,75 @@ fn bad_pem_is_reported() {
     .unwrap_err();
     assert!(matches!(err, CertError::Tls(_)), "{err}");
 }
+
+/// A sub-CA signed by `ca` (which says pathlen:0) and a leaf for `role`/`name`
+/// of `ca`'s province signed by that sub-CA, as a chain PEM (leaf first).
+fn through_a_sub_ca(ca: &CertificateAuthority, role: Role, name: &str) -> IssuedCert {
+    let ca_key = KeyPair::from_pem(&ca.key_pem()).unwrap();
+    let ca_issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert_der(), ca_key).unwrap();
+
+    let sub_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut sub = CertificateParams::default();
+    sub.distinguished_name
+        .push(rcgen::DnType::CommonName, "rogue sub-ca");
+    sub.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    sub.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    sub.subject_alt_names = vec![SanType::URI(
+        hufu_certs::ca_uri(ca.province()).try_into().unwrap(),
+    )];
+    let sub_cert = sub.signed_by(&sub_key, &ca_issuer).unwrap();
+    let sub_issuer = rcgen::Issuer::new(sub, sub_key);
+
+    let id = Identity::new(ca.province(), role, name).unwrap();
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::URI(id.uri().try_into().unwrap())];
+    leaf.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    if role == Role::Node {
+        leaf.subject_alt_names
+            .push(SanType::DnsName("localhost".try_into().unwrap()));
+    }
+    let leaf_cert = leaf.signed_by(&leaf_key, &sub_issuer).unwrap();
+    IssuedCert {
+        cert_pem: format!("{}{}", leaf_cert.pem(), sub_cert.pem()),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}
+
+#[tokio::test]
+async fn a_sub_ca_under_a_pathlen_0_province_ca_is_refused() {
+    let fed = Federation::new();
+    // The chain is otherwise sound: webpki alone (which keeps only an
+    // anchor's name and key) accepts it.
+    let chained = through_a_sub_ca(&fed.gd, Role::Admin, "mallory");
+    let outcome = handshake(fed.gd_server(), fed.client("440000", &chained), "localhost").await;
+    assert_refused_by_server(&outcome, "pathlen:0");
+
+    // A node certificate from a sub-CA cannot serve to a client either.
+    let rogue_node = through_a_sub_ca(&fed.gd, Role::Node, "gd-rogue");
+    let rogue_server = server_config(
+        fed.anchors.clone(),
+        &rogue_node.cert_pem,
+        &rogue_node.key_pem,
+    )
+    .unwrap();
+    let outcome = handshake(
+        rogue_server,
+        fed.client("440000", &fed.sn_node),
+        "localhost",
+    )
+    .await;
+    let err = outcome.client.expect_err("client accepted a sub-ca's node");
+    assert!(err.contains("pathlen:0"), "{err}");
+
+    // Leaves straight from the province CA still pass.
+    let direct = issue(&fed.gd, Role::Admin, "admin");
+    let outcome = handshake(fed.gd_server(), fed.client("440000", &direct), "localhost").await;
+    assert!(outcome.server.is_ok(), "{:?}", outcome.server);
+}

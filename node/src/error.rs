@@ -5,6 +5,13 @@
 //! carries `google.rpc` rich error details (`grpc-status-details-bin`): a
 //! `BadRequest` naming the request field at fault for invalid input, so a
 //! client can point its user at the field without parsing the message.
+//!
+//! Internal failures (storage, corrupt records, bugs) are the node's own
+//! business: their detail can name paths, keys or data, and callers include
+//! other provinces. The detail is logged under a random reference and the
+//! caller gets a generic message carrying that reference, so an operator can
+//! still match a caller's report to the log line (the reference also travels
+//! as a `RequestInfo` detail).
 
 use hufu_certs::{Province, Role};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -116,11 +123,47 @@ impl From<NodeError> for tonic::Status {
             | NodeError::Transaction(_)
             | NodeError::Corrupt(_)
             | NodeError::Internal(_) => {
-                tracing::error!(error = %err, "internal error");
-                Code::Internal
+                let reference = correlation_id();
+                tracing::error!(%reference, error = %err, "internal error");
+                return tonic::Status::with_error_details(
+                    Code::Internal,
+                    internal_message(&reference),
+                    ErrorDetails::with_request_info(reference, ""),
+                );
             }
         };
         tonic::Status::new(code, err.to_string())
+    }
+}
+
+/// What a caller is told about an internal failure logged under `reference`.
+pub fn internal_message(reference: &str) -> String {
+    format!(
+        "internal error at this node (reference {reference}): retry later; if it persists, give the reference to the node's operator, whose log has the details"
+    )
+}
+
+/// A short random reference tying a caller's error to a log line.
+fn correlation_id() -> String {
+    let mut bytes = [0u8; 6];
+    // Uniqueness matters, secrecy does not: a failed draw still gives an id.
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    data_encoding::HEXLOWER.encode(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_detail_stays_in_the_log() {
+        let err = NodeError::Internal("cannot open /srv/hufu/data/db: secret detail".into());
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("secret detail"), "{status:?}");
+        assert!(status.message().contains("reference "), "{status:?}");
+        let invalid = tonic::Status::from(NodeError::invalid("holder id is not base32"));
+        assert_eq!(invalid.message(), "holder id is not base32");
     }
 }
 

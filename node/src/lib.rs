@@ -20,6 +20,7 @@ pub mod init;
 pub mod local;
 pub mod metrics;
 pub mod net;
+pub mod preflight;
 pub mod qr;
 pub mod sample;
 pub mod server;

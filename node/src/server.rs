@@ -79,6 +79,7 @@ pub async fn start_on(
     config
         .check_limits()
         .context("the configuration cannot serve")?;
+    crate::preflight::check(config)?;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let state = NodeState::open(config, metrics.clone(), stop.clone())?;

@@ -1,0 +1,167 @@
+//! Attacks on a running node by a clumsy operator or a curious caller, each
+//! reproduced against real nodes: internal error text, another province's
+//! node certificate, careless file modes.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use hufu_certs::Role;
+use hufu_node::local::LocalProvince;
+use hufu_proto::v1::LookupRequest;
+use tonic::Code;
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[tokio::test]
+async fn internal_error_text_never_reaches_the_caller() {
+    common::logs();
+    let running = common::start("440000").await;
+    let gd = &running.province;
+    let holders = common::import_samples(gd, 2).await;
+    // A stored record the node can no longer decode: the decoder's detail
+    // (and in general paths, keys, data) must stay in the node's log.
+    let tree = gd
+        .node
+        .as_ref()
+        .unwrap()
+        .state
+        .store
+        .db()
+        .open_tree("provinces")
+        .unwrap();
+    let mut key = vec![b'S'];
+    key.extend_from_slice(&gd.province.code().to_be_bytes());
+    key.extend_from_slice(holders[0].as_bytes());
+    tree.insert(key, &[0xff, 0xff, 0xff, 0x0f][..]).unwrap();
+
+    let mut terminal = gd.terminal("gate").await.unwrap();
+    let status = terminal
+        .lookup(LookupRequest {
+            issuer: "440000".into(),
+            holder: holders[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    let message = status.message();
+    assert!(message.contains("reference "), "{message}");
+    for detail in ["decode", "corrupt", "protobuf", "storage", "sled"] {
+        assert!(
+            !message.to_lowercase().contains(detail),
+            "{detail:?} leaked: {message}"
+        );
+    }
+    // The node keeps serving the other holder.
+    terminal
+        .lookup(LookupRequest {
+            issuer: "440000".into(),
+            holder: holders[1].clone(),
+        })
+        .await
+        .unwrap();
+    let mut running = running;
+    running.province.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn serve_refuses_a_node_certificate_of_another_province_or_role() {
+    let scratch = tempfile::tempdir().unwrap();
+    let gd = LocalProvince::init(scratch.path(), common::province("440000")).unwrap();
+    let sn = LocalProvince::init(scratch.path(), common::province("610000")).unwrap();
+
+    // Shaanxi's node certificate in Guangdong's configuration.
+    let mut config = gd.config.clone();
+    config.node_cert = sn.config.path(&sn.config.node_cert);
+    config.node_key = sn.config.path(&sn.config.node_key);
+    let err = hufu_node::server::start(&config)
+        .await
+        .err()
+        .expect("a node with another province's certificate started")
+        .to_string();
+    assert!(err.contains("names province 610000"), "{err}");
+    assert!(err.contains("serves province 440000"), "{err}");
+
+    // Guangdong's own admin certificate in the node's place.
+    let mut config = gd.config.clone();
+    config.node_cert = gd.config.path(&gd.config.client.admin_cert);
+    config.node_key = gd.config.path(&gd.config.client.admin_key);
+    let err = hufu_node::server::start(&config)
+        .await
+        .err()
+        .expect("a node with an admin certificate started")
+        .to_string();
+    assert!(err.contains("not a node certificate"), "{err}");
+
+    // The configuration as made by `hufu init` serves.
+    let mut gd = gd;
+    gd.start().await.unwrap();
+    gd.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn careless_modes_are_reported_and_a_world_writable_secret_directory_refuses_the_start() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut gd = LocalProvince::init(scratch.path(), common::province("440000")).unwrap();
+    let issued = gd.dir.join("terminal/gate.key");
+    hufu_node::init::issue_cert(
+        &gd.dir,
+        Role::Terminal,
+        "gate",
+        &hufu_certs::LeafOptions::default(),
+    )
+    .unwrap();
+    let config = gd.config.clone();
+
+    // `hufu init` leaves nothing to report.
+    assert_eq!(
+        hufu_node::preflight::check_permissions(&config).unwrap(),
+        Vec::<String>::new()
+    );
+
+    // Every private file a node's directory holds, made world-readable.
+    let private = [
+        config.path(&config.holder_secret),
+        config.path(&config.node_key),
+        gd.dir.join("ca/ca.key"),
+        config.path(&config.log_key),
+        config.path(&config.governance_key),
+        config.path(&config.client.admin_key),
+        issued,
+    ];
+    let code_keys: Vec<_> = std::fs::read_dir(config.path(&config.codes.keys_dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pem"))
+        .collect();
+    assert!(!code_keys.is_empty());
+    for file in private.iter().chain(&code_keys) {
+        chmod(file, 0o644);
+    }
+    let warnings = hufu_node::preflight::check_permissions(&config).unwrap();
+    for file in private.iter().chain(&code_keys) {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(&file.display().to_string()) && w.contains("chmod 600")),
+            "no warning for {}: {warnings:#?}",
+            file.display()
+        );
+    }
+    // Readable by others is a warning: the node still starts.
+    gd.start().await.unwrap();
+    gd.stop().await.unwrap();
+
+    // A world-writable directory holding a secret refuses the start.
+    let secret_dir = config.path(&config.holder_secret);
+    let secret_dir = secret_dir.parent().unwrap();
+    chmod(secret_dir, 0o777);
+    let err = gd.start().await.unwrap_err().to_string();
+    assert!(err.contains("world-writable"), "{err}");
+    assert!(err.contains(&secret_dir.display().to_string()), "{err}");
+    assert!(!gd.is_running());
+    chmod(secret_dir, 0o700);
+}

@@ -98,6 +98,10 @@ pub struct FederationConfig {
     pub batch_changes: usize,
     /// How often to ask peers for newer trust lists, in seconds.
     pub gossip_secs: u64,
+    /// For testing only: shifts the time this node writes into its signed
+    /// feed heads by this many seconds, to reproduce an issuer whose clock
+    /// is wrong. Leave it at 0.
+    pub clock_offset_secs: i64,
 }
 
 impl Default for FederationConfig {
@@ -108,6 +112,7 @@ impl Default for FederationConfig {
             heartbeat_ms: 1000,
             batch_changes: 5000,
             gossip_secs: 5,
+            clock_offset_secs: 0,
         }
     }
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub trust_refused: Counter,
     pub trust_version: Gauge,
     pub replica_head: Family<Labels, Gauge>,
+    pub replica_skew: Family<Labels, Gauge>,
     pub admitted: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub shed: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub in_flight: Gauge,
@@ -59,6 +60,7 @@ impl Metrics {
         let trust_refused = Counter::default();
         let trust_version = Gauge::default();
         let replica_head = Family::<Labels, Gauge>::default();
+        let replica_skew = Family::<Labels, Gauge>::default();
         let admitted = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
         let shed = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
         let in_flight = Gauge::default();
@@ -124,8 +126,13 @@ impl Metrics {
         );
         registry.register(
             "replica_head_time_ms",
-            "issuer's time (unix ms) of the newest signed head held, by province; age = now - this",
+            "when a signed head last confirmed the replica (unix ms: the issuer's time, capped at arrival), by province; age = now - this",
             replica_head.clone(),
+        );
+        registry.register(
+            "replica_clock_skew_ms",
+            "issuer's head time minus this node's time when the head arrived, by province; well above 0 means the issuer's clock runs ahead",
+            replica_skew.clone(),
         );
         registry.register(
             "requests",
@@ -165,6 +172,7 @@ impl Metrics {
             trust_refused,
             trust_version,
             replica_head,
+            replica_skew,
             admitted,
             shed,
             in_flight,
@@ -192,6 +200,12 @@ impl Metrics {
         self.replica_head
             .get_or_create(&vec![("province", p.to_string())])
             .set(time_ms);
+    }
+
+    pub fn replica_clock_skew(&self, p: hufu_certs::Province, skew_ms: i64) {
+        self.replica_skew
+            .get_or_create(&vec![("province", p.to_string())])
+            .set(skew_ms);
     }
 
     pub fn render(&self) -> String {

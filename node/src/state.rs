@@ -53,6 +53,8 @@ pub struct NodeState {
     pub max_replica_age: Duration,
     pub heartbeat: Duration,
     pub batch_changes: usize,
+    /// Added to the time in this province's signed feed heads (testing only).
+    pub clock_offset_ms: i64,
     /// Cancelled when the node shuts down; background tasks watch it.
     pub stop: CancellationToken,
 }
@@ -160,6 +162,7 @@ impl NodeState {
             max_replica_age: Duration::from_secs(fed.max_replica_age_secs),
             heartbeat: Duration::from_millis(fed.heartbeat_ms.max(10)),
             batch_changes: fed.batch_changes.max(1),
+            clock_offset_ms: fed.clock_offset_secs.saturating_mul(1000),
             stop,
         });
         state.publish_own_keys();

@@ -10,6 +10,12 @@
 //! | `C` province sequence        | chain hash (32 bytes) ‖ encoded record  |
 //! | `H` province sequence        | signed `FeedHead` ending a batch (replicas, for relaying) |
 //! | `L` province                 | newest signed `FeedHead` (replicas)     |
+//! | `A` province                 | when the replica was last confirmed (unix ms, this node's clock) |
+//!
+//! A head's own time is the issuer's clock. The time a replica's freshness
+//! is measured from (`A`) is that time, but never later than the moment the
+//! head reached this node: an issuer whose clock runs ahead cannot make a
+//! replica look fresh after it stops.
 //!
 //! A write is acknowledged, and a replicated batch counted as received, only
 //! after sled has flushed it to disk, so both survive `kill -9`.
@@ -301,15 +307,36 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Verifies and stores a batch of province `p`'s feed, received from
-    /// `p` itself or relayed by a peer. `log_key` is `p`'s log key from the
-    /// trust list. New changes are durable when this returns.
+    /// When the replica of `p` was last confirmed by a signed head, in unix
+    /// ms by this node's clock (None: never, or held by an older version).
+    /// A replica's age is measured from here, not from the head's own time.
+    pub fn replica_confirmed(&self, p: Province) -> NodeResult<Option<i64>> {
+        Ok(self
+            .tree
+            .get(key(b'A', p, &[]))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// The new confirmation time a head dated `head_ms` and received at
+    /// `received_ms` gives `p`'s replica, if later than the one held: the
+    /// head's time, capped at its arrival.
+    fn confirmation(&self, p: Province, head_ms: i64, received_ms: i64) -> NodeResult<Option<i64>> {
+        let at = head_ms.min(received_ms);
+        let held = self.replica_confirmed(p)?;
+        Ok(held.is_none_or(|h| h < at).then_some(at))
+    }
+
+    /// Verifies and stores a batch of province `p`'s feed, received (now)
+    /// from `p` itself or relayed by a peer. `log_key` is `p`'s log key from
+    /// the trust list. New changes are durable when this returns.
     pub async fn apply_batch(
         &self,
         p: Province,
         batch: &SubscribeChangesResponse,
         log_key: &str,
     ) -> Result<Applied, ApplyError> {
+        let received_ms = crate::status::now_millis();
         if p == self.own {
             return Err(FeedError::Malformed(format!(
                 "{p} is this node's own province: it is not replicated"
@@ -356,15 +383,19 @@ impl Store {
         })?;
 
         let head_bytes = proto_head.encode_to_vec();
+        let confirmed = self.confirmation(p, proto_head.time_ms, received_ms)?;
         if new.is_empty() {
             // A heartbeat: only a newer statement about the same head counts.
             let newer = held.as_ref().is_none_or(|h| h.time_ms < proto_head.time_ms);
+            let mut b = sled::Batch::default();
             if newer {
-                let mut b = sled::Batch::default();
                 b.insert(key(b'L', p, &[]), head_bytes.clone());
                 b.insert(key(b'H', p, &head.sequence.to_be_bytes()), head_bytes);
-                self.tree.apply_batch(b).map_err(NodeError::from)?;
             }
+            if let Some(at) = confirmed {
+                b.insert(key(b'A', p, &[]), &at.to_be_bytes()[..]);
+            }
+            self.tree.apply_batch(b).map_err(NodeError::from)?;
             return Ok(Applied {
                 new_changes: 0,
                 sequence: tail.sequence,
@@ -404,6 +435,9 @@ impl Store {
         }
         b.insert(key(b'L', p, &[]), head_bytes.clone());
         b.insert(key(b'H', p, &head.sequence.to_be_bytes()), head_bytes);
+        if let Some(at) = confirmed {
+            b.insert(key(b'A', p, &[]), &at.to_be_bytes()[..]);
+        }
         self.tree.apply_batch(b).map_err(NodeError::from)?;
         self.flush().await?;
         self.notify(p, head.sequence);

@@ -81,6 +81,10 @@ pub struct VerifiedCode {
 struct IssuerKeys {
     keys: HashMap<String, VerifyKey>,
     revoked: HashSet<String>,
+    /// The keys and revoked kids as handed in, so that what the node
+    /// publishes about a province is exactly what it verifies with.
+    jwks: Jwks,
+    revoked_kids: Vec<String>,
 }
 
 struct VerifyKey {
@@ -176,9 +180,14 @@ impl CodeVerifier {
                 Ok((jwk.kid.clone(), VerifyKey { alg, key }))
             })
             .collect::<Result<HashMap<_, _>, CodeError>>()?;
+        let mut revoked_kids = revoked.to_vec();
+        revoked_kids.sort();
+        revoked_kids.dedup();
         let entry = Arc::new(IssuerKeys {
             keys,
             revoked: revoked.iter().cloned().collect(),
+            jwks: jwks.clone(),
+            revoked_kids,
         });
         self.issuers.rcu(|map| {
             let mut map = HashMap::clone(map);
@@ -186,6 +195,13 @@ impl CodeVerifier {
             map
         });
         Ok(())
+    }
+
+    /// The keys and revoked kids this verifier holds for `province`: what
+    /// it checks that province's codes with.
+    pub fn keys_of(&self, province: Province) -> Option<(Jwks, Vec<String>)> {
+        self.issuer_keys(province)
+            .map(|k| (k.jwks.clone(), k.revoked_kids.clone()))
     }
 
     /// Forgets `province`'s keys: its codes become [`Verdict::UnknownKey`].

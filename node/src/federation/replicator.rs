@@ -21,6 +21,9 @@ const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// How long a relay session lasts before the issuer itself is tried again.
 const RELAY_SESSION: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A head dated further ahead of this node's clock than this is logged: the
+/// issuer's clock is wrong. (Freshness is capped at arrival whatever the skew.)
+const CLOCK_SKEW_TOLERANCE_MS: i64 = 5_000;
 
 /// Where a session pulls from.
 struct Source {
@@ -224,6 +227,7 @@ async fn session(
     // source is gone even if the connection looks open.
     let idle = state.heartbeat * 3 + deadline;
     let ends = (!source.direct).then(|| Instant::now() + RELAY_SESSION);
+    let mut skew_logged = false;
     loop {
         let next = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -242,7 +246,14 @@ async fn session(
                     .feed_changes
                     .inc_by(applied.new_changes as u64);
                 if let Some(head) = &batch.head {
-                    state.metrics.replica_head_time(p, head.time_ms);
+                    let now = crate::status::now_millis();
+                    let skew = head.time_ms - now;
+                    state.metrics.replica_clock_skew(p, skew);
+                    state.metrics.replica_head_time(p, head.time_ms.min(now));
+                    if skew > CLOCK_SKEW_TOLERANCE_MS && !skew_logged {
+                        skew_logged = true;
+                        tracing::warn!(province = %p, from = %source.province, skew_ms = skew, "feed head dated in the future: the issuer's clock runs ahead; its replica's age counts from arrival instead");
+                    }
                     if source.direct {
                         log_link(p, link.delivered(Instant::now()), "");
                         state.peers.success(p);

@@ -154,7 +154,7 @@ async fn own_head(state: &NodeState, sequence: u64) -> NodeResult<Option<FeedHea
         issuer: state.province,
         sequence,
         chain_hash: hash,
-        time_ms: now_millis(),
+        time_ms: now_millis().saturating_add(state.clock_offset_ms),
         keys_digest: state.own_keys_digest(),
     };
     let signature = head.sign(&state.log_signer);

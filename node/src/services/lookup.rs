@@ -76,13 +76,15 @@ impl LookupService {
     }
 
     /// How old this node's replica of `p` is, in milliseconds (None: no
-    /// signed head from `p` yet).
+    /// signed head from `p` yet). Measured from when a head last confirmed
+    /// it, by this node's clock, so an issuer's clock running ahead cannot
+    /// make the replica look younger than it is.
     fn replica_age_ms(&self, p: Province) -> NodeResult<Option<i64>> {
         Ok(self
             .state
             .store
-            .latest_head(p)?
-            .map(|h| (now_millis() - h.time_ms).max(0)))
+            .replica_confirmed(p)?
+            .map(|at| (now_millis() - at).max(0)))
     }
 
     fn fresh(&self, age_ms: Option<i64>) -> bool {
@@ -438,15 +440,19 @@ impl LookupService {
         if !req.province.is_empty() {
             let p = self.issuer(&req.province)?;
             if p != self.state.province {
-                // Another member's keys as the trust list publishes them.
-                let membership = self.state.membership.load();
-                let member = membership
-                    .member(p)
-                    .ok_or_else(|| NodeError::NotFound(format!("province {p} is not a member")))?;
+                // Another member's keys exactly as this node's verifier holds
+                // them: the trust list's, updated by what the province itself
+                // published since (rotations, revocations), so a tool that
+                // checks codes with this answer agrees with `Verify` here.
+                let (jwks, revoked_kids) = self.state.verifier.keys_of(p).ok_or_else(|| {
+                    NodeError::NotFound(format!(
+                        "no code-signing keys of province {p} are known here yet: retry shortly"
+                    ))
+                })?;
                 return Ok(GetJwksResponse {
-                    jwks_json: serde_json::to_string(&member.jwks)
+                    jwks_json: serde_json::to_string(&jwks)
                         .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
-                    revoked_kids: member.revoked_kids.clone(),
+                    revoked_kids,
                 });
             }
         }

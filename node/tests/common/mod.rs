@@ -102,3 +102,59 @@ pub async fn metrics(province: &LocalProvince) -> String {
     tcp.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// Polls `f` until it returns Some, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: std::time::Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A federation of `codes` under `root`, tuned for quick tests (heartbeats
+/// every 100 ms, replicas stale after 1 s), with `tune` applied to each
+/// config afterwards; not started.
+pub fn quick_federation(
+    root: &std::path::Path,
+    codes: &[&str],
+    tune: impl Fn(&mut hufu_node::config::NodeConfig),
+) -> hufu_node::local::LocalFederation {
+    let provinces: Vec<Province> = codes.iter().map(|c| province(c)).collect();
+    hufu_node::local::LocalFederation::init(root, &provinces, |c| {
+        c.federation.heartbeat_ms = 100;
+        c.federation.max_replica_age_secs = 1;
+        c.federation.peer_deadline_ms = 300;
+        c.federation.gossip_secs = 1;
+        tune(c);
+    })
+    .unwrap()
+}
+
+/// Issues a code at `province` for its `n`th sample holder.
+pub async fn issue_code(province: &LocalProvince, n: u64) -> hufu_proto::v1::IssueCodeResponse {
+    province
+        .admin()
+        .await
+        .unwrap()
+        .issue_code(hufu_proto::v1::IssueCodeRequest {
+            subject: Some(hufu_proto::v1::issue_code_request::Subject::NationalId(
+                sample::national_id(province.province, n)
+                    .as_str()
+                    .to_owned(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}

@@ -28,6 +28,10 @@ const CA_VALIDITY: Duration = Duration::days(3653);
 /// Backdating absorbs clock skew between provinces' machines.
 const BACKDATE: Duration = Duration::hours(1);
 const LEAF_VALIDITY: Duration = Duration::days(365);
+/// Terminals are many, sit in public places and get lost or stolen: their
+/// certificates are short-lived by default and renewed with
+/// `hufu certs renew`.
+const TERMINAL_VALIDITY: Duration = Duration::days(30);
 
 /// One province's CA: its self-signed certificate and private key.
 pub struct CertificateAuthority {
@@ -199,6 +203,78 @@ pub fn ca_province(cert_der: &[u8]) -> Result<Province, CertError> {
     parse_ca_uri(&hufu_uri(cert_der)?)
 }
 
+/// What renewing `cert_der` issues: the same identity and, for a node, the
+/// same DNS names and IP addresses, with a fresh default validity for its
+/// role.
+pub fn renewal_of(cert_der: &[u8]) -> Result<(Identity, LeafOptions), CertError> {
+    let identity = Identity::from_cert_der(cert_der)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+    let mut opts = LeafOptions::for_role(identity.role);
+    if identity.role == Role::Node {
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+        for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => {
+                    opts.dns_names.push((*dns).to_owned())
+                }
+                x509_parser::extensions::GeneralName::IPAddress(ip) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*ip) {
+                        opts.ip_addresses.push(IpAddr::from(v4));
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*ip) {
+                        opts.ip_addresses.push(IpAddr::from(v6));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((identity, opts))
+}
+
+/// A certificate's serial number as revocation lists name it: lowercase
+/// hex, without separators or leading zero bytes.
+pub fn certificate_serial(cert_der: &[u8]) -> Result<String, CertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+    Ok(serial_hex(cert.raw_serial()))
+}
+
+/// A serial typed by an operator (`0A:1b:…`, `0a1b…`) in the form of
+/// [`certificate_serial`].
+pub fn parse_serial(text: &str) -> Result<String, CertError> {
+    let digits: String = text
+        .trim()
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let bad = || CertError::BadSerial(text.to_owned());
+    if digits.is_empty() || digits.len() > 66 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    let bytes = (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).map_err(|_| bad()))
+        .collect::<Result<Vec<u8>, _>>()?;
+    Ok(serial_hex(&bytes))
+}
+
+fn serial_hex(bytes: &[u8]) -> String {
+    let start = bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
+    bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Names and validity of a leaf certificate.
 #[derive(Clone, Debug)]
 pub struct LeafOptions {
@@ -222,6 +298,16 @@ impl Default for LeafOptions {
 }
 
 impl LeafOptions {
+    /// The default validity for `role`: 30 days for terminals, a year for
+    /// the rest.
+    pub fn for_role(role: Role) -> Self {
+        let mut opts = LeafOptions::default();
+        if role == Role::Terminal {
+            opts.not_after = opts.not_before + BACKDATE + TERMINAL_VALIDITY;
+        }
+        opts
+    }
+
     /// Options for a node reached at `hosts` (IP addresses or DNS names),
     /// so that ordinary gRPC clients can verify it. With no hosts, the node
     /// is reachable as `localhost`, `127.0.0.1` and `::1`.
@@ -473,5 +559,32 @@ mod tests {
         let secret = dir.path().join("secret");
         write_private_file(&secret, b"s3cret").unwrap();
         assert_eq!(std::fs::metadata(&secret).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn serials_read_and_typed_agree() {
+        let ca = CertificateAuthority::generate(gd()).unwrap();
+        let id = Identity::new(gd(), Role::Terminal, "gate").unwrap();
+        let leaf = ca
+            .issue(&id, &LeafOptions::for_role(Role::Terminal))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap();
+        let serial = certificate_serial(&der).unwrap();
+        assert!(!serial.is_empty() && !serial.starts_with("00"), "{serial}");
+        let typed: Vec<String> = serial
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap().to_uppercase())
+            .collect();
+        assert_eq!(parse_serial(&typed.join(":")).unwrap(), serial);
+        assert_eq!(parse_serial(&format!("00{serial}")).unwrap(), serial);
+        assert_eq!(parse_serial("abc").unwrap(), "0abc");
+        assert!(parse_serial("xyz").is_err());
+        assert!(parse_serial("").is_err());
+
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
+            / 86_400;
+        assert_eq!(days, 30, "a terminal certificate lives 30 days by default");
     }
 }

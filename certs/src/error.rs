@@ -95,6 +95,11 @@ pub enum CertError {
     )]
     PathLen { max: u32, detail: String },
 
+    #[error(
+        "invalid certificate serial {0:?}: give it in hex, as `hufu certs show` prints it (colons allowed)"
+    )]
+    BadSerial(String),
+
     #[error("peer presented no certificate")]
     NoPeerCertificate,
 

@@ -72,13 +72,25 @@ impl Head {
     }
 }
 
-/// Digest of a province's published keys (JWKS JSON and revoked kids), so a
-/// head tells subscribers when to fetch keys again.
-pub fn keys_digest(jwks_json: &str, revoked: &[String]) -> [u8; 32] {
+/// Digest of what a province publishes with its keys (JWKS JSON, revoked
+/// kids, revoked certificate serials), so a head tells subscribers when to
+/// fetch them again, and lets them check what they fetched against the
+/// province's signature.
+pub fn keys_digest(
+    jwks_json: &str,
+    revoked_kids: &[String],
+    revoked_serials: &[String],
+) -> [u8; 32] {
     let mut input = jwks_json.as_bytes().to_vec();
-    for kid in revoked {
+    for kid in revoked_kids {
         input.push(0);
         input.extend_from_slice(kid.as_bytes());
+    }
+    // A separator no kid contains keeps the two lists apart.
+    input.push(1);
+    for serial in revoked_serials {
+        input.push(0);
+        input.extend_from_slice(serial.as_bytes());
     }
     let mut out = [0u8; 32];
     out.copy_from_slice(digest(&SHA256, &input).as_ref());

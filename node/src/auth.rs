@@ -6,6 +6,8 @@ use hufu_certs::{Identity, Province, Role};
 
 use crate::error::{NodeError, NodeResult};
 use crate::net::PeerInfo;
+use crate::standing::Standing;
+use crate::state::NodeState;
 
 /// The groups of calls a node distinguishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,16 +93,39 @@ pub fn authorize(
     }
 }
 
-/// `caller` + `authorize` in one step, for service handlers.
+/// The connection's peer (identity and certificate serial) of `request`.
+pub fn peer<T>(request: &tonic::Request<T>) -> NodeResult<&PeerInfo> {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .ok_or(NodeError::Unauthenticated)
+}
+
+/// Whether `peer` is still in good standing for a call of `method`: its
+/// province is a member of the trust list in force and its certificate is
+/// not revoked. The handshake checked this once; this is the check on every
+/// call (DESIGN.md, Identities).
+pub fn in_good_standing(
+    standing: &Standing,
+    peer: &PeerInfo,
+    method: &'static str,
+) -> NodeResult<()> {
+    standing
+        .check_peer(peer)
+        .map_err(|why| NodeError::denied(&peer.identity, method, &why.to_string()))
+}
+
+/// Standing + `authorize` in one step, for service handlers.
 pub fn check<T>(
-    own: Province,
+    state: &NodeState,
     request: &tonic::Request<T>,
     method: &'static str,
     access: Access,
 ) -> NodeResult<std::sync::Arc<Identity>> {
-    let identity = caller(request)?;
-    authorize(own, &identity, method, access)?;
-    Ok(identity)
+    let peer = peer(request)?;
+    in_good_standing(&state.standing, peer, method)?;
+    authorize(state.province, &peer.identity, method, access)?;
+    Ok(peer.identity.clone())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use hufu_certs::{LeafOptions, Province, Role};
+use hufu_certs::Province;
 use hufu_proto::v1::admin_service_client::AdminServiceClient;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
@@ -48,7 +48,7 @@ pub enum Command {
     },
     /// Certificates from a province CA.
     #[command(subcommand)]
-    Certs(CertsCommand),
+    Certs(crate::certs_cli::CertsCommand),
     /// Statuses at this province's node (admin certificate).
     #[command(subcommand)]
     Status(StatusCommand),
@@ -119,28 +119,6 @@ pub struct InitArgs {
     /// DNS name or IP the node is reached at (repeatable); default localhost, 127.0.0.1, ::1.
     #[arg(long = "host")]
     pub hosts: Vec<String>,
-}
-
-#[derive(Debug, clap::Subcommand)]
-pub enum CertsCommand {
-    /// Issue a certificate from the province CA in DIR: writes DIR/<role>/<name>.pem and .key.
-    Issue {
-        #[arg(long)]
-        dir: PathBuf,
-        /// node, terminal, admin or auditor.
-        #[arg(long)]
-        role: Role,
-        #[arg(long)]
-        name: String,
-        /// For node certificates: DNS names / IPs (repeatable).
-        #[arg(long = "host")]
-        hosts: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: i64,
-    },
-    /// Print the identity and validity of a certificate file.
-    Show { file: PathBuf },
 }
 
 /// How client commands reach a node. `--config` supplies defaults (endpoint,
@@ -456,7 +434,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("  next:        hufu serve --config {}", config.display());
         }
         Command::Serve { config } => serve(&config).await?,
-        Command::Certs(cmd) => certs(cmd)?,
+        Command::Certs(cmd) => crate::certs_cli::run(cmd)?,
         Command::Status(cmd) => return status(cmd).await,
         Command::Lookup {
             holder,
@@ -542,48 +520,6 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
-
-fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
-    match cmd {
-        CertsCommand::Issue {
-            dir,
-            role,
-            name,
-            hosts,
-            days,
-        } => {
-            let mut opts = if role == Role::Node {
-                LeafOptions::for_node(&hosts)
-            } else {
-                LeafOptions::default()
-            };
-            opts.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
-            let (cert, key) = init::issue_cert(&dir, role, &name, &opts)?;
-            println!(
-                "certificate: {}\nkey:         {} (mode 0600)",
-                cert.display(),
-                key.display()
-            );
-        }
-        CertsCommand::Show { file } => {
-            let pem = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let identity = hufu_certs::Identity::from_cert_der(&der)?;
-            println!("identity: {identity}");
-            println!(
-                "province: {} ({})",
-                identity.province,
-                identity.province.name()
-            );
-            println!("role:     {}", identity.role);
-        }
-    }
-    Ok(())
-}
-
-use rustls::pki_types::pem::PemObject;
 
 fn input(who: &HolderArgs) -> status_input::Subject {
     match (&who.national_id, &who.holder) {

@@ -42,6 +42,11 @@ pub struct NodeConfig {
     /// The chain of trust lists this node has accepted (absent: the node
     /// runs alone, trusting only its own CA and `member_cas`).
     pub trust_dir: PathBuf,
+    /// This province's revoked certificate serials, written by
+    /// `hufu certs revoke`; the node puts changes in force within a second
+    /// and publishes them to the other members.
+    #[serde(default = "default_revoked_certs")]
+    pub revoked_certs: PathBuf,
     #[serde(default)]
     pub federation: FederationConfig,
     #[serde(default)]
@@ -55,6 +60,10 @@ pub struct NodeConfig {
     /// Where this file was loaded from; relative paths hang off its directory.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+fn default_revoked_certs() -> PathBuf {
+    PathBuf::from("ca/revoked.json")
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

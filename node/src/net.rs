@@ -25,6 +25,8 @@ use tonic::transport::server::Connected;
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub identity: Arc<Identity>,
+    /// The serial of the certificate presented, as revocation lists name it.
+    pub serial: Arc<str>,
     pub remote: SocketAddr,
 }
 
@@ -139,12 +141,18 @@ pub fn incoming(
                             .peer_certificates()
                             .ok_or_else(|| "no client certificate".to_string())
                             .and_then(|certs| {
-                                hufu_certs::peer_identity(certs).map_err(|e| e.to_string())
+                                let identity =
+                                    hufu_certs::peer_identity(certs).map_err(|e| e.to_string())?;
+                                // peer_identity found a leaf, so certs[0] exists.
+                                let serial = hufu_certs::certificate_serial(&certs[0])
+                                    .map_err(|e| e.to_string())?;
+                                Ok((identity, serial))
                             });
                         match identity {
-                            Ok(identity) => {
+                            Ok((identity, serial)) => {
                                 let info = PeerInfo {
                                     identity: Arc::new(identity),
+                                    serial: serial.into(),
                                     remote,
                                 };
                                 let _ = tx

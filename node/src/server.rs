@@ -137,6 +137,7 @@ pub async fn start_on(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
+    let standing = state.standing.clone();
     let incoming = net::incoming(
         listener,
         TlsAcceptor::from(tls),
@@ -146,6 +147,12 @@ pub async fn start_on(
         stop.clone(),
         metrics.clone(),
     );
+    // Every connection is watched for its caller's standing: refused now if
+    // revoked or of a province that left, closed later if that happens.
+    let incoming = tokio_stream::StreamExt::filter_map(incoming, move |conn| match conn {
+        Ok(conn) => standing.admit(conn).map(Ok),
+        Err(err) => Some(Err(err)),
+    });
 
     let limit = if limits.max_in_flight == 0 {
         crate::admission::default_limit()
@@ -174,6 +181,12 @@ pub async fn start_on(
     if state.audit.enabled() {
         tokio::spawn(crate::audit::run(state.clone(), stop.clone()));
     }
+
+    tokio::spawn(crate::revocation::watch(
+        state.clone(),
+        config.path(&config.revoked_certs),
+        stop.clone(),
+    ));
 
     // Retired code-signing keys leave the verifier once their codes expire.
     {

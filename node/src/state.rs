@@ -49,7 +49,12 @@ pub struct NodeState {
     pub replicators: Replicators,
     /// Last keys digest seen per province, to know when to fetch keys.
     pub key_digests: Mutex<HashMap<Province, Vec<u8>>>,
-    own_keys_digest: Mutex<[u8; 32]>,
+    /// This province's keys as last published, with the digest its feed
+    /// heads carry: GetJwks answers with exactly what the digest covers.
+    own_published: Mutex<Arc<PublishedKeys>>,
+    /// Who may still be served: members of the trust list, certificates
+    /// not revoked; checked on every call and enforced on open connections.
+    pub standing: Arc<crate::standing::Standing>,
     pub max_replica_age: Duration,
     pub heartbeat: Duration,
     pub batch_changes: usize,
@@ -158,13 +163,18 @@ impl NodeState {
             peers,
             replicators: Replicators::default(),
             key_digests: Mutex::new(HashMap::new()),
-            own_keys_digest: Mutex::new([0; 32]),
+            own_published: Mutex::new(Arc::new(PublishedKeys::default())),
+            standing: crate::standing::Standing::new(config.province),
             max_replica_age: Duration::from_secs(fed.max_replica_age_secs),
             heartbeat: Duration::from_millis(fed.heartbeat_ms.max(10)),
             batch_changes: fed.batch_changes.max(1),
             clock_offset_ms: fed.clock_offset_secs.saturating_mul(1000),
             stop,
         });
+        let revoked = crate::revocation::RevocationList::load(&config.path(&config.revoked_certs))?;
+        state
+            .standing
+            .set_revoked(config.province, revoked.serials());
         state.publish_own_keys();
         if let Some(list) = list {
             state.metrics.trust_version.set(list.version as i64);
@@ -183,26 +193,39 @@ impl NodeState {
     }
 
     /// Hands this province's current public keys to the verifier and
-    /// updates the digest its feed heads announce; called at start, after
-    /// rotation or revocation, and periodically so that retired keys leave
-    /// once their codes have expired.
+    /// publishes them, with its revoked kids and certificate serials, under
+    /// the digest its feed heads announce; called at start, after rotation
+    /// or revocation, and periodically so that retired keys leave once
+    /// their codes have expired.
     pub fn publish_own_keys(&self) {
         let keyring = self.keyring.read().expect("keyring lock");
         let jwks = keyring.jwks(now_unix());
-        let revoked = keyring.revoked_kids();
+        let revoked_kids = keyring.revoked_kids();
         if let Err(err) = self
             .verifier
-            .set_issuer_keys(self.province, &jwks, &revoked)
+            .set_issuer_keys(self.province, &jwks, &revoked_kids)
         {
             tracing::error!(error = %err, "own code-signing keys refused by the verifier");
         }
-        let json = serde_json::to_string(&jwks).unwrap_or_default();
-        *self.own_keys_digest.lock().expect("digest lock") =
-            hufu_federation::feed::keys_digest(&json, &revoked);
+        let jwks_json = serde_json::to_string(&jwks).unwrap_or_default();
+        let revoked_serials = self.standing.revoked(self.province);
+        let digest =
+            hufu_federation::feed::keys_digest(&jwks_json, &revoked_kids, &revoked_serials);
+        *self.own_published.lock().expect("published lock") = Arc::new(PublishedKeys {
+            jwks_json,
+            revoked_kids,
+            revoked_serials,
+            digest,
+        });
     }
 
     pub fn own_keys_digest(&self) -> [u8; 32] {
-        *self.own_keys_digest.lock().expect("digest lock")
+        self.own_published.lock().expect("published lock").digest
+    }
+
+    /// This province's keys as its feed heads announce them.
+    pub fn own_published_keys(&self) -> Arc<PublishedKeys> {
+        self.own_published.lock().expect("published lock").clone()
     }
 
     /// A holder named either by national id (pseudonymised here, never kept)
@@ -229,6 +252,16 @@ impl NodeState {
             )),
         }
     }
+}
+
+/// What a province publishes with its keys; `digest` is signed in its feed
+/// heads.
+#[derive(Debug, Default)]
+pub struct PublishedKeys {
+    pub jwks_json: String,
+    pub revoked_kids: Vec<String>,
+    pub revoked_serials: Vec<String>,
+    pub digest: [u8; 32],
 }
 
 fn pem_cert(pem: &str, what: &str) -> anyhow::Result<CertificateDer<'static>> {

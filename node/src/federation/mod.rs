@@ -118,6 +118,12 @@ impl NodeState {
         self.membership.store(Arc::new(Membership {
             list: Some(list.clone()),
         }));
+        // Callers of provinces that left lose access now, open connections
+        // and feed streams included.
+        self.standing.set_members(Some((
+            list.members.iter().map(|m| m.province).collect(),
+            list.version,
+        )));
         self.reconcile_replicators();
         Ok(())
     }

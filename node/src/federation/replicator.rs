@@ -306,6 +306,16 @@ async fn refresh_keys_if_changed(
             return;
         }
     };
+    // The answer must be what the province signed the digest of in its head.
+    let published = hufu_federation::feed::keys_digest(
+        &reply.jwks_json,
+        &reply.revoked_kids,
+        &reply.revoked_serials,
+    );
+    if published.as_slice() != digest {
+        tracing::debug!(province = %p, "published keys do not match the signed head yet; retrying with the next head");
+        return;
+    }
     let Ok(mut jwks) = serde_json::from_str::<Jwks>(&reply.jwks_json) else {
         tracing::warn!(province = %p, "province published an unreadable JWKS");
         return;
@@ -321,6 +331,13 @@ async fn refresh_keys_if_changed(
         revoked.extend(member.revoked_kids.iter().cloned());
         revoked.sort();
         revoked.dedup();
+    }
+    // Revoked certificates of `p` are refused from now on, here too.
+    if state
+        .standing
+        .set_revoked(p, reply.revoked_serials.iter().cloned())
+    {
+        tracing::warn!(province = %p, revoked = reply.revoked_serials.len(), "certificate revocations of a member put in force");
     }
     match state.verifier.set_issuer_keys(p, &jwks, &revoked) {
         Ok(()) => {

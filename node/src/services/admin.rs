@@ -109,7 +109,7 @@ impl AdminService {
         &self,
         request: Request<PutStatusRequest>,
     ) -> NodeResult<PutStatusResponse> {
-        let caller = check(self.state.province, &request, "PutStatus", Access::Admin)?;
+        let caller = check(&self.state, &request, "PutStatus", Access::Admin)?;
         let input = request
             .into_inner()
             .status
@@ -149,12 +149,7 @@ impl AdminService {
         &self,
         request: Request<Streaming<ImportStatusesRequest>>,
     ) -> NodeResult<ImportStatusesResponse> {
-        let caller = check(
-            self.state.province,
-            &request,
-            "ImportStatuses",
-            Access::Admin,
-        )?;
+        let caller = check(&self.state, &request, "ImportStatuses", Access::Admin)?;
         let mut rows = request.into_inner();
         let mut summary = ImportStatusesResponse::default();
         let mut chunk: Vec<(u64, StatusRecord)> = Vec::with_capacity(IMPORT_CHUNK);
@@ -226,7 +221,7 @@ impl AdminService {
     }
 
     fn get_status(&self, request: Request<GetStatusRequest>) -> NodeResult<GetStatusResponse> {
-        check(self.state.province, &request, "GetStatus", Access::Admin)?;
+        check(&self.state, &request, "GetStatus", Access::Admin)?;
         let holder = match &request.get_ref().subject {
             Some(get_status_request::Subject::NationalId(id)) => {
                 self.state.holder_from(Some(id), None)?
@@ -250,7 +245,7 @@ impl AdminService {
     }
 
     fn issue_code(&self, request: Request<IssueCodeRequest>) -> NodeResult<IssueCodeResponse> {
-        check(self.state.province, &request, "IssueCode", Access::Admin)?;
+        check(&self.state, &request, "IssueCode", Access::Admin)?;
         let req = request.get_ref();
         // The display data is worked out here and signed into the code; the
         // name and id themselves go no further than this function.
@@ -318,7 +313,7 @@ impl AdminService {
     }
 
     fn rotate(&self, request: Request<RotateKeyRequest>) -> NodeResult<RotateKeyResponse> {
-        let caller = check(self.state.province, &request, "RotateKey", Access::Admin)?;
+        let caller = check(&self.state, &request, "RotateKey", Access::Admin)?;
         let alg = request.get_ref().algorithm.trim();
         let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
             .parse()
@@ -344,7 +339,7 @@ impl AdminService {
     }
 
     fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
-        let caller = check(self.state.province, &request, "RevokeKey", Access::Admin)?;
+        let caller = check(&self.state, &request, "RevokeKey", Access::Admin)?;
         let kid = request.into_inner().kid;
         self.state
             .keyring

@@ -56,12 +56,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetCheckpointsRequest>,
     ) -> Result<Response<GetCheckpointsResponse>, Status> {
         metered(&self.state.metrics, "GetCheckpoints", async {
-            check(
-                self.state.province,
-                &request,
-                "GetCheckpoints",
-                Access::Audit,
-            )?;
+            check(&self.state, &request, "GetCheckpoints", Access::Audit)?;
             let after = request.into_inner().after_size;
             let log = &self.state.audit.log;
             let mut checkpoints: Vec<String> = log
@@ -89,7 +84,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetEntriesRequest>,
     ) -> Result<Response<GetEntriesResponse>, Status> {
         metered(&self.state.metrics, "GetEntries", async {
-            check(self.state.province, &request, "GetEntries", Access::Audit)?;
+            check(&self.state, &request, "GetEntries", Access::Audit)?;
             let req = request.into_inner();
             let end = req.end.min(req.start.saturating_add(MAX_ENTRIES));
             let entries = self
@@ -111,12 +106,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetInclusionProofRequest>,
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         metered(&self.state.metrics, "GetInclusionProof", async {
-            check(
-                self.state.province,
-                &request,
-                "GetInclusionProof",
-                Access::Audit,
-            )?;
+            check(&self.state, &request, "GetInclusionProof", Access::Audit)?;
             let req = request.into_inner();
             let hashes = self
                 .state
@@ -136,12 +126,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetConsistencyProofRequest>,
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
         metered(&self.state.metrics, "GetConsistencyProof", async {
-            check(
-                self.state.province,
-                &request,
-                "GetConsistencyProof",
-                Access::Audit,
-            )?;
+            check(&self.state, &request, "GetConsistencyProof", Access::Audit)?;
             let req = request.into_inner();
             let hashes = self
                 .state
@@ -170,12 +155,7 @@ impl WitnessService {
         &self,
         request: Request<AddCheckpointRequest>,
     ) -> Result<AddCheckpointResponse, Status> {
-        let caller = check(
-            self.state.province,
-            &request,
-            "AddCheckpoint",
-            Access::Federation,
-        )?;
+        let caller = check(&self.state, &request, "AddCheckpoint", Access::Federation)?;
         let membership = self.state.membership.load_full();
         let denied = |why: String| NodeError::denied(&caller, "AddCheckpoint", &why);
         if membership.member(caller.province).is_none() {

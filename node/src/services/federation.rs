@@ -23,6 +23,7 @@ use crate::auth::{Access, check};
 use crate::error::{NodeError, NodeResult};
 use crate::federation::holder_match;
 use crate::metrics::metered;
+use crate::net::PeerInfo;
 use crate::state::NodeState;
 use crate::status::now_millis;
 
@@ -42,12 +43,7 @@ impl FederationService {
         &self,
         request: Request<MatchHolderRequest>,
     ) -> NodeResult<MatchHolderResponse> {
-        let caller = check(
-            self.state.province,
-            &request,
-            "MatchHolder",
-            Access::Federation,
-        )?;
+        let caller = check(&self.state, &request, "MatchHolder", Access::Federation)?;
         let req = request.into_inner();
         let holder: HolderId = req
             .holder
@@ -72,9 +68,12 @@ impl FederationService {
 
 type FeedStream = Pin<Box<dyn Stream<Item = Result<SubscribeChangesResponse, Status>> + Send>>;
 
-/// Streams one province's feed to one subscriber until it goes away.
+/// Streams one province's feed to one subscriber until it goes away, or
+/// loses its standing (its province left the trust list, its certificate
+/// was revoked): nothing more is sent to it from then on.
 async fn serve_feed(
     state: Arc<NodeState>,
+    subscriber: PeerInfo,
     p: Province,
     mut after: u64,
     tx: mpsc::Sender<Result<SubscribeChangesResponse, Status>>,
@@ -85,6 +84,13 @@ async fn serve_feed(
     let mut heartbeat = tokio::time::interval(state.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if let Err(err) =
+            crate::auth::in_good_standing(&state.standing, &subscriber, "SubscribeChanges")
+        {
+            tracing::info!(subscriber = %subscriber.identity, "feed stream ended: subscriber no longer in good standing");
+            let _ = tx.send(Err(err.into())).await;
+            return;
+        }
         let batch = if own {
             own_batch(&state, after, max).await
         } else {
@@ -238,11 +244,12 @@ impl federation_service_server::FederationService for FederationService {
     ) -> Result<Response<FeedStream>, Status> {
         metered(&self.state.metrics, "SubscribeChanges", async {
             let caller = check(
-                self.state.province,
+                &self.state,
                 &request,
                 "SubscribeChanges",
                 Access::Federation,
             )?;
+            let subscriber = crate::auth::peer(&request)?.clone();
             let req = request.into_inner();
             let p = Province::parse(&req.issuer)
                 .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
@@ -263,7 +270,13 @@ impl federation_service_server::FederationService for FederationService {
             }
             tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(serve_feed(self.state.clone(), p, req.after_sequence, tx));
+            tokio::spawn(serve_feed(
+                self.state.clone(),
+                subscriber,
+                p,
+                req.after_sequence,
+                tx,
+            ));
             Ok(Response::new(
                 Box::pin(ReceiverStream::new(rx)) as FeedStream
             ))
@@ -276,12 +289,7 @@ impl federation_service_server::FederationService for FederationService {
         request: Request<GetTrustListRequest>,
     ) -> Result<Response<GetTrustListResponse>, Status> {
         metered(&self.state.metrics, "GetTrustList", async {
-            check(
-                self.state.province,
-                &request,
-                "GetTrustList",
-                Access::Federation,
-            )?;
+            check(&self.state, &request, "GetTrustList", Access::Federation)?;
             let after = request.into_inner().after_version;
             let trust = self.state.trust.lock().await;
             let notes = match trust.as_ref() {
@@ -302,13 +310,10 @@ impl federation_service_server::FederationService for FederationService {
         metered(&self.state.metrics, "OfferTrustList", async {
             // Peers gossip; this province's admins install what they signed.
             let caller = crate::auth::caller(&request)?;
+            let peer = crate::auth::peer(&request)?;
+            crate::auth::in_good_standing(&self.state.standing, peer, "OfferTrustList")?;
             if !(caller.role == hufu_certs::Role::Admin && caller.province == self.state.province) {
-                check(
-                    self.state.province,
-                    &request,
-                    "OfferTrustList",
-                    Access::Federation,
-                )?;
+                check(&self.state, &request, "OfferTrustList", Access::Federation)?;
             }
             let note = request.into_inner().note;
             let applied = self.state.offer_trust_list(&note, &caller).await?;

@@ -123,7 +123,7 @@ impl LookupService {
     }
 
     async fn lookup(&self, request: Request<LookupRequest>) -> NodeResult<LookupResponse> {
-        let caller = check(self.state.province, &request, "Lookup", Access::Lookup)?;
+        let caller = check(&self.state, &request, "Lookup", Access::Lookup)?;
         let req = request.into_inner();
         let issuer = self.issuer(&req.issuer)?;
         let holder: HolderId =
@@ -159,7 +159,7 @@ impl LookupService {
         &self,
         request: Request<BatchLookupRequest>,
     ) -> NodeResult<BatchLookupResponse> {
-        let caller = check(self.state.province, &request, "BatchLookup", Access::Lookup)?;
+        let caller = check(&self.state, &request, "BatchLookup", Access::Lookup)?;
         let req = request.into_inner();
         if req.holders.len() > MAX_BATCH {
             return Err(NodeError::invalid_field(
@@ -315,7 +315,7 @@ impl LookupService {
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
-        let caller = check(self.state.province, &request, "Verify", Access::Verify)?;
+        let caller = check(&self.state, &request, "Verify", Access::Verify)?;
         let req = request.into_inner();
         // The national id read from a card is checked first, so that a
         // misread is the terminal's error before anything else happens; it
@@ -435,7 +435,7 @@ impl LookupService {
     }
 
     fn jwks(&self, request: Request<GetJwksRequest>) -> NodeResult<GetJwksResponse> {
-        check(self.state.province, &request, "GetJwks", Access::PublicKeys)?;
+        check(&self.state, &request, "GetJwks", Access::PublicKeys)?;
         let req = request.into_inner();
         if !req.province.is_empty() {
             let p = self.issuer(&req.province)?;
@@ -453,15 +453,16 @@ impl LookupService {
                     jwks_json: serde_json::to_string(&jwks)
                         .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
                     revoked_kids,
+                    revoked_serials: self.state.standing.revoked(p),
                 });
             }
         }
-        let keyring = self.state.keyring.read().expect("keyring lock");
-        let jwks = keyring.jwks(now_unix());
+        // Exactly what this province's feed heads announce the digest of.
+        let own = self.state.own_published_keys();
         Ok(GetJwksResponse {
-            jwks_json: serde_json::to_string(&jwks)
-                .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
-            revoked_kids: keyring.revoked_kids(),
+            jwks_json: own.jwks_json.clone(),
+            revoked_kids: own.revoked_kids.clone(),
+            revoked_serials: own.revoked_serials.clone(),
         })
     }
 }

@@ -136,6 +136,8 @@ impl From<NodeError> for tonic::Status {
     }
 }
 
+pub type NodeResult<T> = Result<T, NodeError>;
+
 /// What a caller is told about an internal failure logged under `reference`.
 pub fn internal_message(reference: &str) -> String {
     format!(
@@ -167,4 +169,3 @@ mod tests {
     }
 }
 
-pub type NodeResult<T> = Result<T, NodeError>;

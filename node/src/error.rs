@@ -168,4 +168,3 @@ mod tests {
         assert_eq!(invalid.message(), "holder id is not base32");
     }
 }
-

@@ -175,6 +175,13 @@ impl NodeState {
         state
             .standing
             .set_revoked(config.province, revoked.serials());
+        // Other members' revocations as last fetched: in force before they
+        // can be fetched again.
+        for (p, serials) in state.store.revoked()? {
+            if p != config.province {
+                state.standing.set_revoked(p, serials);
+            }
+        }
         state.publish_own_keys();
         if let Some(list) = list {
             state.metrics.trust_version.set(list.version as i64);

@@ -11,6 +11,7 @@
 //! | `H` province sequence        | signed `FeedHead` ending a batch (replicas, for relaying) |
 //! | `L` province                 | newest signed `FeedHead` (replicas)     |
 //! | `A` province                 | when the replica was last confirmed (unix ms, this node's clock) |
+//! | `R` province                 | the province's revoked certificate serials (JSON), as last published |
 //!
 //! A head's own time is the issuer's clock. The time a replica's freshness
 //! is measured from (`A`) is that time, but never later than the moment the
@@ -305,6 +306,30 @@ impl Store {
             self.notify(self.own, next.sequence);
         }
         Ok(outcomes)
+    }
+
+    /// Keeps `p`'s revoked certificate serials, so a restart does not
+    /// forget them while `p` cannot be reached.
+    pub fn put_revoked(&self, p: Province, serials: &[String]) -> NodeResult<()> {
+        let json = serde_json::to_vec(serials).map_err(|e| NodeError::Internal(e.to_string()))?;
+        self.tree.insert(key(b'R', p, &[]), json)?;
+        Ok(())
+    }
+
+    /// Every province's revoked certificate serials kept by [`put_revoked`](Self::put_revoked).
+    pub fn revoked(&self) -> NodeResult<Vec<(Province, Vec<String>)>> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([b'R']) {
+            let (k, v) = item?;
+            let code = <[u8; 4]>::try_from(&k[1..5])
+                .map_err(|_| NodeError::Internal("revocation key without a province".into()))?;
+            let p = Province::from_code(u32::from_be_bytes(code))
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            let serials: Vec<String> =
+                serde_json::from_slice(&v).map_err(|e| NodeError::Internal(e.to_string()))?;
+            out.push((p, serials));
+        }
+        Ok(out)
     }
 
     /// When the replica of `p` was last confirmed by a signed head, in unix

@@ -226,5 +226,17 @@ async fn a_revoked_certificate_is_refused_by_every_member_within_seconds() {
     // Other certificates of Guangdong are unaffected.
     let mut fresh = gd.terminal("gate-10").await.unwrap();
     fresh.lookup(lookup(&holders[0], GD)).await.unwrap();
+
+    // Shaanxi restarted while Guangdong is down still refuses them.
+    fed.get_mut(common::province(GD)).stop().await.unwrap();
+    let sn = fed.get_mut(common::province(SN));
+    sn.stop().await.unwrap();
+    sn.start().await.unwrap();
+    if let Ok(channel) = hufu_node::client::connect(&sn.target().unwrap(), &auditor).await {
+        AuditServiceClient::new(channel)
+            .get_checkpoints(GetCheckpointsRequest::default())
+            .await
+            .expect_err("a revoked certificate was forgotten at a restart");
+    }
     fed.stop_all().await.unwrap();
 }

@@ -338,6 +338,9 @@ async fn refresh_keys_if_changed(
         .set_revoked(p, reply.revoked_serials.iter().cloned())
     {
         tracing::warn!(province = %p, revoked = reply.revoked_serials.len(), "certificate revocations of a member put in force");
+        if let Err(err) = state.store.put_revoked(p, &reply.revoked_serials) {
+            tracing::error!(province = %p, error = %err, "revocations not kept on disk; they stay in force until a restart");
+        }
     }
     match state.verifier.set_issuer_keys(p, &jwks, &revoked) {
         Ok(()) => {

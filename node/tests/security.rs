@@ -165,3 +165,66 @@ async fn careless_modes_are_reported_and_a_world_writable_secret_directory_refus
     assert!(!gd.is_running());
     chmod(secret_dir, 0o700);
 }
+
+fn serial_of(path: &Path) -> String {
+    let pem = std::fs::read_to_string(path).unwrap();
+    let der = <rustls::pki_types::CertificateDer<'_> as rustls::pki_types::pem::PemObject>::from_pem_slice(
+        pem.as_bytes(),
+    )
+    .unwrap();
+    hufu_certs::certificate_serial(&der).unwrap()
+}
+
+#[tokio::test]
+async fn a_renewed_terminal_works_and_the_old_certificate_is_refused() {
+    use hufu_node::certs_cli::{CertsCommand, run};
+    let mut running = common::start("440000").await;
+    let gd = &running.province;
+    let holders = common::import_samples(gd, 1).await;
+    run(CertsCommand::Issue {
+        dir: gd.dir.clone(),
+        role: Role::Terminal,
+        name: "gate-7".into(),
+        hosts: vec![],
+        days: None,
+    })
+    .unwrap();
+    let cert = gd.dir.join("terminal/gate-7.pem");
+    let old = hufu_node::client::ClientCert::load(&cert, &cert.with_extension("key")).unwrap();
+    let old_serial = serial_of(&cert);
+
+    run(CertsCommand::Renew {
+        dir: gd.dir.clone(),
+        cert: cert.clone(),
+        days: None,
+        revoke_old: true,
+    })
+    .unwrap();
+    assert_ne!(serial_of(&cert), old_serial);
+    let renewed = hufu_node::client::ClientCert::load(&cert, &cert.with_extension("key")).unwrap();
+    let ask = |cert: hufu_node::client::ClientCert| {
+        let target = gd.target().unwrap();
+        let holder = holders[0].clone();
+        async move {
+            let channel = hufu_node::client::connect(&target, &cert).await.ok()?;
+            hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(channel)
+                .lookup(LookupRequest {
+                    issuer: "440000".into(),
+                    holder,
+                })
+                .await
+                .ok()
+        }
+    };
+    assert!(
+        ask(renewed).await.is_some(),
+        "the renewed certificate is refused"
+    );
+    // The node puts the revocation in force within a second or so.
+    common::eventually(std::time::Duration::from_secs(5), || {
+        let refused = ask(old.clone());
+        async move { refused.await.is_none().then_some(()) }
+    })
+    .await;
+    running.province.stop().await.unwrap();
+}

@@ -21,7 +21,7 @@ async fn verdict(at: &LocalProvince, token: &str) -> Option<i32> {
     let reply = terminal
         .verify(VerifyRequest {
             token: token.to_owned(),
-            policy: None,
+            ..Default::default()
         })
         .await
         .ok()?;
@@ -220,6 +220,7 @@ async fn an_issuer_with_its_clock_ahead_does_not_make_a_dead_replica_look_fresh(
                 require_fresh: true,
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -153,6 +153,7 @@ pub async fn issue_code(province: &LocalProvince, n: u64) -> hufu_proto::v1::Iss
                     .as_str()
                     .to_owned(),
             )),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -78,6 +78,17 @@ pub async fn check(path: &Path) -> Report {
         report.record(Err(anyhow::anyhow!("{p}")));
     }
     report.record(secrets(&config));
+    match crate::preflight::check_permissions(&config) {
+        Ok(warnings) if warnings.is_empty() => {
+            report.record(Ok("private files are readable by their owner only".into()))
+        }
+        Ok(warnings) => {
+            for w in warnings {
+                report.record(Err(anyhow::anyhow!("{w}")));
+            }
+        }
+        Err(err) => report.record(Err(err)),
+    }
     report.record(code_keys(&config));
     report.record(node_identity(&config));
     report.record(handshake(&config).await);

@@ -151,6 +151,13 @@ async fn careless_modes_are_reported_and_a_world_writable_secret_directory_refus
             file.display()
         );
     }
+    // `hufu config check` reports them too.
+    let report = hufu_node::config_check::check(&gd.dir.join("hufu.toml")).await;
+    assert!(
+        report.problems().any(|p| p.contains("chmod 600")),
+        "{:?}",
+        report.findings
+    );
     // Readable by others is a warning: the node still starts.
     gd.start().await.unwrap();
     gd.stop().await.unwrap();

@@ -14,9 +14,10 @@ use base64::engine::general_purpose::STANDARD;
 use hufu_certs::{CertificateAuthority, Identity, Province, Role};
 use hufu_federation::audit::{
     AnswerSource, AuditEntry, AuditError, AuditLog, BatchConfig, Cosignature, EMPTY_ROOT,
-    EntryKind, ExportFormat, Filter, LogSigner, SignedCheckpoint, TreeHash, Witness, WitnessError,
-    export, leaf_hash, log_origin, parse_log_origin, query, verify_consistency, verify_cosignature,
-    verify_dir, verify_inclusion, witness_name, witness_verifier_key,
+    EntryKind, ExportFormat, Filter, LogSigner, SignedCheckpoint, TRUST_ADOPTION_GRACE_SECS,
+    TreeHash, Witness, WitnessError, export, leaf_hash, log_origin, parse_log_origin, query,
+    verify_consistency, verify_cosignature, verify_dir, verify_dir_history, verify_inclusion,
+    witness_name, witness_verifier_key,
 };
 use hufu_federation::codes::Jwks;
 use hufu_federation::holder::{HolderId, HolderSecret, NationalId};
@@ -1125,4 +1126,51 @@ fn witness_names_follow_the_trust_list() {
             s.signer.witness_verifier_key()
         );
     }
+}
+
+#[test]
+fn checkpoints_are_judged_by_the_trust_list_in_force_when_cosigned() {
+    let f = federation();
+    let dir = TempDir::new().unwrap();
+    let (_db, log) = open_log(&dir, "gd");
+    let wdb = sled::open(dir.path().join("witnesses")).unwrap();
+    let sn = Witness::open(wdb.open_tree("sn").unwrap(), Arc::clone(&f.sn.signer));
+    let gd_key = f.gd.signer.verifier_key();
+    // Two checkpoints cosigned by Shaanxi alone (the quorum is 1).
+    let mut last = 0;
+    for size in [10, 20] {
+        append_all(&log, (last..size).map(entry));
+        let mut cp = log.checkpoint(&f.gd.signer).unwrap();
+        let proof = log.consistency_proof(last, size).unwrap();
+        cosign(&mut cp, &gd_key, &[(&sn, last, proof)]);
+        log.publish(&cp, &f.trust).unwrap();
+        last = size;
+    }
+    let out = dir.path().join("fetched");
+    log.export(&out).unwrap();
+    let cosigned = log.published().unwrap()[1].cosignatures()[0].time() as i64;
+
+    // Shaanxi is removed by version 2, issued after it cosigned.
+    let without_sn = |issued_at: i64| {
+        let mut next = f.trust.successor(issued_at);
+        next.remove_member(province("610000")).unwrap();
+        next
+    };
+    let later = without_sn(cosigned + 60);
+    let report = verify_dir_history(&out, &[f.trust.clone(), later.clone()]).unwrap();
+    assert_eq!((report.checkpoints, report.min_cosignatures), (2, 1));
+    // Judged against the newest list alone, the untouched log fails.
+    assert!(
+        verify_error(&out, &later).contains("0 valid cosignatures"),
+        "{}",
+        verify_error(&out, &later)
+    );
+
+    // Removed long before it cosigned, Shaanxi does not count...
+    let earlier = without_sn(cosigned - 2 * TRUST_ADOPTION_GRACE_SECS as i64);
+    let err = verify_dir_history(&out, &[f.trust.clone(), earlier]).unwrap_err();
+    assert!(err.to_string().contains("0 valid cosignatures"), "{err}");
+    // ...but just before, its node may not have adopted the list yet.
+    let just_before = without_sn(cosigned - 60);
+    verify_dir_history(&out, &[f.trust.clone(), just_before]).unwrap();
 }

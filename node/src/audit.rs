@@ -7,15 +7,24 @@
 //! sled database of their own, beside the node's data directory. Handlers
 //! record events with [`NodeAudit::record`]: a push onto the queue of the
 //! library's batching writer; nothing on the hot path waits for the disk.
+//! When that queue is full (a disk slower than the load), the handler waits
+//! for room on the blocking pool, never on the runtime's threads.
+//!
+//! A status change is acknowledged only once its entry is on disk too
+//! ([`NodeAudit::sync`]): the change and its entry live in two databases, so
+//! no single batch covers both, and both are flushed before the reply.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
+use arc_swap::ArcSwapOption;
 use hufu_certs::{Identity, Province};
 use hufu_federation::audit::{
     AnswerSource, AuditEntry, AuditError, AuditLog, Cosignature, EntryKind, LogSigner,
-    SignedCheckpoint, Witness, verify_cosignature, witness_verifier_key,
+    SignedCheckpoint, TryAppendError, Witness, verify_cosignature, witness_verifier_key,
 };
 use hufu_federation::holder::HolderId;
 use hufu_federation::trust::{Member, TrustList};
@@ -37,10 +46,33 @@ const WITNESS_ATTEMPTS: usize = 3;
 /// Checkpoint rounds without quorum in a row before it is logged as a warning.
 const UNPUBLISHED_WARN_AFTER: u32 = 3;
 
+/// The log and the witness of one open audit database.
+struct Parts {
+    log: Arc<AuditLog>,
+    witness: Arc<Witness>,
+}
+
+impl Parts {
+    fn open(path: &Path, signer: Arc<LogSigner>) -> anyhow::Result<Parts> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .with_context(|| format!("cannot open audit storage {}", path.display()))?;
+        Ok(Parts {
+            log: Arc::new(AuditLog::open(db.open_tree(LOG_TREE)?)?),
+            witness: Arc::new(Witness::open(db.open_tree(WITNESS_TREE)?, signer)),
+        })
+    }
+}
+
 /// The audit log, the witness, and what the checkpoint task remembers.
 pub struct NodeAudit {
-    pub log: AuditLog,
-    pub witness: Witness,
+    /// None while the database is reopened after a failed write (sled
+    /// refuses every write after one fails, until it is opened again).
+    parts: ArcSwapOption<Parts>,
+    path: PathBuf,
+    signer: Arc<LogSigner>,
     enabled: bool,
     every: Duration,
     /// Per witnessing province, the size it last cosigned as far as this
@@ -49,19 +81,74 @@ pub struct NodeAudit {
 }
 
 impl NodeAudit {
-    /// Opens the log and the witness in `db`.
+    /// Opens the log and the witness in the sled database at `path`.
     pub fn open(
-        db: &sled::Db,
+        path: &Path,
         signer: Arc<LogSigner>,
         config: &AuditConfig,
     ) -> anyhow::Result<NodeAudit> {
         Ok(NodeAudit {
-            log: AuditLog::open(db.open_tree(LOG_TREE)?)?,
-            witness: Witness::open(db.open_tree(WITNESS_TREE)?, signer),
+            parts: ArcSwapOption::from_pointee(Parts::open(path, signer.clone())?),
+            path: path.to_owned(),
+            signer,
             enabled: config.enabled,
             every: config.checkpoint_every(),
             witnessed: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The log, unless it is being reopened.
+    pub fn log(&self) -> Result<Arc<AuditLog>, AuditError> {
+        self.parts
+            .load()
+            .as_ref()
+            .map(|p| p.log.clone())
+            .ok_or_else(reopening)
+    }
+
+    /// The witness, unless it is being reopened.
+    pub fn witness(&self) -> Result<Arc<Witness>, AuditError> {
+        self.parts
+            .load()
+            .as_ref()
+            .map(|p| p.witness.clone())
+            .ok_or_else(reopening)
+    }
+
+    /// Opens the database again if a write failed on it (the disk was
+    /// full): the log resumes from what is on disk. Called before a status
+    /// change is audited, so the first change once there is room again
+    /// reopens it.
+    pub async fn reopen_if_failed(&self) -> anyhow::Result<()> {
+        let failed = match &*self.parts.load() {
+            Some(parts) => parts.log.is_closed(),
+            None => true,
+        };
+        if !failed {
+            return Ok(());
+        }
+        let mut old = self.parts.swap(None);
+        // Users of the old parts finish their call; the database's lock is
+        // released once the last of them lets go.
+        for _ in 0..100 {
+            match old.map(Arc::try_unwrap) {
+                None | Some(Ok(_)) => {
+                    old = None;
+                    break;
+                }
+                Some(Err(parts)) => old = Some(parts),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if old.is_some() {
+            self.parts.store(old);
+            anyhow::bail!("the audit log is still in use; it is reopened on the next write");
+        }
+        let (path, signer) = (self.path.clone(), self.signer.clone());
+        let parts = tokio::task::spawn_blocking(move || Parts::open(&path, signer)).await??;
+        self.parts.store(Some(Arc::new(parts)));
+        tracing::info!("audit log reopened after a failed write");
+        Ok(())
     }
 
     /// Whether events are recorded (`[audit] enabled`).
@@ -71,20 +158,22 @@ impl NodeAudit {
 
     /// Appends the entry `build` makes, when auditing is on. Never fails the
     /// caller: a refused entry or a stopped writer is logged.
-    pub fn record(&self, build: impl FnOnce() -> AuditEntry) {
+    pub async fn record(&self, build: impl FnOnce() -> AuditEntry) {
         if self.enabled {
-            self.append(build());
+            self.append(build()).await;
         }
     }
 
     /// Appends `entries` (not even made when auditing is off).
-    pub fn record_all(&self, entries: impl IntoIterator<Item = AuditEntry>) {
+    pub async fn record_all(&self, entries: impl IntoIterator<Item = AuditEntry>) {
         if self.enabled {
-            entries.into_iter().for_each(|e| self.append(e));
+            for e in entries {
+                self.append(e).await;
+            }
         }
     }
 
-    fn append(&self, mut entry: AuditEntry) {
+    async fn append(&self, mut entry: AuditEntry) {
         if entry.detail.is_some()
             && let Err(AuditError::BadEntry(reason)) = entry.check()
         {
@@ -93,10 +182,44 @@ impl NodeAudit {
             entry.detail = None;
         }
         let kind = entry.kind;
-        if let Err(err) = self.log.append(entry) {
+        let log = match self.log() {
+            Ok(log) => log,
+            Err(err) => {
+                tracing::error!(kind = kind.as_str(), error = %err, "audit entry not recorded");
+                return;
+            }
+        };
+        let result = match log.try_append(entry) {
+            Ok(()) => Ok(()),
+            Err(TryAppendError::Failed(err)) => Err(err),
+            // The writer is a whole queue behind: wait for room on the
+            // blocking pool. The caller waits; the runtime does not.
+            Err(TryAppendError::Full(entry)) => {
+                tokio::task::spawn_blocking(move || log.append(entry))
+                    .await
+                    .unwrap_or_else(|e| Err(AuditError::Closed(format!("append task: {e}"))))
+            }
+        };
+        if let Err(err) = result {
             tracing::error!(kind = kind.as_str(), error = %err, "audit entry not recorded");
         }
     }
+
+    /// Waits until every entry recorded before is on disk (when auditing is
+    /// on): what an acknowledged status change needs of its entry.
+    pub async fn sync(&self) -> Result<(), AuditError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let log = self.log()?;
+        tokio::task::spawn_blocking(move || log.flush())
+            .await
+            .unwrap_or_else(|e| Err(AuditError::Closed(format!("flush task: {e}"))))
+    }
+}
+
+fn reopening() -> AuditError {
+    AuditError::Closed("the audit log is being reopened after a failed write".into())
 }
 
 /// The answer of a lookup made to a province that did not answer.
@@ -176,22 +299,20 @@ pub async fn run(state: Arc<NodeState>, stop: CancellationToken) {
 /// checkpoint, witnessed by the other members, published on quorum.
 pub async fn checkpoint(state: &Arc<NodeState>, list: &TrustList) -> anyhow::Result<()> {
     let audit = &state.audit;
-    let size = audit.log.size()?;
+    let log = audit.log()?;
+    let size = log.size()?;
     state.metrics.audit_log_size.set(size as i64);
-    let published = audit
-        .log
-        .latest_published()?
-        .map_or(0, |cp| cp.checkpoint().size);
+    let published = log.latest_published()?.map_or(0, |cp| cp.checkpoint().size);
     if size == 0 || size <= published {
         return Ok(());
     }
-    let mut cp = audit.log.checkpoint(&state.log_signer)?;
+    let mut cp = log.checkpoint(&state.log_signer)?;
     let size = cp.checkpoint().size;
     // The witnesses remember what they cosign durably: so must the log,
     // or after a crash it could sign another tree at a size they cosigned.
     // The checkpoint's entries are written; this syncs them.
-    let flushed = state.clone();
-    tokio::task::spawn_blocking(move || flushed.audit.log.flush()).await??;
+    let flushed = log.clone();
+    tokio::task::spawn_blocking(move || flushed.flush()).await??;
 
     let witnesses = list.members.iter().filter(|m| m.province != state.province);
     let cosignatures =
@@ -201,7 +322,7 @@ pub async fn checkpoint(state: &Arc<NodeState>, list: &TrustList) -> anyhow::Res
         cp.add_cosignature(&c)?;
         cosigned += 1;
     }
-    match audit.log.publish(&cp, list) {
+    match log.publish(&cp, list) {
         Ok(()) => {
             state.metrics.audit_published_size.set(size as i64);
             tracing::debug!(size, cosigned, "audit checkpoint published");
@@ -241,8 +362,8 @@ async fn ask_witness(
         Some(old) => old,
         None => state
             .audit
-            .log
-            .latest_published()
+            .log()
+            .and_then(|log| log.latest_published())
             .ok()
             .flatten()
             .map_or(0, |cp| cp.checkpoint().size),
@@ -260,7 +381,11 @@ async fn ask_witness(
                 );
                 return None;
             }
-            let proof = match state.audit.log.consistency_proof(old, size) {
+            let proof = match state
+                .audit
+                .log()
+                .and_then(|log| log.consistency_proof(old, size))
+            {
                 Ok(proof) => proof,
                 Err(err) => {
                     tracing::warn!(province = %p, error = %err, "no consistency proof for the witness");

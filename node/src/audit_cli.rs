@@ -11,7 +11,7 @@ use anyhow::Context;
 use hufu_certs::Province;
 use hufu_federation::audit::{
     DirWriter, EntryKind, ExportFormat, Filter, LogSigner, Record, SignedCheckpoint, TreeHash,
-    Witness, export, query, verify_dir,
+    Witness, export, query, verify_dir_history,
 };
 use hufu_federation::holder::HolderId;
 use hufu_federation::trust::{SignedTrustList, TrustList, TrustStore};
@@ -149,8 +149,9 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::Fetch { out, conn } => fetch(&out, &conn).await?,
         AuditCommand::Verify { dir, trust } => {
-            let list = load_trust(&trust)?;
-            return Ok(match verify_dir(&dir, &list) {
+            let history = load_trust(&trust)?;
+            let list = history.last().expect("at least one version");
+            return Ok(match verify_dir_history(&dir, &history) {
                 Ok(report) => {
                     println!("verified: {report}");
                     ExitCode::SUCCESS
@@ -329,13 +330,18 @@ fn evidence(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The trust list at `path`: a trust directory, its chain checked from the
-/// genesis; or one signed note, checked if it is a genesis.
-fn load_trust(path: &Path) -> anyhow::Result<TrustList> {
+/// The trust lists at `path`, in version order: every version of a trust
+/// directory, its chain checked from the genesis (each checkpoint is judged
+/// against the version in force when it was cosigned); or one signed note,
+/// checked if it is a genesis.
+fn load_trust(path: &Path) -> anyhow::Result<Vec<TrustList>> {
     if path.is_dir() {
         let store = TrustStore::open(path)
             .with_context(|| format!("trust directory {}", path.display()))?;
-        return Ok(store.current().list.clone());
+        return Ok((1..=store.version())
+            .filter_map(|v| store.get(v))
+            .map(|signed| signed.list.clone())
+            .collect());
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -347,11 +353,11 @@ fn load_trust(path: &Path) -> anyhow::Result<TrustList> {
             .with_context(|| format!("trust list {}", path.display()))?;
     } else {
         eprintln!(
-            "note: trust list v{} given alone, so its signatures cannot be checked against the versions before it; pass a trust directory to check the whole chain",
+            "note: trust list v{} given alone, so its signatures cannot be checked against the versions before it, and every checkpoint is judged against it alone; pass a trust directory to check the whole chain",
             signed.list.version
         );
     }
-    Ok(signed.list)
+    Ok(vec![signed.list])
 }
 
 /// One entry for people: tab-separated, absent fields as `-`.

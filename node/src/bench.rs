@@ -709,8 +709,9 @@ impl AuditPair {
             .state
             .clone();
         Ok(tokio::task::spawn_blocking(move || {
-            state.audit.log.flush()?;
-            state.audit.log.size()
+            let log = state.audit.log()?;
+            log.flush()?;
+            log.size()
         })
         .await??)
     }

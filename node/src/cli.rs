@@ -532,30 +532,30 @@ fn input(who: &HolderArgs) -> status_input::Subject {
 async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         StatusCommand::Import { file, format, conn } => {
-            let parsed = import::read_file(&file, format)?;
-            let mut admin = AdminServiceClient::new(conn.channel().await?);
-            let sent = parsed.rows.len();
-            let summary = admin
-                .import_statuses(tokio_stream::iter(parsed.rows))
-                .await
-                .context("import failed")?
-                .into_inner();
-            let local_rejections = parsed.rejected.len();
-            let mut rejected = parsed.rejected;
-            rejected.extend(summary.rejected);
-            rejected.sort_by_key(|r| r.line);
-            for r in &rejected {
-                eprintln!("{}:{}: {}", file.display(), r.line, r.reason);
+            // The header and emptiness are checked before dialling; the rows
+            // are read while they stream.
+            let reader = import::Reader::open(&file, format)?;
+            let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            let channel = conn.channel().await?;
+            let name = file.display().to_string();
+            let outcome = import::send(reader, size, channel, &name).await?;
+            for r in &outcome.rejected {
+                eprintln!("{name}:{}: {}", r.line, r.reason);
             }
-            let total = sent + local_rejections;
+            let unlisted = outcome
+                .rejected_count
+                .saturating_sub(outcome.rejected.len() as u64);
+            if unlisted > 0 {
+                eprintln!(
+                    "{name}: {unlisted} more rejected lines not listed (the first {} are); fix those and run the import again to see the rest",
+                    outcome.rejected.len()
+                );
+            }
             println!(
-                "imported {} of {} rows from {}; {} rejected",
-                summary.accepted,
-                total,
-                file.display(),
-                rejected.len()
+                "imported {} of {} rows from {name}; {} rejected",
+                outcome.accepted, outcome.lines, outcome.rejected_count
             );
-            return Ok(if rejected.is_empty() {
+            return Ok(if outcome.rejected_count == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(2)

@@ -30,5 +30,6 @@ pub mod services;
 pub mod standing;
 pub mod state;
 pub mod status;
+pub mod storage_health;
 pub mod store;
 pub mod surge;

@@ -221,9 +221,10 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {
                 _ = stop.cancelled() => break,

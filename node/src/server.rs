@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
 use crate::config::NodeConfig;
@@ -27,6 +28,10 @@ use crate::services::federation::FederationService;
 use crate::services::lookup::LookupService;
 use crate::state::NodeState;
 
+/// HTTP/2 receive window of a connection (see the h2 frame budget above
+/// its use).
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
 /// A node that is serving. Dropping it does not stop it: call
 /// [`RunningNode::shutdown`].
 pub struct RunningNode {
@@ -37,18 +42,47 @@ pub struct RunningNode {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// How long shutdown waits for calls in flight and background tasks.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
 impl RunningNode {
-    /// Stops accepting, lets calls in flight finish, flushes storage.
+    /// Stops accepting, lets calls in flight finish, waits for every task
+    /// the node started (within [`SHUTDOWN_DEADLINE`]), flushes storage.
+    /// When it returns, the node's storage is closed, or about to be as the
+    /// caller drops nothing else of it: a restart on the same data
+    /// directory can follow at once.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
-        let result = self.task.await.context("server task panicked")?;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+        let result = match tokio::time::timeout_at(deadline, self.task).await {
+            Ok(joined) => joined.context("server task panicked")?,
+            Err(_) => Err(anyhow::anyhow!(
+                "calls in flight did not finish within {SHUTDOWN_DEADLINE:?}"
+            )),
+        };
+        let tasks = &self.state.tasks;
+        tasks.close();
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
+            anyhow::bail!(
+                "{} background tasks did not stop within {SHUTDOWN_DEADLINE:?}; the node's storage stays open until they do",
+                tasks.len()
+            );
+        }
         let state = self.state.clone();
-        match tokio::task::spawn_blocking(move || state.audit.log.flush()).await {
+        match tokio::task::spawn_blocking(move || state.audit.log()?.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::error!(error = %err, "audit log not flushed at shutdown"),
             Err(err) => tracing::error!(error = %err, "audit log flush panicked"),
         }
-        self.state.store.flush().await?;
+        // Every acknowledged write is on disk already: a final flush that
+        // fails (a full disk) loses nothing acknowledged, so it is reported,
+        // not turned into a failed exit.
+        if let Err(err) = self.state.store.flush().await {
+            tracing::warn!(error = %err, "storage not flushed at shutdown; acknowledged writes were flushed before");
+        }
         result
     }
 }
@@ -82,7 +116,8 @@ pub async fn start_on(
     crate::preflight::check(config)?;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
-    let state = NodeState::open(config, metrics.clone(), stop.clone())?;
+    let tasks = TaskTracker::new();
+    let state = NodeState::open(config, metrics.clone(), stop.clone(), tasks.clone())?;
     let tls = hufu_certs::server_config(
         state.anchors.clone(),
         &config.read(&config.node_cert)?,
@@ -91,7 +126,7 @@ pub async fn start_on(
 
     let addr = listener.local_addr()?;
     let metrics_addr = match metrics_listener {
-        Some(l) => Some(metrics::serve(l, metrics.clone(), stop.clone()).await?),
+        Some(l) => Some(metrics::serve(l, metrics.clone(), stop.clone(), &tasks).await?),
         None => None,
     };
 
@@ -163,6 +198,15 @@ pub async fn start_on(
     let router = Server::builder()
         .layer(crate::admission::AdmissionLayer(admission))
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        // h2 closes a connection whose buffered small DATA frames exceed a
+        // budget of half the connection window (`too_many_data_frames`), and
+        // grpcio sends each streamed message in a frame of its own: with
+        // hyper's 1 MiB windows a streamed import died after a few thousand
+        // rows. A stream window of 1/32 of the connection window keeps the
+        // frames one stream can buffer, at 16 bytes or more each, inside
+        // the budget; smaller frames still exhaust it, so floods stay cut off.
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .initial_stream_window_size(Some(CONNECTION_WINDOW / 32))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
@@ -173,14 +217,19 @@ pub async fn start_on(
         .add_service(audit)
         .add_service(witness);
 
-    tokio::spawn(state.clone().gossip(
+    tasks.spawn(state.clone().gossip(
         Duration::from_secs(config.federation.gossip_secs.max(1)),
         stop.clone(),
     ));
 
     if state.audit.enabled() {
-        tokio::spawn(crate::audit::run(state.clone(), stop.clone()));
+        tasks.spawn(crate::audit::run(state.clone(), stop.clone()));
     }
+    tasks.spawn(crate::storage_health::run(
+        state.clone(),
+        health_reporter.clone(),
+        stop.clone(),
+    ));
 
     tokio::spawn(crate::revocation::watch(
         state.clone(),
@@ -192,7 +241,7 @@ pub async fn start_on(
     {
         let state = state.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tokio::select! {

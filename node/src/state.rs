@@ -16,6 +16,7 @@ use hufu_federation::trust::TrustStore;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::audit::NodeAudit;
 use crate::client::ClientCert;
@@ -62,6 +63,9 @@ pub struct NodeState {
     pub clock_offset_ms: i64,
     /// Cancelled when the node shuts down; background tasks watch it.
     pub stop: CancellationToken,
+    /// Every task the node starts, so that shutdown can wait for all of
+    /// them (and for the state and storage locks they hold) to end.
+    pub tasks: TaskTracker,
 }
 
 impl NodeState {
@@ -69,6 +73,7 @@ impl NodeState {
         config: &NodeConfig,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
+        tasks: TaskTracker,
     ) -> anyhow::Result<Arc<NodeState>> {
         let identity = Identity::new(config.province, Role::Node, &config.node_name)?;
         let store = Store::open(&config.path(&config.data_dir), config.province)
@@ -94,23 +99,17 @@ impl NodeState {
         let log_signer = Arc::new(LogSigner::load(&config.path(&config.log_key))?);
         // The audit log has its own database: its batched writes then never
         // contend with status reads and writes on the hot path.
-        let audit_path = config.audit_dir();
-        let audit_db = sled::Config::new()
-            .path(&audit_path)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .with_context(|| format!("cannot open audit storage {}", audit_path.display()))?;
-        let audit = NodeAudit::open(&audit_db, log_signer.clone(), &config.audit)
+        let audit = NodeAudit::open(&config.audit_dir(), log_signer.clone(), &config.audit)
             .context("cannot open the audit log")?;
         metrics
             .audit_conflicts
-            .set(audit.witness.conflicts().unwrap_or_default() as i64);
-        metrics.audit_log_size.set(audit.log.size()? as i64);
+            .set(audit.witness()?.conflicts().unwrap_or_default() as i64);
+        metrics.audit_log_size.set(audit.log()?.size()? as i64);
         // Gauges say what is on disk from the start, not 0 until the next write.
         metrics
             .last_sequence
             .set(*store.watch(config.province).borrow() as i64);
-        if let Some(cp) = audit.log.latest_published()? {
+        if let Some(cp) = audit.log()?.latest_published()? {
             metrics
                 .audit_published_size
                 .set(cp.checkpoint().size as i64);
@@ -170,6 +169,7 @@ impl NodeState {
             batch_changes: fed.batch_changes.max(1),
             clock_offset_ms: fed.clock_offset_secs.saturating_mul(1000),
             stop,
+            tasks,
         });
         let revoked = crate::revocation::RevocationList::load(&config.path(&config.revoked_certs))?;
         state

@@ -20,16 +20,26 @@
 //!
 //! A write is acknowledged, and a replicated batch counted as received, only
 //! after sled has flushed it to disk, so both survive `kill -9`.
+//!
+//! A failed write (a full or failing disk) poisons a sled database: every
+//! later write fails, and the refused write stays readable in its cache. So
+//! the store drops the database at once (reads get `UNAVAILABLE` for the
+//! moment it takes to reopen), refuses writes without touching sled, and
+//! [`Store::keep_writable`] reopens it from disk, where the refused write
+//! never was, and probes it until writes succeed again.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use hufu_certs::Province;
 use hufu_federation::feed::{self, Change, FeedError, GENESIS_HASH, Head};
 use hufu_proto::v1::{FeedHead, StatusRecord, SubscribeChangesResponse};
 use prost::Message;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{NodeError, NodeResult};
 use crate::status::{seconds, supersedes};
@@ -78,9 +88,40 @@ pub enum ApplyError {
     Node(#[from] NodeError),
 }
 
-pub struct Store {
+/// An open sled database and its tree.
+struct Open {
     db: sled::Db,
     tree: sled::Tree,
+}
+
+impl Open {
+    fn at(path: &Path) -> sled::Result<Open> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let tree = db.open_tree("provinces")?;
+        Ok(Open { db, tree })
+    }
+}
+
+/// How often a store that cannot write tries again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Bytes a probe writes: room for a few batches of writes.
+const PROBE_BYTES: usize = 256 * 1024;
+
+pub struct Store {
+    path: PathBuf,
+    /// None while the database is being reopened after a failed write.
+    open: RwLock<Option<Open>>,
+    /// Whether writes are accepted; false from a failed write until a probe
+    /// succeeds. Watched by health reporting.
+    writable: watch::Sender<bool>,
+    /// Woken when a write fails, so that recovery starts at once.
+    failed: Notify,
+    /// Set when the database must be reopened before the next probe.
+    poisoned: AtomicBool,
     own: Province,
     /// Serialises own writes so change numbers are gapless; holds the tail.
     own_writer: tokio::sync::Mutex<Tail>,
@@ -128,14 +169,12 @@ pub fn head_of(h: &FeedHead) -> Result<Head, FeedError> {
 
 impl Store {
     pub fn open(path: &Path, own: Province) -> NodeResult<Store> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        let tree = db.open_tree("provinces")?;
         let store = Store {
-            db,
-            tree,
+            path: path.to_owned(),
+            open: RwLock::new(Some(Open::at(path)?)),
+            writable: watch::channel(true).0,
+            failed: Notify::new(),
+            poisoned: AtomicBool::new(false),
             own,
             own_writer: tokio::sync::Mutex::new(GENESIS),
             replica_writers: Mutex::new(HashMap::new()),
@@ -147,9 +186,141 @@ impl Store {
         Ok(store)
     }
 
+    /// The tree, unless the database is being reopened.
+    fn tree(&self) -> NodeResult<sled::Tree> {
+        match &*self.open.read().expect("store lock") {
+            Some(open) => Ok(open.tree.clone()),
+            None => Err(NodeError::Unavailable(
+                "storage is being reopened after a failed write: retry in a moment".into(),
+            )),
+        }
+    }
+
+    fn db_handle(&self) -> NodeResult<sled::Db> {
+        match &*self.open.read().expect("store lock") {
+            Some(open) => Ok(open.db.clone()),
+            None => Err(NodeError::Unavailable(
+                "storage is being reopened after a failed write: retry in a moment".into(),
+            )),
+        }
+    }
+
+    /// Whether writes are accepted now.
+    pub fn writable(&self) -> bool {
+        *self.writable.borrow()
+    }
+
+    /// Follows [`writable`](Self::writable).
+    pub fn watch_writable(&self) -> watch::Receiver<bool> {
+        self.writable.subscribe()
+    }
+
+    /// The error for a write while the store cannot write.
+    fn refused() -> NodeError {
+        NodeError::Unavailable(
+            "the node cannot write to its disk (full or failing): writes are refused until it can; it retries every second by itself, so free disk space and send the write again".into(),
+        )
+    }
+
+    /// Refuses writes until a probe finds room on the disk again: for
+    /// another component whose write failed on the same disk (the audit
+    /// log). The store's own database is untouched and keeps serving reads.
+    pub fn refuse_writes(&self, error: &dyn std::fmt::Display) {
+        if self.writable.send_replace(false) {
+            tracing::error!(%error, "a write failed: writes are refused until the disk can be written again");
+        }
+        self.failed.notify_one();
+    }
+
+    /// Refuses writes until a probe succeeds, and forgets what the failed
+    /// write left in sled's cache by dropping the database (reopened by
+    /// [`keep_writable`](Self::keep_writable); reads answer `UNAVAILABLE`
+    /// until it is).
+    fn write_failed(&self, error: &dyn std::fmt::Display) {
+        if self.writable.send_replace(false) {
+            tracing::error!(%error, "storage write failed: writes are refused until the disk can be written again");
+        }
+        self.poisoned.store(true, Ordering::SeqCst);
+        let old = self.open.write().expect("store lock").take();
+        // Dropping a database flushes: on the blocking pool, when there is one.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(old))),
+            Err(_) => drop(old),
+        }
+        self.failed.notify_one();
+    }
+
+    /// Watches the store until `stop`: after a failed write, reopens the
+    /// database from disk and probes it every second until a write succeeds,
+    /// then accepts writes again. The change log's tail is read back from
+    /// disk, where the refused write never was.
+    pub async fn keep_writable(&self, stop: CancellationToken) {
+        loop {
+            if self.writable() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.failed.notified() => {}
+                }
+            }
+            let mut tail = self.own_writer.lock().await;
+            match self.probe().await {
+                Ok(()) => match self.own_tail_from_disk() {
+                    Ok(read) => {
+                        *tail = read;
+                        drop(tail);
+                        self.notify(self.own, read.sequence);
+                        self.writable.send_replace(true);
+                        tracing::info!("storage writable again: writes are accepted");
+                        continue;
+                    }
+                    Err(err) => tracing::warn!(error = %err, "storage reopened but unreadable"),
+                },
+                Err(err) => tracing::debug!(error = %err, "storage still cannot write"),
+            }
+            drop(tail);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+            }
+        }
+    }
+
+    /// Writes and syncs a probe file beside the database (not in sled: a
+    /// failed sled write would poison a database that still serves reads),
+    /// then reopens the database if a write failed on it.
+    async fn probe(&self) -> NodeResult<()> {
+        let probe = self.path.join("hufu-probe");
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&probe)?;
+            let written = file
+                .write_all(&[0; PROBE_BYTES])
+                .and_then(|()| file.sync_all());
+            drop(file);
+            std::fs::remove_file(&probe)?;
+            written
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("probe task: {e}")))?
+        .map_err(|e| NodeError::Unavailable(format!("probe write: {e}")))?;
+        if self.poisoned.load(Ordering::SeqCst) || self.open.read().expect("store lock").is_none() {
+            let old = self.open.write().expect("store lock").take();
+            let path = self.path.clone();
+            let reopened = tokio::task::spawn_blocking(move || {
+                drop(old);
+                Open::at(&path)
+            })
+            .await
+            .map_err(|e| NodeError::Internal(format!("reopen task: {e}")))??;
+            *self.open.write().expect("store lock") = Some(reopened);
+            self.poisoned.store(false, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     fn own_tail_from_disk(&self) -> NodeResult<Tail> {
         let prefix = key(b'C', self.own, &[]);
-        match self.tree.scan_prefix(&prefix).next_back() {
+        match self.tree()?.scan_prefix(&prefix).next_back() {
             Some(item) => {
                 let (k, v) = item?;
                 let seq = u64::from_be_bytes(k[5..13].try_into().map_err(|_| {
@@ -170,7 +341,7 @@ impl Store {
 
     /// A holder's current record in province `p` (own or replica).
     pub fn get(&self, p: Province, holder: &str) -> NodeResult<Option<StatusRecord>> {
-        match self.tree.get(key(b'S', p, holder.as_bytes()))? {
+        match self.tree()?.get(key(b'S', p, holder.as_bytes()))? {
             Some(bytes) => Ok(Some(StatusRecord::decode(bytes.as_ref())?)),
             None => Ok(None),
         }
@@ -197,7 +368,7 @@ impl Store {
 
     /// The newest signed head held for a replicated province.
     pub fn latest_head(&self, p: Province) -> NodeResult<Option<FeedHead>> {
-        match self.tree.get(key(b'L', p, &[]))? {
+        match self.tree()?.get(key(b'L', p, &[]))? {
             Some(bytes) => Ok(Some(FeedHead::decode(bytes.as_ref())?)),
             None => Ok(None),
         }
@@ -208,7 +379,7 @@ impl Store {
     pub fn head_after(&self, p: Province, after: u64) -> NodeResult<Option<FeedHead>> {
         let start = key(b'H', p, &(after + 1).to_be_bytes());
         let end = key(b'H', p, &u64::MAX.to_be_bytes());
-        match self.tree.range(start..=end).next() {
+        match self.tree()?.range(start..=end).next() {
             Some(item) => Ok(Some(FeedHead::decode(item?.1.as_ref())?)),
             None => Ok(None),
         }
@@ -228,7 +399,7 @@ impl Store {
         if after >= until {
             return Ok(out);
         }
-        for item in self.tree.range(start..=end).take(max) {
+        for item in self.tree()?.range(start..=end).take(max) {
             let (k, v) = item?;
             let seq = u64::from_be_bytes(k[5..13].try_into().expect("8 bytes"));
             let (hash, record) = decode_entry(&v)?;
@@ -241,7 +412,11 @@ impl Store {
         if seq == 0 {
             return Some(GENESIS_HASH);
         }
-        let v = self.tree.get(key(b'C', p, &seq.to_be_bytes())).ok()??;
+        let v = self
+            .tree()
+            .ok()?
+            .get(key(b'C', p, &seq.to_be_bytes()))
+            .ok()??;
         decode_entry(&v).ok().map(|(h, _)| h)
     }
 
@@ -263,7 +438,17 @@ impl Store {
     /// Writes own-province records, each only if it supersedes what is
     /// stored, appends them to the change log, and returns once durable.
     pub async fn put_many(&self, records: &[StatusRecord]) -> NodeResult<Vec<PutOutcome>> {
-        let mut tail = self.own_writer.lock().await;
+        self.prepare(records).await?.commit().await
+    }
+
+    /// The first half of [`put_many`](Self::put_many): decides each record's
+    /// outcome and holds the change log until [`PendingPut::commit`], so
+    /// that what must be durable before the change (its audit entry) can be.
+    pub async fn prepare(&self, records: &[StatusRecord]) -> NodeResult<PendingPut<'_>> {
+        if !self.writable() {
+            return Err(Self::refused());
+        }
+        let tail = self.own_writer.lock().await;
         let mut next = *tail;
         let mut batch = sled::Batch::default();
         let mut outcomes = Vec::with_capacity(records.len());
@@ -299,27 +484,57 @@ impl Store {
                 sequence: next.sequence,
             });
         }
-        if next != *tail {
-            self.tree.apply_batch(batch)?;
-            self.flush().await?;
-            *tail = next;
-            self.notify(self.own, next.sequence);
+        Ok(PendingPut {
+            store: self,
+            tail,
+            next,
+            batch,
+            outcomes,
+        })
+    }
+
+    /// Applies `batch` without waiting for the disk; on failure, forgets
+    /// it (see [`write_failed`](Self::write_failed)).
+    fn apply(&self, batch: sled::Batch) -> NodeResult<()> {
+        if !self.writable() {
+            return Err(Self::refused());
         }
-        Ok(outcomes)
+        if let Err(err) = self.tree()?.apply_batch(batch) {
+            self.write_failed(&err);
+            return Err(Self::refused());
+        }
+        Ok(())
+    }
+
+    /// Applies `batch` and flushes it; on failure, forgets it (see
+    /// [`write_failed`](Self::write_failed)).
+    async fn write(&self, batch: sled::Batch) -> NodeResult<()> {
+        if !self.writable() {
+            return Err(Self::refused());
+        }
+        let result = match self.tree()?.apply_batch(batch) {
+            Ok(()) => self.flush().await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(err) = result {
+            self.write_failed(&err);
+            return Err(Self::refused());
+        }
+        Ok(())
     }
 
     /// Keeps `p`'s revoked certificate serials, so a restart does not
     /// forget them while `p` cannot be reached.
     pub fn put_revoked(&self, p: Province, serials: &[String]) -> NodeResult<()> {
         let json = serde_json::to_vec(serials).map_err(|e| NodeError::Internal(e.to_string()))?;
-        self.tree.insert(key(b'R', p, &[]), json)?;
+        self.tree()?.insert(key(b'R', p, &[]), json)?;
         Ok(())
     }
 
     /// Every province's revoked certificate serials kept by [`put_revoked`](Self::put_revoked).
     pub fn revoked(&self) -> NodeResult<Vec<(Province, Vec<String>)>> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix([b'R']) {
+        for item in self.tree()?.scan_prefix([b'R']) {
             let (k, v) = item?;
             let code = <[u8; 4]>::try_from(&k[1..5])
                 .map_err(|_| NodeError::Internal("revocation key without a province".into()))?;
@@ -337,7 +552,7 @@ impl Store {
     /// A replica's age is measured from here, not from the head's own time.
     pub fn replica_confirmed(&self, p: Province) -> NodeResult<Option<i64>> {
         Ok(self
-            .tree
+            .tree()?
             .get(key(b'A', p, &[]))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(i64::from_be_bytes))
@@ -420,7 +635,8 @@ impl Store {
             if let Some(at) = confirmed {
                 b.insert(key(b'A', p, &[]), &at.to_be_bytes()[..]);
             }
-            self.tree.apply_batch(b).map_err(NodeError::from)?;
+            // Not flushed: a heartbeat acknowledges nothing.
+            self.apply(b)?;
             return Ok(Applied {
                 new_changes: 0,
                 sequence: tail.sequence,
@@ -463,8 +679,7 @@ impl Store {
         if let Some(at) = confirmed {
             b.insert(key(b'A', p, &[]), &at.to_be_bytes()[..]);
         }
-        self.tree.apply_batch(b).map_err(NodeError::from)?;
-        self.flush().await?;
+        self.write(b).await?;
         self.notify(p, head.sequence);
         Ok(Applied {
             new_changes: new.len(),
@@ -477,16 +692,37 @@ impl Store {
     /// (group commit). A blocking flush on the blocking pool: sled's
     /// `flush_async` can stall when many callers wait on it at once.
     pub async fn flush(&self) -> NodeResult<()> {
-        let db = self.db.clone();
+        let db = self.db_handle()?;
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| NodeError::Internal(format!("flush task: {e}")))??;
         Ok(())
     }
+}
 
-    /// The sled database, for other components that keep their own trees
-    /// (the audit log, the witness).
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+/// Own records whose outcomes are decided, holding the change log: nothing
+/// is written until [`commit`](Self::commit), and dropping it writes nothing.
+pub struct PendingPut<'a> {
+    store: &'a Store,
+    tail: tokio::sync::MutexGuard<'a, Tail>,
+    next: Tail,
+    batch: sled::Batch,
+    outcomes: Vec<PutOutcome>,
+}
+
+impl PendingPut<'_> {
+    /// What each record will be once committed.
+    pub fn outcomes(&self) -> &[PutOutcome] {
+        &self.outcomes
+    }
+
+    /// Writes the changes and returns once they are durable.
+    pub async fn commit(mut self) -> NodeResult<Vec<PutOutcome>> {
+        if self.next != *self.tail {
+            self.store.write(std::mem::take(&mut self.batch)).await?;
+            *self.tail = self.next;
+            self.store.notify(self.store.own, self.next.sequence);
+        }
+        Ok(self.outcomes)
     }
 }

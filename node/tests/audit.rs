@@ -121,14 +121,14 @@ fn state(province: &LocalProvince) -> &Arc<hufu_node::state::NodeState> {
 async fn published_all(province: &LocalProvince) -> u64 {
     let state = state(province).clone();
     let flushed = state.clone();
-    tokio::task::spawn_blocking(move || flushed.audit.log.flush().unwrap())
+    tokio::task::spawn_blocking(move || flushed.audit.log().unwrap().flush().unwrap())
         .await
         .unwrap();
     eventually(Duration::from_secs(10), || {
         let state = state.clone();
         async move {
-            let size = state.audit.log.size().unwrap();
-            let published = state.audit.log.latest_published().unwrap()?;
+            let size = state.audit.log().unwrap().size().unwrap();
+            let published = state.audit.log().unwrap().latest_published().unwrap()?;
             (size > 0 && published.checkpoint().size == size).then_some(size)
         }
     })
@@ -698,7 +698,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .collect();
     for lp in [sn, gd, tj] {
         let flushed = state(lp).clone();
-        tokio::task::spawn_blocking(move || flushed.audit.log.flush().unwrap())
+        tokio::task::spawn_blocking(move || flushed.audit.log().unwrap().flush().unwrap())
             .await
             .unwrap();
         state(lp).store.flush().await.unwrap();
@@ -744,7 +744,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     let origin = "hufu.audit/440000/node-1";
     // SN's witness holds a GD checkpoint it cosigned.
     let have = eventually(Duration::from_secs(10), || async {
-        let cp = state(sn).audit.witness.latest(origin).unwrap()?;
+        let cp = state(sn).audit.witness().unwrap().latest(origin).unwrap()?;
         Some(cp.checkpoint().size)
     })
     .await;
@@ -817,7 +817,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
         .parse()
         .unwrap();
     assert!(conflicts >= 1.0, "{conflicts}");
-    let evidence = state(sn).audit.witness.evidence().unwrap();
+    let evidence = state(sn).audit.witness().unwrap().evidence().unwrap();
     assert_eq!(evidence.len(), 1, "{evidence:?}");
     assert_eq!(evidence[0].origin, origin);
     assert_eq!(evidence[0].offered, fork.note());
@@ -825,7 +825,13 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     assert_eq!(known.checkpoint().size, from);
     // The same fork at the same size as a cosigned checkpoint is a conflict
     // without any proof.
-    let witnessed = state(sn).audit.witness.latest(origin).unwrap().unwrap();
+    let witnessed = state(sn)
+        .audit
+        .witness()
+        .unwrap()
+        .latest(origin)
+        .unwrap()
+        .unwrap();
     let same_size_db = sled::open(scratch.path().join("same-size")).unwrap();
     let same_size = AuditLog::open(same_size_db.open_tree("audit").unwrap()).unwrap();
     for i in 0..witnessed.checkpoint().size {
@@ -848,7 +854,10 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert_eq!(state(sn).audit.witness.evidence().unwrap().len(), 2);
+    assert_eq!(
+        state(sn).audit.witness().unwrap().evidence().unwrap().len(),
+        2
+    );
 
     // Only a province's own nodes may submit its log, and only nodes.
     let tj_node = tj.client_cert(Role::Node, "node-1").unwrap();
@@ -882,7 +891,7 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
     // GD's real history goes on being witnessed: SN's state was not moved
     // by the fork. (Quorum is one: should TJ alone cosign a round, GD's log
     // grows again.)
-    let before = state(gd).audit.log.size().unwrap();
+    let before = state(gd).audit.log().unwrap().size().unwrap();
     let mut admin = gd.admin().await.unwrap();
     let mut cosigned = false;
     for attempt in 0..5 {
@@ -897,7 +906,13 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
             .await
             .unwrap();
         let size = published_all(gd).await;
-        let latest = state(gd).audit.log.latest_published().unwrap().unwrap();
+        let latest = state(gd)
+            .audit
+            .log()
+            .unwrap()
+            .latest_published()
+            .unwrap()
+            .unwrap();
         if latest
             .cosignatures()
             .iter()
@@ -907,7 +922,8 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
             assert_eq!(
                 state(sn)
                     .audit
-                    .witness
+                    .witness()
+                    .unwrap()
                     .latest(origin)
                     .unwrap()
                     .unwrap()
@@ -915,7 +931,10 @@ async fn a_forked_checkpoint_gets_no_cosignature_and_is_kept_as_evidence() {
                     .size,
                 size
             );
-            assert_eq!(state(sn).audit.witness.evidence().unwrap().len(), 2);
+            assert_eq!(
+                state(sn).audit.witness().unwrap().evidence().unwrap().len(),
+                2
+            );
             cosigned = true;
             break;
         }
@@ -957,12 +976,12 @@ async fn alone_a_node_records_but_publishes_nothing_and_auditing_can_be_off() {
     common::import_samples(&off, 3).await;
     for lp in [&alone, &off] {
         let flushed = state(lp).clone();
-        tokio::task::spawn_blocking(move || flushed.audit.log.flush().unwrap())
+        tokio::task::spawn_blocking(move || flushed.audit.log().unwrap().flush().unwrap())
             .await
             .unwrap();
     }
-    assert_eq!(state(&alone).audit.log.size().unwrap(), 3);
-    assert_eq!(state(&off).audit.log.size().unwrap(), 0);
+    assert_eq!(state(&alone).audit.log().unwrap().size().unwrap(), 3);
+    assert_eq!(state(&off).audit.log().unwrap().size().unwrap(), 0);
 
     // Without a trust list there is no witness quorum to publish under.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -99,6 +99,11 @@ async fn acknowledged_statuses_survive_kill_9() {
                             .unwrap_or(100);
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
+                    // Streams opened before the node's SETTINGS arrive can
+                    // be refused unprocessed (REFUSED_STREAM): safe to retry.
+                    Err(e) if format!("{e:?}").contains("REFUSED_STREAM") => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -173,4 +178,266 @@ async fn acknowledged_statuses_survive_kill_9() {
         .await
         .unwrap();
     assert!(exit.success(), "serve exited with {exit:?} after SIGTERM");
+}
+
+/// Runs `hufu` with `args` and returns its exit status and output.
+async fn hufu(args: Vec<std::ffi::OsString>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_hufu"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn acknowledged_changes_keep_their_audit_entries_through_kill_9() {
+    use hufu_federation::audit::{EntryKind, Filter, query};
+    use hufu_node::local::LocalFederation;
+
+    let scratch = tempfile::tempdir().unwrap();
+    let p = common::province("440000");
+    // A federation of one: its checkpoints need no witness, so they are
+    // published at once and `hufu audit verify` can check the whole log.
+    let fed = LocalFederation::init(scratch.path(), &[p], |_| {}).unwrap();
+    let province = fed.get(p);
+    let config = province.dir.join("hufu.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("# [audit]", "[audit]\ncheckpoint_secs = 0.2"),
+    )
+    .unwrap();
+    let target = province.target().unwrap();
+    let cert = province
+        .client_cert(hufu_certs::Role::Admin, "ops")
+        .unwrap();
+
+    let mut child = serve(&config);
+    let client = admin(&target, &cert).await;
+
+    // Eight writers write as fast as they are acknowledged; the node is
+    // killed while they still write. Every acknowledgement is kept.
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let mut client = client.clone();
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let n = w * 1_000_000 + i;
+                let request = PutStatusRequest {
+                    status: Some(common::sample_input(p, n, common::colour_of(n))),
+                };
+                match client.put_status(request).await {
+                    Ok(reply) => acked.lock().unwrap().push(reply.into_inner().sequence),
+                    Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let acknowledged = acked.lock().unwrap().clone();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acknowledged = {
+        // Replies that arrived between the copy and the kill count too.
+        let mut all = acked.lock().unwrap().clone();
+        all.sort();
+        assert!(all.len() >= acknowledged.len());
+        all
+    };
+    assert!(
+        acknowledged.len() > 50,
+        "only {} writes acknowledged",
+        acknowledged.len()
+    );
+
+    // Restarted, the node publishes a checkpoint of everything it holds.
+    let _child = serve(&config);
+    let _ = admin(&target, &cert).await;
+    let dir = scratch.path().join("fetched");
+    let auditor = province
+        .client_cert(hufu_certs::Role::Auditor, "alice")
+        .unwrap();
+    let (cert_file, key_file) = (
+        scratch.path().join("alice.pem"),
+        scratch.path().join("alice.key"),
+    );
+    std::fs::write(&cert_file, &auditor.cert_pem).unwrap();
+    std::fs::write(&key_file, &auditor.key_pem).unwrap();
+    let conn = |args: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        for (flag, path) in [
+            ("--config", &config),
+            ("--cert", &cert_file),
+            ("--key", &key_file),
+        ] {
+            v.extend([flag.into(), path.clone().into_os_string()]);
+        }
+        v
+    };
+    let mut fetched = None;
+    let mut last = String::new();
+    for _ in 0..100 {
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = hufu(conn(&["audit", "fetch", "--out", dir.to_str().unwrap()])).await;
+        let entries = std::fs::read_to_string(dir.join("entries.jsonl")).unwrap_or_default();
+        // Nothing is written after the restart: once two fetches agree,
+        // the newest checkpoint covers the whole log.
+        let count = entries.lines().count();
+        if out.status.success() && fetched == Some(count) {
+            break;
+        }
+        fetched = out.status.success().then_some(count);
+        last = format!(
+            "{} entries; {}{}",
+            entries.lines().count(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        fetched.is_some(),
+        "no checkpoint covering the log after restart: {last}"
+    );
+
+    let trust = province.config.path(&province.config.trust_dir);
+    let out = hufu(vec![
+        "audit".into(),
+        "verify".into(),
+        dir.clone().into_os_string(),
+        "--trust".into(),
+        trust.into_os_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Every acknowledged change number has its status_changed entry.
+    let filter = Filter {
+        kind: Some(EntryKind::StatusChanged),
+        ..Filter::default()
+    };
+    let audited: std::collections::HashSet<u64> = query(&dir, &filter)
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            let detail = r.entry.detail.as_deref()?;
+            detail.rsplit("change ").next()?.parse().ok()
+        })
+        .collect();
+    let missing: Vec<u64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|s| !audited.contains(s))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged changes have no audit entry after kill -9: {:?}",
+        missing.len(),
+        acknowledged.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+#[tokio::test]
+async fn an_import_cut_off_by_kill_9_says_so_and_runs_again_safely() {
+    let scratch = tempfile::tempdir().unwrap();
+    let p = common::province("440000");
+    let dir = scratch.path().join("gd");
+    let mut opts = InitOptions::new(p);
+    opts.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    opts.metrics_listen = None;
+    let config = init_province(&dir, &opts).unwrap();
+    let ca = std::fs::read_to_string(dir.join("ca/ca.pem")).unwrap();
+    let target = Target::with_ca_pem(&opts.listen.to_string(), p, &ca).unwrap();
+    let cert =
+        ClientCert::load(&dir.join("admin/admin.pem"), &dir.join("admin/admin.key")).unwrap();
+    let rows = 20_000u64;
+    let id = |n| hufu_node::sample::national_id(p, n).as_str().to_owned();
+    let mut csv = String::from("national_id,colour,as_of\n");
+    for n in 0..rows {
+        csv.push_str(&format!("{},red,2022-01-10T08:00:00Z\n", id(n)));
+    }
+    let file = scratch.path().join("statuses.csv");
+    std::fs::write(&file, csv).unwrap();
+
+    let mut node = serve(&config);
+    let mut client = admin(&target, &cert).await;
+    let import = {
+        let (file, config) = (file.clone(), config.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_hufu"))
+                .args(["status", "import"])
+                .arg(&file)
+                .arg("--config")
+                .arg(&config)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        }
+    };
+    let cli = import();
+    // Killed once the first thousand rows are in, long before the end.
+    let stored = |n: u64| GetStatusRequest {
+        subject: Some(get_status_request::Subject::NationalId(id(n))),
+    };
+    let mut committed = false;
+    for _ in 0..600 {
+        if client.get_status(stored(999)).await.is_ok() {
+            committed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(committed, "the import did not start");
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rows were sent"), "{stderr}");
+    assert!(
+        stderr.contains("running the same import again is safe"),
+        "{stderr}"
+    );
+
+    // Run again: every row stored, none refused, the first ones unchanged.
+    let _node = serve(&config);
+    let mut client = admin(&target, &cert).await;
+    let cli = import();
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("imported {rows} of {rows} rows")),
+        "{stdout}"
+    );
+    for n in [0, 999, rows - 1] {
+        let record = client.get_status(stored(n)).await.unwrap().into_inner();
+        assert_eq!(record.record.unwrap().colour, Colour::Red as i32);
+    }
 }

@@ -565,3 +565,34 @@ fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarts_in_process_at_once_after_shutdown() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut fed = federation(scratch.path()).await;
+    let holders = common::import_samples(fed.get(p(GD)), 50).await;
+    // Shaanxi replicates Guangdong: feeds, replicators, gossip and
+    // checkpoints all run, and each holds the node's state.
+    eventually(Duration::from_secs(10), || {
+        lookup_colour(fed.get(p(SN)), GD, &holders[49])
+    })
+    .await;
+    for round in 0..5 {
+        for code in [GD, SN] {
+            let province = fed.get_mut(p(code));
+            province.stop().await.unwrap();
+            // At once: the old node's tasks have ended and its storage is
+            // closed, or this start could not take the storage's lock.
+            province
+                .start()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {code} did not restart: {e:#}"));
+        }
+        let (colour, _) = eventually(Duration::from_secs(10), || {
+            lookup_colour(fed.get(p(SN)), GD, &holders[49])
+        })
+        .await;
+        assert_eq!(colour, common::colour_of(49) as i32);
+    }
+    fed.stop_all().await.unwrap();
+}

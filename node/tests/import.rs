@@ -191,3 +191,181 @@ async fn no_national_id_is_stored() {
     }
     assert!(seen > 0, "the data directory holds the imported statuses");
 }
+
+/// Rows the grpcio import streams: a million when asked
+/// (`HUFU_GRPCIO_ROWS=1000000`), fewer by default so the debug build's test
+/// stays near 20 seconds. Past the budget of h2's small-frame check either
+/// way: that was cut off after 1,000 to 11,000 rows.
+fn grpcio_rows() -> u64 {
+    std::env::var("HUFU_GRPCIO_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+}
+
+#[tokio::test]
+async fn a_grpcio_client_streams_a_large_import() {
+    let node = common::start("440000").await;
+    let scratch = node.scratch.path();
+    let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+    let stubs = scratch.join("stubs");
+    std::fs::create_dir_all(&stubs).unwrap();
+    let protoc = tokio::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I", proto])
+        .arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()))
+        .args(["hufu/v1/admin.proto", "hufu/v1/status.proto"])
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot run python3 ({e}): run scripts/test, which sets up grpcio")
+        });
+    assert!(
+        protoc.status.success(),
+        "grpc_tools.protoc failed (run scripts/test, which installs grpcio-tools): {}",
+        String::from_utf8_lossy(&protoc.stderr)
+    );
+    let admin = node
+        .province
+        .client_cert(hufu_certs::Role::Admin, "ops")
+        .unwrap();
+    let (ca, cert, key) = (
+        scratch.join("ca.pem"),
+        scratch.join("ops.pem"),
+        scratch.join("ops.key"),
+    );
+    std::fs::write(&ca, node.province.ca_pem().unwrap()).unwrap();
+    std::fs::write(&cert, &admin.cert_pem).unwrap();
+    std::fs::write(&key, &admin.key_pem).unwrap();
+
+    let rows = grpcio_rows();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/import_rows.py");
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(600),
+        tokio::process::Command::new("python3")
+            .arg(script)
+            .arg(&stubs)
+            .arg(node.province.addr().unwrap().to_string())
+            .args([&ca, &cert, &key])
+            .arg(rows.to_string())
+            .output(),
+    )
+    .await
+    .expect("the import finishes")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "grpcio import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["accepted"], rows, "{summary}");
+    assert_eq!(summary["rejected_count"], 0, "{summary}");
+    eprintln!(
+        "grpcio imported {rows} rows in {:.1} s",
+        summary["seconds"].as_f64().unwrap()
+    );
+    // The last row is stored.
+    let state = &node.province.node.as_ref().unwrap().state;
+    assert_eq!(state.store.last_sequence().await, rows);
+}
+
+/// Runs `hufu status import FILE` against `node`.
+async fn import_file(node: &common::Running, file: std::path::PathBuf) -> std::process::Output {
+    let config = node.province.dir.join("hufu.toml");
+    let addr = node.province.addr().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        hufu()
+            .args(["status", "import"])
+            .arg(&file)
+            .arg("--config")
+            .arg(&config)
+            .args(["--endpoint", &addr])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_import_of_many_bad_rows_is_summarised_and_keeps_the_good_ones() {
+    let node = common::start("440000").await;
+    let p = node.province.province;
+    let id = |n| sample::national_id(p, n).as_str().to_owned();
+    // 80,000 rows the node refuses (a wrong check character): listed in
+    // full, their reasons would outgrow the largest reply.
+    let mut csv = String::from("national_id,colour\n");
+    for n in 0..80_010u64 {
+        let mut national_id = id(n);
+        if n >= 10 {
+            let last = national_id.pop().unwrap();
+            national_id.push(if last == '0' { '1' } else { '0' });
+        }
+        csv.push_str(&format!("{national_id},green\n"));
+    }
+    // One line that is not UTF-8, refused here before sending.
+    let mut bytes = csv.into_bytes();
+    bytes.extend_from_slice(b"\xff\xfe,green\n");
+    let file = node.scratch.path().join("many-bad.csv");
+    std::fs::write(&file, bytes).unwrap();
+
+    let out = import_file(&node, file).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("imported 10 of 80011 rows from") && stdout.contains("; 80001 rejected"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("many-bad.csv:12: national id check character"),
+        "{}",
+        &stderr[..stderr.len().min(500)]
+    );
+    assert!(
+        stderr.contains(
+            "many-bad.csv:80012: byte 0xff at column 1 is not UTF-8: save the file as UTF-8"
+        ),
+        "{}",
+        &stderr[stderr.len().saturating_sub(500)..]
+    );
+    assert!(stderr.contains("79000 more rejected lines not listed"));
+    // Not a terminal: no progress lines.
+    assert!(!stderr.contains("rows sent"));
+
+    let mut admin = node.province.admin().await.unwrap();
+    for n in [0, 9] {
+        let record = admin
+            .get_status(GetStatusRequest {
+                subject: Some(get_status_request::Subject::NationalId(id(n))),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .record
+            .unwrap();
+        assert_eq!(record.colour, Colour::Green as i32);
+    }
+}
+
+#[tokio::test]
+async fn an_empty_file_is_refused_before_dialling() {
+    let scratch = tempfile::tempdir().unwrap();
+    // Nothing listens on this port: an attempt to dial would say so.
+    let endpoint = format!("127.0.0.1:{}", hufu_node::local::free_port().unwrap());
+    for (name, text) in [("empty.csv", ""), ("header.csv", "national_id,colour\n")] {
+        let file = scratch.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let out = hufu()
+            .args(["status", "import"])
+            .arg(&file)
+            .args(["--endpoint", &endpoint, "--province", "440000"])
+            .args(["--ca", "/nonexistent"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("nothing to import"), "{name}: {stderr}");
+    }
+}

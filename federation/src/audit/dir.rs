@@ -194,6 +194,33 @@ impl fmt::Display for Report {
 ///    that checkpoint's root;
 /// 3. the entries end exactly at the last checkpoint.
 pub fn verify_dir(dir: &Path, trust: &TrustList) -> Result<Report, AuditError> {
+    verify_dir_history(dir, std::slice::from_ref(trust))
+}
+
+/// How long after a trust list version was issued a checkpoint may still
+/// have been published under the version before it: members adopt a new
+/// version as it spreads by gossip, not at the instant it is issued.
+pub const TRUST_ADOPTION_GRACE_SECS: u64 = 3600;
+
+/// [`verify_dir`] against a chain of trust list versions (`history`, in
+/// version order, as a trust directory holds them): each checkpoint is
+/// judged against the version in force when it was cosigned, so a member
+/// removed later still counts for the checkpoints it cosigned before.
+///
+/// The version in force is the newest issued at or before the newest
+/// cosignature's timestamp; within [`TRUST_ADOPTION_GRACE_SECS`] of its
+/// issue the version before it is accepted too. Versions never go back:
+/// a checkpoint is never judged against an older version than the one
+/// before it, so a removed member's backdated cosignature cannot make a
+/// checkpoint after the change count.
+pub fn verify_dir_history(dir: &Path, history: &[TrustList]) -> Result<Report, AuditError> {
+    if history.is_empty() {
+        return Err(AuditError::Dir {
+            path: dir.to_owned(),
+            reason: "no trust list to verify against: give the trust list the auditor trusts"
+                .into(),
+        });
+    }
     let numbers = checkpoint_numbers(dir)?;
     let Some(&last) = numbers.last() else {
         return Err(AuditError::Dir {
@@ -206,6 +233,9 @@ pub fn verify_dir(dir: &Path, trust: &TrustList) -> Result<Report, AuditError> {
     let mut heads: Vec<(u64, TreeHash)> = Vec::with_capacity(numbers.len());
     let mut origin: Option<String> = None;
     let mut min_cosignatures = usize::MAX;
+    // The index in `history` of the version the checkpoint before was
+    // judged against.
+    let mut in_force = 0;
     for &n in &numbers {
         let label = format!("checkpoint {n}");
         let path = checkpoint_path(dir, n, "note");
@@ -227,7 +257,8 @@ pub fn verify_dir(dir: &Path, trust: &TrustList) -> Result<Report, AuditError> {
             }
             Some(_) => {}
         }
-        let cosigners = signed.verify_labelled(trust, &label)?;
+        let cosigners;
+        (in_force, cosigners) = judge(&signed, history, in_force, &label)?;
         min_cosignatures = min_cosignatures.min(cosigners.len());
 
         let proof = read_proof(&checkpoint_path(dir, n, "proof"))?;
@@ -312,6 +343,43 @@ pub fn verify_dir(dir: &Path, trust: &TrustList) -> Result<Report, AuditError> {
         root: last_root,
         min_cosignatures,
     })
+}
+
+/// Judges `signed` against the trust list version in force when it was
+/// cosigned (see [`verify_dir_history`]), never one older than `after`
+/// (an index in `history`). Returns the index used and the cosigners.
+fn judge(
+    signed: &SignedCheckpoint,
+    history: &[TrustList],
+    after: usize,
+    label: &str,
+) -> Result<(usize, Vec<Province>), AuditError> {
+    let cosigned = signed
+        .cosignatures()
+        .iter()
+        .map(|c| c.time())
+        .max()
+        .unwrap_or(0);
+    let issued = |i: usize| u64::try_from(history[i].issued_at).unwrap_or(0);
+    let newest_in_force = (0..history.len())
+        .rev()
+        .find(|&i| issued(i) <= cosigned)
+        .unwrap_or(0)
+        .max(after);
+    let mut candidates = vec![newest_in_force];
+    if newest_in_force > after && cosigned < issued(newest_in_force) + TRUST_ADOPTION_GRACE_SECS {
+        candidates.push(newest_in_force - 1);
+    }
+    let mut first_error = None;
+    for i in candidates {
+        match signed.verify_labelled(&history[i], label) {
+            Ok(cosigners) => return Ok((i, cosigners)),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.expect("at least one candidate"))
 }
 
 /// One entry as read from `entries.jsonl`.

@@ -122,6 +122,15 @@ impl Shared {
     }
 }
 
+/// Why [`AuditLog::try_append`] did not queue an entry.
+#[derive(Debug)]
+pub enum TryAppendError {
+    /// The queue is full: the entry, to append again once there is room.
+    Full(AuditEntry),
+    /// The entry is invalid, or the writer has stopped.
+    Failed(AuditError),
+}
+
 /// An append-only Merkle log of [`AuditEntry`]s in a sled tree.
 ///
 /// One `AuditLog` per tree: it is the only writer. Share it with an `Arc`.
@@ -180,20 +189,36 @@ impl AuditLog {
     /// thread. Blocks only while the queue is full. Fails if the entry is
     /// invalid or the writer has stopped.
     pub fn append(&self, entry: impl Into<AuditEntry>) -> Result<(), AuditError> {
-        let entry = entry.into();
-        entry.check()?;
+        self.queue(entry.into(), true).map_err(|e| match e {
+            TryAppendError::Full(_) => unreachable!("a blocking append waits for room"),
+            TryAppendError::Failed(e) => e,
+        })
+    }
+
+    /// [`append`](Self::append) without waiting: a full queue hands the
+    /// entry back, so that async callers can wait for room off their
+    /// runtime's threads.
+    pub fn try_append(&self, entry: impl Into<AuditEntry>) -> Result<(), TryAppendError> {
+        self.queue(entry.into(), false)
+    }
+
+    fn queue(&self, entry: AuditEntry, wait: bool) -> Result<(), TryAppendError> {
+        entry.check().map_err(TryAppendError::Failed)?;
         let shared = &*self.shared;
         let mut queue = shared.lock();
         while queue.failure.is_none() && queue.entries.len() >= shared.limit {
             // Back-pressure: the writer is behind by a whole queue.
             self.wake();
+            if !wait {
+                return Err(TryAppendError::Full(entry));
+            }
             queue = shared
                 .room
                 .wait(queue)
                 .unwrap_or_else(PoisonError::into_inner);
         }
         if let Some(reason) = &queue.failure {
-            return Err(AuditError::Closed(reason.clone()));
+            return Err(TryAppendError::Failed(AuditError::Closed(reason.clone())));
         }
         queue.entries.push_back(entry);
         let queued = queue.entries.len();
@@ -223,6 +248,12 @@ impl AuditLog {
             Ok(Err(reason)) => Err(AuditError::Storage(reason)),
             Err(_) => Err(self.closed()),
         }
+    }
+
+    /// Whether the writer has stopped (after a failed write, or closing):
+    /// appends fail until the log is opened again.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().failure.is_some()
     }
 
     fn wake(&self) {

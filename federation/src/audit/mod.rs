@@ -42,10 +42,10 @@ use hufu_certs::CertError;
 use crate::note::NoteError;
 
 pub use checkpoint::{Checkpoint, Cosignature, SignedCheckpoint, verify_cosignature};
-pub use dir::{DirWriter, Report, verify_dir};
+pub use dir::{DirWriter, Report, TRUST_ADOPTION_GRACE_SECS, verify_dir, verify_dir_history};
 pub use entry::{AnswerSource, AuditEntry, EntryKind, MAX_DETAIL_CHARS};
 pub use key::{LogSigner, log_origin, parse_log_origin, witness_name, witness_verifier_key};
-pub use log::{AuditLog, BatchConfig};
+pub use log::{AuditLog, BatchConfig, TryAppendError};
 pub use proof::{EMPTY_ROOT, leaf_hash, verify_consistency, verify_inclusion};
 pub use query::{ExportFormat, Filter, Record, export, query};
 pub use witness::{Evidence, Witness, WitnessError};

@@ -143,7 +143,8 @@ impl NodeState {
         for m in membership.others(self.province) {
             running.entry(m.province).or_insert_with(|| {
                 let token = self.stop.child_token();
-                tokio::spawn(replicator::run(self.clone(), m.province, token.clone()));
+                self.tasks
+                    .spawn(replicator::run(self.clone(), m.province, token.clone()));
                 token
             });
         }
@@ -172,7 +173,18 @@ impl NodeState {
                 signed.list.version, self.province
             )));
         }
-        let applied = store.apply(signed.clone()).map_err(|e| {
+        // Checking signatures and writing the list's file: on the blocking
+        // pool, with the store lent to it while this task holds the lock.
+        let mut lent = trust.take().expect("checked above");
+        let offered = signed.clone();
+        let (lent, applied) = tokio::task::spawn_blocking(move || {
+            let applied = lent.apply(offered);
+            (lent, applied)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("trust list task: {e}")))?;
+        *trust = Some(lent);
+        let applied = applied.map_err(|e| {
             self.metrics.trust_refused.inc();
             NodeError::FailedPrecondition(e.to_string())
         })?;
@@ -182,20 +194,22 @@ impl NodeState {
             self.metrics.trust_version.set(signed.list.version as i64);
             tracing::info!(version = signed.list.version, "trust list applied");
             let list = &signed.list;
-            self.audit.record(|| {
-                crate::audit::entry(EntryKind::TrustListChanged, from, self.province).with_detail(
-                    format!(
-                        "trust list v{} applied: {} members, threshold {}, witness quorum {}",
-                        list.version,
-                        list.members.len(),
-                        list.threshold,
-                        list.witness_quorum
-                    ),
-                )
-            });
+            self.audit
+                .record(|| {
+                    crate::audit::entry(EntryKind::TrustListChanged, from, self.province)
+                        .with_detail(format!(
+                            "trust list v{} applied: {} members, threshold {}, witness quorum {}",
+                            list.version,
+                            list.members.len(),
+                            list.threshold,
+                            list.witness_quorum
+                        ))
+                })
+                .await;
             let state = self.clone();
             let note = note.to_owned();
-            tokio::spawn(async move { state.push_trust_list(&note).await });
+            self.tasks
+                .spawn(async move { state.push_trust_list(&note).await });
         }
         Ok(applied)
     }
@@ -277,18 +291,20 @@ impl NodeState {
             return Err(format!("province {p} is failing: circuit open"));
         }
         let result = self.ask_endpoints(p, &member.endpoints, holder).await;
-        self.audit.record(|| {
-            let made = crate::audit::about(
-                crate::audit::entry(EntryKind::LookupMade, caller, p),
-                holder,
-            );
-            match &result {
-                Ok(record) => made
-                    .with_answer(crate::audit::answer(record.as_ref()))
-                    .with_source(AnswerSource::Authoritative),
-                Err(_) => made.with_answer(crate::audit::UNREACHABLE),
-            }
-        });
+        self.audit
+            .record(|| {
+                let made = crate::audit::about(
+                    crate::audit::entry(EntryKind::LookupMade, caller, p),
+                    holder,
+                );
+                match &result {
+                    Ok(record) => made
+                        .with_answer(crate::audit::answer(record.as_ref()))
+                        .with_source(AnswerSource::Authoritative),
+                    Err(_) => made.with_answer(crate::audit::UNREACHABLE),
+                }
+            })
+            .await;
         result
     }
 

@@ -29,6 +29,34 @@ use crate::store::PutOutcome;
 /// Import rows stored per transaction (and per flush).
 const IMPORT_CHUNK: usize = 1000;
 
+/// Rejected rows listed in an import's summary at most (the first found);
+/// the summary counts all of them. A file of a million bad rows
+/// then gets a summary of a few tens of KiB, not one past the message limit.
+pub const LISTED_REJECTIONS: usize = 1000;
+
+/// The rejections of one import: the first [`LISTED_REJECTIONS`] found,
+/// and the count of all.
+#[derive(Default)]
+struct Rejections {
+    listed: Vec<ImportRejection>,
+    count: u64,
+}
+
+impl Rejections {
+    fn push(&mut self, line: u64, reason: String) {
+        self.count += 1;
+        if self.listed.len() < LISTED_REJECTIONS {
+            self.listed.push(ImportRejection { line, reason });
+        }
+    }
+
+    fn extend(&mut self, other: Rejections) {
+        self.count += other.count;
+        let room = LISTED_REJECTIONS.saturating_sub(self.listed.len());
+        self.listed.extend(other.listed.into_iter().take(room));
+    }
+}
+
 /// How far in the future an `as_of` may lie (clock skew between systems).
 const MAX_FUTURE_SKEW_SECS: i64 = 300;
 
@@ -92,17 +120,63 @@ impl AdminService {
         })
     }
 
-    /// Audits a stored status change: who, which holder, which colour.
-    fn audit_change(&self, caller: &Identity, record: &StatusRecord) {
-        self.state.audit.record(|| {
-            let reason = Reason::try_from(record.reason).unwrap_or(Reason::Unspecified);
-            audit::about(
-                audit::entry(EntryKind::StatusChanged, caller, self.state.province),
-                &record.holder,
-            )
-            .with_answer(audit::answer(Some(record)))
-            .with_detail(format!("reason {}", reason_name(reason)))
-        });
+    /// Stores own records: their audit entries first, on disk before the
+    /// changes are written, so that no stored change ever lacks its entry
+    /// (`kill -9` between the two leaves an entry of a change that a
+    /// caller saw refused, never the reverse), then the changes.
+    async fn store(
+        &self,
+        caller: &Identity,
+        records: &[StatusRecord],
+    ) -> NodeResult<Vec<PutOutcome>> {
+        let pending = self.state.store.prepare(records).await?;
+        let changed = pending
+            .outcomes()
+            .iter()
+            .zip(records)
+            .filter_map(|(outcome, record)| match outcome {
+                PutOutcome::Applied { sequence } => Some((*sequence, record)),
+                _ => None,
+            });
+        self.audit_changes(caller, changed).await?;
+        pending.commit().await
+    }
+
+    /// Audits status changes about to be stored (who, which holder, which
+    /// colour) and returns once their entries are on disk.
+    async fn audit_changes<'a>(
+        &self,
+        caller: &Identity,
+        records: impl IntoIterator<Item = (u64, &'a StatusRecord)>,
+    ) -> NodeResult<()> {
+        if !self.state.audit.enabled() {
+            return Ok(());
+        }
+        if let Err(err) = self.state.audit.reopen_if_failed().await {
+            return Err(NodeError::Unavailable(format!(
+                "the audit log cannot be written ({err:#}): the change was not stored; free disk space on the node, then send it again"
+            )));
+        }
+        let entries: Vec<_> = records
+            .into_iter()
+            .map(|(sequence, record)| {
+                let reason = Reason::try_from(record.reason).unwrap_or(Reason::Unspecified);
+                audit::about(
+                    audit::entry(EntryKind::StatusChanged, caller, self.state.province),
+                    &record.holder,
+                )
+                .with_answer(audit::answer(Some(record)))
+                .with_detail(format!("reason {}, change {sequence}", reason_name(reason)))
+            })
+            .collect();
+        self.state.audit.record_all(entries).await;
+        self.state.audit.sync().await.map_err(|e| {
+            // The audit log shares the disk: refuse writes until it has room.
+            self.state.store.refuse_writes(&e);
+            NodeError::Unavailable(format!(
+                "the audit entry of the change could not be written ({e}), so the change was not stored: free disk space on the node, then send it again"
+            ))
+        })
     }
 
     async fn put_status(
@@ -117,16 +191,11 @@ impl AdminService {
         let record = self
             .record_from(&input, now_unix())
             .map_err(|e| e.within("status"))?;
-        let outcome = self
-            .state
-            .store
-            .put_many(std::slice::from_ref(&record))
-            .await?;
+        let outcome = self.store(&caller, std::slice::from_ref(&record)).await?;
         let sequence = match outcome.first() {
             Some(PutOutcome::Applied { sequence }) => {
                 self.state.metrics.status_writes.inc();
                 self.state.metrics.last_sequence.set(*sequence as i64);
-                self.audit_change(&caller, &record);
                 *sequence
             }
             Some(PutOutcome::Unchanged) => 0,
@@ -151,71 +220,105 @@ impl AdminService {
     ) -> NodeResult<ImportStatusesResponse> {
         let caller = check(&self.state, &request, "ImportStatuses", Access::Admin)?;
         let mut rows = request.into_inner();
-        let mut summary = ImportStatusesResponse::default();
-        let mut chunk: Vec<(u64, StatusRecord)> = Vec::with_capacity(IMPORT_CHUNK);
         let now = now_unix();
-        while let Some(row) = rows.next().await {
-            // A broken stream ends the import; what was stored so far stays
-            // stored and durable, and the caller sees the error.
-            let row =
-                row.map_err(|s| NodeError::invalid(format!("import stream: {}", s.message())))?;
-            let Some(input) = row.status else {
-                summary.rejected.push(ImportRejection {
-                    line: row.line,
-                    reason: "empty row".into(),
-                });
-                continue;
-            };
-            match self.record_from(&input, now) {
-                Ok(record) => chunk.push((row.line, record)),
-                Err(e) => summary.rejected.push(ImportRejection {
-                    line: row.line,
-                    reason: e.to_string(),
-                }),
+        // Reading and storing overlap: the stream is read into the next
+        // chunk while the one before is written, so a client is never left
+        // waiting on a full flow-control window for two disk syncs. At most
+        // two chunks are held.
+        let (chunks, mut to_store) = tokio::sync::mpsc::channel::<Vec<(u64, StatusRecord)>>(1);
+        let read = async move {
+            let mut rejections = Rejections::default();
+            let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
+            while let Some(row) = rows.next().await {
+                let row = match row {
+                    Ok(row) => row,
+                    Err(s) => return (rejections, Err(format!("import stream: {}", s.message()))),
+                };
+                let Some(input) = row.status else {
+                    rejections.push(row.line, "empty row".into());
+                    continue;
+                };
+                match self.record_from(&input, now) {
+                    Ok(record) => chunk.push((row.line, record)),
+                    Err(e) => rejections.push(row.line, e.to_string()),
+                }
+                if chunk.len() >= IMPORT_CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(IMPORT_CHUNK));
+                    if chunks.send(full).await.is_err() {
+                        // Storing stopped; it says why.
+                        return (rejections, Ok(()));
+                    }
+                }
             }
-            if chunk.len() >= IMPORT_CHUNK {
-                self.store_chunk(&caller, &mut chunk, &mut summary).await?;
+            if !chunk.is_empty() {
+                let _ = chunks.send(chunk).await;
             }
+            (rejections, Ok(()))
+        };
+        let store = async {
+            let mut accepted = 0;
+            let mut stale = Rejections::default();
+            while let Some(mut chunk) = to_store.recv().await {
+                if let Err(e) = self
+                    .store_chunk(&caller, &mut chunk, &mut accepted, &mut stale)
+                    .await
+                {
+                    return (accepted, stale, Err(e.to_string()));
+                }
+            }
+            (accepted, stale, Ok(()))
+        };
+        let ((mut rejections, read), (accepted, stale, stored)) = tokio::join!(read, store);
+        // Whatever ends the import early, the rows stored so far stay
+        // stored and durable; the error says how many, so the operator
+        // knows that running the same file again is safe.
+        if let Err(why) = stored.and(read) {
+            return Err(NodeError::Unavailable(format!(
+                "import stopped after {accepted} rows were stored durably: {why}; running the same import again is safe (rows already stored count as unchanged)"
+            )));
         }
-        self.store_chunk(&caller, &mut chunk, &mut summary).await?;
-        summary.rejected.sort_by_key(|r| r.line);
-        tracing::info!(
-            accepted = summary.accepted,
-            rejected = summary.rejected.len(),
-            "import finished"
-        );
-        Ok(summary)
+        rejections.extend(stale);
+        let mut rejected = rejections.listed;
+        rejected.sort_by_key(|r| r.line);
+        tracing::info!(accepted, rejected = rejections.count, "import finished");
+        Ok(ImportStatusesResponse {
+            accepted,
+            rejected,
+            rejected_count: rejections.count,
+        })
     }
 
     async fn store_chunk(
         &self,
         caller: &Identity,
         chunk: &mut Vec<(u64, StatusRecord)>,
-        summary: &mut ImportStatusesResponse,
+        accepted: &mut u64,
+        rejections: &mut Rejections,
     ) -> NodeResult<()> {
         if chunk.is_empty() {
             return Ok(());
         }
         let records: Vec<StatusRecord> = chunk.iter().map(|(_, r)| r.clone()).collect();
-        let outcomes = self.state.store.put_many(&records).await?;
-        for ((line, record), outcome) in chunk.iter().zip(outcomes) {
+        let outcomes = self.store(caller, &records).await?;
+        let mut stored = 0;
+        for ((line, _), outcome) in chunk.iter().zip(outcomes) {
             match outcome {
                 PutOutcome::Applied { sequence } => {
-                    self.audit_change(caller, record);
-                    summary.accepted += 1;
+                    stored += 1;
                     self.state.metrics.status_writes.inc();
                     self.state.metrics.last_sequence.set(sequence as i64);
                 }
-                PutOutcome::Unchanged => summary.accepted += 1,
-                PutOutcome::Stale { stored_as_of } => summary.rejected.push(ImportRejection {
-                    line: *line,
-                    reason: format!(
+                PutOutcome::Unchanged => stored += 1,
+                PutOutcome::Stale { stored_as_of } => rejections.push(
+                    *line,
+                    format!(
                         "stored status is newer (as_of {})",
                         format_time(stored_as_of)
                     ),
-                }),
+                ),
             }
         }
+        *accepted += stored;
         chunk.clear();
         Ok(())
     }
@@ -312,49 +415,75 @@ impl AdminService {
         })
     }
 
-    fn rotate(&self, request: Request<RotateKeyRequest>) -> NodeResult<RotateKeyResponse> {
+    async fn rotate(&self, request: Request<RotateKeyRequest>) -> NodeResult<RotateKeyResponse> {
         let caller = check(&self.state, &request, "RotateKey", Access::Admin)?;
         let alg = request.get_ref().algorithm.trim();
         let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
             .parse()
             .map_err(|e| NodeError::invalid_field("algorithm", format!("{e}")))?;
-        let (kid, previous) = {
-            let mut keyring = self.state.keyring.write().expect("keyring lock");
+        // Key generation and the key files' writes, under the keyring's
+        // lock: on the blocking pool, not the runtime's threads.
+        let state = self.state.clone();
+        let (kid, previous) = blocking(move || {
+            let mut keyring = state.keyring.write().expect("keyring lock");
             let previous = keyring.active_kid().to_owned();
             let kid = keyring
                 .rotate(alg)
                 .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))?;
-            (kid, previous)
-        };
-        self.state.publish_own_keys();
+            drop(keyring);
+            state.publish_own_keys();
+            Ok((kid, previous))
+        })
+        .await?;
         tracing::info!(%kid, %previous, "code-signing key rotated");
-        self.state.audit.record(|| {
-            audit::entry(EntryKind::KeyRotated, &caller, self.state.province)
-                .with_detail(format!("new kid {kid}, previous kid {previous}"))
-        });
+        self.state
+            .audit
+            .record(|| {
+                audit::entry(EntryKind::KeyRotated, &caller, self.state.province)
+                    .with_detail(format!("new kid {kid}, previous kid {previous}"))
+            })
+            .await;
         Ok(RotateKeyResponse {
             kid,
             previous_kid: previous,
         })
     }
 
-    fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
+    async fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
         let caller = check(&self.state, &request, "RevokeKey", Access::Admin)?;
         let kid = request.into_inner().kid;
-        self.state
-            .keyring
-            .write()
-            .expect("keyring lock")
-            .revoke(&kid)
-            .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
-        self.state.publish_own_keys();
+        let state = self.state.clone();
+        let revoked = kid.clone();
+        blocking(move || {
+            state
+                .keyring
+                .write()
+                .expect("keyring lock")
+                .revoke(&revoked)
+                .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
+            state.publish_own_keys();
+            Ok(())
+        })
+        .await?;
         tracing::warn!(%kid, "code-signing key revoked");
-        self.state.audit.record(|| {
-            audit::entry(EntryKind::KeyRevoked, &caller, self.state.province)
-                .with_detail(format!("kid {kid}"))
-        });
+        self.state
+            .audit
+            .record(|| {
+                audit::entry(EntryKind::KeyRevoked, &caller, self.state.province)
+                    .with_detail(format!("kid {kid}"))
+            })
+            .await;
         Ok(RevokeKeyResponse {})
     }
+}
+
+/// Runs `work` (disk, key generation) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> NodeResult<T> + Send + 'static,
+) -> NodeResult<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| NodeError::Internal(format!("blocking task: {e}")))?
 }
 
 #[tonic::async_trait]
@@ -404,7 +533,7 @@ impl admin_service_server::AdminService for AdminService {
         request: Request<RotateKeyRequest>,
     ) -> Result<Response<RotateKeyResponse>, Status> {
         metered(&self.state.metrics, "RotateKey", async {
-            Ok(Response::new(self.rotate(request)?))
+            Ok(Response::new(self.rotate(request).await?))
         })
         .await
     }
@@ -414,7 +543,7 @@ impl admin_service_server::AdminService for AdminService {
         request: Request<RevokeKeyRequest>,
     ) -> Result<Response<RevokeKeyResponse>, Status> {
         metered(&self.state.metrics, "RevokeKey", async {
-            Ok(Response::new(self.revoke(request)?))
+            Ok(Response::new(self.revoke(request).await?))
         })
         .await
     }

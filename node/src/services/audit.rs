@@ -58,7 +58,7 @@ impl audit_service_server::AuditService for AuditService {
         metered(&self.state.metrics, "GetCheckpoints", async {
             check(&self.state, &request, "GetCheckpoints", Access::Audit)?;
             let after = request.into_inner().after_size;
-            let log = &self.state.audit.log;
+            let log = self.state.audit.log().map_err(status)?;
             let mut checkpoints: Vec<String> = log
                 .published()
                 .map_err(status)?
@@ -90,8 +90,8 @@ impl audit_service_server::AuditService for AuditService {
             let entries = self
                 .state
                 .audit
-                .log
-                .entries(req.start, end)
+                .log()
+                .and_then(|log| log.entries(req.start, end))
                 .map_err(status)?
                 .into_iter()
                 .map(|(index, entry)| AuditLogEntry { index, entry })
@@ -111,8 +111,8 @@ impl audit_service_server::AuditService for AuditService {
             let hashes = self
                 .state
                 .audit
-                .log
-                .inclusion_proof(req.index, req.tree_size)
+                .log()
+                .and_then(|log| log.inclusion_proof(req.index, req.tree_size))
                 .map_err(status)?;
             Ok(Response::new(GetInclusionProofResponse {
                 hashes: proof(hashes),
@@ -131,8 +131,8 @@ impl audit_service_server::AuditService for AuditService {
             let hashes = self
                 .state
                 .audit
-                .log
-                .consistency_proof(req.old_size, req.new_size)
+                .log()
+                .and_then(|log| log.consistency_proof(req.old_size, req.new_size))
                 .map_err(status)?;
             Ok(Response::new(GetConsistencyProofResponse {
                 hashes: proof(hashes),
@@ -210,7 +210,8 @@ impl WitnessService {
         let result = tokio::task::spawn_blocking(move || {
             state
                 .audit
-                .witness
+                .witness()
+                .map_err(|e| WitnessError::Storage(e.to_string()))?
                 .witness(&note, &log_key, old_size, &proof)
         })
         .await
@@ -222,7 +223,13 @@ impl WitnessService {
                 add_checkpoint_response::Outcome::WitnessSize(have)
             }
             Err(err) if err.is_conflict() => {
-                let conflicts = self.state.audit.witness.conflicts().unwrap_or(u64::MAX);
+                let conflicts = self
+                    .state
+                    .audit
+                    .witness()
+                    .ok()
+                    .and_then(|w| w.conflicts().ok())
+                    .unwrap_or(u64::MAX);
                 self.state.metrics.audit_conflicts.set(conflicts as i64);
                 tracing::error!(
                     %caller,

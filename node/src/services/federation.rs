@@ -270,7 +270,7 @@ impl federation_service_server::FederationService for FederationService {
             }
             tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(serve_feed(
+            self.state.tasks.spawn(serve_feed(
                 self.state.clone(),
                 subscriber,
                 p,

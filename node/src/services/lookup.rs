@@ -134,16 +134,19 @@ impl LookupService {
                 })?;
         let (record, provenance) = self.answer(&caller, issuer, holder.as_str()).await?;
         if self.cross_province(&caller, issuer) {
-            self.state.audit.record(|| {
-                audit::answered(
-                    EntryKind::LookupServed,
-                    &caller,
-                    issuer,
-                    holder.as_str(),
-                    audit::answer(record.as_ref()),
-                    Some(provenance.source),
-                )
-            });
+            self.state
+                .audit
+                .record(|| {
+                    audit::answered(
+                        EntryKind::LookupServed,
+                        &caller,
+                        issuer,
+                        holder.as_str(),
+                        audit::answer(record.as_ref()),
+                        Some(provenance.source),
+                    )
+                })
+                .await;
         }
         let record = record.ok_or_else(|| NodeError::HolderNotFound {
             issuer,
@@ -182,18 +185,26 @@ impl LookupService {
             } else {
                 match self.forward_batch(&caller, p, &req.holders).await {
                     Ok(reply) => {
-                        self.state.audit.record_all(
-                            reply.entries.iter().filter(|e| answered(e)).map(|e| {
-                                audit::answered(
-                                    EntryKind::LookupServed,
-                                    &caller,
-                                    p,
-                                    &e.holder,
-                                    audit::answer(e.record.as_ref()),
-                                    Some(Source::Authoritative as i32),
-                                )
-                            }),
-                        );
+                        self.state
+                            .audit
+                            .record_all(
+                                reply
+                                    .entries
+                                    .iter()
+                                    .filter(|e| answered(e))
+                                    .map(|e| {
+                                        audit::answered(
+                                            EntryKind::LookupServed,
+                                            &caller,
+                                            p,
+                                            &e.holder,
+                                            audit::answer(e.record.as_ref()),
+                                            Some(Source::Authoritative as i32),
+                                        )
+                                    })
+                                    .collect::<Vec<_>>(),
+                            )
+                            .await;
                         return Ok(reply);
                     }
                     Err(why) => {
@@ -203,42 +214,57 @@ impl LookupService {
                 }
             }
         };
-        let mut entries = Vec::with_capacity(req.holders.len());
-        for holder in req.holders {
-            let entry = match holder.parse::<HolderId>() {
-                Err(e) => BatchEntry {
-                    holder,
-                    record: None,
-                    error: e.to_string(),
-                },
-                Ok(id) => match self.state.store.get(p, id.as_str())? {
-                    Some(record) => BatchEntry {
-                        holder,
-                        record: Some(record),
-                        error: String::new(),
-                    },
-                    None => BatchEntry {
+        // Up to a thousand sled reads: on the blocking pool, so that a slow
+        // disk slows this batch, not the threads that shed load.
+        let state = self.state.clone();
+        let entries = tokio::task::spawn_blocking(move || {
+            let mut entries = Vec::with_capacity(req.holders.len());
+            for holder in req.holders {
+                let entry = match holder.parse::<HolderId>() {
+                    Err(e) => BatchEntry {
                         holder,
                         record: None,
-                        error: NO_STATUS.into(),
+                        error: e.to_string(),
                     },
-                },
-            };
-            entries.push(entry);
-        }
+                    Ok(id) => match state.store.get(p, id.as_str())? {
+                        Some(record) => BatchEntry {
+                            holder,
+                            record: Some(record),
+                            error: String::new(),
+                        },
+                        None => BatchEntry {
+                            holder,
+                            record: None,
+                            error: NO_STATUS.into(),
+                        },
+                    },
+                };
+                entries.push(entry);
+            }
+            Ok::<_, NodeError>(entries)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("batch lookup task: {e}")))??;
         if self.cross_province(&caller, p) {
             self.state
                 .audit
-                .record_all(entries.iter().filter(|e| answered(e)).map(|e| {
-                    audit::answered(
-                        EntryKind::LookupServed,
-                        &caller,
-                        p,
-                        &e.holder,
-                        audit::answer(e.record.as_ref()),
-                        Some(provenance.source),
-                    )
-                }));
+                .record_all(
+                    entries
+                        .iter()
+                        .filter(|e| answered(e))
+                        .map(|e| {
+                            audit::answered(
+                                EntryKind::LookupServed,
+                                &caller,
+                                p,
+                                &e.holder,
+                                audit::answer(e.record.as_ref()),
+                                Some(provenance.source),
+                            )
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .await;
         }
         Ok(BatchLookupResponse {
             entries,
@@ -292,24 +318,27 @@ impl LookupService {
         let made = |holder: &str, answer: &str, source| {
             audit::answered(EntryKind::LookupMade, caller, p, holder, answer, source)
         };
-        match &result {
-            Ok(reply) => {
-                self.state
-                    .audit
-                    .record_all(reply.entries.iter().filter(|e| answered(e)).map(|e| {
+        if self.state.audit.enabled() {
+            let entries: Vec<_> = match &result {
+                Ok(reply) => reply
+                    .entries
+                    .iter()
+                    .filter(|e| answered(e))
+                    .map(|e| {
                         made(
                             &e.holder,
                             audit::answer(e.record.as_ref()),
                             Some(Source::Authoritative as i32),
                         )
-                    }))
-            }
-            Err(_) => self.state.audit.record_all(
-                holders
+                    })
+                    .collect(),
+                Err(_) => holders
                     .iter()
                     .filter(|h| h.parse::<HolderId>().is_ok())
-                    .map(|h| made(h, audit::UNREACHABLE, None)),
-            ),
+                    .map(|h| made(h, audit::UNREACHABLE, None))
+                    .collect(),
+            };
+            self.state.audit.record_all(entries).await;
         }
         result
     }
@@ -335,7 +364,7 @@ impl LookupService {
         {
             Ok(code) => code,
             Err(verdict) => {
-                self.audit_refusal(&caller, &req.token, &verdict);
+                self.audit_refusal(&caller, &req.token, &verdict).await;
                 return Ok(refusal(&verdict));
             }
         };
@@ -367,33 +396,36 @@ impl LookupService {
         };
         let (policy_met, reason) = evaluate(req.policy.as_ref(), &status, &provenance, now);
         if self.cross_province(&caller, code.issuer) {
-            self.state.audit.record(|| {
-                let e = audit::answered(
-                    EntryKind::VerifyServed,
-                    &caller,
-                    code.issuer,
-                    &claims.sub,
-                    audit::answer(Some(&status)),
-                    Some(source),
-                );
-                let policy = match (&req.policy, policy_met) {
-                    (None, _) => None,
-                    (Some(_), true) => Some("policy met"),
-                    (Some(_), false) => Some("policy not met"),
-                };
-                // Only that a match was asked and its outcome.
-                let matched = match holder_match {
-                    HolderMatch::Unspecified => None,
-                    HolderMatch::True => Some("holder match true"),
-                    HolderMatch::False => Some("holder match false"),
-                    HolderMatch::Unknown => Some("holder match unknown"),
-                };
-                match (policy, matched) {
-                    (None, None) => e,
-                    (Some(d), None) | (None, Some(d)) => e.with_detail(d),
-                    (Some(p), Some(m)) => e.with_detail(format!("{p}; {m}")),
-                }
-            });
+            self.state
+                .audit
+                .record(|| {
+                    let e = audit::answered(
+                        EntryKind::VerifyServed,
+                        &caller,
+                        code.issuer,
+                        &claims.sub,
+                        audit::answer(Some(&status)),
+                        Some(source),
+                    );
+                    let policy = match (&req.policy, policy_met) {
+                        (None, _) => None,
+                        (Some(_), true) => Some("policy met"),
+                        (Some(_), false) => Some("policy not met"),
+                    };
+                    // Only that a match was asked and its outcome.
+                    let matched = match holder_match {
+                        HolderMatch::Unspecified => None,
+                        HolderMatch::True => Some("holder match true"),
+                        HolderMatch::False => Some("holder match false"),
+                        HolderMatch::Unknown => Some("holder match unknown"),
+                    };
+                    match (policy, matched) {
+                        (None, None) => e,
+                        (Some(d), None) | (None, Some(d)) => e.with_detail(d),
+                        (Some(p), Some(m)) => e.with_detail(format!("{p}; {m}")),
+                    }
+                })
+                .await;
         }
         Ok(VerifyResponse {
             verdict: Verdict::Valid as i32,
@@ -411,7 +443,7 @@ impl LookupService {
 
     /// Audits a refused code that claims another province as its issuer,
     /// under the claims it carries (unverified, and said so).
-    fn audit_refusal(&self, caller: &Identity, token: &str, verdict: &CodeVerdict) {
+    async fn audit_refusal(&self, caller: &Identity, token: &str, verdict: &CodeVerdict) {
         if !self.state.audit.enabled() {
             return;
         }
@@ -421,17 +453,20 @@ impl LookupService {
         if !self.cross_province(caller, issuer) {
             return;
         }
-        self.state.audit.record(|| {
-            audit::answered(
-                EntryKind::VerifyServed,
-                caller,
-                issuer,
-                &holder,
-                verdict.label(),
-                None,
-            )
-            .with_detail("code refused; issuer and holder as claimed, unverified")
-        });
+        self.state
+            .audit
+            .record(|| {
+                audit::answered(
+                    EntryKind::VerifyServed,
+                    caller,
+                    issuer,
+                    &holder,
+                    verdict.label(),
+                    None,
+                )
+                .with_detail("code refused; issuer and holder as claimed, unverified")
+            })
+            .await;
     }
 
     fn jwks(&self, request: Request<GetJwksRequest>) -> NodeResult<GetJwksResponse> {

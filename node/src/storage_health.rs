@@ -1,0 +1,44 @@
+//! Keeps the node's storage writable and says when it is not: after a
+//! failed write (a full disk), the store reopens and probes itself until
+//! writes succeed again, and meanwhile gRPC health reports `NOT_SERVING`
+//! for the whole node (the empty service name) and for the admin API that
+//! writes, while lookups keep answering from what is stored.
+
+use std::sync::Arc;
+
+use hufu_proto::v1::admin_server::AdminServer;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::services::admin::AdminService;
+use crate::state::NodeState;
+
+/// Runs until `stop`.
+pub async fn run(state: Arc<NodeState>, health: HealthReporter, stop: CancellationToken) {
+    let mut writable = state.store.watch_writable();
+    let report = async {
+        loop {
+            let status = if *writable.borrow_and_update() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+            health
+                .set_service_status(
+                    <AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            if writable.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = report => {}
+        _ = state.store.keep_writable(stop.clone()) => {}
+    }
+}

@@ -1,0 +1,211 @@
+//! A full disk, for real: the node's storage on an 8 MiB tmpfs, filled up
+//! while the node runs. A refused write is never visible, health says
+//! NOT_SERVING while nothing can be written, the node writes again by
+//! itself once there is room, and it stops cleanly while the disk is full.
+//! Needs root (to mount the tmpfs): without it the test fails, loudly.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hufu_certs::Province;
+use hufu_node::local::LocalProvince;
+use hufu_proto::v1::{Colour, GetStatusRequest, PutStatusRequest, get_status_request};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// An 8 MiB tmpfs mounted for the test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("cannot run mount");
+        assert!(
+            out.status.success(),
+            "THIS TEST NEEDS ROOT: cannot mount an 8 MiB tmpfs at {} to fill a disk for real ({}); run it as root",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: files a failed test left open do not keep it mounted.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes a filler file until the disk is full.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        if file.write_all(&block).is_err() {
+            break;
+        }
+    }
+    // Byte by byte to the very end.
+    while file.write_all(&[0]).is_ok() {}
+    path
+}
+
+fn national_id(p: Province, n: u64) -> String {
+    hufu_node::sample::national_id(p, n).as_str().to_owned()
+}
+
+async fn put(province: &LocalProvince, n: u64) -> Result<u64, tonic::Status> {
+    let mut admin = province.admin().await.unwrap();
+    admin
+        .put_status(PutStatusRequest {
+            status: Some(common::sample_input(province.province, n, Colour::Red)),
+        })
+        .await
+        .map(|r| r.into_inner().sequence)
+}
+
+/// Whether holder `n` has a status: None while the store cannot be read
+/// (reopening after its own write failed, on a disk still full).
+async fn stored(province: &LocalProvince, n: u64) -> Option<bool> {
+    let mut admin = province.admin().await.unwrap();
+    let reply = admin
+        .get_status(GetStatusRequest {
+            subject: Some(get_status_request::Subject::NationalId(national_id(
+                province.province,
+                n,
+            ))),
+        })
+        .await;
+    match reply {
+        Ok(_) => Some(true),
+        Err(e) if e.code() == tonic::Code::NotFound => Some(false),
+        Err(e) if e.code() == tonic::Code::Unavailable => None,
+        Err(e) => panic!("reading holder {n}: {e}"),
+    }
+}
+
+async fn health(province: &LocalProvince) -> ServingStatus {
+    let channel = province
+        .channel(hufu_certs::Role::Admin, "ops")
+        .await
+        .unwrap();
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    reply.into_inner().status()
+}
+
+/// Polls until `want` health, for at most 10 s.
+async fn until_health(province: &LocalProvince, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(province).await != want {
+        assert!(Instant::now() < deadline, "health never became {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes new holders from `*next` on until one is refused; returns the
+/// acknowledged ones and the refused one.
+async fn write_until_refused(province: &LocalProvince, next: &mut u64) -> (Vec<u64>, u64) {
+    let mut acknowledged = Vec::new();
+    for _ in 0..5000 {
+        let n = *next;
+        *next += 1;
+        match put(province, n).await {
+            Ok(_) => acknowledged.push(n),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                assert!(e.message().contains("disk"), "{}", e.message());
+                return (acknowledged, n);
+            }
+        }
+    }
+    panic!("5000 writes on a full disk were all acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_invisibly_and_the_node_recovers_by_itself() {
+    common::logs();
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&scratch.path().join("disk"));
+    let p = common::province("440000");
+    let mut province = LocalProvince::init(scratch.path(), p).unwrap();
+    province.config.data_dir = disk.0.join("data");
+    province.start().await.unwrap();
+    assert_eq!(health(&province).await, ServingStatus::Serving);
+    let mut next = 0;
+    put(&province, next).await.unwrap();
+    next += 1;
+
+    // Full: writes are refused, and a refused write is never read back.
+    let filler = fill(&disk.0);
+    let (acknowledged, refused) = write_until_refused(&province, &mut next).await;
+    until_health(&province, ServingStatus::NotServing).await;
+    assert_ne!(
+        stored(&province, refused).await,
+        Some(true),
+        "a refused write is visible"
+    );
+    for &n in acknowledged.iter().chain([&0]) {
+        assert_ne!(
+            stored(&province, n).await,
+            Some(false),
+            "acknowledged holder {n} lost"
+        );
+    }
+    // Still full: refused again, quickly, and still not visible.
+    let again = next;
+    next += 1;
+    assert_eq!(
+        put(&province, again).await.unwrap_err().code(),
+        tonic::Code::Unavailable
+    );
+    assert_ne!(stored(&province, again).await, Some(true));
+
+    // Room again: the node writes by itself, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    until_health(&province, ServingStatus::Serving).await;
+    let after = next;
+    next += 1;
+    put(&province, after).await.unwrap();
+    assert_eq!(stored(&province, after).await, Some(true));
+    assert_eq!(stored(&province, refused).await, Some(false));
+    for &n in acknowledged.iter().chain([&0]) {
+        assert_eq!(
+            stored(&province, n).await,
+            Some(true),
+            "acknowledged holder {n} lost"
+        );
+    }
+
+    // Full again, then a clean stop; after a restart with room, what was
+    // acknowledged is there and what was refused is not.
+    let filler = fill(&disk.0);
+    let (acknowledged, refused) = write_until_refused(&province, &mut next).await;
+    province.stop().await.expect("a clean stop on a full disk");
+    std::fs::remove_file(&filler).unwrap();
+    province.start().await.unwrap();
+    for &n in acknowledged.iter().chain([&0, &after]) {
+        assert_eq!(
+            stored(&province, n).await,
+            Some(true),
+            "acknowledged holder {n} lost"
+        );
+    }
+    assert_eq!(stored(&province, refused).await, Some(false));
+    province.stop().await.unwrap();
+}

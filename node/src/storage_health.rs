@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use hufu_proto::v1::admin_server::AdminServer;
+use hufu_proto::v1::admin_service_server::AdminServiceServer;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -27,7 +27,7 @@ pub async fn run(state: Arc<NodeState>, health: HealthReporter, stop: Cancellati
             health.set_service_status("", status).await;
             health
                 .set_service_status(
-                    <AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+                    <AdminServiceServer<AdminService> as tonic::server::NamedService>::NAME,
                     status,
                 )
                 .await;

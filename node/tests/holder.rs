@@ -142,12 +142,10 @@ async fn ready_terminal(at: &LocalProvince, token: &str) -> StatusLookupServiceC
 async fn audit_entries(province: &LocalProvince) -> Vec<AuditEntry> {
     let state = province.node.as_ref().unwrap().state.clone();
     tokio::task::spawn_blocking(move || {
-        state.audit.log.flush().unwrap();
-        let size = state.audit.log.size().unwrap();
-        state
-            .audit
-            .log
-            .entries(0, size)
+        let log = state.audit.log().unwrap();
+        log.flush().unwrap();
+        let size = log.size().unwrap();
+        log.entries(0, size)
             .unwrap()
             .into_iter()
             .map(|(_, bytes)| AuditEntry::decode(&bytes).unwrap())

@@ -66,16 +66,18 @@ impl NodeState {
         caller: &Identity,
     ) -> HolderMatch {
         let result = self.ask_match(p, holder, id).await;
-        self.audit.record(|| {
-            let made = audit::about(audit::entry(EntryKind::LookupMade, caller, p), holder)
-                .with_detail(DETAIL);
-            match &result {
-                Ok(matches) => made
-                    .with_answer(answer_word(*matches))
-                    .with_source(AnswerSource::Authoritative),
-                Err(_) => made.with_answer(audit::UNREACHABLE),
-            }
-        });
+        self.audit
+            .record(|| {
+                let made = audit::about(audit::entry(EntryKind::LookupMade, caller, p), holder)
+                    .with_detail(DETAIL);
+                match &result {
+                    Ok(matches) => made
+                        .with_answer(answer_word(*matches))
+                        .with_source(AnswerSource::Authoritative),
+                    Err(_) => made.with_answer(audit::UNREACHABLE),
+                }
+            })
+            .await;
         match result {
             Ok(true) => HolderMatch::True,
             Ok(false) => HolderMatch::False,

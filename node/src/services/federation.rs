@@ -39,7 +39,7 @@ impl FederationService {
     /// Answers whether a national id is one of this province's holders'.
     /// The id is pseudonymised at once and goes nowhere else; the audit
     /// entry names the holder by pseudonym and the answer only.
-    fn match_holder(
+    async fn match_holder(
         &self,
         request: Request<MatchHolderRequest>,
     ) -> NodeResult<MatchHolderResponse> {
@@ -54,13 +54,16 @@ impl FederationService {
         })?;
         let matches = self.state.is_own_holder(&id, holder.as_str());
         if caller.province != self.state.province {
-            self.state.audit.record(|| {
-                audit::entry(EntryKind::LookupServed, &caller, self.state.province)
-                    .with_holder(holder.clone())
-                    .with_answer(holder_match::answer_word(matches))
-                    .with_source(AnswerSource::Authoritative)
-                    .with_detail(holder_match::DETAIL)
-            });
+            self.state
+                .audit
+                .record(|| {
+                    audit::entry(EntryKind::LookupServed, &caller, self.state.province)
+                        .with_holder(holder.clone())
+                        .with_answer(holder_match::answer_word(matches))
+                        .with_source(AnswerSource::Authoritative)
+                        .with_detail(holder_match::DETAIL)
+                })
+                .await;
         }
         Ok(MatchHolderResponse { matches })
     }
@@ -330,7 +333,7 @@ impl federation_service_server::FederationService for FederationService {
         request: Request<MatchHolderRequest>,
     ) -> Result<Response<MatchHolderResponse>, Status> {
         metered(&self.state.metrics, "MatchHolder", async {
-            Ok(Response::new(self.match_holder(request)?))
+            Ok(Response::new(self.match_holder(request).await?))
         })
         .await
     }

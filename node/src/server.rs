@@ -231,7 +231,7 @@ pub async fn start_on(
         stop.clone(),
     ));
 
-    tokio::spawn(crate::revocation::watch(
+    tasks.spawn(crate::revocation::watch(
         state.clone(),
         config.path(&config.revoked_certs),
         stop.clone(),

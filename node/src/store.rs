@@ -196,7 +196,9 @@ impl Store {
         }
     }
 
-    fn db_handle(&self) -> NodeResult<sled::Db> {
+    /// The sled database, unless it is being reopened (for tools and tests
+    /// that look at the stored bytes).
+    pub fn db(&self) -> NodeResult<sled::Db> {
         match &*self.open.read().expect("store lock") {
             Some(open) => Ok(open.db.clone()),
             None => Err(NodeError::Unavailable(
@@ -692,7 +694,7 @@ impl Store {
     /// (group commit). A blocking flush on the blocking pool: sled's
     /// `flush_async` can stall when many callers wait on it at once.
     pub async fn flush(&self) -> NodeResult<()> {
-        let db = self.db_handle()?;
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| NodeError::Internal(format!("flush task: {e}")))??;

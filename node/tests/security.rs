@@ -31,6 +31,7 @@ async fn internal_error_text_never_reaches_the_caller() {
         .state
         .store
         .db()
+        .unwrap()
         .open_tree("provinces")
         .unwrap();
     let mut key = vec![b'S'];

@@ -201,8 +201,9 @@ async fn acknowledged_changes_keep_their_audit_entries_through_kill_9() {
     let p = common::province("440000");
     // A federation of one: its checkpoints need no witness, so they are
     // published at once and `hufu audit verify` can check the whole log.
-    let fed = LocalFederation::init(scratch.path(), &[p], |_| {}).unwrap();
-    let province = fed.get(p);
+    let mut fed = LocalFederation::init(scratch.path(), &[p], |_| {}).unwrap();
+    // Served by a `hufu serve` process: the federation lets its port go.
+    let province = &*fed.get_mut(p);
     let config = province.dir.join("hufu.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(

@@ -275,6 +275,14 @@ fn serial_hex(bytes: &[u8]) -> String {
     bytes[start..].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// When a certificate stops being valid, as unix seconds: for expiry
+/// metrics and alerts.
+pub fn not_after(cert_der: &[u8]) -> Result<i64, CertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// Names and validity of a leaf certificate.
 #[derive(Clone, Debug)]
 pub struct LeafOptions {

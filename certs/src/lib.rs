@@ -13,8 +13,8 @@ mod tls;
 
 pub use anchors::TrustAnchors;
 pub use authority::{
-    CertificateAuthority, IssuedCert, LeafOptions, ca_province, certificate_serial, parse_serial,
-    renewal_of, write_private_file,
+    CertificateAuthority, IssuedCert, LeafOptions, ca_province, certificate_serial, not_after,
+    parse_serial, renewal_of, write_private_file,
 };
 pub use error::CertError;
 pub use identity::{Identity, Role, ca_uri};

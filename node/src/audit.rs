@@ -14,7 +14,7 @@
 //! ([`NodeAudit::sync`]): the change and its entry live in two databases, so
 //! no single batch covers both, and both are flushed before the reply.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,6 +78,21 @@ pub struct NodeAudit {
     /// Per witnessing province, the size it last cosigned as far as this
     /// node knows: where the next consistency proof starts.
     witnessed: Mutex<HashMap<Province, u64>>,
+    /// The latest witnessing failures, newest last, for operators.
+    failures: Mutex<VecDeque<WitnessFailure>>,
+}
+
+/// Failures kept for the console: enough to see a pattern, bounded.
+const FAILURES_KEPT: usize = 50;
+
+/// A member's witness that did not cosign a checkpoint of this node's log.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WitnessFailure {
+    pub province: Province,
+    /// Size of the checkpoint it did not cosign.
+    pub size: u64,
+    /// When, unix ms.
+    pub time_ms: i64,
 }
 
 impl NodeAudit {
@@ -94,6 +109,7 @@ impl NodeAudit {
             enabled: config.enabled,
             every: config.checkpoint_every(),
             witnessed: Mutex::new(HashMap::new()),
+            failures: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -154,6 +170,28 @@ impl NodeAudit {
     /// Whether events are recorded (`[audit] enabled`).
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// The latest witnessing failures, oldest first.
+    pub fn recent_failures(&self) -> Vec<WitnessFailure> {
+        self.failures
+            .lock()
+            .expect("failures lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn witness_failed(&self, province: Province, size: u64) {
+        let mut failures = self.failures.lock().expect("failures lock");
+        if failures.len() == FAILURES_KEPT {
+            failures.pop_front();
+        }
+        failures.push_back(WitnessFailure {
+            province,
+            size,
+            time_ms: now_millis(),
+        });
     }
 
     /// Appends the entry `build` makes, when auditing is on. Never fails the
@@ -314,13 +352,29 @@ pub async fn checkpoint(state: &Arc<NodeState>, list: &TrustList) -> anyhow::Res
     let flushed = log.clone();
     tokio::task::spawn_blocking(move || flushed.flush()).await??;
 
-    let witnesses = list.members.iter().filter(|m| m.province != state.province);
+    let witnesses: Vec<&Member> = list
+        .members
+        .iter()
+        .filter(|m| m.province != state.province)
+        .collect();
     let cosignatures =
-        futures::future::join_all(witnesses.map(|m| ask_witness(state, m, &cp))).await;
+        futures::future::join_all(witnesses.iter().map(|m| ask_witness(state, m, &cp))).await;
     let mut cosigned = 0;
-    for c in cosignatures.into_iter().flatten() {
-        cp.add_cosignature(&c)?;
-        cosigned += 1;
+    for (m, c) in witnesses.iter().zip(cosignatures) {
+        match c {
+            Some(c) => {
+                cp.add_cosignature(&c)?;
+                cosigned += 1;
+            }
+            None => {
+                audit.witness_failed(m.province, size);
+                state
+                    .metrics
+                    .witness_failures
+                    .get_or_create(&vec![("province", m.province.to_string())])
+                    .inc();
+            }
+        }
     }
     match log.publish(&cp, list) {
         Ok(()) => {

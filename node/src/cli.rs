@@ -371,6 +371,12 @@ pub enum FederationCommand {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Show a running node's view of the federation: trust list, members,
+    /// feed positions, replica ages, breakers, last errors (from its console).
+    Status {
+        #[arg(long, default_value = "hufu.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -959,6 +965,12 @@ async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
             } else {
                 println!("the node already holds v{}", reply.version);
             }
+        }
+        FederationCommand::Status { config } => {
+            let config = NodeConfig::load(&config)?;
+            let addr = crate::console::status::console_addr(&config)?;
+            let view = crate::console::status::fetch(addr).await?;
+            print!("{}", crate::console::status::render(&view));
         }
     }
     Ok(())

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod config_check;
+pub mod console;
 pub mod demo;
 pub mod error;
 pub mod explain;

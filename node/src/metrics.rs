@@ -1,23 +1,17 @@
 //! Prometheus metrics: request counts and latencies per method, failed
-//! handshakes, status writes; served as text over plain HTTP at `/metrics`.
+//! handshakes, status writes, replica positions and ages, expiry times;
+//! served as text over plain HTTP at `/metrics` by the console's listener
+//! (`crate::console`).
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -42,6 +36,13 @@ pub struct Metrics {
     pub audit_conflicts: Gauge,
     pub audit_log_size: Gauge,
     pub audit_published_size: Gauge,
+    pub audit_published_time: Gauge,
+    pub witness_failures: Family<Labels, Counter>,
+    pub replica_sequence: Family<Labels, Gauge>,
+    pub replica_age: Family<Labels, Gauge>,
+    pub replica_max_age: Gauge,
+    pub certificate_expiry: Family<Labels, Gauge>,
+    pub code_key_created: Gauge,
 }
 
 impl Metrics {
@@ -98,6 +99,48 @@ impl Metrics {
             "audit_published_size",
             "size of this node's latest published (witnessed) audit checkpoint",
             audit_published_size.clone(),
+        );
+        let audit_published_time = Gauge::default();
+        let witness_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "audit_published_time_seconds",
+            "when this node's latest published audit checkpoint was cosigned (unix seconds, newest cosignature)",
+            audit_published_time.clone(),
+        );
+        registry.register(
+            "audit_witness_failures",
+            "checkpoints of this node's audit log a member's witness did not cosign, by province",
+            witness_failures.clone(),
+        );
+        let replica_sequence = Family::<Labels, Gauge>::default();
+        let replica_age = Family::<Labels, Gauge>::default();
+        let replica_max_age = Gauge::default();
+        let certificate_expiry = Family::<Labels, Gauge>::default();
+        let code_key_created = Gauge::default();
+        registry.register(
+            "replica_sequence",
+            "sequence of the newest status change held, by province (this province: its own change log)",
+            replica_sequence.clone(),
+        );
+        registry.register(
+            "replica_age_seconds",
+            "age of the newest signed head held, by province (refreshed every few seconds)",
+            replica_age.clone(),
+        );
+        registry.register(
+            "replica_max_age_seconds",
+            "replica age beyond which this node asks the issuer instead (federation.max_replica_age_secs)",
+            replica_max_age.clone(),
+        );
+        registry.register(
+            "certificate_expiry_time_seconds",
+            "when this node's certificates expire (unix seconds), by certificate (node, ca)",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "code_key_created_time_seconds",
+            "when the active code-signing key was made (unix seconds); rotate keys before they grow old",
+            code_key_created.clone(),
         );
         registry.register(
             "feed_changes_applied",
@@ -180,6 +223,13 @@ impl Metrics {
             audit_conflicts,
             audit_log_size,
             audit_published_size,
+            audit_published_time,
+            witness_failures,
+            replica_sequence,
+            replica_age,
+            replica_max_age,
+            certificate_expiry,
+            code_key_created,
         })
     }
 
@@ -214,52 +264,6 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Serves `/metrics` until `stop` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-    tasks: &tokio_util::task::TaskTracker,
-) -> std::io::Result<SocketAddr> {
-    let addr = listener.local_addr()?;
-    tasks.spawn(async move {
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(_) => continue,
-                },
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let response = if req.uri().path() == "/metrics" {
-                            hyper::Response::builder()
-                                .header(
-                                    "content-type",
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                )
-                                .body(Full::new(Bytes::from(metrics.render())))
-                        } else {
-                            hyper::Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::from_static(b"try /metrics\n")))
-                        };
-                        Ok::<_, Infallible>(response.expect("static response parts are valid"))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }
 
 /// Times a service call and records its outcome.

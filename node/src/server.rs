@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
 use crate::config::NodeConfig;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::net;
 use crate::services::admin::AdminService;
 use crate::services::audit::{AuditService, WitnessService};
@@ -125,8 +125,13 @@ pub async fn start_on(
     )?;
 
     let addr = listener.local_addr()?;
+    crate::console::note_certificates(
+        &metrics,
+        &config.read(&config.node_cert)?,
+        &config.read(&config.ca_cert)?,
+    );
     let metrics_addr = match metrics_listener {
-        Some(l) => Some(metrics::serve(l, metrics.clone(), stop.clone(), &tasks).await?),
+        Some(l) => Some(crate::console::serve(l, state.clone(), stop.clone(), &tasks).await?),
         None => None,
     };
 

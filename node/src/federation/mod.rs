@@ -341,6 +341,7 @@ impl NodeState {
                 }
             }
             self.peers.failure(p);
+            self.peers.note_error(p, &format!("lookup at {last_error}"));
         }
         Err(last_error)
     }

@@ -152,6 +152,22 @@ struct PeerHealth {
     breaker: Breaker,
     throttle: RetryThrottle,
     adaptive: AdaptiveThrottle,
+    /// The last failure's reason and when (unix ms), for operators.
+    last_error: Option<(String, i64)>,
+}
+
+/// What an operator sees of one peer's health (the console, `hufu
+/// federation status`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerView {
+    /// `closed` (calls go through), `open` (calls fail fast) or `half-open`
+    /// (the next call probes).
+    pub breaker: String,
+    /// Consecutive failures.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// When the last error happened, unix ms.
+    pub last_error_ms: Option<i64>,
 }
 
 /// The node's view of its peers: lazily connected channels per endpoint,
@@ -232,6 +248,37 @@ impl Peers {
         let h = health.entry(province).or_default();
         h.breaker.failure(Instant::now());
         h.throttle.failure();
+    }
+
+    /// Remembers why the last call to `province` failed, for operators.
+    pub fn note_error(&self, province: Province, error: &str) {
+        let mut health = self.health.lock().expect("health lock");
+        health.entry(province).or_default().last_error =
+            Some((error.to_owned(), crate::status::now_millis()));
+    }
+
+    /// The breaker state and last error of `province`, as an operator sees them.
+    pub fn view(&self, province: Province) -> PeerView {
+        let health = self.health.lock().expect("health lock");
+        let Some(h) = health.get(&province) else {
+            return PeerView {
+                breaker: "closed".into(),
+                failures: 0,
+                last_error: None,
+                last_error_ms: None,
+            };
+        };
+        let breaker = match h.breaker.open_until {
+            None => "closed",
+            Some(until) if Instant::now() < until => "open",
+            Some(_) => "half-open",
+        };
+        PeerView {
+            breaker: breaker.into(),
+            failures: h.breaker.failures,
+            last_error: h.last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_ms: h.last_error.as_ref().map(|(_, t)| *t),
+        }
     }
 }
 

@@ -136,6 +136,9 @@ pub async fn run(state: Arc<NodeState>, p: Province, stop: CancellationToken) {
                 if source.direct {
                     state.peers.failure(p);
                     log_link(p, link.failed(Instant::now()), &err);
+                    state
+                        .peers
+                        .note_error(p, &format!("feed from {}: {err}", source.endpoint));
                 }
                 tracing::debug!(province = %p, from = %source.province, endpoint = %source.endpoint, error = %err, "feed session ended");
                 backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -2,6 +2,8 @@
 //! directories, real nodes on 127.0.0.1:0, real mutual TLS.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use hufu_certs::Province;
 use hufu_node::local::LocalProvince;
 use hufu_node::sample;

@@ -196,6 +196,19 @@ async fn the_console_shows_the_federation_load_audit_and_keys() {
             "return document.querySelector('#members tr[data-province=\"120000\"]').dataset.state === 'fresh';",
         )
         .await;
+    // Calls to it fail fast, and the operator sees why.
+    let gd_endpoint = fed.get(p(GD)).config.listen;
+    browser
+        .wait_until(
+            Duration::from_secs(5),
+            "Guangdong's breaker not closed, with its last error",
+            &format!(
+                "const cells = document.querySelector('#members tr[data-province=\"440000\"]').children;
+                 return ['open', 'half-open'].includes(cells[6].textContent)
+                     && cells[7].textContent.includes('feed from {gd_endpoint}');"
+            ),
+        )
+        .await;
     browser.screenshot("federation-province-down").await;
     assert_eq!(browser.errors().await, Vec::<String>::new());
 

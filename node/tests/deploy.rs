@@ -1,6 +1,6 @@
 //! What ships for monitoring: the Prometheus alert rules parse with
-//! `promtool`, and every metric the Grafana dashboard and the rules name is
-//! one a running node exports.
+//! `promtool` and pass its unit tests, and every metric the Grafana
+//! dashboard and the rules name is one a running node exports.
 
 mod common;
 
@@ -57,20 +57,31 @@ fn exported(exposition: &str) -> BTreeSet<String> {
     names
 }
 
-#[test]
-fn alert_rules_pass_promtool() {
-    let rules = deploy("prometheus/alerts.yml");
+/// Runs `promtool <args>` in deploy/prometheus and asserts it succeeds.
+fn promtool(args: &[&str]) {
     let out = std::process::Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&rules)
+        .args(args)
+        .current_dir(deploy("prometheus"))
         .output()
         .expect("promtool not found: install Debian's prometheus package (scripts/test does)");
     assert!(
         out.status.success(),
-        "{}{}",
+        "promtool {args:?}: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    promtool(&["check", "rules", "alerts.yml"]);
+}
+
+/// The rules fire on the series they are about, and not on healthy ones
+/// (deploy/prometheus/alerts_test.yml).
+#[test]
+fn alert_rules_fire_when_they_should() {
+    promtool(&["test", "rules", "alerts_test.yml"]);
 }
 
 /// Scrapes a node of a two-province federation after it has done what

@@ -306,6 +306,44 @@ mod tests {
     }
 
     #[test]
+    fn operators_see_the_breaker_and_the_last_error() {
+        let cert = ClientCert {
+            cert_pem: String::new(),
+            key_pem: String::new(),
+        };
+        let peers = Peers::new(cert, TrustAnchors::new(vec![]).unwrap(), OPEN_FOR);
+        let gd = Province::parse("440000").unwrap();
+        let view = peers.view(gd);
+        assert_eq!((view.breaker.as_str(), view.last_error), ("closed", None));
+        for _ in 0..OPEN_AFTER {
+            peers.failure(gd);
+        }
+        peers.note_error(gd, "feed from 127.0.0.1:1: connection refused");
+        let view = peers.view(gd);
+        assert_eq!(view.breaker, "open");
+        assert_eq!(view.failures, OPEN_AFTER);
+        assert_eq!(
+            view.last_error.as_deref(),
+            Some("feed from 127.0.0.1:1: connection refused")
+        );
+        // After the pause the next call probes; a success closes it and
+        // the last error stays visible, with its time.
+        peers
+            .health
+            .lock()
+            .unwrap()
+            .get_mut(&gd)
+            .unwrap()
+            .breaker
+            .open_until = Some(Instant::now() - Duration::from_millis(1));
+        assert_eq!(peers.view(gd).breaker, "half-open");
+        peers.success(gd);
+        let view = peers.view(gd);
+        assert_eq!(view.breaker, "closed");
+        assert!(view.last_error.is_some() && view.last_error_ms.is_some());
+    }
+
+    #[test]
     fn adaptive_throttling_follows_the_accept_rate() {
         let t = Instant::now();
         let mut a = AdaptiveThrottle::default();

@@ -443,15 +443,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     for lp in &fed.provinces {
+        let http = lp
+            .node
+            .as_ref()
+            .and_then(|n| n.metrics_addr)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         println!(
-            "  {} node {}  metrics http://{}/metrics",
+            "  {} node {}  console http://{http}/console  metrics http://{http}/metrics",
             lp.province,
             lp.addr()?,
-            lp.node
-                .as_ref()
-                .and_then(|n| n.metrics_addr)
-                .map(|a| a.to_string())
-                .unwrap_or_default()
         );
     }
     match deadline {

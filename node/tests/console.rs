@@ -252,4 +252,6 @@ async fn the_console_serves_pages_metrics_and_the_status_table() {
     // Alone, without a trust list, the view says so.
     let table = status::render(&status::fetch(console).await.unwrap());
     assert!(table.contains("no trust list"), "{table}");
+    let own = table.lines().find(|l| l.starts_with(BJ)).expect(&table);
+    assert!(own.contains(" self "), "{table}");
 }

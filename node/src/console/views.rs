@@ -71,13 +71,23 @@ impl FederationView {
         });
         let membership = state.membership.load_full();
         let mut members = Vec::new();
-        for m in membership.list.iter().flat_map(|l| l.members.iter()) {
-            let own = m.province == state.province;
+        // Alone, without a trust list, the node still shows its own row.
+        let alone = [(state.province, String::new(), Vec::new())];
+        let listed: Vec<_> = match &membership.list {
+            Some(l) => l
+                .members
+                .iter()
+                .map(|m| (m.province, m.name.clone(), m.endpoints.clone()))
+                .collect(),
+            None => alone.to_vec(),
+        };
+        for (province, name, endpoints) in listed {
+            let own = province == state.province;
             let (sequence, head_time_ms) = if own {
-                let tail = state.store.tail(m.province).await.map(|t| t.sequence);
+                let tail = state.store.tail(province).await.map(|t| t.sequence);
                 (tail.unwrap_or_default(), Some(now))
             } else {
-                match state.store.latest_head(m.province) {
+                match state.store.latest_head(province) {
                     Ok(Some(head)) => (head.sequence, Some(head.time_ms)),
                     _ => (0, None),
                 }
@@ -90,14 +100,14 @@ impl FederationView {
                 (false, Some(_)) => "stale",
             };
             members.push(MemberRow {
-                province: m.province.to_string(),
-                name: m.name.clone(),
-                endpoints: m.endpoints.clone(),
+                province: province.to_string(),
+                name,
+                endpoints,
                 state: row_state.into(),
                 sequence,
                 head_time_ms,
                 age_secs: (!own).then_some(age_secs).flatten(),
-                peer: state.peers.view(m.province),
+                peer: state.peers.view(province),
             });
         }
         FederationView {

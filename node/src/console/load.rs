@@ -13,7 +13,8 @@ use serde::Serialize;
 
 /// One sample per this interval.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
-/// Samples kept: one hour. Memory stays bounded (a few hundred KiB).
+/// Samples kept: one hour. Memory stays bounded: about 1 KiB a sample,
+/// 2 MiB in all.
 pub const SAMPLES_KEPT: usize = 3600 / 2;
 
 /// One point of every chart.

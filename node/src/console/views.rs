@@ -44,8 +44,9 @@ pub struct MemberRow {
     pub state: String,
     /// Sequence of the newest change held (own: the change log's head).
     pub sequence: u64,
-    /// Issuer's time of the newest signed head held, unix ms.
-    pub head_time_ms: Option<i64>,
+    /// When a signed head last confirmed the replica, by this node's
+    /// clock (unix ms), as Verify measures replica age.
+    pub confirmed_ms: Option<i64>,
     pub age_secs: Option<f64>,
     /// Circuit breaker and last error of calls to this member.
     pub peer: PeerView,
@@ -83,16 +84,22 @@ impl FederationView {
         };
         for (province, name, endpoints) in listed {
             let own = province == state.province;
-            let (sequence, head_time_ms) = if own {
+            let (sequence, confirmed_ms) = if own {
                 let tail = state.store.tail(province).await.map(|t| t.sequence);
                 (tail.unwrap_or_default(), Some(now))
             } else {
-                match state.store.latest_head(province) {
-                    Ok(Some(head)) => (head.sequence, Some(head.time_ms)),
-                    _ => (0, None),
-                }
+                let sequence = match state.store.latest_head(province) {
+                    Ok(Some(head)) => head.sequence,
+                    _ => 0,
+                };
+                // Age as Verify measures it: an issuer's clock running
+                // ahead cannot make a replica look younger.
+                (
+                    sequence,
+                    state.store.replica_confirmed(province).ok().flatten(),
+                )
             };
-            let age_secs = head_time_ms.map(|t| (now - t).max(0) as f64 / 1000.0);
+            let age_secs = confirmed_ms.map(|t| (now - t).max(0) as f64 / 1000.0);
             let row_state = match (own, age_secs) {
                 (true, _) => "self",
                 (false, None) => "empty",
@@ -105,7 +112,7 @@ impl FederationView {
                 endpoints,
                 state: row_state.into(),
                 sequence,
-                head_time_ms,
+                confirmed_ms,
                 age_secs: (!own).then_some(age_secs).flatten(),
                 peer: state.peers.view(province),
             });

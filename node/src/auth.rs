@@ -24,6 +24,9 @@ pub enum Access {
     Federation,
     /// The read-only audit API: auditors.
     Audit,
+    /// Offering a trust list: nodes of any member (gossip), and admins of
+    /// this province (installing what they signed).
+    TrustOffer,
 }
 
 /// The verified identity of the caller of `request`.
@@ -74,7 +77,8 @@ pub fn authorize(
             ));
         }
         (Access::Admin, Role::Admin) => true,
-        (Access::Federation, Role::Node) => true,
+        (Access::Federation | Access::TrustOffer, Role::Node) => true,
+        (Access::TrustOffer, Role::Admin) => local,
         (Access::Audit, Role::Auditor) => true,
         _ => false,
     };
@@ -87,6 +91,7 @@ pub fn authorize(
             Access::PublicKeys => &[],
             Access::Admin => &[Role::Admin],
             Access::Federation => &[Role::Node],
+            Access::TrustOffer => &[Role::Node, Role::Admin],
             Access::Audit => &[Role::Auditor],
         };
         Err(NodeError::role_denied(caller, method, roles))

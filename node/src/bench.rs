@@ -34,9 +34,9 @@ pub struct BenchArgs {
     /// Concurrent requests in flight.
     #[arg(long, default_value_t = 64, global = true)]
     pub concurrency: usize,
-    /// Client connections.
-    #[arg(long, default_value_t = 4, global = true)]
-    pub connections: usize,
+    /// Client connections (default 4; `surge`: 1,000).
+    #[arg(long, global = true)]
+    pub connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -62,12 +62,16 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 2_000)]
         write_rate: u64,
     },
-    /// Open-loop surge against a node in its own process: offered load
-    /// stepped from 1x to 10x of its measured capacity and back.
-    Surge {
-        /// Offered-load multiples of capacity, in order.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4,6,8,10,1")]
-        steps: Vec<f64>,
+    /// Open-loop surge from many connections against a node in its own
+    /// process, held to a CPU share: offered load stepped from 0.5x to 10x
+    /// of its measured capacity and back, beside a bare tonic echo server
+    /// under identical conditions.
+    Surge(crate::surge::SurgeArgs),
+    /// The bare tonic echo server the surge baseline runs (internal).
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long)]
+        config: std::path::PathBuf,
     },
     /// Lookup, verify and federation, in one run.
     All,
@@ -249,9 +253,13 @@ async fn bare_echo(
     let incoming = crate::net::incoming(
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
-        10_000,
-        256,
-        Duration::from_secs(10),
+        crate::net::DoorLimits {
+            max_connections: 10_000,
+            max_handshakes: 256,
+            handshakes_per_source: 10_000,
+            first_byte_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        },
         stop.clone(),
         crate::metrics::Metrics::new(),
     );
@@ -287,7 +295,7 @@ async fn echo_figures(
     )?;
     let cert = province.client_cert(Role::Terminal, "bench-echo")?;
     let mut conns = Vec::new();
-    for _ in 0..args.connections.max(1) {
+    for _ in 0..args.connections.unwrap_or(4).max(1) {
         conns.push(HealthClient::new(
             crate::client::connect(&target, &cert).await?,
         ));
@@ -309,10 +317,18 @@ async fn echo_figures(
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let BenchWhat::EchoServer { config } = &args.what {
+        return crate::surge::echo_server(config).await;
+    }
     println!("hufu bench on {}", machine());
+    if let BenchWhat::Surge(surge) = &args.what {
+        return crate::surge::run(&args, surge).await;
+    }
     println!(
         "closed loop, {} requests in flight over {} mutual-TLS connections, {} s per figure\n",
-        args.concurrency, args.connections, args.seconds
+        args.concurrency,
+        args.connections.unwrap_or(4),
+        args.seconds
     );
     let all = matches!(args.what, BenchWhat::All);
     if all || matches!(args.what, BenchWhat::Lookup { .. }) {
@@ -328,9 +344,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             _ => 20_000,
         };
         verify(&args, tokens).await?;
-    }
-    if let BenchWhat::Surge { steps } = &args.what {
-        crate::surge::run(&args, steps).await?;
     }
     if all || matches!(args.what, BenchWhat::Federation { .. }) {
         let (changes, rate) = match args.what {
@@ -359,7 +372,7 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     let ids = Arc::new(load_holders(&province, holders).await?);
     let echo = echo_figures(&province, args, duration).await?;
     echo.print("bare tonic echo (health check)", None);
-    let conns = clients(&province, args.connections).await?;
+    let conns = clients(&province, args.connections.unwrap_or(4)).await?;
     let issuer = province.province.to_string();
     let (c, i, n) = (conns.clone(), issuer.clone(), ids.clone());
     let lookup = closed_loop(duration, args.concurrency, move |k, w| {
@@ -396,7 +409,7 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn issue_tokens(
+pub async fn issue_tokens(
     province: &LocalProvince,
     ids: &[String],
     count: u64,
@@ -459,7 +472,7 @@ async fn verify(args: &BenchArgs, tokens: u64) -> anyhow::Result<()> {
     province.stop().await?;
     province.config.codes.cache_entries = 0;
     province.start().await?;
-    let conns = clients(&province, args.connections).await?;
+    let conns = clients(&province, args.connections.unwrap_or(4)).await?;
     let unique = closed_loop(
         duration,
         args.concurrency,
@@ -470,7 +483,7 @@ async fn verify(args: &BenchArgs, tokens: u64) -> anyhow::Result<()> {
     province.stop().await?;
     province.config.codes.cache_entries = cache;
     province.start().await?;
-    let conns = clients(&province, args.connections).await?;
+    let conns = clients(&province, args.connections.unwrap_or(4)).await?;
     let repeated = closed_loop(
         duration,
         args.concurrency,
@@ -615,7 +628,7 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     let local_tokens = Arc::new(issue_tokens(fed.get(b), &local_ids, 20_000).await?);
     let foreign_tokens =
         Arc::new(issue_tokens(fed.get(a), &ids[..2_000.min(ids.len())], 20_000).await?);
-    let conns = clients(fed.get(b), args.connections).await?;
+    let conns = clients(fed.get(b), args.connections.unwrap_or(4)).await?;
     let sample = conns[0]
         .clone()
         .verify(VerifyRequest {

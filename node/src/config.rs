@@ -131,14 +131,40 @@ impl Default for FederationConfig {
 pub struct LimitsConfig {
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
-    /// HTTP/2 streams a single connection may have open at once.
+    /// HTTP/2 streams a connection of a terminal, admin or auditor may have
+    /// open at once. Calls beyond it wait in the caller, at no cost to the
+    /// node: the node's main defence against crowds that never back off.
     pub max_concurrent_streams: u32,
-    /// TLS handshakes allowed in progress at once.
+    /// The same for another province's node (a feed and lookups share its
+    /// connection).
+    pub peer_concurrent_streams: u32,
+    /// Streams a connection's caller may cancel before the node has taken
+    /// them up; beyond it the connection is closed (HTTP/2 rapid reset,
+    /// CVE-2023-44487). High enough that callers giving up at their
+    /// deadline during a surge keep their connections.
+    pub max_pending_resets: usize,
+    /// TLS handshakes computed at once.
     pub max_handshakes: usize,
+    /// Connections from one address that may be before or in their
+    /// handshake at once.
+    pub handshakes_per_source: usize,
+    /// Milliseconds a new connection has to send its first byte.
+    pub first_byte_timeout_ms: u64,
     /// Seconds a client has to finish its TLS handshake.
     pub handshake_timeout_secs: u64,
-    /// Requests in flight across the node (0: derived from the cores).
+    /// Requests in flight across the node: 0 for an adaptive limit that
+    /// follows measured latency, or a fixed number.
     pub max_in_flight: usize,
+    /// Calls that may wait for admission at once; more are refused.
+    pub max_queued: usize,
+    /// Longest wait for admission of a call that carries no deadline, in ms.
+    pub max_queue_wait_ms: u64,
+    /// Request bytes the node may be buffering at once, across callers.
+    pub max_buffered_bytes: usize,
+    /// Long-lived streams (feeds, health watches) one caller may hold open.
+    pub streams_per_caller: usize,
+    /// Long-lived streams across the node.
+    pub max_streams: usize,
     /// Push-back sent with RESOURCE_EXHAUSTED, in milliseconds.
     pub retry_pushback_ms: u64,
     /// Open connections at once; more are closed on accept.
@@ -149,10 +175,19 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_bytes: 2 * 1024 * 1024,
-            max_concurrent_streams: 32,
-            max_handshakes: 256,
+            max_concurrent_streams: 8,
+            peer_concurrent_streams: 64,
+            max_pending_resets: 1024,
+            max_handshakes: 8,
+            handshakes_per_source: 64,
+            first_byte_timeout_ms: 2000,
             handshake_timeout_secs: 10,
             max_in_flight: 0,
+            max_queued: 4096,
+            max_queue_wait_ms: 1000,
+            max_buffered_bytes: 64 * 1024 * 1024,
+            streams_per_caller: 64,
+            max_streams: 4096,
             retry_pushback_ms: 100,
             max_connections: 10_000,
         }

@@ -136,6 +136,14 @@ impl From<NodeError> for tonic::Status {
     }
 }
 
+impl NodeError {
+    /// The error as a complete gRPC response, for layers that answer before
+    /// any service runs.
+    pub fn into_http(self) -> http::Response<tonic::body::Body> {
+        tonic::Status::from(self).into_http()
+    }
+}
+
 pub type NodeResult<T> = Result<T, NodeError>;
 
 /// What a caller is told about an internal failure logged under `reference`.

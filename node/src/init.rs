@@ -153,16 +153,35 @@ cache_entries = {cache}
 [limits]
 # Largest request message accepted, in bytes.
 max_message_bytes = 2097152
-# HTTP/2 streams one connection may have open at once.
-max_concurrent_streams = 32
-# TLS handshakes in progress at once, and the time a client has to finish one.
-max_handshakes = 256
+# HTTP/2 streams a connection may have open at once: calls beyond it wait
+# in the caller, at no cost to the node. Terminals, admins and auditors get
+# max_concurrent_streams each; other provinces' nodes peer_concurrent_streams.
+max_concurrent_streams = 8
+peer_concurrent_streams = 64
+# Streams a caller may cancel before the node took them up; beyond it the
+# connection is closed (HTTP/2 rapid-reset protection).
+max_pending_resets = 1024
+# TLS handshakes computed at once; connections from one address before or
+# in their handshake; the time a new connection has to send its first byte
+# (ms) and to finish its handshake (s).
+max_handshakes = 8
+handshakes_per_source = 64
+first_byte_timeout_ms = 2000
 handshake_timeout_secs = 10
-# Requests in flight across the whole node; beyond it requests are refused
-# at once with RESOURCE_EXHAUSTED and a retry push-back. Federation traffic
-# may fill it all, terminals 90%, admin work 50%. 0: 64 per core.
+# Requests in flight across the whole node. 0: adaptive, following measured
+# latency (a gradient limit). Federation traffic may fill it all, terminals
+# 90%, admin and audit work 50%. Calls beyond it wait, newest first, while
+# their deadline allows; a call whose deadline cannot be met is refused at
+# once. Refusals are RESOURCE_EXHAUSTED with this retry push-back.
 max_in_flight = 0
+max_queued = 4096
+max_queue_wait_ms = 1000
 retry_pushback_ms = 100
+# Request bytes buffered at once across callers.
+max_buffered_bytes = 67108864
+# Long-lived streams (feeds, health watches) per caller identity, and in all.
+streams_per_caller = 64
+max_streams = 4096
 # Open connections at once.
 max_connections = 10000
 

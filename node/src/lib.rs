@@ -26,6 +26,7 @@ pub mod preflight;
 pub mod qr;
 pub mod revocation;
 pub mod sample;
+pub mod serve;
 pub mod server;
 pub mod services;
 pub mod standing;

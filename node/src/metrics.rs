@@ -33,6 +33,9 @@ pub struct Metrics {
     pub shed: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub in_flight: Gauge,
     pub admission_limit: Gauge,
+    pub queued: Gauge,
+    pub handshakes: Family<Vec<(&'static str, &'static str)>, Counter>,
+    pub connections: Gauge,
     pub audit_conflicts: Gauge,
     pub audit_log_size: Gauge,
     pub audit_published_size: Gauge,
@@ -66,6 +69,24 @@ impl Metrics {
         let shed = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
         let in_flight = Gauge::default();
         let admission_limit = Gauge::default();
+        let queued = Gauge::default();
+        let handshakes = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        let connections = Gauge::default();
+        registry.register(
+            "admission_queued",
+            "calls waiting for admission now",
+            queued.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "mutual TLS handshakes completed, by kind (full, resumed)",
+            handshakes.clone(),
+        );
+        registry.register(
+            "connections",
+            "client connections open now (after their handshake)",
+            connections.clone(),
+        );
         registry.register(
             "admitted",
             "requests admitted, by class (federation, serving, bulk)",
@@ -73,13 +94,13 @@ impl Metrics {
         );
         registry.register(
             "shed",
-            "requests refused with RESOURCE_EXHAUSTED by admission control, by class",
+            "requests refused by admission control, by class and reason (queue_full, waited, deadline, streams, body)",
             shed.clone(),
         );
         registry.register("in_flight", "requests being handled now", in_flight.clone());
         registry.register(
             "admission_limit",
-            "requests in flight the node admits (classes get 100/90/50% of it)",
+            "requests in flight the node admits now, adaptive unless fixed by limits.max_in_flight (classes get 100/90/50% of it)",
             admission_limit.clone(),
         );
         let audit_conflicts = Gauge::default();
@@ -220,6 +241,9 @@ impl Metrics {
             shed,
             in_flight,
             admission_limit,
+            queued,
+            handshakes,
+            connections,
             audit_conflicts,
             audit_log_size,
             audit_published_size,

@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 
+use crate::admission;
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::net;
@@ -118,11 +118,11 @@ pub async fn start_on(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let state = NodeState::open(config, metrics.clone(), stop.clone(), tasks.clone())?;
-    let tls = hufu_certs::server_config(
+    let tls = with_session_tickets(hufu_certs::server_config(
         state.anchors.clone(),
         &config.read(&config.node_cert)?,
         &config.read(&config.node_key)?,
-    )?;
+    )?)?;
 
     let addr = listener.local_addr()?;
     crate::console::note_certificates(
@@ -181,9 +181,13 @@ pub async fn start_on(
     let incoming = net::incoming(
         listener,
         TlsAcceptor::from(tls),
-        limits.max_connections,
-        limits.max_handshakes,
-        Duration::from_secs(limits.handshake_timeout_secs),
+        net::DoorLimits {
+            max_connections: limits.max_connections,
+            max_handshakes: limits.max_handshakes,
+            handshakes_per_source: limits.handshakes_per_source,
+            first_byte_timeout: Duration::from_millis(limits.first_byte_timeout_ms),
+            handshake_timeout: Duration::from_secs(limits.handshake_timeout_secs),
+        },
         stop.clone(),
         metrics.clone(),
     );
@@ -194,15 +198,24 @@ pub async fn start_on(
         Err(err) => Some(Err(err)),
     });
 
-    let limit = if limits.max_in_flight == 0 {
-        crate::admission::default_limit()
-    } else {
-        limits.max_in_flight
-    };
-    let admission = crate::admission::Admission::new(limit, limits.retry_pushback_ms, &metrics);
-    let router = Server::builder()
-        .layer(crate::admission::AdmissionLayer(admission))
-        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+    let admission =
+        admission::Admission::new(admission_config(config), state.standing.clone(), &metrics);
+    let routes = tonic::service::Routes::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(lookup)
+        .add_service(admin)
+        .add_service(federation)
+        .add_service(audit)
+        .add_service(witness)
+        .clone()
+        .routes()
+        .prepare();
+    let service = tower::Layer::layer(&admission::AdmissionLayer(admission), routes);
+    let http2 = crate::serve::Http2Settings {
+        caller_streams: limits.max_concurrent_streams,
+        peer_streams: limits.peer_concurrent_streams,
+        max_pending_resets: limits.max_pending_resets,
         // h2 closes a connection whose buffered small DATA frames exceed a
         // budget of half the connection window (`too_many_data_frames`), and
         // grpcio sends each streamed message in a frame of its own: with
@@ -210,17 +223,12 @@ pub async fn start_on(
         // rows. A stream window of 1/32 of the connection window keeps the
         // frames one stream can buffer, at 16 bytes or more each, inside
         // the budget; smaller frames still exhaust it, so floods stay cut off.
-        .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .initial_stream_window_size(Some(CONNECTION_WINDOW / 32))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(lookup)
-        .add_service(admin)
-        .add_service(federation)
-        .add_service(audit)
-        .add_service(witness);
+        connection_window: CONNECTION_WINDOW,
+        stream_window: CONNECTION_WINDOW / 32,
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+        shutdown_grace: Duration::from_secs(10),
+    };
 
     tasks.spawn(state.clone().gossip(
         Duration::from_secs(config.federation.gossip_secs.max(1)),
@@ -259,10 +267,8 @@ pub async fn start_on(
 
     let shutdown = stop.clone();
     let task = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await
-            .context("grpc server failed")
+        crate::serve::serve(incoming, service, http2, shutdown).await;
+        Ok(())
     });
     tracing::info!(
         province = %config.province,
@@ -277,4 +283,43 @@ pub async fn start_on(
         stop,
         task,
     })
+}
+
+/// Admission settings from the config's `[limits]`.
+fn admission_config(config: &NodeConfig) -> admission::AdmissionConfig {
+    let limits = &config.limits;
+    let initial = admission::default_limit();
+    admission::AdmissionConfig {
+        province: config.province,
+        queue: admission::QueueConfig {
+            fixed_limit: (limits.max_in_flight > 0).then_some(limits.max_in_flight),
+            bounds: admission::LimitBounds {
+                initial,
+                min: 4,
+                max: initial * 8,
+            },
+            max_queued: limits.max_queued,
+            max_wait: Duration::from_millis(limits.max_queue_wait_ms),
+        },
+        pushback_ms: limits.retry_pushback_ms,
+        max_message_bytes: limits.max_message_bytes,
+        max_buffered_bytes: limits.max_buffered_bytes,
+        streams_per_caller: limits.streams_per_caller,
+        max_streams: limits.max_streams,
+    }
+}
+
+/// Stateless TLS 1.3 session tickets, so that a caller who reconnects (a
+/// phone between networks, a terminal after a reset) resumes its session
+/// instead of paying a full mutual-TLS handshake. A resumed connection
+/// keeps the identity of its first handshake; membership and revocation are
+/// checked on every call, so resumption cannot outlive either.
+fn with_session_tickets(
+    config: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut config = (*config).clone();
+    config.ticketer =
+        rustls::crypto::aws_lc_rs::Ticketer::new().context("cannot make a TLS ticket key")?;
+    config.send_tls13_tickets = 1;
+    Ok(Arc::new(config))
 }

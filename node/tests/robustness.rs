@@ -94,9 +94,9 @@ async fn garbage_and_oversized_requests_are_refused_cleanly() {
         vec![0x0a, 0x05, 0x01],
     )
     .await;
-    // Decoding happens before the handler, so even an unauthorised caller
-    // learns only that the bytes were bad.
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Authorization comes before a byte of the body is read: an
+    // unauthorised caller learns nothing about its bytes.
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
     // An unknown method.
     let status = raw_call(channel.clone(), "/hufu.v1.StatusLookupService/Nope", vec![]).await;

@@ -87,10 +87,11 @@ impl RetryThrottle {
 /// so a struggling province sees its load fall instead of its neighbours'
 /// retries pile up. Counts halve every half minute to follow recovery.
 #[derive(Debug)]
-struct AdaptiveThrottle {
+pub struct AdaptiveThrottle {
     requests: f64,
     accepts: f64,
     since: Instant,
+    half_life: Duration,
 }
 
 const K: f64 = 2.0;
@@ -99,18 +100,24 @@ const HALF_LIFE: Duration = Duration::from_secs(30);
 
 impl Default for AdaptiveThrottle {
     fn default() -> Self {
-        AdaptiveThrottle {
-            requests: 0.0,
-            accepts: 0.0,
-            since: Instant::now(),
-        }
+        AdaptiveThrottle::new(HALF_LIFE)
     }
 }
 
 impl AdaptiveThrottle {
+    /// A throttle whose counts halve every `half_life`.
+    pub fn new(half_life: Duration) -> AdaptiveThrottle {
+        AdaptiveThrottle {
+            requests: 0.0,
+            accepts: 0.0,
+            since: Instant::now(),
+            half_life,
+        }
+    }
+
     fn decay(&mut self, now: Instant) {
         let halvings =
-            (now.duration_since(self.since).as_secs_f64() / HALF_LIFE.as_secs_f64()).floor();
+            (now.duration_since(self.since).as_secs_f64() / self.half_life.as_secs_f64()).floor();
         if halvings >= 1.0 {
             let factor = 0.5f64.powf(halvings);
             self.requests *= factor;
@@ -128,20 +135,20 @@ impl AdaptiveThrottle {
     }
 
     /// Decides whether to make a call and counts it; `draw` is uniform in [0, 1).
-    fn allows(&mut self, now: Instant, draw: f64) -> bool {
+    pub fn allows(&mut self, now: Instant, draw: f64) -> bool {
         self.decay(now);
         let allowed = draw >= self.reject_probability();
         self.requests += 1.0;
         allowed
     }
 
-    fn accepted(&mut self) {
+    pub fn accepted(&mut self) {
         self.accepts += 1.0;
     }
 }
 
 /// A uniform draw in [0, 1) from the system's randomness.
-fn draw() -> f64 {
+pub fn draw() -> f64 {
     let mut bytes = [0u8; 8];
     let _ = aws_lc_rs::rand::fill(&mut bytes);
     (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64

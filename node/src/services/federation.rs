@@ -312,12 +312,7 @@ impl federation_service_server::FederationService for FederationService {
     ) -> Result<Response<OfferTrustListResponse>, Status> {
         metered(&self.state.metrics, "OfferTrustList", async {
             // Peers gossip; this province's admins install what they signed.
-            let caller = crate::auth::caller(&request)?;
-            let peer = crate::auth::peer(&request)?;
-            crate::auth::in_good_standing(&self.state.standing, peer, "OfferTrustList")?;
-            if !(caller.role == hufu_certs::Role::Admin && caller.province == self.state.province) {
-                check(&self.state, &request, "OfferTrustList", Access::Federation)?;
-            }
+            let caller = check(&self.state, &request, "OfferTrustList", Access::TrustOffer)?;
             let note = request.into_inner().note;
             let applied = self.state.offer_trust_list(&note, &caller).await?;
             Ok(Response::new(OfferTrustListResponse {

@@ -161,3 +161,44 @@ pub async fn issue_code(province: &LocalProvince, n: u64) -> hufu_proto::v1::Iss
         .unwrap()
         .into_inner()
 }
+
+/// A `hufu serve` process; killed when dropped, so none is left behind.
+pub struct Serve(pub std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Serve {
+    /// Starts `hufu serve --config <config>`, its log in `log`.
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> Serve {
+        Serve(
+            std::process::Command::new(env!("CARGO_BIN_EXE_hufu"))
+                .args(["serve", "--config"])
+                .arg(config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// A memory figure of process `pid` in KiB: `VmRSS` (resident now) or
+/// `VmHWM` (peak resident).
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}

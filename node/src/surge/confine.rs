@@ -1,0 +1,206 @@
+//! A process held to a share of the machine, so that one 2-core machine can
+//! offer a node ten times what it can serve: pinned to the last core with
+//! `taskset`, and limited to a percentage of that core by a cgroup v1 `cpu`
+//! quota where the cgroup hierarchy is writable (root). The load generator
+//! keeps the other cores.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// Where and how hard a confined process may run.
+#[derive(Clone, Debug)]
+pub struct Confinement {
+    /// The core the process is pinned to (`None`: not pinned).
+    pub core: Option<usize>,
+    /// The cgroup limiting it, with its quota in percent of one core.
+    pub cgroup: Option<(PathBuf, u32)>,
+    /// What was asked for and could not be done, to print.
+    pub notes: Vec<String>,
+}
+
+const CGROUP_CPU: &str = "/sys/fs/cgroup/cpu";
+/// The CFS period: short, so that a 10% share is 1 ms in every 10 ms and
+/// the node is never off the CPU for long stretches.
+const PERIOD_US: u32 = 10_000;
+
+impl Confinement {
+    /// Pins to the last core (when there are two or more and `taskset`
+    /// exists) and, for `cpu_percent` below 100, makes a cgroup named
+    /// `name` with that quota.
+    pub fn new(name: &str, cpu_percent: Option<u32>) -> Confinement {
+        let mut notes = Vec::new();
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let taskset = Command::new("taskset")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        let core = (cores >= 2 && taskset).then_some(cores - 1);
+        if core.is_none() {
+            notes.push("not pinned: needs two or more cores and taskset".into());
+        }
+        let cgroup = match cpu_percent {
+            Some(p) if p < 100 => match make_cgroup(name, p) {
+                Ok(dir) => Some((dir, p)),
+                Err(why) => {
+                    notes.push(format!(
+                        "cannot limit the node to {p}% of a core: {why}; it runs unlimited (the limit needs root and the cgroup v1 cpu controller at {CGROUP_CPU})"
+                    ));
+                    None
+                }
+            },
+            _ => None,
+        };
+        Confinement {
+            core,
+            cgroup,
+            notes,
+        }
+    }
+
+    /// No pinning, no limit: a process that shares the caller's cores.
+    pub fn unconfined() -> Confinement {
+        Confinement {
+            core: None,
+            cgroup: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// Pins the calling process (the load generator) to every other core.
+    pub fn pin_self_elsewhere(&self) {
+        let Some(core) = self.core else { return };
+        let others = if core == 0 {
+            return;
+        } else {
+            format!("0-{}", core - 1)
+        };
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", &others, &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+    }
+
+    pub fn describe(&self) -> String {
+        let cpu = match &self.cgroup {
+            Some((_, p)) => format!("{p}% of one core (cgroup cpu quota)"),
+            None => "unlimited CPU".into(),
+        };
+        match self.core {
+            Some(c) => format!("pinned to core {c}, {cpu}; load generator on the other cores"),
+            None => cpu,
+        }
+    }
+
+    /// Starts `exe args` inside the confinement, with stderr to `log`. The
+    /// process joins its cgroup before it execs, so every thread it ever
+    /// starts is limited.
+    pub fn spawn(&self, exe: &Path, args: &[&str], log: &Path) -> anyhow::Result<Confined> {
+        let mut script = String::from("set -e; ");
+        if let Some((dir, _)) = &self.cgroup {
+            script.push_str(&format!("echo $$ > '{}/cgroup.procs'; ", dir.display()));
+        }
+        script.push_str("exec \"$@\"");
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(script).arg("sh");
+        if let Some(core) = self.core {
+            command.args(["taskset", "-c", &core.to_string()]);
+        }
+        let child = command
+            .arg(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        Ok(Confined(child))
+    }
+}
+
+impl Drop for Confinement {
+    fn drop(&mut self) {
+        if let Some((dir, _)) = &self.cgroup {
+            // Empty once its processes have exited.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn make_cgroup(name: &str, percent: u32) -> Result<PathBuf, String> {
+    let dir = Path::new(CGROUP_CPU).join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let write = |file: &str, value: String| {
+        std::fs::write(dir.join(file), value).map_err(|e| format!("{file}: {e}"))
+    };
+    write("cpu.cfs_period_us", PERIOD_US.to_string())?;
+    write(
+        "cpu.cfs_quota_us",
+        (PERIOD_US * percent.max(1) / 100).max(1000).to_string(),
+    )?;
+    Ok(dir)
+}
+
+/// A confined child process; killed when dropped.
+pub struct Confined(Child);
+
+impl Drop for Confined {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU time and memory of a process, from procfs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    pub cpu_secs: f64,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
+impl Confined {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn usage(&self) -> Usage {
+        usage(self.pid())
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+/// CPU time and memory of process `pid`.
+pub fn usage(pid: u32) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, fields 14 and 15, in clock ticks (USER_HZ, 100 on
+    // Linux); the command name before them may contain spaces.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ticks: f64 = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum()
+        })
+        .unwrap_or(0.0);
+    Usage {
+        cpu_secs: ticks / 100.0,
+        rss_mib: kib("VmRSS:") / 1024.0,
+        peak_rss_mib: kib("VmHWM:") / 1024.0,
+    }
+}

@@ -1,0 +1,209 @@
+//! The surge's load: an open-loop schedule over many connections, as a
+//! crowd of terminals and phones would send it. Each connection offers its
+//! share of the rate on a fixed schedule whether or not earlier calls have
+//! returned; every call carries a deadline counted from its scheduled time,
+//! and its latency is measured from that time too, so that waiting in the
+//! caller is not hidden.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::bench::histogram;
+use crate::federation::peers::{AdaptiveThrottle, draw};
+
+/// How a caller behaves under refusals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Behaviour {
+    /// Never backs off; gives up at its deadline; its channel reconnects
+    /// after a connection error. Most callers in a real surge.
+    Naive,
+    /// Hufu's own client: honours `grpc-retry-pushback-ms` and throttles
+    /// itself adaptively (SRE book) when most calls are refused.
+    Hufu,
+}
+
+/// One call: given a channel and the time left, the call's outcome.
+pub type Call = Arc<
+    dyn Fn(Channel, u64, Duration) -> BoxFuture<'static, Result<(), tonic::Status>> + Send + Sync,
+>;
+
+/// What one step of load saw, from the callers' side.
+pub struct StepLoad {
+    pub offered: u64,
+    pub sent: u64,
+    /// Calls a Hufu client did not send (push-back, throttling).
+    pub held_back: u64,
+    /// OK within the deadline.
+    pub good: u64,
+    pub codes: BTreeMap<String, u64>,
+    /// The first message seen with each code, to say what it was.
+    pub messages: BTreeMap<String, String>,
+    pub latency: Histogram<u64>,
+    pub elapsed: Duration,
+}
+
+impl StepLoad {
+    fn new(elapsed: Duration) -> StepLoad {
+        StepLoad {
+            offered: 0,
+            sent: 0,
+            held_back: 0,
+            good: 0,
+            codes: BTreeMap::new(),
+            messages: BTreeMap::new(),
+            latency: histogram(),
+            elapsed,
+        }
+    }
+}
+
+/// Offers `rate` calls a second for `duration` over `conns`, one worker per
+/// connection (no task per call: the generator must stay cheaper than the
+/// node it loads).
+pub async fn open_loop(
+    rate: f64,
+    duration: Duration,
+    deadline: Duration,
+    behaviour: Behaviour,
+    conns: &[Channel],
+    call: Call,
+) -> StepLoad {
+    let workers = conns.len().max(1);
+    let per_worker = rate / workers as f64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (w, channel) in conns.iter().enumerate() {
+        let channel = channel.clone();
+        let call = call.clone();
+        // Spread the connections' schedules over one interval.
+        let phase = w as f64 / workers as f64;
+        tasks.push(tokio::spawn(worker(
+            channel, call, w, workers, per_worker, phase, started, duration, deadline, behaviour,
+        )));
+    }
+    let mut total = StepLoad::new(duration);
+    for task in tasks {
+        if let Ok(step) = task.await {
+            total.offered += step.offered;
+            total.sent += step.sent;
+            total.held_back += step.held_back;
+            total.good += step.good;
+            for (code, message) in step.messages {
+                total.messages.entry(code).or_insert(message);
+            }
+            for (code, n) in step.codes {
+                *total.codes.entry(code).or_default() += n;
+            }
+            let _ = total.latency.add(step.latency);
+        }
+    }
+    total
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn worker(
+    channel: Channel,
+    call: Call,
+    w: usize,
+    workers: usize,
+    per_worker: f64,
+    phase: f64,
+    started: Instant,
+    duration: Duration,
+    deadline: Duration,
+    behaviour: Behaviour,
+) -> StepLoad {
+    let mut step = StepLoad::new(duration);
+    let end = started + duration;
+    let total = (per_worker * duration.as_secs_f64()).round() as u64;
+    let at = |k: u64| started + Duration::from_secs_f64((k as f64 + phase) / per_worker);
+    let mut throttle = AdaptiveThrottle::new(Duration::from_secs(2));
+    let mut pushback_until = started;
+    let mut inflight = FuturesUnordered::new();
+    let mut k = 0u64;
+    loop {
+        let now = Instant::now();
+        while k < total && at(k) <= now {
+            let scheduled = at(k);
+            k += 1;
+            step.offered += 1;
+            if behaviour == Behaviour::Hufu
+                && (now < pushback_until || !throttle.allows(now, draw()))
+            {
+                step.held_back += 1;
+                continue;
+            }
+            let left = deadline.saturating_sub(now - scheduled);
+            if left.is_zero() {
+                *step.codes.entry("late at caller".into()).or_default() += 1;
+                continue;
+            }
+            step.sent += 1;
+            let call = call(channel.clone(), k * workers as u64 + w as u64, left);
+            inflight.push(async move {
+                let result = match tokio::time::timeout(left, call).await {
+                    Ok(r) => r,
+                    Err(_) => Err(tonic::Status::deadline_exceeded("deadline at caller")),
+                };
+                (result, scheduled.elapsed())
+            });
+        }
+        if k >= total && inflight.is_empty() {
+            break;
+        }
+        let next = if k < total { at(k) } else { end + deadline * 2 };
+        tokio::select! {
+            Some((result, latency)) = inflight.next(), if !inflight.is_empty() => {
+                match result {
+                    Ok(()) if latency <= deadline => {
+                        step.good += 1;
+                        throttle.accepted();
+                        let _ = step.latency.record(latency.as_micros().max(1) as u64);
+                        *step.codes.entry("OK".into()).or_default() += 1;
+                    }
+                    Ok(()) => *step.codes.entry("OK, late".into()).or_default() += 1,
+                    Err(status) => {
+                        if status.code() == Code::ResourceExhausted
+                            && let Some(ms) = status
+                                .metadata()
+                                .get("grpc-retry-pushback-ms")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse::<u64>().ok())
+                        {
+                            pushback_until = Instant::now() + Duration::from_millis(ms);
+                        }
+                        let code = code_name(&status);
+                        step.messages
+                            .entry(code.clone())
+                            .or_insert_with(|| status.message().to_owned());
+                        *step.codes.entry(code).or_default() += 1;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+    step
+}
+
+fn code_name(status: &tonic::Status) -> String {
+    match status.code() {
+        // tonic's own client timer, at the call's deadline.
+        Code::Cancelled if status.message() == "Timeout expired" => "DEADLINE_EXCEEDED".into(),
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED".into(),
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED".into(),
+        Code::Unavailable => "UNAVAILABLE".into(),
+        Code::Cancelled => "CANCELLED".into(),
+        Code::Unknown => "UNKNOWN".into(),
+        Code::Internal => "INTERNAL".into(),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,600 @@
+//! `hufu bench surge`: what a node does when thousands of callers, each on
+//! its own connection, offer it 0.5x to 10x of its capacity and never back
+//! off. The node runs as its own `hufu serve` process held to a CPU share
+//! ([`confine`]), so that one machine can offer ten times what it serves;
+//! the load is open loop with a deadline per call ([`load`]); and a bare
+//! tonic server ([`echo`]) runs the same steps under identical conditions
+//! as the baseline.
+
+mod confine;
+mod echo;
+mod load;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hufu_certs::{Province, Role};
+use hufu_proto::v1::admin_service_client::AdminServiceClient;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
+use hufu_proto::v1::{LookupRequest, PutStatusRequest, StatusInput, VerifyRequest, status_input};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+pub use echo::echo_server;
+pub use load::Behaviour;
+
+use crate::bench::{BenchArgs, closed_loop, issue_tokens, load_holders};
+use crate::client::{self, ClientCert, Target};
+use crate::local::{LocalFederation, free_port};
+use crate::status::{now_unix, timestamp};
+use confine::{Confined, Confinement};
+use load::{Call, StepLoad, open_loop};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SurgeArgs {
+    /// Offered-load multiples of capacity, in order.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,5,10,0.5")]
+    pub steps: Vec<f64>,
+    /// The node's CPU share, in percent of one core (cgroup v1 quota; 100:
+    /// unlimited).
+    #[arg(long, default_value_t = 10)]
+    pub node_cpu_percent: u32,
+    /// Deadline of every call, in milliseconds, from its scheduled time.
+    #[arg(long, default_value_t = 1000)]
+    pub deadline_ms: u64,
+    /// Callers' behaviour; both by default.
+    #[arg(long, value_enum)]
+    pub clients: Option<Behaviour>,
+    /// What the callers ask: lookups, verification of codes (the node's
+    /// verified-code cache off, so every call checks a signature), or both
+    /// in turn.
+    #[arg(long, value_enum, default_value = "lookup")]
+    pub call: SurgeCall,
+    /// Run the bare tonic echo baseline too.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub baseline: bool,
+    /// Holders at the node.
+    #[arg(long, default_value_t = 2_000)]
+    pub holders: u64,
+    /// A setting of the node's config for this run, as `section.key=value`
+    /// (for example `limits.max_concurrent_streams=8`); repeatable, to
+    /// measure one lever at a time.
+    #[arg(long = "node-config", value_name = "SECTION.KEY=VALUE")]
+    pub node_config: Vec<String>,
+}
+
+/// `config` with `settings` (`section.key=value`, the value in TOML) applied.
+fn patched(config: &crate::config::NodeConfig, settings: &[String]) -> anyhow::Result<String> {
+    let mut doc: toml::Table = toml::from_str(&toml::to_string(config)?)?;
+    for setting in settings {
+        let (path, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--node-config {setting:?}: expected section.key=value"))?;
+        let (section, key) = path
+            .split_once('.')
+            .with_context(|| format!("--node-config {setting:?}: expected section.key=value"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+        doc.entry(section.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("--node-config {setting:?}: {section} is not a section"))?
+            .insert(key.to_owned(), value);
+    }
+    let text = toml::to_string(&doc)?;
+    // The result must still be a valid config.
+    toml::from_str::<crate::config::NodeConfig>(&text)
+        .with_context(|| format!("--node-config {settings:?}"))?;
+    Ok(text)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SurgeCall {
+    Lookup,
+    Verify,
+    /// Lookups and verifications, one each in turn.
+    Mixed,
+}
+
+/// What the bench learns of the node between two instants.
+#[derive(Clone, Default)]
+struct NodeView {
+    usage: confine::Usage,
+    metrics: String,
+}
+
+fn sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn run(args: &BenchArgs, surge: &SurgeArgs) -> anyhow::Result<()> {
+    let scratch = tempfile::tempdir()?;
+    let (p, peer) = (Province::parse("440000")?, Province::parse("610000")?);
+    // Two provinces: the node under test, and a peer that replicates its
+    // feed all through the surge.
+    let mut fed = LocalFederation::init(scratch.path(), &[p, peer], |c| {
+        c.federation.heartbeat_ms = 500;
+        if surge.call != SurgeCall::Lookup {
+            // Every verification checks a signature.
+            c.codes.cache_entries = 0;
+        }
+    })?;
+    for lp in [p, peer] {
+        let lp = fed.get_mut(lp);
+        lp.config.metrics_listen = Some(format!("127.0.0.1:{}", free_port()?).parse()?);
+        lp.config.client.endpoint = lp.config.listen.to_string();
+        let settings: &[String] = if lp.province == p {
+            &surge.node_config
+        } else {
+            &[]
+        };
+        std::fs::write(lp.dir.join("hufu.toml"), patched(&lp.config, settings)?)?;
+    }
+    let province = fed.get(p);
+    let listen = province.config.listen;
+    let metrics_addr = province.config.metrics_listen;
+
+    let confinement = Confinement::new("hufu-surge", Some(surge.node_cpu_percent));
+    confinement.pin_self_elsewhere();
+    println!("node: {}", confinement.describe());
+    if !surge.node_config.is_empty() {
+        println!("node settings: {}", surge.node_config.join(", "));
+    }
+    for note in &confinement.notes {
+        println!("note: {note}");
+    }
+    let connections = args.connections.unwrap_or(1000).max(1);
+    let deadline = Duration::from_millis(surge.deadline_ms);
+    let seconds = Duration::from_secs(args.seconds);
+    println!(
+        "open loop over {connections} mutual-TLS connections, deadline {} ms per call from its scheduled time, {} s per step",
+        surge.deadline_ms, args.seconds
+    );
+    println!(
+        "meanwhile an admin writes {WRITES_PER_SEC} status changes a second and province {peer} replicates them from the node's feed\n"
+    );
+
+    let exe = std::env::current_exe()?;
+    let config_arg = province
+        .dir
+        .join("hufu.toml")
+        .to_string_lossy()
+        .into_owned();
+    let target = Target::with_ca_pem(&listen.to_string(), p, &province.ca_pem()?)?;
+    let terminal = province.client_cert(Role::Terminal, "surge")?;
+    let behaviours = match surge.clients {
+        Some(b) => vec![b],
+        None => vec![Behaviour::Naive, Behaviour::Hufu],
+    };
+
+    {
+        let mut node = confinement.spawn(
+            &exe,
+            &["serve", "--config", &config_arg],
+            &scratch.path().join("node.log"),
+        )?;
+        // The peer shares the load generator's cores (it inherits them).
+        let peer_config = fed.get(peer).dir.join("hufu.toml");
+        let _peer = Confinement::unconfined().spawn(
+            &exe,
+            &["serve", "--config", &peer_config.to_string_lossy()],
+            &scratch.path().join("peer.log"),
+        )?;
+        let admin = province.client_cert(Role::Admin, "surge-admin")?;
+        wait_up(&target, &admin).await?;
+        let holders = Arc::new(load_holders(province, surge.holders).await?);
+        let call = match surge.call {
+            SurgeCall::Lookup => lookup_call(holders.clone(), p),
+            SurgeCall::Verify => {
+                let tokens = issue_tokens(province, &holders, 2_000).await?;
+                verify_call(Arc::new(tokens))
+            }
+            SurgeCall::Mixed => {
+                let tokens = issue_tokens(province, &holders, 2_000).await?;
+                let (lookup, verify) = (
+                    lookup_call(holders.clone(), p),
+                    verify_call(Arc::new(tokens)),
+                );
+                Arc::new(move |channel: Channel, k: u64, left: Duration| {
+                    if k.is_multiple_of(2) {
+                        lookup(channel, k / 2, left)
+                    } else {
+                        verify(channel, k / 2, left)
+                    }
+                })
+            }
+        };
+        let side = SideTraffic {
+            admin: AdminServiceClient::new(client::connect(&target, &admin).await?),
+            holders,
+            node_metrics: metrics_addr,
+            peer_metrics: fed.get(peer).config.metrics_listen,
+        };
+        let conns = dial(&target, &terminal, connections).await?;
+        for behaviour in &behaviours {
+            let title =
+                format!("hufu node, {behaviour:?} clients, {:?}", surge.call).to_lowercase();
+            let run = Run {
+                args,
+                surge,
+                seconds,
+                deadline,
+                behaviour: *behaviour,
+                conns: &conns,
+                call: &call,
+                side: Some(&side),
+            };
+            run.steps(&title, &mut node).await?;
+        }
+    }
+
+    if surge.baseline {
+        let mut echo = confinement.spawn(
+            &exe,
+            &["bench", "echo-server", "--config", &config_arg],
+            &scratch.path().join("echo.log"),
+        )?;
+        wait_up(&target, &terminal).await?;
+        let conns = dial(&target, &terminal, connections).await?;
+        let call: Call = Arc::new(|channel: Channel, _k, _left| {
+            Box::pin(async move {
+                HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|_| ())
+            })
+        });
+        let run = Run {
+            args,
+            surge,
+            seconds,
+            deadline,
+            behaviour: Behaviour::Naive,
+            conns: &conns,
+            call: &call,
+            side: None,
+        };
+        run.steps(
+            "baseline: bare tonic echo (health check; tonic's own mutual TLS and defaults), naive clients",
+            &mut echo,
+        )
+        .await?;
+    }
+    println!(
+        "goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; admin: status writes acknowledged/failed during the step; lag: changes written but not yet at the peer when the step ended"
+    );
+    Ok(())
+}
+
+/// Replies with a column of their own.
+const NAMED: [&str; 4] = [
+    "OK",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+];
+
+/// Status writes a second during the surge, and their replication.
+const WRITES_PER_SEC: u64 = 50;
+
+/// What runs beside the surge: an admin writing statuses, and the peer
+/// province replicating them.
+struct SideTraffic {
+    admin: AdminServiceClient<Channel>,
+    holders: Arc<Vec<String>>,
+    node_metrics: Option<std::net::SocketAddr>,
+    peer_metrics: Option<std::net::SocketAddr>,
+}
+
+impl SideTraffic {
+    /// Writes for `duration`; (acknowledged, failed).
+    async fn write(&self, duration: Duration, offset: u64) -> (u64, u64) {
+        let mut tick = tokio::time::interval(Duration::from_millis(1000 / WRITES_PER_SEC));
+        let end = tokio::time::Instant::now() + duration;
+        let (mut ok, mut failed) = (0, 0);
+        let mut n = offset;
+        while tokio::time::Instant::now() < end {
+            tick.tick().await;
+            n += 1;
+            let holder = self.holders[(n as usize) % self.holders.len()].clone();
+            let mut request = tonic::Request::new(PutStatusRequest {
+                status: Some(StatusInput {
+                    subject: Some(status_input::Subject::Holder(holder)),
+                    colour: 1 + (n % 3) as i32,
+                    as_of: Some(timestamp(now_unix())),
+                    last_negative_test: None,
+                    reason: 0,
+                }),
+            });
+            request.set_timeout(Duration::from_secs(1));
+            match self.admin.clone().put_status(request).await {
+                Ok(_) => ok += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        (ok, failed)
+    }
+
+    /// Changes in the node's log not yet applied at the peer.
+    async fn lag(&self) -> Option<f64> {
+        let node = scrape(self.node_metrics?).await.ok()?;
+        let peer = scrape(self.peer_metrics?).await.ok()?;
+        let head = sample(&node, "hufu_change_log_sequence ");
+        let applied = sample(&peer, "hufu_feed_changes_applied_total");
+        Some(head - applied)
+    }
+}
+
+fn lookup_call(holders: Arc<Vec<String>>, p: Province) -> Call {
+    let issuer = p.to_string();
+    Arc::new(move |channel: Channel, k: u64, left: Duration| {
+        let mut request = tonic::Request::new(LookupRequest {
+            issuer: issuer.clone(),
+            holder: holders[(k as usize) % holders.len()].clone(),
+        });
+        request.set_timeout(left);
+        Box::pin(async move {
+            StatusLookupServiceClient::new(channel)
+                .lookup(request)
+                .await
+                .map(|_| ())
+        })
+    })
+}
+
+fn verify_call(tokens: Arc<Vec<String>>) -> Call {
+    Arc::new(move |channel: Channel, k: u64, left: Duration| {
+        let mut request = tonic::Request::new(VerifyRequest {
+            token: tokens[(k as usize) % tokens.len()].clone(),
+            ..Default::default()
+        });
+        request.set_timeout(left);
+        Box::pin(async move {
+            StatusLookupServiceClient::new(channel)
+                .verify(request)
+                .await
+                .map(|_| ())
+        })
+    })
+}
+
+async fn wait_up(target: &Target, cert: &ClientCert) -> anyhow::Result<()> {
+    for _ in 0..400 {
+        if client::connect(target, cert).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!(
+        "the server under test did not come up at {}",
+        target.endpoint
+    )
+}
+
+/// `n` connections, each with its own TLS session, dialled a few at a time.
+async fn dial(target: &Target, cert: &ClientCert, n: usize) -> anyhow::Result<Vec<Channel>> {
+    use futures::StreamExt;
+    let dialled: Vec<anyhow::Result<Channel>> = futures::stream::iter(0..n)
+        .map(|_| client::connect(target, cert))
+        .buffered(16)
+        .collect()
+        .await;
+    dialled
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("dialling the surge's connections")
+}
+
+/// One table of the surge: a server, its callers and what they ask.
+struct Run<'a> {
+    args: &'a BenchArgs,
+    surge: &'a SurgeArgs,
+    seconds: Duration,
+    deadline: Duration,
+    behaviour: Behaviour,
+    conns: &'a [Channel],
+    call: &'a Call,
+    side: Option<&'a SideTraffic>,
+}
+
+impl Run<'_> {
+    /// Capacity, then every step of the surge, printed as a table.
+    async fn steps(&self, title: &str, server: &mut Confined) -> anyhow::Result<()> {
+        let capacity = {
+            let (conns, call) = (self.conns.to_vec(), self.call.clone());
+            let in_flight = self.args.concurrency.max(200).min(conns.len() * 8);
+            let used = conns.len().min(in_flight);
+            closed_loop(self.seconds, in_flight, move |k, w| {
+                let channel = conns[w % used].clone();
+                let call = call(channel, k, Duration::from_secs(5));
+                async move { call.await.is_ok() }
+            })
+            .await
+            .rate()
+        };
+        println!("{title}\ncapacity (closed loop): {capacity:.0}/s");
+        println!(
+            "{:>5} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>5}",
+            "load",
+            "offered",
+            "sent",
+            "goodput",
+            "/cap",
+            "p50 ms",
+            "p99 ms",
+            "exhaust",
+            "deadln",
+            "unavail",
+            "other",
+            "held",
+            "handshake",
+            "cpu%",
+            "MiB",
+            "gen%",
+            "admin",
+            "lag"
+        );
+        let metrics = self.side.and_then(|s| s.node_metrics);
+        let mut others = std::collections::BTreeMap::new();
+        let mut messages = std::collections::BTreeMap::<String, String>::new();
+        for (i, &multiple) in self.surge.steps.iter().enumerate() {
+            let before = view(server, metrics).await;
+            let me_before = confine::usage(std::process::id());
+            let started = std::time::Instant::now();
+            let load = open_loop(
+                capacity * multiple,
+                self.seconds,
+                self.deadline,
+                self.behaviour,
+                self.conns,
+                self.call.clone(),
+            );
+            let (step, writes) = match self.side {
+                Some(side) => {
+                    let (step, writes) =
+                        tokio::join!(load, side.write(self.seconds, i as u64 * 100_000));
+                    (step, Some(writes))
+                }
+                None => (load.await, None),
+            };
+            let after = view(server, metrics).await;
+            let me_after = confine::usage(std::process::id());
+            let wall = started.elapsed().as_secs_f64();
+            let side = match (writes, self.side) {
+                (Some((ok, failed)), Some(side)) => Some((ok, failed, side.lag().await)),
+                _ => None,
+            };
+            print_row(
+                multiple,
+                capacity,
+                &step,
+                (&before, &after),
+                (me_after.cpu_secs - me_before.cpu_secs) / wall,
+                wall,
+                side,
+            );
+            for (code, n) in &step.codes {
+                *others.entry(code.clone()).or_insert(0) += n;
+            }
+            for (code, message) in &step.messages {
+                messages
+                    .entry(code.clone())
+                    .or_insert_with(|| message.clone());
+            }
+        }
+        let usage = server.usage();
+        others.retain(|code, _| !NAMED.contains(&code.as_str()));
+        println!(
+            "other replies: {}",
+            if others.is_empty() {
+                "none".to_string()
+            } else {
+                others
+                    .iter()
+                    .map(|(code, n)| match messages.get(code) {
+                        Some(m) => format!("{code} {n} (\"{m}\")"),
+                        None => format!("{code} {n}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+        println!(
+            "server alive: {}, peak resident memory {:.0} MiB\n",
+            server.alive(),
+            usage.peak_rss_mib
+        );
+        Ok(())
+    }
+}
+
+async fn view(server: &Confined, metrics: Option<std::net::SocketAddr>) -> NodeView {
+    NodeView {
+        usage: server.usage(),
+        metrics: match metrics {
+            Some(addr) => scrape(addr).await.unwrap_or_default(),
+            None => String::new(),
+        },
+    }
+}
+
+fn print_row(
+    multiple: f64,
+    capacity: f64,
+    step: &StepLoad,
+    (before, after): (&NodeView, &NodeView),
+    gen_cpu: f64,
+    wall: f64,
+    side: Option<(u64, u64, Option<f64>)>,
+) {
+    let secs = step.elapsed.as_secs_f64();
+    let code = |name: &str| step.codes.get(name).copied().unwrap_or(0);
+    let other: u64 = step
+        .codes
+        .iter()
+        .filter(|(k, _)| !NAMED.contains(&k.as_str()))
+        .map(|(_, v)| v)
+        .sum();
+    let handshakes = if after.metrics.is_empty() {
+        "-".to_string()
+    } else {
+        let delta = |prefix: &str| sample(&after.metrics, prefix) - sample(&before.metrics, prefix);
+        format!(
+            "{:.0}/{:.0}",
+            delta("hufu_tls_handshakes_total{kind=\"full\"}"),
+            delta("hufu_tls_handshakes_total{kind=\"resumed\"}")
+        )
+    };
+    let (admin, lag) = match side {
+        Some((ok, failed, lag)) => (
+            format!("{ok}/{failed}"),
+            lag.map(|l| format!("{l:.0}")).unwrap_or_else(|| "?".into()),
+        ),
+        None => ("-".into(), "-".into()),
+    };
+    println!(
+        "{:>4}x {:>8.0} {:>8.0} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>5}",
+        multiple,
+        step.offered as f64 / secs,
+        step.sent as f64 / secs,
+        step.good as f64 / secs,
+        step.good as f64 / secs / capacity,
+        step.latency.value_at_quantile(0.5) as f64 / 1000.0,
+        step.latency.value_at_quantile(0.99) as f64 / 1000.0,
+        code("RESOURCE_EXHAUSTED"),
+        code("DEADLINE_EXCEEDED"),
+        code("UNAVAILABLE"),
+        other,
+        step.held_back,
+        handshakes,
+        100.0 * (after.usage.cpu_secs - before.usage.cpu_secs) / wall,
+        after.usage.rss_mib,
+        100.0 * gen_cpu,
+        admin,
+        lag,
+    );
+}
+
+/// The node's Prometheus text, over plain HTTP.
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get("/metrics")
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}

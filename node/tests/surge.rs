@@ -1,0 +1,167 @@
+//! A flood from many connections that never back off: the node keeps
+//! serving another province's feed and its own admin, and its memory
+//! returns to its level before the flood.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use hufu_certs::{Province, Role};
+use hufu_node::local::LocalFederation;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
+use hufu_proto::v1::{Colour, LookupRequest, PutStatusRequest};
+
+const GD: &str = "440000";
+const SN: &str = "610000";
+
+async fn colour_at(fed: &LocalFederation, at: Province, holder: &str) -> Option<i32> {
+    let mut t = fed.get(at).terminal("check").await.ok()?;
+    let reply = t
+        .lookup(LookupRequest {
+            issuer: GD.into(),
+            holder: holder.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    Some(reply.record?.colour)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (gd, sn) = (common::province(GD), common::province(SN));
+    let mut fed = LocalFederation::init(scratch.path(), &[gd, sn], |c| {
+        c.federation.heartbeat_ms = 100;
+        c.limits.max_in_flight = 8;
+    })
+    .unwrap();
+    // The flooded node runs in its own process, so that its memory is its
+    // own; the peer runs in the test.
+    // get_mut lets go of the port the federation holds for the node.
+    let config = fed.get_mut(gd).dir.join("hufu.toml");
+    std::fs::write(&config, toml::to_string(&fed.get(gd).config).unwrap()).unwrap();
+    let node = common::Serve::start(&config, &scratch.path().join("node.log"));
+    fed.get_mut(sn).start().await.unwrap();
+    let up = Instant::now();
+    while fed.get(gd).admin().await.is_err() {
+        assert!(
+            up.elapsed() < Duration::from_secs(10),
+            "node did not come up: {}",
+            std::fs::read_to_string(scratch.path().join("node.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let holders = common::import_samples(fed.get(gd), 20).await;
+    // The peer has replicated the import before the flood.
+    let replicated = Instant::now();
+    while colour_at(&fed, sn, &holders[0]).await.is_none() {
+        assert!(
+            replicated.elapsed() < Duration::from_secs(10),
+            "no replication"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let rss_before = common::memory_kib(node.pid(), "VmRSS");
+    // The first flood has an admin write go through, and reach the other
+    // province through the feed, while it lasts.
+    let (ok, refused) = flood(&fed, &holders, Duration::from_secs(3), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut admin = fed.get(gd).admin().await.unwrap();
+        let mut input = common::sample_input(gd, 0, Colour::Red);
+        input.as_of = Some(hufu_node::status::timestamp(hufu_node::status::now_unix()));
+        admin
+            .put_status(PutStatusRequest {
+                status: Some(input),
+            })
+            .await
+            .expect("admin served during the flood");
+        let written = Instant::now();
+        while colour_at(&fed, sn, &holders[0]).await != Some(Colour::Red as i32) {
+            assert!(
+                written.elapsed() < Duration::from_secs(10),
+                "the feed stalled during the flood"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    eprintln!("flood: {ok} answered, {refused} refused or late");
+    assert!(ok > 0, "the node served nothing during the flood");
+    assert!(refused > 0, "the flood did not overload the node");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_first = common::memory_kib(node.pid(), "VmRSS");
+    // Memory is bounded: the first flood's connections and waiting calls
+    // cost tens of MiB (which the C allocator keeps for reuse rather than
+    // giving back), and a second flood reuses them: nothing is leaked.
+    flood(&fed, &holders, Duration::from_secs(3), async {}).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_second = common::memory_kib(node.pid(), "VmRSS");
+    eprintln!(
+        "node rss {rss_before} KiB before, {rss_first} KiB after one flood, {rss_second} after two"
+    );
+    assert!(
+        rss_first < rss_before + 64 * 1024,
+        "node rss {rss_before} KiB before the flood, {rss_first} KiB after"
+    );
+    assert!(
+        rss_second < rss_first + 8 * 1024,
+        "node rss {rss_first} KiB after one flood, {rss_second} KiB after two"
+    );
+    fed.get_mut(sn).stop().await.unwrap();
+}
+
+/// 200 terminal connections, each sending 40 lookups at once with a short
+/// deadline, again and again for `duration`, never backing off, while
+/// `meanwhile` runs; (answered, refused or late).
+async fn flood(
+    fed: &LocalFederation,
+    holders: &[String],
+    duration: Duration,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> (u64, u64) {
+    let gd = common::province(GD);
+    let cert = fed.get(gd).client_cert(Role::Terminal, "crowd").unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..200 {
+        conns.push(StatusLookupServiceClient::new(
+            fed.get(gd).channel_as(&cert).await.unwrap(),
+        ));
+    }
+    let until = Instant::now() + duration;
+    let mut crowd = tokio::task::JoinSet::new();
+    for (i, client) in conns.into_iter().enumerate() {
+        let holder = holders[i % holders.len()].clone();
+        crowd.spawn(async move {
+            let mut outcomes = (0u64, 0u64);
+            while Instant::now() < until {
+                let calls = (0..40).map(|_| {
+                    let mut client = client.clone();
+                    let mut request = tonic::Request::new(LookupRequest {
+                        issuer: GD.into(),
+                        holder: holder.clone(),
+                    });
+                    request.set_timeout(Duration::from_millis(200));
+                    async move { client.lookup(request).await.is_ok() }
+                });
+                for ok in futures::future::join_all(calls).await {
+                    if ok {
+                        outcomes.0 += 1;
+                    } else {
+                        outcomes.1 += 1;
+                    }
+                }
+            }
+            outcomes
+        });
+    }
+    meanwhile.await;
+    let (mut ok, mut refused) = (0, 0);
+    while let Some(r) = crowd.join_next().await {
+        let (o, f) = r.unwrap();
+        ok += o;
+        refused += f;
+    }
+    (ok, refused)
+}

@@ -9,7 +9,7 @@
 //! node on answers nobody reads. A slot freed by a finished call goes to the
 //! most important class first (federation, serving, bulk).
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,8 +71,9 @@ struct Inner {
     /// In flight per class.
     running: [usize; 3],
     limit: Limit,
-    /// Waiters per class, oldest at the front.
-    waiting: [VecDeque<Waiter>; 3],
+    /// Waiters per class by arrival (the newest has the highest id), so that
+    /// the newest is served and a cancelled one leaves, in O(log n).
+    waiting: [BTreeMap<u64, oneshot::Sender<()>>; 3],
     queued: usize,
     next_id: u64,
     /// Average time a call takes once admitted, in seconds.
@@ -91,11 +92,6 @@ impl Limit {
             Limit::Adaptive(g) => g.limit(),
         }
     }
-}
-
-struct Waiter {
-    id: u64,
-    grant: oneshot::Sender<()>,
 }
 
 fn index(class: Class) -> usize {
@@ -141,11 +137,11 @@ impl Inner {
             && (self.in_flight < self.cap(class) || self.running[i] < self.bulk_reserve_of(class))
             && self.running[i] < running_below
         {
-            let Some(waiter) = self.waiting[i].pop_back() else {
+            let Some((_, grant)) = self.waiting[i].pop_last() else {
                 break;
             };
             self.queued -= 1;
-            if waiter.grant.send(()).is_ok() {
+            if grant.send(()).is_ok() {
                 self.take(class);
             }
         }
@@ -169,15 +165,11 @@ impl Inner {
     }
 
     fn remove(&mut self, class: Class, id: u64) -> bool {
-        let queue = &mut self.waiting[index(class)];
-        match queue.iter().position(|w| w.id == id) {
-            Some(at) => {
-                queue.remove(at);
-                self.queued -= 1;
-                true
-            }
-            None => false,
+        let removed = self.waiting[index(class)].remove(&id).is_some();
+        if removed {
+            self.queued -= 1;
         }
+        removed
     }
 }
 
@@ -237,7 +229,7 @@ impl Queue {
             let id = inner.next_id;
             inner.next_id += 1;
             let (tx, rx) = oneshot::channel();
-            inner.waiting[index(class)].push_back(Waiter { id, grant: tx });
+            inner.waiting[index(class)].insert(id, tx);
             inner.queued += 1;
             // A waiter whose caller gives up at its deadline is left for the
             // caller to cancel: a cancellation costs the node less than an

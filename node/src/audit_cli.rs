@@ -18,8 +18,8 @@ use hufu_federation::trust::{SignedTrustList, TrustList, TrustStore};
 use hufu_proto::v1::audit_service_client::AuditServiceClient;
 use hufu_proto::v1::{GetCheckpointsRequest, GetConsistencyProofRequest, GetEntriesRequest};
 
-use crate::cli::ConnArgs;
 use crate::config::NodeConfig;
+use crate::conn::ConnArgs;
 use crate::status::{format_time, parse_time};
 
 /// Largest audit API reply accepted: a page of 10,000 entries is a few MiB.

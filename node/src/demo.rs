@@ -459,10 +459,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Some(d) => {
             tokio::select! {
                 _ = tokio::time::sleep_until(d.into()) => {}
-                _ = crate::cli::shutdown_signal() => {}
+                _ = crate::signal::shutdown_signal() => {}
             }
         }
-        None => crate::cli::shutdown_signal().await,
+        None => crate::signal::shutdown_signal().await,
     }
     fed.stop_all().await?;
     println!("stopped");

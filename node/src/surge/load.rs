@@ -16,8 +16,8 @@ use hdrhistogram::Histogram;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::bench::histogram;
 use crate::federation::peers::{AdaptiveThrottle, draw};
+use crate::loadgen::histogram;
 
 /// How a caller behaves under refusals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -25,8 +25,8 @@ use tonic_health::pb::health_client::HealthClient;
 pub use echo::echo_server;
 pub use load::Behaviour;
 
-use crate::bench::{BenchArgs, closed_loop, issue_tokens, load_holders};
 use crate::client::{self, ClientCert, Target};
+use crate::loadgen::{closed_loop, issue_tokens, load_holders};
 use crate::local::{LocalFederation, free_port};
 use crate::status::{now_unix, timestamp};
 use confine::{Confined, Confinement};
@@ -114,7 +114,18 @@ fn sample(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
-pub async fn run(args: &BenchArgs, surge: &SurgeArgs) -> anyhow::Result<()> {
+/// How long each measurement lasts, and how the callers are spread, from
+/// `hufu bench`'s common options.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub seconds: u64,
+    /// Calls in flight when capacity is measured (at least 200).
+    pub concurrency: usize,
+    /// Connections (default 1,000).
+    pub connections: Option<usize>,
+}
+
+pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let (p, peer) = (Province::parse("440000")?, Province::parse("610000")?);
     // Two provinces: the node under test, and a peer that replicates its
@@ -396,7 +407,7 @@ async fn dial(target: &Target, cert: &ClientCert, n: usize) -> anyhow::Result<Ve
 
 /// One table of the surge: a server, its callers and what they ask.
 struct Run<'a> {
-    args: &'a BenchArgs,
+    args: Shape,
     surge: &'a SurgeArgs,
     seconds: Duration,
     deadline: Duration,

@@ -5,24 +5,25 @@
 //! measured in the same run, because absolute rates on a shared machine are
 //! noisy.
 
+mod audit;
+
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use hufu_certs::{Province, Role};
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
-    BatchLookupRequest, ImportStatusesRequest, IssueCodeRequest, LookupRequest, PutStatusRequest,
-    StatusInput, Verdict, VerifyRequest, issue_code_request, status_input,
+    BatchLookupRequest, LookupRequest, PutStatusRequest, StatusInput, Verdict, VerifyRequest,
+    status_input,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::loadgen::{
+    Figures, clients, closed_loop, histogram, issue_tokens, load_holders, machine,
+};
 use crate::local::{LocalFederation, LocalProvince};
-use crate::sample;
-use crate::status::{now_unix, timestamp};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -75,160 +76,6 @@ pub enum BenchWhat {
     },
     /// Lookup, verify and federation, in one run.
     All,
-}
-
-pub struct Figures {
-    pub ok: u64,
-    pub errors: u64,
-    pub elapsed: Duration,
-    pub latency: Histogram<u64>,
-}
-
-impl Figures {
-    pub fn rate(&self) -> f64 {
-        self.ok as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn ms(&self, q: f64) -> f64 {
-        self.latency.value_at_quantile(q) as f64 / 1000.0
-    }
-
-    pub fn print(&self, label: &str, baseline: Option<f64>) {
-        let ratio = baseline
-            .map(|b| format!("{:>5.2}x echo", self.rate() / b))
-            .unwrap_or_default();
-        println!(
-            "{label:<36} {:>9.0}/s  p50 {:>6.2}ms  p99 {:>6.2}ms  p99.9 {:>6.2}ms  errors {:<4} {ratio}",
-            self.rate(),
-            self.ms(0.5),
-            self.ms(0.99),
-            self.ms(0.999),
-            self.errors
-        );
-    }
-}
-
-pub fn histogram() -> Histogram<u64> {
-    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
-
-/// Runs `call(i, worker)` from `concurrency` tasks for `duration`: a closed
-/// loop, each task issuing its next call when the previous one returns.
-pub async fn closed_loop<F, Fut>(duration: Duration, concurrency: usize, call: F) -> Figures
-where
-    F: Fn(u64, usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    let call = Arc::new(call);
-    let counter = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = started + duration;
-    let mut tasks = Vec::new();
-    for worker in 0..concurrency {
-        let call = call.clone();
-        let counter = counter.clone();
-        let errors = errors.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut hist = histogram();
-            let mut ok = 0u64;
-            while Instant::now() < deadline {
-                let i = counter.fetch_add(1, Ordering::Relaxed);
-                let t = Instant::now();
-                if call(i, worker).await {
-                    ok += 1;
-                    let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            (ok, hist)
-        }));
-    }
-    let mut latency = histogram();
-    let mut ok = 0;
-    for t in tasks {
-        if let Ok((n, h)) = t.await {
-            ok += n;
-            let _ = latency.add(h);
-        }
-    }
-    Figures {
-        ok,
-        errors: errors.load(Ordering::Relaxed),
-        elapsed: started.elapsed(),
-        latency,
-    }
-}
-
-/// Imports `n` sample holders and returns their pseudonyms.
-pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Vec<String>> {
-    let p = province.province;
-    let now = now_unix();
-    let mut admin = province.admin().await?;
-    let mut start = 0;
-    while start < n {
-        let end = (start + 50_000).min(n);
-        let rows: Vec<ImportStatusesRequest> = (start..end)
-            .map(|i| ImportStatusesRequest {
-                line: i + 1,
-                status: Some(StatusInput {
-                    subject: Some(status_input::Subject::NationalId(
-                        sample::national_id(p, i).as_str().to_owned(),
-                    )),
-                    colour: 1 + (i % 3) as i32,
-                    as_of: Some(timestamp(now - 60)),
-                    last_negative_test: Some(timestamp(now - 3600)),
-                    reason: 0,
-                }),
-            })
-            .collect();
-        let summary = admin
-            .import_statuses(tokio_stream::iter(rows))
-            .await?
-            .into_inner();
-        anyhow::ensure!(summary.rejected.is_empty(), "sample import rejected rows");
-        start = end;
-    }
-    let secret_bytes = std::fs::read(province.config.path(&province.config.holder_secret))?;
-    let secret = hufu_federation::holder::HolderSecret::new(&secret_bytes)?;
-    Ok((0..n)
-        .map(|i| secret.pseudonym(&sample::national_id(p, i)).to_string())
-        .collect())
-}
-
-pub async fn clients(
-    province: &LocalProvince,
-    n: usize,
-) -> anyhow::Result<Vec<StatusLookupServiceClient<Channel>>> {
-    let cert = province.client_cert(Role::Terminal, "bench")?;
-    let mut out = Vec::new();
-    for _ in 0..n.max(1) {
-        out.push(StatusLookupServiceClient::new(
-            province.channel_as(&cert).await?,
-        ));
-    }
-    Ok(out)
-}
-
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let build = if cfg!(debug_assertions) {
-        "debug build (use --release for figures)"
-    } else {
-        "release build"
-    };
-    format!("{cores} cores, {cpu}; {build}")
 }
 
 /// A bare tonic server (only the standard health service) behind the same
@@ -322,7 +169,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     println!("hufu bench on {}", machine());
     if let BenchWhat::Surge(surge) = &args.what {
-        return crate::surge::run(&args, surge).await;
+        let shape = crate::surge::Shape {
+            seconds: args.seconds,
+            concurrency: args.concurrency,
+            connections: args.connections,
+        };
+        return crate::surge::run(shape, surge).await;
     }
     println!(
         "closed loop, {} requests in flight over {} mutual-TLS connections, {} s per figure\n",
@@ -354,7 +206,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             _ => (200_000, 2_000),
         };
         federation(&args, changes, rate).await?;
-        audit_cost(&args).await?;
+        audit::audit_cost(&args).await?;
     }
     Ok(())
 }
@@ -407,28 +259,6 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     );
     province.stop().await?;
     Ok(())
-}
-
-pub async fn issue_tokens(
-    province: &LocalProvince,
-    ids: &[String],
-    count: u64,
-) -> anyhow::Result<Vec<String>> {
-    let mut admin = province.admin().await?;
-    let mut list = Vec::with_capacity(count as usize);
-    for i in 0..count {
-        let reply = admin
-            .issue_code(IssueCodeRequest {
-                subject: Some(issue_code_request::Subject::Holder(
-                    ids[(i as usize) % ids.len()].clone(),
-                )),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        list.push(reply.token);
-    }
-    Ok(list)
 }
 
 fn verify_call(
@@ -666,221 +496,5 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
         foreign.rate() / local.rate()
     );
     fed.stop_all().await?;
-    Ok(())
-}
-
-/// A two-province federation for [`audit_cost`]: B holds a replica of A's
-/// holders and is asked to verify A's codes.
-struct AuditPair {
-    _scratch: tempfile::TempDir,
-    fed: LocalFederation,
-    b: Province,
-    tokens: Arc<Vec<String>>,
-    conns: Vec<StatusLookupServiceClient<Channel>>,
-}
-
-impl AuditPair {
-    async fn start(audit: bool) -> anyhow::Result<AuditPair> {
-        let scratch = tempfile::tempdir()?;
-        let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
-        let mut fed = LocalFederation::init(scratch.path(), &[a, b], |c| {
-            c.federation.heartbeat_ms = 200;
-            c.federation.max_replica_age_secs = 5;
-            c.audit.enabled = audit;
-        })?;
-        fed.start_all().await?;
-        let holders = 2_000;
-        let ids = load_holders(fed.get(a), holders).await?;
-        let b_state = fed.get(b).node.as_ref().expect("running").state.clone();
-        let started = Instant::now();
-        while b_state.store.tail(a).await?.sequence < holders {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "replication did not finish in a minute"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let tokens = Arc::new(issue_tokens(fed.get(a), &ids, 20_000).await?);
-        let conns = clients(fed.get(b), 4).await?;
-        Ok(AuditPair {
-            _scratch: scratch,
-            fed,
-            b,
-            tokens,
-            conns,
-        })
-    }
-
-    /// The entries in B's audit log, once written.
-    async fn b_log_size(&self) -> anyhow::Result<u64> {
-        let state = self
-            .fed
-            .get(self.b)
-            .node
-            .as_ref()
-            .expect("running")
-            .state
-            .clone();
-        Ok(tokio::task::spawn_blocking(move || {
-            let log = state.audit.log()?;
-            log.flush()?;
-            log.size()
-        })
-        .await??)
-    }
-}
-
-/// What auditing costs the hot path, measured in one run: cross-province
-/// verify at B (each call appends an audit entry) against a federation that
-/// audits and an otherwise identical one that does not, in alternating
-/// rounds (on, off, off, on) so that drift on a shared machine affects both
-/// alike. Codes repeat, so verify is the cached, cheapest kind, where an
-/// audit entry weighs most. Also the process's CPU time per verify, steadier
-/// than throughput on a shared machine. Then the audit log alone: appends
-/// per second and proof sizes.
-async fn audit_cost(args: &BenchArgs) -> anyhow::Result<()> {
-    let duration = Duration::from_secs(args.seconds);
-    let mut on = AuditPair::start(true).await?;
-    let mut off = AuditPair::start(false).await?;
-    // Warm up: every code verified (and cached) once in each federation.
-    for pair in [&on, &off] {
-        closed_loop(
-            Duration::from_secs(1),
-            args.concurrency,
-            verify_call(pair.tokens.clone(), pair.conns.clone(), false),
-        )
-        .await;
-    }
-    let logged = on.b_log_size().await?;
-    let mut rounds: [Vec<Figures>; 2] = Default::default();
-    let mut cpu = [Duration::ZERO; 2];
-    for audited in [true, false, false, true] {
-        let pair = if audited { &on } else { &off };
-        let started = process_cpu();
-        let figures = closed_loop(
-            duration,
-            args.concurrency,
-            verify_call(pair.tokens.clone(), pair.conns.clone(), false),
-        )
-        .await;
-        cpu[usize::from(!audited)] += process_cpu().saturating_sub(started);
-        rounds[usize::from(!audited)].push(figures);
-    }
-    let [with, without] = rounds.map(|r| {
-        r.into_iter()
-            .reduce(|mut sum, f| {
-                sum.ok += f.ok;
-                sum.errors += f.errors;
-                sum.elapsed += f.elapsed;
-                let _ = sum.latency.add(&f.latency);
-                sum
-            })
-            .expect("two rounds")
-    });
-    with.print("Verify at B, A's codes, audit on", None);
-    without.print("Verify at B, A's codes, audit off", None);
-    let entries = on.b_log_size().await? - logged;
-    println!(
-        "auditing costs {:.1}% of cross-province verify throughput (on / off: {:.2}); B's audit log gained {entries} entries for {} verifies",
-        (1.0 - with.rate() / without.rate()) * 100.0,
-        with.rate() / without.rate(),
-        with.ok
-    );
-    let [cpu_with, cpu_without] = [(cpu[0], &with), (cpu[1], &without)]
-        .map(|(cpu, f)| cpu.as_secs_f64() * 1e6 / f.ok.max(1) as f64);
-    println!(
-        "process CPU per verify (node, TLS and load generator): audit on {cpu_with:.1}us, off {cpu_without:.1}us: an audit entry adds {:.1}us ({:.1}%)",
-        cpu_with - cpu_without,
-        (cpu_with / cpu_without - 1.0) * 100.0
-    );
-    on.fed.stop_all().await?;
-    off.fed.stop_all().await?;
-    tokio::task::spawn_blocking(audit_log_figures).await??;
-    println!();
-    Ok(())
-}
-
-/// This process's CPU time, user and system, from `/proc/self/stat` (in
-/// clock ticks of 10 ms); zero where there is no such file.
-fn process_cpu() -> Duration {
-    let ticks = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| {
-            // Fields after the command name, which is in parentheses.
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let user: u64 = fields.get(11)?.parse().ok()?;
-            let system: u64 = fields.get(12)?.parse().ok()?;
-            Some(user + system)
-        })
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
-
-/// The audit log alone, in a temporary sled database like a node's: appends
-/// of verify entries from one thread, written and flushed, and the sizes of
-/// proofs in the resulting log of a million entries.
-fn audit_log_figures() -> anyhow::Result<()> {
-    use hufu_federation::audit::{AnswerSource, AuditEntry, AuditLog, EntryKind};
-    const ENTRIES: u64 = 1_000_000;
-    let scratch = tempfile::tempdir()?;
-    let db = sled::Config::new()
-        .path(scratch.path().join("audit"))
-        .mode(sled::Mode::HighThroughput)
-        .open()?;
-    let log = AuditLog::open(db.open_tree(crate::audit::LOG_TREE)?)?;
-    let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
-    let caller = hufu_certs::Identity::new(b, Role::Terminal, "bench")?;
-    let secret = hufu_federation::holder::HolderSecret::new(&[7; 32])?;
-    let holders: Vec<_> = (0..1024)
-        .map(|i| secret.pseudonym(&sample::national_id(a, i)))
-        .collect();
-    let started = Instant::now();
-    let mut appending = Duration::ZERO;
-    for i in 0..ENTRIES {
-        let entry = AuditEntry::new(
-            1_700_000_000_000 + i,
-            EntryKind::VerifyServed,
-            caller.clone(),
-            a,
-        )
-        .with_holder(holders[(i % 1024) as usize].clone())
-        .with_answer("green")
-        .with_source(AnswerSource::Replica);
-        let t = Instant::now();
-        log.append(entry)?;
-        appending += t.elapsed();
-    }
-    log.flush()?;
-    let took = started.elapsed();
-    println!(
-        "audit log appends: {ENTRIES} in {:.2}s = {:.0}/s written and flushed, one thread appending ({:.0} ns a call)",
-        took.as_secs_f64(),
-        ENTRIES as f64 / took.as_secs_f64(),
-        appending.as_nanos() as f64 / ENTRIES as f64
-    );
-    let n = log.size()?;
-    let inclusion = [0, n / 3, n / 2, n - 1]
-        .into_iter()
-        .map(|i| log.inclusion_proof(i, n).map(|p| p.len()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let consistency = [1, n / 3, n / 2 + 1, n - 1]
-        .into_iter()
-        .map(|m| log.consistency_proof(m, n).map(|p| p.len()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let bytes = |hashes: &[usize]| {
-        let (lo, hi) = (hashes.iter().min(), hashes.iter().max());
-        format!(
-            "{} to {} hashes = {} to {} bytes",
-            lo.unwrap_or(&0),
-            hi.unwrap_or(&0),
-            lo.unwrap_or(&0) * 32,
-            hi.unwrap_or(&0) * 32
-        )
-    };
-    println!(
-        "proofs in a real log of {n} entries: inclusion {}; consistency from a smaller size {}",
-        bytes(&inclusion),
-        bytes(&consistency)
-    );
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics: request counts and latencies per method, failed
 //! handshakes, status writes, replica positions and ages, expiry times;
 //! served as text over plain HTTP at `/metrics` by the console's listener
-//! (`crate::console`).
+//! (the `console` module).
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -16,7 +16,7 @@ use hufu_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::audit;
-use crate::auth::{Access, check};
+use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
 use crate::metrics::metered;
 use crate::state::NodeState;
@@ -123,7 +123,7 @@ impl LookupService {
     }
 
     async fn lookup(&self, request: Request<LookupRequest>) -> NodeResult<LookupResponse> {
-        let caller = check(&self.state, &request, "Lookup", Access::Lookup)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let issuer = self.issuer(&req.issuer)?;
         let holder: HolderId =
@@ -162,7 +162,7 @@ impl LookupService {
         &self,
         request: Request<BatchLookupRequest>,
     ) -> NodeResult<BatchLookupResponse> {
-        let caller = check(&self.state, &request, "BatchLookup", Access::Lookup)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         if req.holders.len() > MAX_BATCH {
             return Err(NodeError::invalid_field(
@@ -185,25 +185,7 @@ impl LookupService {
             } else {
                 match self.forward_batch(&caller, p, &req.holders).await {
                     Ok(reply) => {
-                        self.state
-                            .audit
-                            .record_all(
-                                reply
-                                    .entries
-                                    .iter()
-                                    .filter(|e| answered(e))
-                                    .map(|e| {
-                                        audit::answered(
-                                            EntryKind::LookupServed,
-                                            &caller,
-                                            p,
-                                            &e.holder,
-                                            audit::answer(e.record.as_ref()),
-                                            Some(Source::Authoritative as i32),
-                                        )
-                                    })
-                                    .collect::<Vec<_>>(),
-                            )
+                        self.audit_batch(&caller, p, &reply.entries, Source::Authoritative as i32)
                             .await;
                         return Ok(reply);
                     }
@@ -246,30 +228,39 @@ impl LookupService {
         .await
         .map_err(|e| NodeError::Internal(format!("batch lookup task: {e}")))??;
         if self.cross_province(&caller, p) {
-            self.state
-                .audit
-                .record_all(
-                    entries
-                        .iter()
-                        .filter(|e| answered(e))
-                        .map(|e| {
-                            audit::answered(
-                                EntryKind::LookupServed,
-                                &caller,
-                                p,
-                                &e.holder,
-                                audit::answer(e.record.as_ref()),
-                                Some(provenance.source),
-                            )
-                        })
-                        .collect::<Vec<_>>(),
-                )
+            self.audit_batch(&caller, p, &entries, provenance.source)
                 .await;
         }
         Ok(BatchLookupResponse {
             entries,
             provenance: Some(provenance),
         })
+    }
+
+    /// Records a `lookup_served` entry for every holder of a batch answered
+    /// to `caller` about province `p` from `source`.
+    async fn audit_batch(
+        &self,
+        caller: &Identity,
+        p: Province,
+        entries: &[BatchEntry],
+        source: i32,
+    ) {
+        let served = entries
+            .iter()
+            .filter(|e| answered(e))
+            .map(|e| {
+                audit::answered(
+                    EntryKind::LookupServed,
+                    caller,
+                    p,
+                    &e.holder,
+                    audit::answer(e.record.as_ref()),
+                    Some(source),
+                )
+            })
+            .collect::<Vec<_>>();
+        self.state.audit.record_all(served).await;
     }
 
     /// Asks the issuing province for a whole batch, within the deadline, on
@@ -344,7 +335,7 @@ impl LookupService {
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
-        let caller = check(&self.state, &request, "Verify", Access::Verify)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         // The national id read from a card is checked first, so that a
         // misread is the terminal's error before anything else happens; it
@@ -470,7 +461,7 @@ impl LookupService {
     }
 
     fn jwks(&self, request: Request<GetJwksRequest>) -> NodeResult<GetJwksResponse> {
-        check(&self.state, &request, "GetJwks", Access::PublicKeys)?;
+        caller(&request)?;
         let req = request.into_inner();
         if !req.province.is_empty() {
             let p = self.issuer(&req.province)?;

@@ -1,13 +1,14 @@
 //! Authorization from the caller's certificate identity alone (DESIGN.md,
 //! Identities): the TLS handshake has already proved the identity, this
-//! decides what it may do at this node.
+//! decides what it may do at this node. The admission layer applies it to
+//! every call, from its method table, before the body is read; handlers only
+//! ask who the caller is.
 
 use hufu_certs::{Identity, Province, Role};
 
 use crate::error::{NodeError, NodeResult};
 use crate::net::PeerInfo;
 use crate::standing::Standing;
-use crate::state::NodeState;
 
 /// The groups of calls a node distinguishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,19 +119,6 @@ pub fn in_good_standing(
     standing
         .check_peer(peer)
         .map_err(|why| NodeError::denied(&peer.identity, method, &why.to_string()))
-}
-
-/// Standing + `authorize` in one step, for service handlers.
-pub fn check<T>(
-    state: &NodeState,
-    request: &tonic::Request<T>,
-    method: &'static str,
-    access: Access,
-) -> NodeResult<std::sync::Arc<Identity>> {
-    let peer = peer(request)?;
-    in_good_standing(&state.standing, peer, method)?;
-    authorize(state.province, &peer.identity, method, access)?;
-    Ok(peer.identity.clone())
 }
 
 #[cfg(test)]

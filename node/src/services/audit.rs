@@ -15,7 +15,7 @@ use hufu_proto::v1::{
 use hufu_proto::v1::{audit_service_server, witness_service_server};
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Access, check};
+use crate::auth::caller;
 use crate::error::NodeError;
 use crate::metrics::metered;
 use crate::state::NodeState;
@@ -56,7 +56,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetCheckpointsRequest>,
     ) -> Result<Response<GetCheckpointsResponse>, Status> {
         metered(&self.state.metrics, "GetCheckpoints", async {
-            check(&self.state, &request, "GetCheckpoints", Access::Audit)?;
+            caller(&request)?;
             let after = request.into_inner().after_size;
             let log = self.state.audit.log().map_err(status)?;
             let mut checkpoints: Vec<String> = log
@@ -84,7 +84,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetEntriesRequest>,
     ) -> Result<Response<GetEntriesResponse>, Status> {
         metered(&self.state.metrics, "GetEntries", async {
-            check(&self.state, &request, "GetEntries", Access::Audit)?;
+            caller(&request)?;
             let req = request.into_inner();
             let end = req.end.min(req.start.saturating_add(MAX_ENTRIES));
             let entries = self
@@ -106,7 +106,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetInclusionProofRequest>,
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         metered(&self.state.metrics, "GetInclusionProof", async {
-            check(&self.state, &request, "GetInclusionProof", Access::Audit)?;
+            caller(&request)?;
             let req = request.into_inner();
             let hashes = self
                 .state
@@ -126,7 +126,7 @@ impl audit_service_server::AuditService for AuditService {
         request: Request<GetConsistencyProofRequest>,
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
         metered(&self.state.metrics, "GetConsistencyProof", async {
-            check(&self.state, &request, "GetConsistencyProof", Access::Audit)?;
+            caller(&request)?;
             let req = request.into_inner();
             let hashes = self
                 .state
@@ -155,7 +155,7 @@ impl WitnessService {
         &self,
         request: Request<AddCheckpointRequest>,
     ) -> Result<AddCheckpointResponse, Status> {
-        let caller = check(&self.state, &request, "AddCheckpoint", Access::Federation)?;
+        let caller = caller(&request)?;
         let membership = self.state.membership.load_full();
         let denied = |why: String| NodeError::denied(&caller, "AddCheckpoint", &why);
         if membership.member(caller.province).is_none() {

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
-use crate::auth::{Access, check};
+use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
 use crate::federation::holder_match;
 use crate::metrics::metered;
@@ -43,7 +43,7 @@ impl FederationService {
         &self,
         request: Request<MatchHolderRequest>,
     ) -> NodeResult<MatchHolderResponse> {
-        let caller = check(&self.state, &request, "MatchHolder", Access::Federation)?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let holder: HolderId = req
             .holder
@@ -246,12 +246,7 @@ impl federation_service_server::FederationService for FederationService {
         request: Request<SubscribeChangesRequest>,
     ) -> Result<Response<FeedStream>, Status> {
         metered(&self.state.metrics, "SubscribeChanges", async {
-            let caller = check(
-                &self.state,
-                &request,
-                "SubscribeChanges",
-                Access::Federation,
-            )?;
+            let caller = caller(&request)?;
             let subscriber = crate::auth::peer(&request)?.clone();
             let req = request.into_inner();
             let p = Province::parse(&req.issuer)
@@ -292,7 +287,7 @@ impl federation_service_server::FederationService for FederationService {
         request: Request<GetTrustListRequest>,
     ) -> Result<Response<GetTrustListResponse>, Status> {
         metered(&self.state.metrics, "GetTrustList", async {
-            check(&self.state, &request, "GetTrustList", Access::Federation)?;
+            caller(&request)?;
             let after = request.into_inner().after_version;
             let trust = self.state.trust.lock().await;
             let notes = match trust.as_ref() {
@@ -312,7 +307,7 @@ impl federation_service_server::FederationService for FederationService {
     ) -> Result<Response<OfferTrustListResponse>, Status> {
         metered(&self.state.metrics, "OfferTrustList", async {
             // Peers gossip; this province's admins install what they signed.
-            let caller = check(&self.state, &request, "OfferTrustList", Access::TrustOffer)?;
+            let caller = caller(&request)?;
             let note = request.into_inner().note;
             let applied = self.state.offer_trust_list(&note, &caller).await?;
             Ok(Response::new(OfferTrustListResponse {

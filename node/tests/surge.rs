@@ -105,8 +105,11 @@ async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
         rss_first < rss_before + 64 * 1024,
         "node rss {rss_before} KiB before the flood, {rss_first} KiB after"
     );
+    // A flood makes some 75,000 calls: leaking even 256 bytes of each would
+    // grow the node by about 19 MiB; the allocator's own drift between two
+    // identical floods stays well under 16 MiB.
     assert!(
-        rss_second < rss_first + 8 * 1024,
+        rss_second < rss_first + 16 * 1024,
         "node rss {rss_first} KiB after one flood, {rss_second} KiB after two"
     );
     fed.get_mut(sn).stop().await.unwrap();

@@ -319,7 +319,11 @@ pub async fn run(state: Arc<NodeState>, stop: CancellationToken) {
             }
             continue;
         };
-        match checkpoint(&state, &list).await {
+        // Witnesses are other provinces: shutdown must not wait for them.
+        let Some(round) = stop.run_until_cancelled(checkpoint(&state, &list)).await else {
+            return;
+        };
+        match round {
             Ok(()) => unpublished = 0,
             Err(err) => {
                 unpublished += 1;

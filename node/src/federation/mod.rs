@@ -208,8 +208,10 @@ impl NodeState {
                 .await;
             let state = self.clone();
             let note = note.to_owned();
-            self.tasks
-                .spawn(async move { state.push_trust_list(&note).await });
+            self.tasks.spawn(async move {
+                let stop = state.stop.clone();
+                stop.run_until_cancelled(state.push_trust_list(&note)).await
+            });
         }
         Ok(applied)
     }
@@ -243,32 +245,44 @@ impl NodeState {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let membership = self.membership.load_full();
-            for m in membership.others(self.province) {
-                if !self.peers.allows(m.province) {
-                    continue;
-                }
-                let Some(endpoint) = m.endpoints.first() else {
-                    continue;
-                };
-                let Ok(channel) = self.peers.channel(m.province, endpoint) else {
-                    continue;
-                };
-                let mut request = tonic::Request::new(GetTrustListRequest {
-                    after_version: membership.version(),
-                });
-                request.set_timeout(self.peers.deadline);
-                let Ok(reply) = FederationServiceClient::new(channel)
-                    .get_trust_list(request)
-                    .await
-                else {
-                    continue;
-                };
-                for note in reply.into_inner().notes {
-                    if let Err(err) = self.offer_trust_list(&note, &self.identity).await {
-                        tracing::warn!(from = %m.province, error = %err, "gossiped trust list refused");
-                        break;
-                    }
+            // A round waits on peers: shutdown must not wait for it.
+            if stop
+                .run_until_cancelled(self.gossip_round())
+                .await
+                .is_none()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Asks every reachable member for trust lists newer than ours.
+    async fn gossip_round(self: &Arc<Self>) {
+        let membership = self.membership.load_full();
+        for m in membership.others(self.province) {
+            if !self.peers.allows(m.province) {
+                continue;
+            }
+            let Some(endpoint) = m.endpoints.first() else {
+                continue;
+            };
+            let Ok(channel) = self.peers.channel(m.province, endpoint) else {
+                continue;
+            };
+            let mut request = tonic::Request::new(GetTrustListRequest {
+                after_version: membership.version(),
+            });
+            request.set_timeout(self.peers.deadline);
+            let Ok(reply) = FederationServiceClient::new(channel)
+                .get_trust_list(request)
+                .await
+            else {
+                continue;
+            };
+            for note in reply.into_inner().notes {
+                if let Err(err) = self.offer_trust_list(&note, &self.identity).await {
+                    tracing::warn!(from = %m.province, error = %err, "gossiped trust list refused");
+                    break;
                 }
             }
         }

@@ -221,8 +221,11 @@ async fn session(
         issuer: p.to_string(),
         after_sequence: after,
     });
-    let mut stream = tokio::time::timeout(deadline, call)
-        .await
+    let answer = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        answer = tokio::time::timeout(deadline, call) => answer,
+    };
+    let mut stream = answer
         .map_err(|_| format!("no answer within {deadline:?}"))?
         .map_err(|s| s.message().to_owned())?
         .into_inner();

@@ -713,14 +713,6 @@ async fn a_status_downgraded_after_issuance_wins_over_the_code() {
     assert_eq!(reply.kid, issued.kid);
 }
 
-async fn hufu(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_hufu"))
-        .args(args)
-        .output()
-        .await
-        .unwrap()
-}
-
 /// `--config` and `--endpoint` for the running node: the config on disk says
 /// port 0, where it was told to listen.
 fn conn_args(province: &LocalProvince) -> Vec<std::ffi::OsString> {
@@ -771,7 +763,7 @@ async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token_at_version_15_
         LONGEST_NAME.into(),
     ];
     args.extend(conn_args(province));
-    let output = hufu(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>()).await;
+    let output = common::hufu(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>()).await;
     let stderr = text(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let token = text(&output.stdout).trim().to_owned();
@@ -831,7 +823,7 @@ async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token_at_version_15_
         verify_args.extend(conn_args(province));
         verify_args.extend(["--cert".into(), cert.clone().into()]);
         verify_args.extend(["--key".into(), key.clone().into()]);
-        let output = hufu(
+        let output = common::hufu(
             &verify_args
                 .iter()
                 .map(|a| a.as_os_str())
@@ -865,7 +857,7 @@ async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token_at_version_15_
     args[5] = svg.clone().into();
     let mut with_terminal = args.clone();
     with_terminal.push("--qr-terminal".into());
-    let output = hufu(
+    let output = common::hufu(
         &with_terminal
             .iter()
             .map(|a| a.as_os_str())
@@ -884,7 +876,7 @@ async fn code_issue_writes_a_qr_code_that_scans_back_to_the_token_at_version_15_
 
     // Anything else is refused with a message that says what is wanted.
     args[5] = out.path().join("code.gif").into();
-    let output = hufu(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>()).await;
+    let output = common::hufu(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>()).await;
     assert!(!output.status.success());
     assert!(
         text(&output.stderr).contains(".png or .svg"),
@@ -918,7 +910,7 @@ async fn hufu_verify_exits_zero_only_for_a_good_code() {
         args.extend(conn_args(province));
         args.extend(["--cert".into(), cert.clone().into()]);
         args.extend(["--key".into(), key.clone().into()]);
-        async move { hufu(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>()).await }
+        async move { common::hufu(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>()).await }
     };
 
     let output = run(green.token.clone(), &[]).await;

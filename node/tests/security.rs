@@ -185,29 +185,35 @@ fn serial_of(path: &Path) -> String {
 
 #[tokio::test]
 async fn a_renewed_terminal_works_and_the_old_certificate_is_refused() {
-    use hufu_node::certs_cli::{CertsCommand, run};
     let mut running = common::start("440000").await;
     let gd = &running.province;
     let holders = common::import_samples(gd, 1).await;
-    run(CertsCommand::Issue {
-        dir: gd.dir.clone(),
-        role: Role::Terminal,
-        name: "gate-7".into(),
-        hosts: vec![],
-        days: None,
-    })
-    .unwrap();
+    let dir = gd.dir.as_os_str();
+    common::hufu_ok(&[
+        "certs".as_ref(),
+        "issue".as_ref(),
+        "--dir".as_ref(),
+        dir,
+        "--role".as_ref(),
+        "terminal".as_ref(),
+        "--name".as_ref(),
+        "gate-7".as_ref(),
+    ])
+    .await;
     let cert = gd.dir.join("terminal/gate-7.pem");
     let old = hufu_node::client::ClientCert::load(&cert, &cert.with_extension("key")).unwrap();
     let old_serial = serial_of(&cert);
 
-    run(CertsCommand::Renew {
-        dir: gd.dir.clone(),
-        cert: cert.clone(),
-        days: None,
-        revoke_old: true,
-    })
-    .unwrap();
+    common::hufu_ok(&[
+        "certs".as_ref(),
+        "renew".as_ref(),
+        "--dir".as_ref(),
+        dir,
+        "--cert".as_ref(),
+        cert.as_os_str(),
+        "--revoke-old".as_ref(),
+    ])
+    .await;
     assert_ne!(serial_of(&cert), old_serial);
     let renewed = hufu_node::client::ClientCert::load(&cert, &cert.with_extension("key")).unwrap();
     let ask = |cert: hufu_node::client::ClientCert| {

@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use hufu_certs::Role;
-use hufu_node::certs_cli::{CertsCommand, run as certs};
 use hufu_node::client::ClientCert;
 use hufu_node::federation::ops;
 use hufu_node::local::LocalProvince;
@@ -170,25 +169,36 @@ async fn a_revoked_certificate_is_refused_by_every_member_within_seconds() {
 
     // Guangdong's operator revokes both, one by file, one by serial.
     let files = tempfile::tempdir().unwrap();
-    certs(CertsCommand::Revoke {
-        dir: gd.dir.clone(),
-        serial: None,
-        cert: Some(save(files.path(), "gate-9", &terminal)),
-        reason: "stolen".into(),
-    })
-    .unwrap();
+    let dir = gd.dir.as_os_str();
+    let file = save(files.path(), "gate-9", &terminal);
+    common::hufu_ok(&[
+        "certs".as_ref(),
+        "revoke".as_ref(),
+        "--dir".as_ref(),
+        dir,
+        "--cert".as_ref(),
+        file.as_os_str(),
+        "--reason".as_ref(),
+        "stolen".as_ref(),
+    ])
+    .await;
     let der = <rustls::pki_types::CertificateDer<'_> as rustls::pki_types::pem::PemObject>::from_pem_slice(
         auditor.cert_pem.as_bytes(),
     )
     .unwrap();
     let serial = hufu_certs::certificate_serial(&der).unwrap();
-    certs(CertsCommand::Revoke {
-        dir: gd.dir.clone(),
-        serial: Some(serial.to_uppercase()),
-        cert: None,
-        reason: "stolen".into(),
-    })
-    .unwrap();
+    let upper = serial.to_uppercase();
+    common::hufu_ok(&[
+        "certs".as_ref(),
+        "revoke".as_ref(),
+        "--dir".as_ref(),
+        dir,
+        "--serial".as_ref(),
+        upper.as_ref(),
+        "--reason".as_ref(),
+        "stolen".as_ref(),
+    ])
+    .await;
 
     // Within seconds both nodes refuse them, on the connections already open.
     common::eventually(Duration::from_secs(5), || async {

@@ -162,6 +162,29 @@ pub async fn issue_code(province: &LocalProvince, n: u64) -> hufu_proto::v1::Iss
         .into_inner()
 }
 
+/// Runs the built `hufu` command with `args` and returns what it did.
+pub async fn hufu<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_hufu"))
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// Runs the built `hufu` command with `args`; it must succeed.
+pub async fn hufu_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    let out = hufu(args).await;
+    assert!(
+        out.status.success(),
+        "hufu {:?} failed: {}",
+        args.iter()
+            .map(|a| a.as_ref().to_owned())
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A `hufu serve` process; killed when dropped, so none is left behind.
 pub struct Serve(pub std::process::Child);
 

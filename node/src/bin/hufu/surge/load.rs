@@ -16,8 +16,8 @@ use hdrhistogram::Histogram;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::federation::peers::{AdaptiveThrottle, draw};
 use crate::loadgen::histogram;
+use hufu_node::federation::peers::{AdaptiveThrottle, draw};
 
 /// How a caller behaves under refusals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -1,11 +1,19 @@
 //! The `hufu` command: parse arguments, start logging, run, map errors to
-//! exit codes. Everything else lives in the library.
+//! exit codes. The server is the `hufu_node` library; this binary holds
+//! only the tools around it: the command line (`cli`), the loopback demo,
+//! the benchmarks and the surge load generators.
+
+mod bench;
+mod cli;
+mod demo;
+mod loadgen;
+mod surge;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = hufu_node::cli::Cli::parse();
-    hufu_node::cli::init_tracing(&cli);
+    let cli = cli::Cli::parse();
+    cli::init_tracing(&cli);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -13,10 +21,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(hufu_node::cli::run(cli)) {
+    match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("hufu: {}", hufu_node::explain::explain(&err));
+            eprintln!("hufu: {}", cli::explain::explain(&err));
             std::process::ExitCode::FAILURE
         }
     }

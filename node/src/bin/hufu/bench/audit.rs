@@ -10,8 +10,8 @@ use tonic::transport::Channel;
 
 use super::{BenchArgs, verify_call};
 use crate::loadgen::{Figures, clients, closed_loop, issue_tokens, load_holders};
-use crate::local::LocalFederation;
-use crate::sample;
+use hufu_node::local::LocalFederation;
+use hufu_node::sample;
 
 /// A two-province federation for [`audit_cost`]: B holds a replica of A's
 /// holders and is asked to verify A's codes.
@@ -171,7 +171,7 @@ fn audit_log_figures() -> anyhow::Result<()> {
         .path(scratch.path().join("audit"))
         .mode(sled::Mode::HighThroughput)
         .open()?;
-    let log = AuditLog::open(db.open_tree(crate::audit::LOG_TREE)?)?;
+    let log = AuditLog::open(db.open_tree(hufu_node::audit::LOG_TREE)?)?;
     let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
     let caller = hufu_certs::Identity::new(b, Role::Terminal, "bench")?;
     let secret = hufu_federation::holder::HolderSecret::new(&[7; 32])?;

@@ -17,9 +17,9 @@ use hufu_proto::v1::{
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use tonic::transport::Channel;
 
-use crate::local::{LocalFederation, LocalProvince};
-use crate::sample;
-use crate::status::{colour_name, now_unix, timestamp};
+use hufu_node::local::{LocalFederation, LocalProvince};
+use hufu_node::sample;
+use hufu_node::status::{colour_name, now_unix, timestamp};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -459,10 +459,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Some(d) => {
             tokio::select! {
                 _ = tokio::time::sleep_until(d.into()) => {}
-                _ = crate::signal::shutdown_signal() => {}
+                _ = crate::cli::signal::shutdown_signal() => {}
             }
         }
-        None => crate::signal::shutdown_signal().await,
+        None => crate::cli::signal::shutdown_signal().await,
     }
     fed.stop_all().await?;
     println!("stopped");

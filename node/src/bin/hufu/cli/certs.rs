@@ -11,9 +11,9 @@ use hufu_certs::{LeafOptions, Role};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::config::NodeConfig;
-use crate::init;
-use crate::revocation::{RevocationList, Revoked};
+use hufu_node::config::NodeConfig;
+use hufu_node::init;
+use hufu_node::revocation::{RevocationList, Revoked};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum CertsCommand {
@@ -165,7 +165,7 @@ fn revoke(dir: &Path, serial: &str, identity: &str, reason: &str) -> anyhow::Res
     let added = list.add(Revoked {
         serial: serial.to_owned(),
         identity: identity.to_owned(),
-        revoked_at: crate::status::now_unix(),
+        revoked_at: hufu_node::status::now_unix(),
         reason: reason.to_owned(),
     });
     if !added {

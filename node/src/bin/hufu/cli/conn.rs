@@ -7,8 +7,8 @@ use anyhow::Context;
 
 use hufu_certs::Province;
 
-use crate::client::{self, ClientCert, Target};
-use crate::config::NodeConfig;
+use hufu_node::client::{self, ClientCert, Target};
+use hufu_node::config::NodeConfig;
 
 /// How client commands reach a node. `--config` supplies defaults (endpoint,
 /// province, CA, admin certificate); the other flags override them.
@@ -69,7 +69,7 @@ impl ConnArgs {
             }
             _ => return Err(need("cert")),
         };
-        crate::explain::dialled(&endpoint, province);
+        crate::cli::explain::dialled(&endpoint, province);
         let target = Target::with_ca_pem(&endpoint, province, &ca_pem)?;
         client::connect(&target, &cert).await
     }

@@ -14,9 +14,9 @@ use hufu_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::local::LocalProvince;
-use crate::sample;
-use crate::status::{now_unix, timestamp};
+use hufu_node::local::LocalProvince;
+use hufu_node::sample;
+use hufu_node::status::{now_unix, timestamp};
 
 pub struct Figures {
     pub ok: u64,

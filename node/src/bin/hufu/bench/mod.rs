@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 use crate::loadgen::{
     Figures, clients, closed_loop, histogram, issue_tokens, load_holders, machine,
 };
-use crate::local::{LocalFederation, LocalProvince};
+use hufu_node::local::{LocalFederation, LocalProvince};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -97,10 +97,10 @@ async fn bare_echo(
     )?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let incoming = crate::net::incoming(
+    let incoming = hufu_node::net::incoming(
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
-        crate::net::DoorLimits {
+        hufu_node::net::DoorLimits {
             max_connections: 10_000,
             max_handshakes: 256,
             handshakes_per_source: 10_000,
@@ -108,7 +108,7 @@ async fn bare_echo(
             handshake_timeout: Duration::from_secs(10),
         },
         stop.clone(),
-        crate::metrics::Metrics::new(),
+        hufu_node::metrics::Metrics::new(),
     );
     let (_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(async move {
@@ -123,7 +123,7 @@ async fn bare_echo(
 }
 
 fn config_streams() -> u32 {
-    crate::config::LimitsConfig::default().max_concurrent_streams
+    hufu_node::config::LimitsConfig::default().max_concurrent_streams
 }
 
 async fn echo_figures(
@@ -135,7 +135,7 @@ async fn echo_figures(
     use tonic_health::pb::health_client::HealthClient;
     let stop = CancellationToken::new();
     let addr = bare_echo(province, stop.clone()).await?;
-    let target = crate::client::Target::with_ca_pem(
+    let target = hufu_node::client::Target::with_ca_pem(
         &addr.to_string(),
         province.province,
         &province.ca_pem()?,
@@ -144,7 +144,7 @@ async fn echo_figures(
     let mut conns = Vec::new();
     for _ in 0..args.connections.unwrap_or(4).max(1) {
         conns.push(HealthClient::new(
-            crate::client::connect(&target, &cert).await?,
+            hufu_node::client::connect(&target, &cert).await?,
         ));
     }
     let figures = closed_loop(duration, args.concurrency, move |_, w| {

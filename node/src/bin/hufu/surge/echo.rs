@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::config::NodeConfig;
+use hufu_node::config::NodeConfig;
 
 /// Serves until the process is killed.
 pub async fn echo_server(config_path: &Path) -> anyhow::Result<()> {

@@ -25,11 +25,11 @@ use tonic_health::pb::health_client::HealthClient;
 pub use echo::echo_server;
 pub use load::Behaviour;
 
-use crate::client::{self, ClientCert, Target};
 use crate::loadgen::{closed_loop, issue_tokens, load_holders};
-use crate::local::{LocalFederation, free_port};
-use crate::status::{now_unix, timestamp};
 use confine::{Confined, Confinement};
+use hufu_node::client::{self, ClientCert, Target};
+use hufu_node::local::{LocalFederation, free_port};
+use hufu_node::status::{now_unix, timestamp};
 use load::{Call, StepLoad, open_loop};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -66,7 +66,7 @@ pub struct SurgeArgs {
 }
 
 /// `config` with `settings` (`section.key=value`, the value in TOML) applied.
-fn patched(config: &crate::config::NodeConfig, settings: &[String]) -> anyhow::Result<String> {
+fn patched(config: &hufu_node::config::NodeConfig, settings: &[String]) -> anyhow::Result<String> {
     let mut doc: toml::Table = toml::from_str(&toml::to_string(config)?)?;
     for setting in settings {
         let (path, value) = setting
@@ -87,7 +87,7 @@ fn patched(config: &crate::config::NodeConfig, settings: &[String]) -> anyhow::R
     }
     let text = toml::to_string(&doc)?;
     // The result must still be a valid config.
-    toml::from_str::<crate::config::NodeConfig>(&text)
+    toml::from_str::<hufu_node::config::NodeConfig>(&text)
         .with_context(|| format!("--node-config {settings:?}"))?;
     Ok(text)
 }

@@ -18,9 +18,9 @@ use hufu_federation::trust::{SignedTrustList, TrustList, TrustStore};
 use hufu_proto::v1::audit_service_client::AuditServiceClient;
 use hufu_proto::v1::{GetCheckpointsRequest, GetConsistencyProofRequest, GetEntriesRequest};
 
-use crate::config::NodeConfig;
-use crate::conn::ConnArgs;
-use crate::status::{format_time, parse_time};
+use crate::cli::conn::ConnArgs;
+use hufu_node::config::NodeConfig;
+use hufu_node::status::{format_time, parse_time};
 
 /// Largest audit API reply accepted: a page of 10,000 entries is a few MiB.
 const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
@@ -316,7 +316,10 @@ fn evidence(config_path: &Path) -> anyhow::Result<()> {
         )
     })?;
     let signer = LogSigner::load(&config.path(&config.log_key))?;
-    let witness = Witness::open(db.open_tree(crate::audit::WITNESS_TREE)?, Arc::new(signer));
+    let witness = Witness::open(
+        db.open_tree(hufu_node::audit::WITNESS_TREE)?,
+        Arc::new(signer),
+    );
     let evidence = witness.evidence()?;
     for e in &evidence {
         println!("{}", serde_json::to_string(e)?);

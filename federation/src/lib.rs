@@ -6,5 +6,6 @@ pub mod audit;
 pub mod codes;
 pub mod feed;
 pub mod holder;
+pub mod legacy;
 pub mod note;
 pub mod trust;

@@ -89,6 +89,7 @@ fn make(code: &str) -> Setup {
         log_key: signer.verifier_key(),
         governance_key: governance.verifier_key(),
         endpoints: vec![format!("node1.{code}.example:7443")],
+        legacy_formats: Vec::new(),
     };
     Setup {
         signer: Arc::new(signer),

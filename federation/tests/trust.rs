@@ -41,6 +41,7 @@ fn make(code: &str) -> Setup {
         log_key: String::new(),
         governance_key: key.verifier_key(),
         endpoints: vec![format!("node1.{code}.example:7443")],
+        legacy_formats: Vec::new(),
     };
     Setup { ca, key, member }
 }

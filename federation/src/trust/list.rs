@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::TrustError;
 use super::key::governance_key_name;
 use crate::codes::Jwks;
+use crate::legacy::{LegacyFormat, MAX_FORMATS, check_formats};
 use crate::note::{KeyType, VerifierKey};
 
 /// First line of every signed trust list text.
@@ -39,6 +40,11 @@ pub struct Member {
     pub governance_key: String,
     /// `host:port` of the province's nodes.
     pub endpoints: Vec<String>,
+    /// The province's existing (legacy) code formats, which every member's
+    /// nodes recognise. Left out of the text when empty, so lists made
+    /// before formats existed keep their signed text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub legacy_formats: Vec<LegacyFormat>,
 }
 
 impl Member {
@@ -111,6 +117,22 @@ impl Member {
             }
         }
         self.governance_verifier()?;
+
+        if self.legacy_formats.len() > MAX_FORMATS {
+            return Err(invalid(format!(
+                "{} legacy code formats, more than the {MAX_FORMATS} allowed",
+                self.legacy_formats.len()
+            )));
+        }
+        for (i, format) in self.legacy_formats.iter().enumerate() {
+            format.compile().map_err(invalid)?;
+            if self.legacy_formats[..i]
+                .iter()
+                .any(|f| f.name == format.name)
+            {
+                return Err(invalid(format!("format {} is declared twice", format.name)));
+            }
+        }
 
         let mut seen = HashSet::new();
         for endpoint in &self.endpoints {
@@ -225,7 +247,8 @@ impl TrustList {
             owners.insert(*key.public_key(), member.province);
         }
         check_threshold(self.threshold, self.members.len())?;
-        check_witness_quorum(self.witness_quorum, self.members.len())
+        check_witness_quorum(self.witness_quorum, self.members.len())?;
+        check_formats(self)
     }
 
     /// The entry of `province`, if it is a member.
@@ -311,6 +334,17 @@ impl TrustList {
             m.jwks = jwks;
             m.revoked_kids = revoked;
         })
+    }
+
+    /// Replaces `province`'s legacy code formats, refused if one could
+    /// match the same text as another member's or as Hufu's own codes.
+    pub fn set_legacy_formats(
+        &mut self,
+        province: Province,
+        formats: Vec<LegacyFormat>,
+    ) -> Result<(), TrustError> {
+        self.edit(province, |m| m.legacy_formats = formats)?;
+        check_formats(self)
     }
 
     /// Replaces `province`'s governance key (a verifier key string).

@@ -88,6 +88,15 @@ pub enum TrustError {
     CannotRemove { province: Province, reason: String },
 
     #[error(
+        "code format {a} can match the same text as {b} (for example {example:?}): a scan must name one issuer; give the formats distinct prefixes or patterns"
+    )]
+    FormatOverlap {
+        a: String,
+        b: String,
+        example: String,
+    },
+
+    #[error(
         "members {a} and {b} have the same governance key: each province signs with its own key"
     )]
     SharedGovernanceKey { a: Province, b: Province },

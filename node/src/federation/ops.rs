@@ -37,6 +37,7 @@ pub fn member_of(config: &NodeConfig, endpoints: Vec<String>) -> anyhow::Result<
         } else {
             endpoints
         },
+        legacy_formats: Vec::new(),
     };
     member.validate()?;
     Ok(member)

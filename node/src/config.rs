@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// What the `hufu` client commands use to reach this node.
     pub client: ClientConfig,
     /// Where this file was loaded from; relative paths hang off its directory.
@@ -220,6 +222,30 @@ impl AuditConfig {
         Duration::try_from_secs_f64(self.checkpoint_secs)
             .unwrap_or(Duration::from_secs(10))
             .max(Duration::from_millis(10))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Memory sled may keep of the status store's pages, in MiB. It bounds
+    /// the store's cache whatever the volume imported or replicated; the
+    /// default suits a node of 2 cores and a few GiB.
+    pub cache_mib: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            cache_mib: crate::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The cache in bytes, at least 4 MiB.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_mib.max(4) * 1024 * 1024
     }
 }
 

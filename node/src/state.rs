@@ -76,8 +76,12 @@ impl NodeState {
         tasks: TaskTracker,
     ) -> anyhow::Result<Arc<NodeState>> {
         let identity = Identity::new(config.province, Role::Node, &config.node_name)?;
-        let store = Store::open(&config.path(&config.data_dir), config.province)
-            .with_context(|| format!("cannot open storage {}", config.data_dir.display()))?;
+        let store = Store::open_with_cache(
+            &config.path(&config.data_dir),
+            config.province,
+            config.storage.cache_bytes(),
+        )
+        .with_context(|| format!("cannot open storage {}", config.data_dir.display()))?;
         let secret_path = config.path(&config.holder_secret);
         let secret_bytes = std::fs::read(&secret_path)
             .with_context(|| format!("cannot read holder secret {}", secret_path.display()))?;

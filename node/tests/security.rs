@@ -32,12 +32,11 @@ async fn internal_error_text_never_reaches_the_caller() {
         .store
         .db()
         .unwrap()
-        .open_tree("provinces")
+        .open_tree(hufu_node::store::TREE)
         .unwrap();
-    let mut key = vec![b'S'];
-    key.extend_from_slice(&gd.province.code().to_be_bytes());
-    key.extend_from_slice(holders[0].as_bytes());
-    tree.insert(key, &[0xff, 0xff, 0xff, 0x0f][..]).unwrap();
+    let key = hufu_node::store::status_key(gd.province, &holders[0]).unwrap();
+    // A verbatim record whose protobuf bytes do not decode.
+    tree.insert(key, &[2, 0xff, 0xff, 0xff, 0x0f][..]).unwrap();
 
     let mut terminal = gd.terminal("gate").await.unwrap();
     let status = terminal

@@ -1,0 +1,378 @@
+//! The bytes of the store: keys, the compact encoding of a status record,
+//! and the change log's blocks (see the module doc of [`super`]).
+//!
+//! Everything here is exact: a change decodes back to the very bytes the
+//! issuer hashed into its chain, or it is kept verbatim. A record that the
+//! compact form cannot reproduce bit for bit (a timestamp with nanoseconds,
+//! an enum value from a newer version, fields in another order) is stored
+//! as its protobuf bytes, so signed feeds relay unchanged whatever they hold.
+
+use bytes::Buf;
+use data_encoding::BASE32_NOPAD;
+use hufu_certs::Province;
+use hufu_federation::feed;
+use hufu_proto::v1::StatusRecord;
+use prost::Message;
+use prost::encoding::{decode_varint, encode_varint};
+use prost_types::Timestamp;
+
+use crate::error::{NodeError, NodeResult};
+
+/// Key kinds (the first byte of every key).
+pub const STATUS: u8 = b'S';
+pub const CHANGES: u8 = b'C';
+pub const HEAD_AT: u8 = b'H';
+pub const LATEST_HEAD: u8 = b'L';
+pub const CONFIRMED: u8 = b'A';
+pub const REVOKED: u8 = b'R';
+
+/// Tags of a stored status value or change-log entry.
+const COMPACT_STATUS: u8 = 1;
+const VERBATIM_STATUS: u8 = 2;
+
+/// Bytes of a holder pseudonym in keys and entries (128 bits).
+pub const HOLDER_BYTES: usize = 16;
+
+/// `kind ‖ province (4 bytes, big-endian) ‖ rest`.
+pub fn key(kind: u8, p: Province, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + rest.len());
+    k.push(kind);
+    k.extend_from_slice(&p.code().to_be_bytes());
+    k.extend_from_slice(rest);
+    k
+}
+
+/// The key of a change-log block starting at `first`.
+pub fn block_key(p: Province, first: u64) -> Vec<u8> {
+    key(CHANGES, p, &first.to_be_bytes())
+}
+
+/// The first sequence of the block stored under `k`.
+pub fn block_first(k: &[u8]) -> NodeResult<u64> {
+    k.get(5..13)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| NodeError::Internal("change log key is not a 64-bit sequence".into()))
+}
+
+/// A pseudonym's 16 bytes, if it is one (26 base32 characters).
+pub fn holder_bytes(holder: &str) -> Option<[u8; HOLDER_BYTES]> {
+    if holder.len() != 26 {
+        return None;
+    }
+    BASE32_NOPAD.decode(holder.as_bytes()).ok()?.try_into().ok()
+}
+
+/// The key of `holder`'s status in province `p`; None for a string that is
+/// not a pseudonym (no such holder can be stored).
+pub fn status_key(p: Province, holder: &str) -> Option<Vec<u8>> {
+    Some(key(STATUS, p, &holder_bytes(holder)?))
+}
+
+/// The compact fields of a record: what follows the holder.
+/// `flags ‖ varint(as_of seconds) ‖ varint(last negative test seconds)`,
+/// flags holding the colour (bits 0-1), the reason (bits 2-4) and which
+/// times are present (bits 5, 6). Times are zigzag varints.
+fn compact_fields(record: &StatusRecord, out: &mut Vec<u8>) -> bool {
+    if !(0..4).contains(&record.colour) || !(0..8).contains(&record.reason) {
+        return false;
+    }
+    let mut flags = record.colour as u8 | (record.reason as u8) << 2;
+    for (bit, ts) in [(5, &record.as_of), (6, &record.last_negative_test)] {
+        if let Some(ts) = ts {
+            if ts.nanos != 0 {
+                return false;
+            }
+            flags |= 1 << bit;
+        }
+    }
+    out.push(flags);
+    for ts in [&record.as_of, &record.last_negative_test]
+        .into_iter()
+        .flatten()
+    {
+        encode_varint(zigzag(ts.seconds), out);
+    }
+    true
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn corrupt(what: &str) -> NodeError {
+    NodeError::Internal(format!("stored {what} is corrupt"))
+}
+
+fn read_fields(p: Province, holder: String, mut buf: &[u8]) -> NodeResult<StatusRecord> {
+    let flags = *buf.first().ok_or_else(|| corrupt("status"))?;
+    buf.advance(1);
+    let mut time = |bit: u8| -> NodeResult<Option<Timestamp>> {
+        if flags & (1 << bit) == 0 {
+            return Ok(None);
+        }
+        let v = decode_varint(&mut buf).map_err(|_| corrupt("status"))?;
+        Ok(Some(Timestamp {
+            seconds: unzigzag(v),
+            nanos: 0,
+        }))
+    };
+    let as_of = time(5)?;
+    let last_negative_test = time(6)?;
+    Ok(StatusRecord {
+        issuer: p.to_string(),
+        holder,
+        colour: i32::from(flags & 3),
+        as_of,
+        last_negative_test,
+        reason: i32::from(flags >> 2 & 7),
+    })
+}
+
+/// A status as stored under its holder's key: compact when the compact
+/// form gives back exactly `bytes` (the record's protobuf encoding), else
+/// verbatim.
+pub fn status_value(p: Province, record: &StatusRecord, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12);
+    out.push(COMPACT_STATUS);
+    if record.issuer == p.to_string()
+        && holder_bytes(&record.holder).is_some()
+        && compact_fields(record, &mut out)
+        && record.encode_to_vec() == bytes
+    {
+        return out;
+    }
+    out.clear();
+    out.push(VERBATIM_STATUS);
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// Reads a value written by [`status_value`].
+pub fn read_status(p: Province, holder: &str, value: &[u8]) -> NodeResult<StatusRecord> {
+    match value.split_first() {
+        Some((&COMPACT_STATUS, rest)) => read_fields(p, holder.to_owned(), rest),
+        Some((&VERBATIM_STATUS, rest)) => Ok(StatusRecord::decode(rest)?),
+        _ => Err(corrupt("status")),
+    }
+}
+
+/// One change-log entry: `tag ‖ body`; for a compact status the body is
+/// `holder (16 bytes) ‖ fields`, for a verbatim one the protobuf bytes.
+pub fn entry(p: Province, record: &StatusRecord, bytes: &[u8]) -> Vec<u8> {
+    let mut value = status_value(p, record, bytes);
+    if value[0] == COMPACT_STATUS {
+        let holder = holder_bytes(&record.holder).expect("checked by status_value");
+        value.splice(1..1, holder);
+    }
+    value
+}
+
+/// The exact bytes an entry stands for (those hashed into the chain).
+pub fn entry_bytes(p: Province, entry: &[u8]) -> NodeResult<Vec<u8>> {
+    match entry.split_first() {
+        Some((&COMPACT_STATUS, rest)) if rest.len() > HOLDER_BYTES => {
+            let holder = BASE32_NOPAD.encode(&rest[..HOLDER_BYTES]);
+            Ok(read_fields(p, holder, &rest[HOLDER_BYTES..])?.encode_to_vec())
+        }
+        Some((&VERBATIM_STATUS, rest)) => Ok(rest.to_vec()),
+        _ => Err(corrupt("change")),
+    }
+}
+
+/// Bytes before a block's first entry: the chain hash before it and when
+/// it was written.
+const BLOCK_HEADER: usize = 40;
+
+/// A change-log block being written:
+/// `start hash (32) ‖ written at (unix ms, 8 bytes) ‖ (varint(len) ‖ entry)*`.
+/// Its changes are numbered from the block's key on, without gaps.
+pub struct BlockWriter {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl BlockWriter {
+    pub fn new(start_hash: &[u8; 32], written_ms: i64) -> BlockWriter {
+        let mut bytes = Vec::with_capacity(BLOCK_HEADER + 16 * 1024);
+        bytes.extend_from_slice(start_hash);
+        bytes.extend_from_slice(&written_ms.to_be_bytes());
+        BlockWriter { bytes, count: 0 }
+    }
+
+    /// Changes in the block so far.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn push(&mut self, entry: &[u8]) {
+        encode_varint(entry.len() as u64, &mut self.bytes);
+        self.bytes.extend_from_slice(entry);
+        self.count += 1;
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// One change read back from a block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadChange {
+    pub sequence: u64,
+    /// Chain hash after this change.
+    pub hash: [u8; 32],
+    /// The bytes that were chained.
+    pub bytes: Vec<u8>,
+}
+
+/// Walks a stored block from its first change, recomputing the chain.
+pub struct BlockReader<'a> {
+    p: Province,
+    rest: &'a [u8],
+    next: u64,
+    hash: [u8; 32],
+    written_ms: i64,
+}
+
+impl<'a> BlockReader<'a> {
+    pub fn new(p: Province, first: u64, block: &'a [u8]) -> NodeResult<BlockReader<'a>> {
+        if block.len() < BLOCK_HEADER {
+            return Err(corrupt("change block"));
+        }
+        Ok(BlockReader {
+            p,
+            rest: &block[BLOCK_HEADER..],
+            next: first,
+            hash: block[..32].try_into().expect("32 bytes"),
+            written_ms: i64::from_be_bytes(block[32..40].try_into().expect("8 bytes")),
+        })
+    }
+
+    /// When the block was written (unix ms, this node's clock).
+    pub fn written_ms(&self) -> i64 {
+        self.written_ms
+    }
+
+    /// The chain hash before the next change.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
+    /// The sequence the next change would have.
+    pub fn next_sequence(&self) -> u64 {
+        self.next
+    }
+
+    /// Skips to just after change `sequence` (or the end of the block),
+    /// hashing the skipped changes.
+    pub fn skip_through(&mut self, sequence: u64) -> NodeResult<()> {
+        while self.next <= sequence {
+            if self.next_change()?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn next_change(&mut self) -> NodeResult<Option<ReadChange>> {
+        if self.rest.is_empty() {
+            return Ok(None);
+        }
+        let len = decode_varint(&mut self.rest).map_err(|_| corrupt("change block"))? as usize;
+        if len > self.rest.len() {
+            return Err(corrupt("change block"));
+        }
+        let (entry, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        let bytes = entry_bytes(self.p, entry)?;
+        let sequence = self.next;
+        self.hash = feed::chain_next(&self.hash, sequence, &bytes);
+        self.next += 1;
+        Ok(Some(ReadChange {
+            sequence,
+            hash: self.hash,
+            bytes,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gd() -> Province {
+        Province::parse("440000").unwrap()
+    }
+
+    fn record(holder: &str, nanos: i32) -> StatusRecord {
+        StatusRecord {
+            issuer: "440000".into(),
+            holder: holder.into(),
+            colour: 3,
+            as_of: Some(Timestamp {
+                seconds: 1_641_800_000,
+                nanos,
+            }),
+            last_negative_test: None,
+            reason: 2,
+        }
+    }
+
+    const HOLDER: &str = "MFRGGZDFMZTWQ2LKNNWG23TPOA";
+
+    #[test]
+    fn a_record_is_stored_compactly_and_read_back_exactly() {
+        let r = record(HOLDER, 0);
+        let bytes = r.encode_to_vec();
+        let value = status_value(gd(), &r, &bytes);
+        assert!(value.len() <= 8, "{} bytes", value.len());
+        assert_eq!(read_status(gd(), HOLDER, &value).unwrap(), r);
+        let e = entry(gd(), &r, &bytes);
+        assert_eq!(entry_bytes(gd(), &e).unwrap(), bytes);
+    }
+
+    #[test]
+    fn what_the_compact_form_cannot_reproduce_is_kept_verbatim() {
+        // Nanoseconds, a record of another issuer, fields out of order:
+        // each must relay byte for byte.
+        let with_nanos = record(HOLDER, 5);
+        let mut other = record(HOLDER, 0);
+        other.issuer = "610000".into();
+        let canonical = record(HOLDER, 0).encode_to_vec();
+        let mut reordered = canonical[8..].to_vec();
+        reordered.extend_from_slice(&canonical[..8]);
+        for bytes in [with_nanos.encode_to_vec(), other.encode_to_vec(), reordered] {
+            let r = StatusRecord::decode(bytes.as_slice()).unwrap();
+            let e = entry(gd(), &r, &bytes);
+            assert_eq!(e[0], VERBATIM_STATUS);
+            assert_eq!(entry_bytes(gd(), &e).unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn a_block_recomputes_the_chain() {
+        let start = [7u8; 32];
+        let records: Vec<_> = (0..3).map(|_| record(HOLDER, 0).encode_to_vec()).collect();
+        let mut w = BlockWriter::new(&start, 1);
+        let mut hash = start;
+        let mut hashes = vec![];
+        for (i, bytes) in records.iter().enumerate() {
+            w.push(&entry(gd(), &record(HOLDER, 0), bytes));
+            hash = feed::chain_next(&hash, 10 + i as u64, bytes);
+            hashes.push(hash);
+        }
+        let block = w.into_bytes();
+        let mut r = BlockReader::new(gd(), 10, &block).unwrap();
+        r.skip_through(10).unwrap();
+        let c = r.next_change().unwrap().unwrap();
+        assert_eq!((c.sequence, c.hash), (11, hashes[1]));
+        assert_eq!(c.bytes, records[1]);
+        r.skip_through(99).unwrap();
+        assert_eq!((r.next_sequence(), r.hash()), (13, hashes[2]));
+    }
+}

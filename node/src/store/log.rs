@@ -1,0 +1,297 @@
+//! The change log: reading blocks back as numbered, chained changes, and
+//! the seam where every write enters it ([`Store::apply_own`], and the
+//! staging it shares with replicated batches).
+
+use hufu_certs::Province;
+use hufu_federation::feed::{Change, FeedError};
+use hufu_federation::holder::HolderId;
+use hufu_proto::v1::StatusRecord;
+use prost::Message;
+
+use super::codec::{self, BlockReader, BlockWriter, CHANGES};
+use super::{ApplyError, BLOCK_CHANGES, GENESIS, Store, StoredChange, Tail};
+use crate::error::{NodeError, NodeResult};
+
+impl Store {
+    /// The block holding change `sequence` of `p` (or the last block before
+    /// it), as its first sequence and bytes.
+    fn block_at(&self, p: Province, sequence: u64) -> NodeResult<Option<(u64, sled::IVec)>> {
+        let start = codec::block_key(p, 0);
+        let end = codec::block_key(p, sequence);
+        match self.tree()?.range(start..=end).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((codec::block_first(&k)?, v)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The end of `p`'s change log as stored.
+    pub(super) fn tail_from_disk(&self, p: Province) -> NodeResult<Tail> {
+        match self
+            .tree()?
+            .scan_prefix(codec::key(CHANGES, p, &[]))
+            .next_back()
+        {
+            Some(item) => {
+                let (k, v) = item?;
+                let mut reader = BlockReader::new(p, codec::block_first(&k)?, &v)?;
+                reader.skip_through(u64::MAX)?;
+                Ok(Tail {
+                    sequence: reader.next_sequence() - 1,
+                    hash: reader.hash(),
+                })
+            }
+            None => Ok(GENESIS),
+        }
+    }
+
+    /// Changes of `p` numbered `after+1 ..= until`, at most `max`, with the
+    /// chain hash after each.
+    pub fn changes(
+        &self,
+        p: Province,
+        after: u64,
+        until: u64,
+        max: usize,
+    ) -> NodeResult<Vec<StoredChange>> {
+        let mut out = Vec::new();
+        if after >= until || max == 0 {
+            return Ok(out);
+        }
+        let first = match self.block_at(p, after + 1)? {
+            Some((first, _)) => first,
+            None => 0,
+        };
+        let tree = self.tree()?;
+        for item in tree.range(codec::block_key(p, first)..=codec::block_key(p, until)) {
+            let (k, v) = item?;
+            let mut reader = BlockReader::new(p, codec::block_first(&k)?, &v)?;
+            reader.skip_through(after)?;
+            while let Some(change) = reader.next_change()? {
+                if change.sequence > until {
+                    return Ok(out);
+                }
+                out.push((change.sequence, change.hash, change.bytes));
+                if out.len() >= max {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The chain hash after change `seq` of `p`, if held.
+    pub(super) fn held_hash(&self, p: Province, seq: u64) -> Option<[u8; 32]> {
+        if seq == 0 {
+            return Some(GENESIS.hash);
+        }
+        let (first, block) = self.block_at(p, seq).ok()??;
+        let mut reader = BlockReader::new(p, first, &block).ok()?;
+        reader.skip_through(seq - 1).ok()?;
+        let change = reader.next_change().ok()??;
+        (change.sequence == seq).then_some(change.hash)
+    }
+
+    /// Stages `changes` of `p`, which must continue `tail` without a gap,
+    /// into `batch`: their blocks of the change log and the statuses they
+    /// set. Returns the tail after them. The one place a change's bytes
+    /// become stored state, for own writes and replicated batches alike.
+    pub(super) fn stage(
+        &self,
+        p: Province,
+        tail: Tail,
+        changes: &[Change<'_>],
+        batch: &mut sled::Batch,
+    ) -> Result<Tail, ApplyError> {
+        let written_ms = crate::status::now_millis();
+        let mut next = tail;
+        let mut block: Option<(u64, BlockWriter)> = None;
+        for change in changes {
+            if change.sequence != next.sequence + 1 {
+                return Err(FeedError::Gap {
+                    expected: next.sequence + 1,
+                    first: change.sequence,
+                }
+                .into());
+            }
+            let record = decode_status(p, change)?;
+            let (_, writer) = block
+                .get_or_insert_with(|| (change.sequence, BlockWriter::new(&next.hash, written_ms)));
+            writer.push(&codec::entry(p, &record, change.record));
+            let key = codec::status_key(p, &record.holder).expect("holder checked");
+            batch.insert(key, codec::status_value(p, &record, change.record));
+            next = Tail {
+                sequence: change.sequence,
+                hash: hufu_federation::feed::chain_next(&next.hash, change.sequence, change.record),
+            };
+            if writer.count() >= BLOCK_CHANGES {
+                let (first, full) = block.take().expect("just used");
+                batch.insert(codec::block_key(p, first), full.into_bytes());
+            }
+        }
+        if let Some((first, writer)) = block {
+            batch.insert(codec::block_key(p, first), writer.into_bytes());
+        }
+        Ok(next)
+    }
+
+    /// **The seam where a change of this province enters the change log.**
+    ///
+    /// Applies `changes`, numbered in order from the tail on with the
+    /// sequence each was given (by this node's writer, or by a shared write
+    /// log whose sequence is the feed's), as one atomic write that is
+    /// durable when this returns, and wakes feed subscribers. Changes
+    /// already held are skipped when identical (a redelivery) and refused
+    /// as a fork when not. Returns the tail after them.
+    pub async fn apply_own(&self, changes: &[Change<'_>]) -> Result<Tail, ApplyError> {
+        let mut tail = self.own_writer.lock().await;
+        let mut fresh = changes;
+        while let Some((first, rest)) = fresh.split_first() {
+            if first.sequence > tail.sequence {
+                break;
+            }
+            let bytes_hash = self.held_record(self.own, first.sequence)?;
+            if bytes_hash.as_deref() != Some(first.record) {
+                return Err(FeedError::Fork {
+                    sequence: first.sequence,
+                }
+                .into());
+            }
+            fresh = rest;
+        }
+        let new = self.append_own(&mut tail, fresh).await?;
+        Ok(new)
+    }
+
+    /// Appends changes continuing `tail` (whose lock the caller holds),
+    /// durably, then moves the tail and wakes subscribers.
+    pub(super) async fn append_own(
+        &self,
+        tail: &mut Tail,
+        changes: &[Change<'_>],
+    ) -> Result<Tail, ApplyError> {
+        if changes.is_empty() {
+            return Ok(*tail);
+        }
+        if !self.writable() {
+            return Err(Self::refused().into());
+        }
+        let mut batch = sled::Batch::default();
+        let next = self.stage(self.own, *tail, changes, &mut batch)?;
+        self.write(batch).await?;
+        *tail = next;
+        self.notify(self.own, next.sequence);
+        Ok(next)
+    }
+
+    /// The bytes of change `seq` of `p`, if held.
+    fn held_record(&self, p: Province, seq: u64) -> NodeResult<Option<Vec<u8>>> {
+        Ok(self
+            .changes(p, seq.saturating_sub(1), seq, 1)?
+            .pop()
+            .filter(|(s, _, _)| *s == seq)
+            .map(|(_, _, bytes)| bytes))
+    }
+}
+
+/// A change's status record, checked to belong to `p`'s feed.
+fn decode_status(p: Province, change: &Change<'_>) -> Result<StatusRecord, ApplyError> {
+    let record = StatusRecord::decode(change.record)
+        .map_err(|e| FeedError::Malformed(format!("change {}: {e}", change.sequence)))?;
+    if record.issuer != p.to_string() {
+        return Err(FeedError::Malformed(format!(
+            "change {} is a record of {}, in the feed of {p}",
+            change.sequence, record.issuer
+        ))
+        .into());
+    }
+    if record.holder.parse::<HolderId>().is_err() || codec::holder_bytes(&record.holder).is_none() {
+        return Err(
+            FeedError::Malformed(format!("change {}: bad holder id", change.sequence)).into(),
+        );
+    }
+    Ok(record)
+}
+
+impl From<ApplyError> for NodeError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Node(e) => e,
+            ApplyError::Feed(e) => NodeError::Internal(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hufu_proto::v1::StatusRecord;
+
+    fn bytes(holder: &str, secs: i64) -> Vec<u8> {
+        StatusRecord {
+            issuer: "440000".into(),
+            holder: holder.into(),
+            colour: 3,
+            as_of: Some(crate::status::timestamp(secs)),
+            last_negative_test: None,
+            reason: 3,
+        }
+        .encode_to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_log_consumer_applies_ordered_changes_once_and_refuses_forks_and_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let gd = Province::parse("440000").unwrap();
+        let store = Store::open(dir.path(), gd).unwrap();
+        let h = "MFRGGZDFMZTWQ2LKNNWG23TPOA";
+        let records: Vec<_> = (1..=3).map(|i| bytes(h, 1_600_000_000 + i)).collect();
+        let changes: Vec<_> = (0..3)
+            .map(|i| Change {
+                sequence: i as u64 + 1,
+                record: &records[i],
+            })
+            .collect();
+        let tail = store.apply_own(&changes[..2]).await.unwrap();
+        assert_eq!(tail.sequence, 2);
+        // Redelivered with one more: the held ones are skipped.
+        let tail = store.apply_own(&changes).await.unwrap();
+        assert_eq!(tail.sequence, 3);
+        assert_eq!(
+            store.get(gd, h).unwrap().unwrap().encode_to_vec(),
+            records[2]
+        );
+        assert_eq!(store.changes(gd, 0, 3, 10).unwrap().len(), 3);
+        // A different change 2 is a fork; change 5 after 3 is a gap.
+        let other = bytes(h, 1);
+        let fork = store
+            .apply_own(&[Change {
+                sequence: 2,
+                record: &other,
+            }])
+            .await;
+        assert!(matches!(
+            fork,
+            Err(ApplyError::Feed(FeedError::Fork { sequence: 2 }))
+        ));
+        let gap = store
+            .apply_own(&[Change {
+                sequence: 5,
+                record: &other,
+            }])
+            .await;
+        assert!(matches!(
+            gap,
+            Err(ApplyError::Feed(FeedError::Gap {
+                expected: 4,
+                first: 5
+            }))
+        ));
+        // The chain survives a restart.
+        drop(store);
+        let store = Store::open(dir.path(), gd).unwrap();
+        assert_eq!(store.tail(gd).await.unwrap(), tail);
+    }
+}

@@ -1,0 +1,329 @@
+//! Durable storage of statuses in sled: this province's own, and the
+//! replicas of every other member province's feed.
+//!
+//! # Format (version 2)
+//!
+//! One tree, `store.v2`, keys prefixed by kind and province (4 bytes,
+//! big-endian) so that each write is a single atomic sled batch:
+//!
+//! | key                          | value                                   |
+//! |------------------------------|-----------------------------------------|
+//! | `S` province holder (16 bytes) | the holder's current status, compact (below) |
+//! | `C` province first-sequence  | a block of the change log (below)       |
+//! | `H` province sequence        | signed `FeedHead` ending a batch (replicas, for relaying) |
+//! | `L` province                 | newest signed `FeedHead` (replicas)     |
+//! | `A` province                 | when the replica was last confirmed (unix ms, this node's clock) |
+//! | `R` province                 | the province's revoked certificate serials (JSON), as last published |
+//!
+//! A holder pseudonym is kept as its 16 bytes, not its 26 characters. A
+//! status is `1 ‖ flags ‖ varint(as_of) ‖ varint(last negative test)`
+//! (colour, reason and which times are present in `flags`), about 11
+//! bytes; a record that this form cannot give back bit for bit is kept as
+//! `2 ‖ protobuf bytes` ([`codec`]).
+//!
+//! ## The change log
+//!
+//! Each province's feed is a gapless sequence of changes, each hashed into
+//! the chain `h(n) = SHA-256(h(n-1) ‖ n ‖ bytes)` that the issuer signs
+//! (`hufu_federation::feed`). The log is stored in **blocks**: one sled
+//! value per write (an import's transaction of 1,000 rows, a replicated
+//! batch, a single change), at most [`BLOCK_CHANGES`] changes each, keyed
+//! by the sequence of its first change:
+//!
+//! `start hash (32) ‖ written at (unix ms, 8) ‖ (varint(len) ‖ entry)*`
+//!
+//! An entry is `1 ‖ holder (16) ‖ compact status` or `2 ‖ protobuf bytes`.
+//! The chain hashes are not stored but recomputed from the block's start
+//! hash as it is read (one SHA-256 of about 60 bytes a change). A change
+//! of another kind (a legacy code binding, say) is a new tag, and a new
+//! effect in [`log`]'s staging.
+//!
+//! ## Where a write enters the change log
+//!
+//! [`Store::apply_own`] is the seam: it applies changes of this province,
+//! numbered from the tail on, in order, with the sequence each was given,
+//! as one atomic batch (the blocks and the statuses they set), durable on
+//! return. A change already held is accepted again if it is the same (a
+//! log consumer that redelivers) and refused as a fork otherwise. An
+//! embedded writer calls it through [`Store::prepare`] and
+//! [`PendingPut::commit`] (which decide each record's outcome and number
+//! it first); a consumer of a shared write log (a JetStream stream whose
+//! sequence is the feed sequence) calls it directly. A replica's batches
+//! enter through [`Store::apply_batch`], which checks the issuer's
+//! signature and chain and then stages the same blocks and statuses.
+//!
+//! ## Compaction (plan)
+//!
+//! Blocks older than a retention window (at least the code lifetime, so no
+//! still-valid code can need a dropped change) are rewritten so that only
+//! each holder's latest change stays, with the sequences they had. The
+//! issuer signs a snapshot statement of the compacted range (its end, the
+//! chain hash there, and a digest of the surviving changes in order), from
+//! which a new member or a fallen-behind replica catches up to exactly the
+//! issuer's state before following the feed from the snapshot's end.
+//!
+//! ## Durability and failures
+//!
+//! A head's own time is the issuer's clock. The time a replica's freshness
+//! is measured from (`A`) is that time, but never later than the moment the
+//! head reached this node: an issuer whose clock runs ahead cannot make a
+//! replica look fresh after it stops.
+//!
+//! A write is acknowledged, and a replicated batch counted as received, only
+//! after sled has flushed it to disk, so both survive `kill -9`.
+//!
+//! A failed write (a full or failing disk) poisons a sled database: every
+//! later write fails, and the refused write stays readable in its cache. So
+//! the store drops the database at once (reads get `UNAVAILABLE` for the
+//! moment it takes to reopen), refuses writes without touching sled, and
+//! [`Store::keep_writable`] reopens it from disk, where the refused write
+//! never was, and probes it until writes succeed again.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+
+use hufu_certs::Province;
+use hufu_federation::feed::{FeedError, GENESIS_HASH};
+use hufu_proto::v1::StatusRecord;
+use tokio::sync::{Notify, watch};
+
+use crate::error::{NodeError, NodeResult};
+
+pub mod codec;
+mod health;
+mod log;
+mod migrate;
+mod own;
+mod replica;
+
+pub use codec::status_key;
+pub use own::{PendingPut, PutOutcome};
+pub use replica::head_of;
+
+/// The tree holding everything of this format.
+pub const TREE: &str = "store.v2";
+
+/// Changes in one change-log block at most: a batch larger than this is
+/// stored as several blocks.
+pub const BLOCK_CHANGES: usize = 1024;
+
+/// sled's page cache when the configuration does not say.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The end of a province's chain as held here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tail {
+    pub sequence: u64,
+    pub hash: [u8; 32],
+}
+
+const GENESIS: Tail = Tail {
+    sequence: 0,
+    hash: GENESIS_HASH,
+};
+
+/// A stored change: its number, chain hash and encoded record.
+pub type StoredChange = (u64, [u8; 32], Vec<u8>);
+
+/// Result of applying a replicated batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes new to this node.
+    pub new_changes: usize,
+    /// The head now held.
+    pub sequence: u64,
+}
+
+/// Why a replicated batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Feed(#[from] FeedError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+impl From<sled::Error> for ApplyError {
+    fn from(e: sled::Error) -> Self {
+        ApplyError::Node(e.into())
+    }
+}
+
+impl From<prost::DecodeError> for ApplyError {
+    fn from(e: prost::DecodeError) -> Self {
+        ApplyError::Node(e.into())
+    }
+}
+
+/// An open sled database and its tree.
+struct Open {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Open {
+    fn at(path: &Path, cache_bytes: u64) -> sled::Result<Open> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_bytes)
+            .open()?;
+        let tree = db.open_tree(TREE)?;
+        Ok(Open { db, tree })
+    }
+}
+
+pub struct Store {
+    path: PathBuf,
+    cache_bytes: u64,
+    /// None while the database is being reopened after a failed write.
+    open: RwLock<Option<Open>>,
+    /// Whether writes are accepted; false from a failed write until a probe
+    /// succeeds. Watched by health reporting.
+    writable: watch::Sender<bool>,
+    /// Woken when a write fails, so that recovery starts at once.
+    failed: Notify,
+    /// Set when the database must be reopened before the next probe.
+    poisoned: AtomicBool,
+    own: Province,
+    /// Serialises own writes so change numbers are gapless; holds the tail.
+    own_writer: tokio::sync::Mutex<Tail>,
+    /// One writer at a time per replicated province.
+    replica_writers: Mutex<HashMap<Province, Arc<tokio::sync::Mutex<()>>>>,
+    /// Newest sequence per province, for feed subscribers to wait on.
+    watches: Mutex<HashMap<Province, watch::Sender<u64>>>,
+}
+
+impl Store {
+    /// Opens the store at `path` with sled's default cache for a node.
+    pub fn open(path: &Path, own: Province) -> NodeResult<Store> {
+        Store::open_with_cache(path, own, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens the store at `path`, sled keeping at most about `cache_bytes`
+    /// of pages in memory. A store of the earlier format is converted first.
+    pub fn open_with_cache(path: &Path, own: Province, cache_bytes: u64) -> NodeResult<Store> {
+        let open = Open::at(path, cache_bytes)?;
+        migrate::from_v1(&open.db, &open.tree)?;
+        let store = Store {
+            path: path.to_owned(),
+            cache_bytes,
+            open: RwLock::new(Some(open)),
+            writable: watch::channel(true).0,
+            failed: Notify::new(),
+            poisoned: AtomicBool::new(false),
+            own,
+            own_writer: tokio::sync::Mutex::new(GENESIS),
+            replica_writers: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+        };
+        let tail = store.tail_from_disk(own)?;
+        *store.own_writer.try_lock().expect("no other user yet") = tail;
+        store.notify(own, tail.sequence);
+        Ok(store)
+    }
+
+    /// The tree, unless the database is being reopened.
+    fn tree(&self) -> NodeResult<sled::Tree> {
+        match &*self.open.read().expect("store lock") {
+            Some(open) => Ok(open.tree.clone()),
+            None => Err(health::reopening()),
+        }
+    }
+
+    /// The sled database, unless it is being reopened (for tools and tests
+    /// that look at the stored bytes).
+    pub fn db(&self) -> NodeResult<sled::Db> {
+        match &*self.open.read().expect("store lock") {
+            Some(open) => Ok(open.db.clone()),
+            None => Err(health::reopening()),
+        }
+    }
+
+    pub fn own_province(&self) -> Province {
+        self.own
+    }
+
+    /// A holder's current record in province `p` (own or replica).
+    pub fn get(&self, p: Province, holder: &str) -> NodeResult<Option<StatusRecord>> {
+        let Some(key) = codec::status_key(p, holder) else {
+            return Ok(None);
+        };
+        match self.tree()?.get(key)? {
+            Some(bytes) => Ok(Some(codec::read_status(p, holder, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sequence number of the newest change of this province.
+    pub async fn last_sequence(&self) -> u64 {
+        self.own_writer.lock().await.sequence
+    }
+
+    /// The chain end held for province `p`.
+    pub async fn tail(&self, p: Province) -> NodeResult<Tail> {
+        if p == self.own {
+            return Ok(*self.own_writer.lock().await);
+        }
+        self.replica_tail(p)
+    }
+
+    /// Waits for changes: the receiver sees the newest sequence of `p`.
+    pub fn watch(&self, p: Province) -> watch::Receiver<u64> {
+        let mut watches = self.watches.lock().expect("watch lock");
+        watches
+            .entry(p)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn notify(&self, p: Province, seq: u64) {
+        let mut watches = self.watches.lock().expect("watch lock");
+        let sender = watches.entry(p).or_insert_with(|| watch::channel(0).0);
+        sender.send_replace(seq);
+    }
+
+    /// Applies `batch` without waiting for the disk; on failure, forgets
+    /// it (see [`write_failed`](Self::write_failed)).
+    fn apply(&self, batch: sled::Batch) -> NodeResult<()> {
+        if !self.writable() {
+            return Err(Self::refused());
+        }
+        if let Err(err) = self.tree()?.apply_batch(batch) {
+            self.write_failed(&err);
+            return Err(Self::refused());
+        }
+        Ok(())
+    }
+
+    /// Applies `batch` and flushes it; on failure, forgets it (see
+    /// [`write_failed`](Self::write_failed)).
+    async fn write(&self, batch: sled::Batch) -> NodeResult<()> {
+        if !self.writable() {
+            return Err(Self::refused());
+        }
+        let result = match self.tree()?.apply_batch(batch) {
+            Ok(()) => self.flush().await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(err) = result {
+            self.write_failed(&err);
+            return Err(Self::refused());
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable. sled serialises flushes
+    /// internally, so writers that arrive while one runs share the next
+    /// (group commit). A blocking flush on the blocking pool: sled's
+    /// `flush_async` can stall when many callers wait on it at once.
+    pub async fn flush(&self) -> NodeResult<()> {
+        let db = self.db()?;
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| NodeError::Internal(format!("flush task: {e}")))??;
+        Ok(())
+    }
+}

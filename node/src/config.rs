@@ -57,6 +57,10 @@ pub struct NodeConfig {
     pub audit: AuditConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    /// The province's write log on NATS JetStream, shared by all its node
+    /// replicas (absent: this node is the province's only node, on sled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationConfig>,
     /// What the `hufu` client commands use to reach this node.
     pub client: ClientConfig,
     /// Where this file was loaded from; relative paths hang off its directory.
@@ -222,6 +226,71 @@ impl AuditConfig {
         Duration::try_from_secs_f64(self.checkpoint_secs)
             .unwrap_or(Duration::from_secs(10))
             .max(Duration::from_millis(10))
+    }
+}
+
+/// `[replication]`: several `hufu serve` of one province share one write
+/// log, a JetStream stream; each consumes it into its own sled store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// NATS servers of the JetStream cluster, e.g. "nats://10.0.0.1:4222".
+    pub servers: Vec<String>,
+    /// The stream holding the province's writes (default `HUFU_<code>`).
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// Copies JetStream keeps of the stream: 3 survives the loss of one
+    /// NATS server.
+    #[serde(default = "default_stream_replicas")]
+    pub replicas: usize,
+    /// How long a write waits for JetStream's acknowledgement and for this
+    /// node to apply it, in milliseconds, before failing with UNAVAILABLE.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// NATS user and a file holding its password, if the servers ask.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Mutual TLS to NATS: the CA that signed the servers' certificates,
+    /// and this node's client certificate and key.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+fn default_stream_replicas() -> usize {
+    3
+}
+
+fn default_ack_timeout_ms() -> u64 {
+    5000
+}
+
+impl ReplicationConfig {
+    /// A configuration for `servers` with every other setting at its default.
+    pub fn new(servers: Vec<String>) -> ReplicationConfig {
+        ReplicationConfig {
+            servers,
+            stream: None,
+            replicas: default_stream_replicas(),
+            ack_timeout_ms: default_ack_timeout_ms(),
+            user: None,
+            password_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
+    /// The stream's name for `province`.
+    pub fn stream_name(&self, province: Province) -> String {
+        self.stream
+            .clone()
+            .unwrap_or_else(|| format!("HUFU_{province}"))
     }
 }
 

@@ -20,6 +20,7 @@ pub mod local;
 pub mod metrics;
 pub mod net;
 pub mod preflight;
+pub mod replication;
 pub mod revocation;
 pub mod sample;
 pub mod serve;

@@ -117,7 +117,21 @@ pub async fn start_on(
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let state = NodeState::open(config, metrics.clone(), stop.clone(), tasks.clone())?;
+    let write_log = match &config.replication {
+        Some(replication) => Some(Arc::new(
+            crate::replication::WriteLog::connect(replication, config)
+                .await
+                .context("[replication]")?,
+        )),
+        None => None,
+    };
+    let state = NodeState::open(
+        config,
+        metrics.clone(),
+        stop.clone(),
+        tasks.clone(),
+        write_log,
+    )?;
     let tls = with_session_tickets(hufu_certs::server_config(
         state.anchors.clone(),
         &config.read(&config.node_cert)?,
@@ -243,6 +257,14 @@ pub async fn start_on(
         health_reporter.clone(),
         stop.clone(),
     ));
+
+    if let Some(log) = &state.write_log {
+        tasks.spawn(crate::replication::run(
+            state.clone(),
+            log.clone(),
+            stop.clone(),
+        ));
+    }
 
     tasks.spawn(crate::revocation::watch(
         state.clone(),

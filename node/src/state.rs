@@ -25,8 +25,9 @@ use crate::error::{NodeError, NodeResult};
 use crate::federation::peers::Peers;
 use crate::federation::{Membership, Replicators};
 use crate::metrics::Metrics;
+use crate::replication::{Replica, WriteLog};
 use crate::status::now_unix;
-use crate::store::Store;
+use crate::store::{PutOutcome, Store};
 
 pub struct NodeState {
     pub province: Province,
@@ -61,6 +62,9 @@ pub struct NodeState {
     pub batch_changes: usize,
     /// Added to the time in this province's signed feed heads (testing only).
     pub clock_offset_ms: i64,
+    /// The province's write log shared with its other replicas (None: this
+    /// node writes its own store, the embedded default).
+    pub write_log: Option<Arc<WriteLog>>,
     /// Cancelled when the node shuts down; background tasks watch it.
     pub stop: CancellationToken,
     /// Every task the node starts, so that shutdown can wait for all of
@@ -74,6 +78,7 @@ impl NodeState {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
         tasks: TaskTracker,
+        write_log: Option<Arc<WriteLog>>,
     ) -> anyhow::Result<Arc<NodeState>> {
         let identity = Identity::new(config.province, Role::Node, &config.node_name)?;
         let store = Store::open_with_cache(
@@ -172,6 +177,7 @@ impl NodeState {
             heartbeat: Duration::from_millis(fed.heartbeat_ms.max(10)),
             batch_changes: fed.batch_changes.max(1),
             clock_offset_ms: fed.clock_offset_secs.saturating_mul(1000),
+            write_log,
             stop,
             tasks,
         });
@@ -261,6 +267,47 @@ impl NodeState {
                 "national_id",
                 "name the holder: national_id or holder is required",
             )),
+        }
+    }
+}
+
+/// A replica applies the province's write log to its store and keyring.
+impl Replica for NodeState {
+    fn province(&self) -> Province {
+        self.province
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn rotate_key_to(&self, alg: CodeAlg, pkcs8: &[u8], at: i64) -> Result<String, String> {
+        let kid = self
+            .keyring
+            .write()
+            .expect("keyring lock")
+            .rotate_to(alg, pkcs8, at)
+            .map_err(|e| e.to_string())?;
+        self.publish_own_keys();
+        Ok(kid)
+    }
+
+    fn revoke_key_at(&self, kid: &str, at: i64) -> Result<(), String> {
+        self.keyring
+            .write()
+            .expect("keyring lock")
+            .revoke_at(kid, at)
+            .map_err(|e| e.to_string())?;
+        self.publish_own_keys();
+        Ok(())
+    }
+
+    fn statuses_applied(&self, outcomes: &[PutOutcome]) {
+        if let Some(sequence) = outcomes.iter().rev().find_map(|o| match o {
+            PutOutcome::Applied { sequence } => Some(*sequence),
+            _ => None,
+        }) {
+            self.metrics.last_sequence.set(sequence as i64);
         }
     }
 }

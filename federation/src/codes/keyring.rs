@@ -234,12 +234,37 @@ impl Keyring {
     /// Makes a new `alg` key the signer and retires the old one, which stays
     /// published until every code it signed has expired. Returns the new kid.
     pub fn rotate(&mut self, alg: CodeAlg) -> Result<String, CodeError> {
-        let now = unix_now();
-        let (record, pkcs8, jwk) = new_key(&self.dir, alg, now)?;
-        let active = active_key(&record, &pkcs8, &self.dir.join(key_file(&record.kid)))?;
+        let pkcs8 = generate_key(alg)?;
+        self.rotate_to(alg, &pkcs8, unix_now())
+    }
+
+    /// Makes `pkcs8` (an `alg` key made by [`generate_key`]) the signer as of
+    /// `at`, retiring the old one: a rotation decided elsewhere, replayed
+    /// here, so that replicas of one province hold identical keyrings.
+    /// Adopting a key this keyring already has is a no-op (a replay).
+    pub fn rotate_to(&mut self, alg: CodeAlg, pkcs8: &[u8], at: i64) -> Result<String, CodeError> {
+        let jwk = public_jwk(alg, pkcs8).map_err(|_| CodeError::KeyGeneration { alg })?;
+        if self.records.iter().any(|r| r.kid == jwk.kid) {
+            return Ok(jwk.kid);
+        }
+        let path = self.dir.join(key_file(&jwk.kid));
+        // A key file left by a crash before its metadata was written is the
+        // same key (the file is named by its thumbprint): write it afresh.
+        if path.exists() {
+            fs::remove_file(&path).map_err(io_err("replace private key", &path))?;
+        }
+        write_private_key(&path, pkcs8)?;
+        let record = KeyRecord {
+            kid: jwk.kid.clone(),
+            alg,
+            created_at: at,
+            retired_at: None,
+            revoked_at: None,
+        };
+        let active = active_key(&record, pkcs8, &path)?;
         let mut records = self.records.clone();
         for r in records.iter_mut().filter(|r| r.is_active()) {
-            r.retired_at = Some(now);
+            r.retired_at = Some(at);
         }
         records.push(record);
         // Only once the metadata is durable does the new key sign anything:
@@ -256,26 +281,42 @@ impl Keyring {
     /// verifiers refuse its codes. Revoking an already revoked key is a no-op.
     /// The active key cannot be revoked: rotate first.
     pub fn revoke(&mut self, kid: &str) -> Result<(), CodeError> {
-        let Some(index) = self.records.iter().position(|r| r.kid == kid) else {
+        self.revoke_at(kid, unix_now())
+    }
+
+    /// [`revoke`](Self::revoke) as of `at`: a revocation replayed from
+    /// elsewhere.
+    pub fn revoke_at(&mut self, kid: &str, at: i64) -> Result<(), CodeError> {
+        self.check_revocable(kid)?;
+        let index = self
+            .records
+            .iter()
+            .position(|r| r.kid == kid)
+            .expect("checked above");
+        if self.records[index].revoked_at.is_some() {
+            return Ok(());
+        }
+        let mut records = self.records.clone();
+        records[index].revoked_at = Some(at);
+        write_metadata(&self.dir, &records)?;
+        tracing::warn!(kid, "revoked code-signing key");
+        self.records = records;
+        self.public.remove(kid);
+        Ok(())
+    }
+
+    /// Whether [`revoke`](Self::revoke) would accept `kid`, without revoking it.
+    pub fn check_revocable(&self, kid: &str) -> Result<(), CodeError> {
+        let Some(record) = self.records.iter().find(|r| r.kid == kid) else {
             return Err(CodeError::UnknownKid {
                 kid: kid.to_owned(),
             });
         };
-        let record = &self.records[index];
-        if record.revoked_at.is_some() {
-            return Ok(());
-        }
         if record.is_active() {
             return Err(CodeError::RevokeActive {
                 kid: kid.to_owned(),
             });
         }
-        let mut records = self.records.clone();
-        records[index].revoked_at = Some(unix_now());
-        write_metadata(&self.dir, &records)?;
-        tracing::warn!(kid, "revoked code-signing key");
-        self.records = records;
-        self.public.remove(kid);
         Ok(())
     }
 
@@ -326,14 +367,7 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 /// Generates an `alg` key, writes it to `dir`, and returns its record, its
 /// PKCS#8 document and its public JWK.
 fn new_key(dir: &Path, alg: CodeAlg, now: i64) -> Result<(KeyRecord, Vec<u8>, Jwk), CodeError> {
-    let rng = SystemRandom::new();
-    let pkcs8 = match alg {
-        CodeAlg::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng),
-        // v1 rather than v2: what OpenSSL and most tools expect.
-        CodeAlg::EdDsa => Ed25519KeyPair::generate_pkcs8v1(&rng),
-    }
-    .map_err(|_| CodeError::KeyGeneration { alg })?;
-    let pkcs8 = pkcs8.as_ref().to_vec();
+    let pkcs8 = generate_key(alg)?;
     let jwk = public_jwk(alg, &pkcs8).map_err(|_| CodeError::KeyGeneration { alg })?;
     write_private_key(&dir.join(key_file(&jwk.kid)), &pkcs8)?;
     let record = KeyRecord {
@@ -344,6 +378,26 @@ fn new_key(dir: &Path, alg: CodeAlg, now: i64) -> Result<(KeyRecord, Vec<u8>, Jw
         revoked_at: None,
     };
     Ok((record, pkcs8, jwk))
+}
+
+/// A fresh `alg` private key as a PKCS#8 document, for
+/// [`Keyring::rotate_to`].
+pub fn generate_key(alg: CodeAlg) -> Result<Vec<u8>, CodeError> {
+    let rng = SystemRandom::new();
+    let pkcs8 = match alg {
+        CodeAlg::Es256 => EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng),
+        // v1 rather than v2: what OpenSSL and most tools expect.
+        CodeAlg::EdDsa => Ed25519KeyPair::generate_pkcs8v1(&rng),
+    }
+    .map_err(|_| CodeError::KeyGeneration { alg })?;
+    Ok(pkcs8.as_ref().to_vec())
+}
+
+/// The kid (RFC 7638 thumbprint) of an `alg` PKCS#8 private key.
+pub fn key_id(alg: CodeAlg, pkcs8: &[u8]) -> Result<String, CodeError> {
+    public_jwk(alg, pkcs8)
+        .map(|jwk| jwk.kid)
+        .map_err(|_| CodeError::KeyGeneration { alg })
 }
 
 /// The public JWK of a PKCS#8 private key.

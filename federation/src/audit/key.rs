@@ -148,6 +148,13 @@ impl LogSigner {
         })
     }
 
+    /// The same key signing the log of another `node` of the province, under
+    /// that node's origin: each replica of a province keeps its own audit
+    /// log, signed with the province's one log key.
+    pub fn for_node(&self, node: &str) -> Result<LogSigner, AuditError> {
+        LogSigner::from_pkcs8_der(&log_origin(self.province, node)?, &self.pkcs8)
+    }
+
     /// Reads what [`to_pkcs8_pem`](Self::to_pkcs8_pem) wrote: the origin
     /// line, then a PKCS#8 `PRIVATE KEY` block.
     pub fn from_pkcs8_pem(pem: &str) -> Result<LogSigner, AuditError> {

@@ -40,6 +40,10 @@ const POSITION_KEY: &[u8] = b"applied";
 /// lost it (NATS down, stream missing).
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 
+/// How long the consumer may be quiet before the stream is asked whether it
+/// has grown meanwhile.
+const STALL_CHECK: Duration = Duration::from_secs(1);
+
 /// The stream position `store` has applied up to (0: none).
 pub fn applied_position(store: &Store) -> NodeResult<u64> {
     let tree = store.db()?.open_tree(POSITION_TREE)?;
@@ -101,9 +105,20 @@ async fn follow<R: Replica>(
     loop {
         let message = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            m = messages.next() => match m {
-                Some(m) => m?,
-                None => anyhow::bail!("the write log's consumer ended"),
+            m = tokio::time::timeout(STALL_CHECK, messages.next()) => match m {
+                Ok(Some(m)) => m?,
+                Ok(None) => anyhow::bail!("the write log's consumer ended"),
+                // Quiet: fine if there is nothing new. A consumer whose
+                // NATS server died can stay quiet while the stream grows
+                // (seen with nats-server 2.9): then it is made again.
+                Err(_) => {
+                    let last = log.last_position().await?;
+                    anyhow::ensure!(
+                        last <= position,
+                        "the write log is at position {last} but its consumer stalled at {position}"
+                    );
+                    continue;
+                }
             },
         };
         let at = message.info().map_err(anyhow::Error::msg)?.stream_sequence;

@@ -25,6 +25,7 @@
 
 pub mod cluster;
 mod consumer;
+pub mod local;
 pub mod setup;
 mod write;
 

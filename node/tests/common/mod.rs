@@ -135,13 +135,19 @@ pub fn quick_federation(
 ) -> hufu_node::local::LocalFederation {
     let provinces: Vec<Province> = codes.iter().map(|c| province(c)).collect();
     hufu_node::local::LocalFederation::init(root, &provinces, |c| {
-        c.federation.heartbeat_ms = 100;
-        c.federation.max_replica_age_secs = 1;
-        c.federation.peer_deadline_ms = 300;
-        c.federation.gossip_secs = 1;
+        quick(c);
         tune(c);
     })
     .unwrap()
+}
+
+/// The quick tests' settings: heartbeats every 100 ms, replicas stale
+/// after 1 s, peers given 300 ms, gossip every second.
+pub fn quick(c: &mut hufu_node::config::NodeConfig) {
+    c.federation.heartbeat_ms = 100;
+    c.federation.max_replica_age_secs = 1;
+    c.federation.peer_deadline_ms = 300;
+    c.federation.gossip_secs = 1;
 }
 
 /// Issues a code at `province` for its `n`th sample holder.

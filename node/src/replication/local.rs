@@ -1,0 +1,113 @@
+//! A province of several node replicas on loopback, beside other provinces:
+//! a three-server JetStream cluster, a federation whose first province
+//! writes through it, and that province's other replicas, made from its
+//! directory. The replicas demo, the replicas benchmark and the tests run
+//! through this.
+
+use std::path::{Path, PathBuf};
+
+use hufu_certs::Province;
+
+use super::cluster::NatsCluster;
+use super::setup::{ReplicaOptions, init_replica};
+use crate::config::{NodeConfig, ReplicationConfig};
+use crate::local::{LocalFederation, LocalProvince, free_port};
+
+/// NATS servers in the local cluster: three, so that one may fail.
+pub const NATS_SERVERS: usize = 3;
+
+pub struct ReplicatedFederation {
+    /// Province `provinces[0]` of it has replicas.
+    pub federation: LocalFederation,
+    /// That province's other replicas (not started).
+    pub replicas: Vec<LocalProvince>,
+    /// Their configuration files, for replicas run as `hufu serve`.
+    pub replica_configs: Vec<PathBuf>,
+    /// The write log's servers; killed when dropped, after the nodes stop.
+    pub nats: NatsCluster,
+}
+
+impl ReplicatedFederation {
+    /// Starts the NATS cluster under `root` and creates `provinces` (none
+    /// started); `provinces[0]` gets `replicas` nodes in all, whose
+    /// `[replication]` is `replication` (the cluster's servers are filled
+    /// in). `tune` adjusts every province's config, as for
+    /// [`LocalFederation::init`].
+    pub async fn init(
+        root: &Path,
+        provinces: &[Province],
+        replicas: usize,
+        replication: impl Fn(Vec<String>) -> ReplicationConfig,
+        tune: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<ReplicatedFederation> {
+        let nats = NatsCluster::start(&root.join("nats"), NATS_SERVERS).await?;
+        let settings = replication(nats.urls());
+        let replicated = provinces[0];
+        let federation = LocalFederation::init(&root.join("federation"), provinces, |c| {
+            tune(c);
+            if c.province == replicated {
+                c.replication = Some(settings.clone());
+            }
+        })?;
+        let first = federation.get(replicated);
+        let mut replica_configs = Vec::new();
+        let mut local = Vec::new();
+        for n in 2..=replicas {
+            let opts = ReplicaOptions {
+                node_name: format!("node-{n}"),
+                listen: format!("127.0.0.1:{}", free_port()?).parse()?,
+                metrics_listen: Some("127.0.0.1:0".parse()?),
+                hosts: vec![],
+            };
+            let path = init_replica(
+                &first.config,
+                &root.join(format!("{replicated}-node-{n}")),
+                &opts,
+                settings.clone(),
+            )?;
+            let config = NodeConfig::load(&path)?;
+            local.push(LocalProvince {
+                province: replicated,
+                dir: config.base_dir.clone(),
+                config,
+                node: None,
+            });
+            replica_configs.push(path);
+        }
+        Ok(ReplicatedFederation {
+            federation,
+            replicas: local,
+            replica_configs,
+            nats,
+        })
+    }
+
+    /// Starts every province's node and every replica.
+    pub async fn start_all(&mut self) -> anyhow::Result<()> {
+        self.federation.start_all().await?;
+        for r in &mut self.replicas {
+            r.start().await?;
+        }
+        Ok(())
+    }
+
+    /// Stops every node (the NATS servers stop when this is dropped).
+    pub async fn stop_all(&mut self) -> anyhow::Result<()> {
+        for r in &mut self.replicas {
+            r.stop().await?;
+        }
+        self.federation.stop_all().await
+    }
+
+    /// The replicated province.
+    pub fn province(&self) -> Province {
+        self.federation.provinces[0].province
+    }
+
+    /// Every replica of the replicated province, the first one first.
+    pub fn all_replicas(&self) -> Vec<&LocalProvince> {
+        std::iter::once(self.federation.get(self.province()))
+            .chain(&self.replicas)
+            .collect()
+    }
+}

@@ -355,3 +355,90 @@ async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() 
         );
     }
 }
+
+fn hufu(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hufu"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn hufu_init_replica_of_makes_a_node_of_the_same_province_with_its_own_identity() {
+    let scratch = tempfile::tempdir().unwrap();
+    let first = scratch.path().join("gd-1");
+    let second = scratch.path().join("gd-2");
+    let out = hufu(&[
+        "init",
+        "--province",
+        "440000",
+        "--dir",
+        first.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+
+    // Without NATS servers named anywhere, it says what to add.
+    let out = hufu(&[
+        "init",
+        "--replica-of",
+        first.to_str().unwrap(),
+        "--node-name",
+        "node-2",
+        "--dir",
+        second.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--nats"),
+        "{out:?}"
+    );
+    // Nor under the same node name.
+    let out = hufu(&[
+        "init",
+        "--replica-of",
+        first.to_str().unwrap(),
+        "--nats",
+        "nats://127.0.0.1:4222",
+        "--dir",
+        second.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("its own node name"),
+        "{out:?}"
+    );
+
+    let out = hufu(&[
+        "init",
+        "--replica-of",
+        first.to_str().unwrap(),
+        "--node-name",
+        "node-2",
+        "--nats",
+        "nats://127.0.0.1:4222",
+        "--listen",
+        "127.0.0.1:7444",
+        "--metrics-listen",
+        "127.0.0.1:9465",
+        "--dir",
+        second.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let a = hufu_node::config::NodeConfig::load(&first.join("hufu.toml")).unwrap();
+    let b = hufu_node::config::NodeConfig::load(&second.join("hufu.toml")).unwrap();
+    assert_eq!((b.province, b.node_name.as_str()), (a.province, "node-2"));
+    assert_eq!(
+        b.replication.as_ref().unwrap().servers,
+        ["nats://127.0.0.1:4222"]
+    );
+    let read =
+        |c: &hufu_node::config::NodeConfig, p: &std::path::Path| std::fs::read(c.path(p)).unwrap();
+    // The province's secrets are the same; the node's certificate is its own.
+    assert_eq!(read(&a, &a.holder_secret), read(&b, &b.holder_secret));
+    assert_eq!(read(&a, &a.log_key), read(&b, &b.log_key));
+    assert_ne!(read(&a, &a.node_cert), read(&b, &b.node_cert));
+    assert!(
+        !second.join("ca/ca.key").exists(),
+        "the CA key stays with the node it was made from"
+    );
+}

@@ -33,6 +33,11 @@ pub struct DemoArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     pub duration: Option<u64>,
+    /// Instead: one province as this many node replicas (2 to 5) sharing a
+    /// write log on a 3-server NATS JetStream cluster on loopback (needs
+    /// nats-server on PATH), beside a peer province.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(2..=5))]
+    pub replicas: Option<u8>,
 }
 
 fn colour(c: i32) -> &'static str {
@@ -279,7 +284,7 @@ async fn matrix(
 /// The demo's throwaway data. In memory where the system offers it: the
 /// demo's nodes share one disk, which real provinces never do, and would
 /// spend the demo queueing behind each other's flushes.
-fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+pub(crate) fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     let memory = Path::new("/dev/shm");
     if memory.is_dir()
         && let Ok(dir) = tempfile::Builder::new()
@@ -292,6 +297,9 @@ fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if let Some(replicas) = args.replicas {
+        return crate::demo_replicas::run(replicas, args.duration).await;
+    }
     let began = Instant::now();
     let scratch = scratch_dir()?;
     let codes = chosen(args.provinces);

@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod demo;
+mod demo_replicas;
 mod loadgen;
 mod surge;
 

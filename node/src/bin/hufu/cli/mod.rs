@@ -109,8 +109,8 @@ pub enum ConfigCommand {
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
     /// GB/T 2260 province code, e.g. 440000.
-    #[arg(long)]
-    pub province: Province,
+    #[arg(long, required_unless_present = "replica_of")]
+    pub province: Option<Province>,
     /// Directory to create.
     #[arg(long)]
     pub dir: PathBuf,
@@ -124,6 +124,82 @@ pub struct InitArgs {
     /// DNS name or IP the node is reached at (repeatable); default localhost, 127.0.0.1, ::1.
     #[arg(long = "host")]
     pub hosts: Vec<String>,
+    /// Make a further replica of the province whose node directory this is
+    /// (same province, secrets and keys; its own node name, certificate and
+    /// store), sharing the province's write log on NATS JetStream.
+    #[arg(long, value_name = "DIR", conflicts_with = "province")]
+    pub replica_of: Option<PathBuf>,
+    /// The NATS servers of the province's JetStream cluster (repeatable),
+    /// for --replica-of; default: the [replication] servers of that node.
+    #[arg(long = "nats", value_name = "URL")]
+    pub nats: Vec<String>,
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    if let Some(from) = &args.replica_of {
+        return init_replica(from, &args);
+    }
+    let province = args
+        .province
+        .ok_or_else(|| anyhow::anyhow!("--province is required"))?;
+    let opts = InitOptions {
+        province,
+        node_name: args.node_name,
+        listen: args.listen,
+        metrics_listen: Some(args.metrics_listen),
+        hosts: args.hosts,
+    };
+    let config = init::init_province(&args.dir, &opts)?;
+    println!(
+        "province {} ({}) initialised in {}",
+        opts.province,
+        opts.province.name(),
+        args.dir.display()
+    );
+    println!("  config:      {}", config.display());
+    println!("  next:        hufu serve --config {}", config.display());
+    Ok(())
+}
+
+/// `hufu init --replica-of DIR`: a further replica of a province.
+fn init_replica(from: &Path, args: &InitArgs) -> anyhow::Result<()> {
+    use hufu_node::config::ReplicationConfig;
+    use hufu_node::replication::setup::{ReplicaOptions, init_replica};
+    let source = NodeConfig::load(&from.join(init::CONFIG_FILE))?;
+    let mut replication = match (&source.replication, args.nats.is_empty()) {
+        (Some(r), _) => r.clone(),
+        (None, false) => ReplicationConfig::new(args.nats.clone()),
+        (None, true) => anyhow::bail!(
+            "{} has no [replication] section: name the province's NATS servers with --nats nats://host:4222 (repeatable)",
+            from.display()
+        ),
+    };
+    if !args.nats.is_empty() {
+        replication.servers = args.nats.clone();
+    }
+    let opts = ReplicaOptions {
+        node_name: args.node_name.clone(),
+        listen: args.listen,
+        metrics_listen: Some(args.metrics_listen),
+        hosts: args.hosts.clone(),
+    };
+    let config = init_replica(&source, &args.dir, &opts, replication)?;
+    println!(
+        "replica {} of province {} ({}) initialised in {}",
+        opts.node_name,
+        source.province,
+        source.province.name(),
+        args.dir.display()
+    );
+    println!("  config:      {}", config.display());
+    if source.replication.is_none() {
+        println!(
+            "  also:        add the same [replication] section to {} before starting either",
+            from.join(init::CONFIG_FILE).display()
+        );
+    }
+    println!("  next:        hufu serve --config {}", config.display());
+    Ok(())
 }
 
 pub fn init_tracing(cli: &Cli) {
@@ -150,24 +226,7 @@ pub fn init_tracing(cli: &Cli) {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Init(args) => {
-            let opts = InitOptions {
-                province: args.province,
-                node_name: args.node_name,
-                listen: args.listen,
-                metrics_listen: Some(args.metrics_listen),
-                hosts: args.hosts,
-            };
-            let config = init::init_province(&args.dir, &opts)?;
-            println!(
-                "province {} ({}) initialised in {}",
-                opts.province,
-                opts.province.name(),
-                args.dir.display()
-            );
-            println!("  config:      {}", config.display());
-            println!("  next:        hufu serve --config {}", config.display());
-        }
+        Command::Init(args) => init(args)?,
         Command::Serve { config } => serve(&config).await?,
         Command::Certs(cmd) => certs::run(cmd)?,
         Command::Status(cmd) => return status::status(cmd).await,

@@ -225,6 +225,18 @@ impl LocalFederation {
         Ok(())
     }
 
+    /// Starts province `p` on the listener reserved for it when it has not
+    /// run yet (on `config.listen` after that).
+    pub async fn start(&mut self, p: Province) -> anyhow::Result<SocketAddr> {
+        let listener = self.reserved.remove(&p);
+        self.provinces
+            .iter_mut()
+            .find(|x| x.province == p)
+            .expect("province in federation")
+            .start_with(listener)
+            .await
+    }
+
     pub async fn stop_all(&mut self) -> anyhow::Result<()> {
         // Everyone is told first: nodes stopping one by one would each see
         // the others' feeds go down.

@@ -289,19 +289,3 @@ impl Metrics {
         out
     }
 }
-
-/// Times a service call and records its outcome.
-pub async fn metered<T>(
-    metrics: &Metrics,
-    method: &'static str,
-    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    let started = Instant::now();
-    let result = call.await;
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(status) => status.code(),
-    };
-    metrics.observe(method, started, code);
-    result
-}

@@ -18,7 +18,8 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::state::NodeState;
+use crate::codes::Codes;
+use crate::standing::Standing;
 
 /// How often the node looks at its revocation list file.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
@@ -111,22 +112,27 @@ impl RevocationList {
 
 /// Puts the list at `path` in force at this node, if it changed: refuses
 /// the certificates at once and publishes the serials to peers.
-pub fn reload(state: &NodeState, path: &Path) -> anyhow::Result<()> {
+pub fn reload(standing: &Standing, codes: &Codes, path: &Path) -> anyhow::Result<()> {
     let list = RevocationList::load(path)?;
-    if state.standing.set_revoked(state.province, list.serials()) {
+    if standing.set_revoked(standing.own(), list.serials()) {
         tracing::warn!(
             revoked = list.revoked.len(),
             file = %path.display(),
             "certificate revocation list put in force"
         );
-        state.publish_own_keys();
+        codes.publish_own_keys();
     }
     Ok(())
 }
 
 /// Watches the list at `path` until `stop`, reloading it when its size or
 /// modification time changes. A broken file keeps the list in force.
-pub async fn watch(state: Arc<NodeState>, path: std::path::PathBuf, stop: CancellationToken) {
+pub async fn watch(
+    standing: Arc<Standing>,
+    codes: Arc<Codes>,
+    path: std::path::PathBuf,
+    stop: CancellationToken,
+) {
     let stamp = |path: &Path| -> Option<(SystemTime, u64)> {
         let meta = std::fs::metadata(path).ok()?;
         Some((meta.modified().ok()?, meta.len()))
@@ -144,7 +150,7 @@ pub async fn watch(state: Arc<NodeState>, path: std::path::PathBuf, stop: Cancel
             continue;
         }
         seen = now;
-        if let Err(err) = reload(&state, &path) {
+        if let Err(err) = reload(&standing, &codes, &path) {
             tracing::error!(error = %format!("{err:#}"), "revocation list not reloaded; the previous one stays in force");
         }
     }

@@ -225,6 +225,9 @@ pub async fn start_on(
         .clone()
         .routes()
         .prepare();
+    // Admission (and authorization) first; then every admitted call is
+    // counted and timed by method.
+    let routes = tower::Layer::layer(&crate::metered::MeteredLayer(metrics.clone()), routes);
     let service = tower::Layer::layer(&admission::AdmissionLayer(admission), routes);
     let http2 = crate::serve::Http2Settings {
         caller_streams: limits.max_concurrent_streams,
@@ -244,13 +247,13 @@ pub async fn start_on(
         shutdown_grace: Duration::from_secs(10),
     };
 
-    tasks.spawn(state.clone().gossip(
+    tasks.spawn(state.federation.clone().gossip(
         Duration::from_secs(config.federation.gossip_secs.max(1)),
         stop.clone(),
     ));
 
     if state.audit.enabled() {
-        tasks.spawn(crate::audit::run(state.clone(), stop.clone()));
+        tasks.spawn(state.audit.clone().run(stop.clone()));
     }
     tasks.spawn(crate::storage_health::run(
         state.clone(),
@@ -267,21 +270,22 @@ pub async fn start_on(
     }
 
     tasks.spawn(crate::revocation::watch(
-        state.clone(),
+        state.standing.clone(),
+        state.codes.clone(),
         config.path(&config.revoked_certs),
         stop.clone(),
     ));
 
     // Retired code-signing keys leave the verifier once their codes expire.
     {
-        let state = state.clone();
+        let codes = state.codes.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = tick.tick() => state.publish_own_keys(),
+                    _ = tick.tick() => codes.publish_own_keys(),
                 }
             }
         });

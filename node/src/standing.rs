@@ -67,6 +67,11 @@ impl Standing {
 
     /// Whether the holder of the certificate `serial` naming `identity` may
     /// be served now. Cheap: one atomic load and two hash lookups.
+    /// This node's province.
+    pub fn own(&self) -> Province {
+        self.own
+    }
+
     pub fn check(&self, identity: &Identity, serial: &str) -> Result<(), Refusal> {
         let rules = self.rules.load();
         if identity.province != self.own

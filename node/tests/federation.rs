@@ -372,16 +372,16 @@ async fn forgeries_are_refused_and_the_node_keeps_serving() {
     let sn = fed.get(p(SN)).node.as_ref().unwrap();
     let log_key = sn
         .state
-        .membership
-        .load()
+        .peers
+        .members()
         .member(p(GD))
         .unwrap()
         .log_key
         .clone();
     let tj_key = sn
         .state
-        .membership
-        .load()
+        .peers
+        .members()
         .member(p(TJ))
         .unwrap()
         .log_key
@@ -442,6 +442,7 @@ async fn forgeries_are_refused_and_the_node_keeps_serving() {
     let gd_node = fed.get(p(GD)).node.as_ref().unwrap();
     let current = gd_node
         .state
+        .federation
         .trust
         .lock()
         .await
@@ -496,7 +497,7 @@ async fn forgeries_are_refused_and_the_node_keeps_serving() {
     for at in [SN, TJ] {
         let node = fed.get(p(at)).node.as_ref().unwrap();
         eventually(Duration::from_secs(10), || async {
-            (node.state.membership.load().version() == 2).then_some(())
+            (node.state.peers.members().version() == 2).then_some(())
         })
         .await;
     }

@@ -144,7 +144,7 @@ async fn a_key_rotated_through_one_replica_signs_codes_that_every_replica_verifi
         // The new key signs at every replica...
         let keyring_kid = eventually(CONVERGE_WITHIN, || async {
             let state = &r.node.as_ref().unwrap().state;
-            let kid = state.keyring.read().unwrap().active_kid().to_owned();
+            let kid = state.codes.keyring.read().unwrap().active_kid().to_owned();
             (kid == rotated.kid).then_some(kid)
         })
         .await;
@@ -168,7 +168,7 @@ async fn a_key_rotated_through_one_replica_signs_codes_that_every_replica_verifi
     // All three publish the same keys.
     let digests: Vec<_> = [first, &others[0], &others[1]]
         .iter()
-        .map(|r| r.node.as_ref().unwrap().state.own_keys_digest())
+        .map(|r| r.node.as_ref().unwrap().state.codes.own_keys_digest())
         .collect();
     assert!(
         digests.windows(2).all(|w| w[0] == w[1]),

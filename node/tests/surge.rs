@@ -42,7 +42,7 @@ async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
     let config = fed.get_mut(gd).dir.join("hufu.toml");
     std::fs::write(&config, toml::to_string(&fed.get(gd).config).unwrap()).unwrap();
     let node = common::Serve::start(&config, &scratch.path().join("node.log"));
-    fed.get_mut(sn).start().await.unwrap();
+    fed.start(sn).await.unwrap();
     let up = Instant::now();
     while fed.get(gd).admin().await.is_err() {
         assert!(

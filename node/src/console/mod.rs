@@ -139,7 +139,7 @@ async fn refresh_gauges(state: &NodeState) {
         }
     }
     let created = {
-        let keyring = state.keyring.read().expect("keyring lock");
+        let keyring = state.codes.keyring.read().expect("keyring lock");
         keyring
             .keys()
             .iter()

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::federation::peers::PeerView;
+use crate::peers::PeerView;
 use crate::state::NodeState;
 use crate::status::now_millis;
 
@@ -56,7 +56,7 @@ impl FederationView {
     pub async fn of(state: &NodeState) -> FederationView {
         let now = now_millis();
         let max_age = state.max_replica_age;
-        let trust = state.trust.lock().await.as_ref().map(|store| {
+        let trust = state.federation.trust.lock().await.as_ref().map(|store| {
             let current = store.current();
             TrustView {
                 version: current.list.version,
@@ -70,7 +70,7 @@ impl FederationView {
                 issued_at: current.list.issued_at,
             }
         });
-        let membership = state.membership.load_full();
+        let membership = state.peers.members();
         let mut members = Vec::new();
         // Alone, without a trust list, the node still shows its own row.
         let alone = [(state.province, String::new(), Vec::new())];
@@ -261,7 +261,7 @@ impl KeysView {
     pub fn of(state: &NodeState) -> KeysView {
         let now = crate::status::now_unix();
         let (jwks, keys) = {
-            let keyring = state.keyring.read().expect("keyring lock");
+            let keyring = state.codes.keyring.read().expect("keyring lock");
             let jwks = serde_json::to_value(keyring.jwks(now)).unwrap_or_default();
             let keys = keyring
                 .keys()
@@ -277,10 +277,15 @@ impl KeysView {
                 .collect();
             (jwks, keys)
         };
-        let announced = state.key_digests.lock().expect("digest lock").clone();
+        let announced = state
+            .federation
+            .key_digests
+            .lock()
+            .expect("digest lock")
+            .clone();
         let members = state
-            .membership
-            .load()
+            .peers
+            .members()
             .list
             .iter()
             .flat_map(|l| l.members.iter())
@@ -297,7 +302,7 @@ impl KeysView {
             province: state.province.to_string(),
             jwks,
             keys,
-            digest: hex(&state.own_keys_digest()),
+            digest: hex(&state.codes.own_keys_digest()),
             members,
         }
     }

@@ -10,8 +10,9 @@ use hufu_federation::holder::NationalId;
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::{HolderMatch, MatchHolderRequest};
 
+use super::Federation;
 use crate::audit;
-use crate::state::NodeState;
+use crate::peers::PeerError;
 
 /// Audit answers of a holder match: a word, as entries take.
 pub fn answer_word(matches: bool) -> &'static str {
@@ -21,7 +22,7 @@ pub fn answer_word(matches: bool) -> &'static str {
 /// The audit detail that marks a lookup entry as a holder match.
 pub const DETAIL: &str = "holder match";
 
-impl NodeState {
+impl Federation {
     /// Whether `id` is the national id of `holder` of province `p`: this
     /// node recomputes the pseudonym for its own province's codes, and asks
     /// the issuer for another's. UNSPECIFIED when no id was given.
@@ -38,21 +39,11 @@ impl NodeState {
         if p != self.province {
             return self.match_holder_authoritative(p, holder, id, caller).await;
         }
-        if self.is_own_holder(id, holder) {
+        if self.codes.is_own_holder(id, holder) {
             HolderMatch::True
         } else {
             HolderMatch::False
         }
-    }
-
-    /// Whether `id` pseudonymises to `holder` under this province's secret.
-    /// Compared in constant time: the answer is all a caller learns.
-    pub fn is_own_holder(&self, id: &NationalId, holder: &str) -> bool {
-        aws_lc_rs::constant_time::verify_slices_are_equal(
-            self.secret.pseudonym(id).as_str().as_bytes(),
-            holder.as_bytes(),
-        )
-        .is_ok()
     }
 
     /// Whether `id` is the national id of holder `holder` of province `p`,
@@ -88,38 +79,26 @@ impl NodeState {
         }
     }
 
-    async fn ask_match(&self, p: Province, holder: &str, id: &NationalId) -> Result<bool, String> {
-        let membership = self.membership.load_full();
-        let member = membership
-            .member(p)
-            .ok_or_else(|| format!("province {p} is not a member"))?;
-        if !self.peers.allows(p) {
-            return Err(format!("province {p} is failing: circuit open"));
-        }
-        let mut last_error = format!("province {p} lists no endpoints");
-        for (attempt, endpoint) in member.endpoints.iter().enumerate() {
-            if attempt > 0 && !self.peers.may_retry(p) {
-                break;
-            }
-            let channel = self.peers.channel(p, endpoint).map_err(|e| e.to_string())?;
-            let mut request = tonic::Request::new(MatchHolderRequest {
-                holder: holder.to_owned(),
-                national_id: id.as_str().to_owned(),
-            });
-            request.set_timeout(self.peers.deadline);
-            let mut client = FederationServiceClient::new(channel);
-            match tokio::time::timeout(self.peers.deadline, client.match_holder(request)).await {
-                Ok(Ok(reply)) => {
-                    self.peers.success(p);
-                    return Ok(reply.into_inner().matches);
+    async fn ask_match(
+        &self,
+        p: Province,
+        holder: &str,
+        id: &NationalId,
+    ) -> Result<bool, PeerError> {
+        let request = MatchHolderRequest {
+            holder: holder.to_owned(),
+            national_id: id.as_str().to_owned(),
+        };
+        self.peers
+            .call(p, "holder match at", |call| {
+                let request = call.request(request.clone());
+                async move {
+                    FederationServiceClient::new(call.channel)
+                        .match_holder(request)
+                        .await
+                        .map(|reply| reply.into_inner().matches)
                 }
-                Ok(Err(status)) => last_error = format!("{endpoint}: {}", status.message()),
-                Err(_) => {
-                    last_error = format!("{endpoint}: no answer within {:?}", self.peers.deadline)
-                }
-            }
-            self.peers.failure(p);
-        }
-        Err(last_error)
+            })
+            .await
     }
 }

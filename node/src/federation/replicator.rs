@@ -14,7 +14,8 @@ use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{GetJwksRequest, SubscribeChangesRequest};
 use tokio_util::sync::CancellationToken;
 
-use crate::state::NodeState;
+use super::Federation;
+use crate::peers::PeerError;
 
 /// Largest feed message accepted (a batch of a few thousand changes).
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
@@ -114,7 +115,7 @@ fn log_link(p: Province, event: Option<LinkEvent>, error: &str) {
     }
 }
 
-pub async fn run(state: Arc<NodeState>, p: Province, stop: CancellationToken) {
+pub async fn run(state: Arc<Federation>, p: Province, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
     let mut relay_turn = 0usize;
     let mut link = Link::new(Instant::now());
@@ -134,11 +135,14 @@ pub async fn run(state: Arc<NodeState>, p: Province, stop: CancellationToken) {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(err) => {
                 if source.direct {
-                    state.peers.failure(p);
-                    log_link(p, link.failed(Instant::now()), &err);
-                    state
-                        .peers
-                        .note_error(p, &format!("feed from {}: {err}", source.endpoint));
+                    log_link(p, link.failed(Instant::now()), &err.to_string());
+                    // A failed subscription call is counted by the peer
+                    // client; a feed that broke off is counted here.
+                    if let SessionError::Feed(why) = &err {
+                        state
+                            .peers
+                            .failed(p, &format!("feed from {}: {why}", source.endpoint));
+                    }
                 }
                 tracing::debug!(province = %p, from = %source.province, endpoint = %source.endpoint, error = %err, "feed session ended");
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -158,8 +162,8 @@ async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-fn choose_source(state: &NodeState, p: Province, relay_turn: &mut usize) -> Option<Source> {
-    let membership = state.membership.load_full();
+fn choose_source(state: &Federation, p: Province, relay_turn: &mut usize) -> Option<Source> {
+    let membership = state.peers.members();
     let issuer = membership.member(p)?;
     if state.peers.allows(p)
         && let Some(endpoint) = issuer.endpoints.first()
@@ -187,48 +191,69 @@ fn choose_source(state: &NodeState, p: Province, relay_turn: &mut usize) -> Opti
     })
 }
 
+/// Why a feed session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// The subscription call failed (already counted by the peer client).
+    #[error(transparent)]
+    Call(PeerError),
+    /// The feed broke off, went silent or sent what could not be applied.
+    #[error("{0}")]
+    Feed(String),
+}
+
 async fn session(
-    state: &Arc<NodeState>,
+    state: &Arc<Federation>,
     p: Province,
     source: &Source,
     stop: &CancellationToken,
     link: &mut Link,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let log_key = state
-        .membership
-        .load()
+        .peers
+        .members()
         .member(p)
         .map(|m| m.log_key.clone())
-        .ok_or_else(|| format!("{p} left the federation"))?;
+        .ok_or_else(|| SessionError::Feed(format!("{p} left the federation")))?;
     let after = state
         .store
         .tail(p)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| SessionError::Feed(e.to_string()))?
         .sequence;
-    let channel = state
-        .peers
-        .channel(source.province, &source.endpoint)
-        .map_err(|e| e.to_string())?;
-    let mut client =
-        FederationServiceClient::new(channel).max_decoding_message_size(MAX_BATCH_BYTES);
     // The first call on a channel also connects it (TCP and TLS): when a
     // federation starts, every node connects to every other at once, and
     // a subscription refused for taking longer than a lookup would only
     // start the handshake again.
-    let deadline = state.peers.deadline + crate::client::CONNECT_TIMEOUT;
-    let call = client.subscribe_changes(SubscribeChangesRequest {
+    let deadline = state.peers.deadline() + crate::client::CONNECT_TIMEOUT;
+    let request = SubscribeChangesRequest {
         issuer: p.to_string(),
         after_sequence: after,
-    });
-    let answer = tokio::select! {
-        _ = stop.cancelled() => return Ok(()),
-        answer = tokio::time::timeout(deadline, call) => answer,
     };
-    let mut stream = answer
-        .map_err(|_| format!("no answer within {deadline:?}"))?
-        .map_err(|s| s.message().to_owned())?
-        .into_inner();
+    let answer = state
+        .peers
+        .call_at(
+            source.province,
+            &source.endpoint,
+            deadline,
+            "feed from",
+            |call| {
+                // The subscription stays open: no deadline travels with it.
+                let request = request.clone();
+                async move {
+                    FederationServiceClient::new(call.channel)
+                        .max_decoding_message_size(MAX_BATCH_BYTES)
+                        .subscribe_changes(request)
+                        .await
+                }
+            },
+        )
+        .await;
+    let mut stream = match answer {
+        Ok(stream) => stream.into_inner(),
+        Err(PeerError::Stopped) => return Ok(()),
+        Err(err) => return Err(SessionError::Call(err)),
+    };
     // Heartbeats come about once a second: silence for longer means the
     // source is gone even if the connection looks open.
     let idle = state.heartbeat * 3 + deadline;
@@ -240,9 +265,9 @@ async fn session(
             next = tokio::time::timeout(idle, stream.message()) => next,
         };
         let batch = match next {
-            Err(_) => return Err(format!("silent for {idle:?}")),
-            Ok(Err(status)) => return Err(status.message().to_owned()),
-            Ok(Ok(None)) => return Err("feed ended".into()),
+            Err(_) => return Err(SessionError::Feed(format!("silent for {idle:?}"))),
+            Ok(Err(status)) => return Err(SessionError::Feed(status.message().to_owned())),
+            Ok(Ok(None)) => return Err(SessionError::Feed("feed ended".into())),
             Ok(Ok(Some(batch))) => batch,
         };
         match state.store.apply_batch(p, &batch, &log_key).await {
@@ -271,7 +296,7 @@ async fn session(
             Err(err) => {
                 state.metrics.feed_refused.inc();
                 tracing::warn!(province = %p, from = %source.province, error = %err, "feed batch refused");
-                return Err(err.to_string());
+                return Err(SessionError::Feed(err.to_string()));
             }
         }
         if ends.is_some_and(|e| Instant::now() > e) {
@@ -284,7 +309,7 @@ async fn session(
 /// (rotation, revocation), so codes signed with a new key verify at once and
 /// a revoked key is refused at once, without waiting for a trust list.
 async fn refresh_keys_if_changed(
-    state: &Arc<NodeState>,
+    state: &Arc<Federation>,
     p: Province,
     endpoint: &str,
     digest: &[u8],
@@ -295,20 +320,30 @@ async fn refresh_keys_if_changed(
             return;
         }
     }
-    let Ok(channel) = state.peers.channel(p, endpoint) else {
-        return;
-    };
-    let mut request = tonic::Request::new(GetJwksRequest {
+    let request = GetJwksRequest {
         province: p.to_string(),
-    });
-    request.set_timeout(state.peers.deadline);
-    let reply = match StatusLookupServiceClient::new(channel)
-        .get_jwks(request)
+    };
+    let reply = match state
+        .peers
+        .call_at(
+            p,
+            endpoint,
+            state.peers.deadline(),
+            "key fetch from",
+            |call| {
+                let request = call.request(request.clone());
+                async move {
+                    StatusLookupServiceClient::new(call.channel)
+                        .get_jwks(request)
+                        .await
+                }
+            },
+        )
         .await
     {
         Ok(r) => r.into_inner(),
-        Err(status) => {
-            tracing::debug!(province = %p, error = %status.message(), "fetching keys failed");
+        Err(err) => {
+            tracing::debug!(province = %p, error = %err, "fetching keys failed");
             return;
         }
     };
@@ -328,7 +363,7 @@ async fn refresh_keys_if_changed(
     };
     // Keys listed in the trust list stay accepted unless revoked.
     let mut revoked = reply.revoked_kids.clone();
-    if let Some(member) = state.membership.load().member(p) {
+    if let Some(member) = state.peers.members().member(p) {
         for key in &member.jwks.keys {
             if jwks.find(&key.kid).is_none() && !revoked.contains(&key.kid) {
                 jwks.keys.push(key.clone());
@@ -348,7 +383,7 @@ async fn refresh_keys_if_changed(
             tracing::error!(province = %p, error = %err, "revocations not kept on disk; they stay in force until a restart");
         }
     }
-    match state.verifier.set_issuer_keys(p, &jwks, &revoked) {
+    match state.codes.verifier.set_issuer_keys(p, &jwks, &revoked) {
         Ok(()) => {
             state
                 .key_digests

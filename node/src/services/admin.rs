@@ -21,7 +21,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
-use crate::metrics::metered;
 use crate::state::NodeState;
 use crate::status::{format_time, now_unix, reason_name, seconds, timestamp};
 use crate::store::PutOutcome;
@@ -73,10 +72,12 @@ impl AdminService {
     fn record_from(&self, input: &StatusInput, now: i64) -> NodeResult<StatusRecord> {
         let holder = match &input.subject {
             Some(status_input::Subject::NationalId(id)) => {
-                self.state.holder_from(Some(id), None)?
+                self.state.codes.holder_from(Some(id), None)?
             }
-            Some(status_input::Subject::Holder(h)) => self.state.holder_from(None, Some(h))?,
-            None => self.state.holder_from(None, None)?,
+            Some(status_input::Subject::Holder(h)) => {
+                self.state.codes.holder_from(None, Some(h))?
+            }
+            None => self.state.codes.holder_from(None, None)?,
         };
         let colour = Colour::try_from(input.colour).unwrap_or(Colour::Unspecified);
         if colour == Colour::Unspecified {
@@ -338,12 +339,12 @@ impl AdminService {
         caller(&request)?;
         let holder = match &request.get_ref().subject {
             Some(get_status_request::Subject::NationalId(id)) => {
-                self.state.holder_from(Some(id), None)?
+                self.state.codes.holder_from(Some(id), None)?
             }
             Some(get_status_request::Subject::Holder(h)) => {
-                self.state.holder_from(None, Some(h))?
+                self.state.codes.holder_from(None, Some(h))?
             }
-            None => self.state.holder_from(None, None)?,
+            None => self.state.codes.holder_from(None, None)?,
         };
         let record = self
             .state
@@ -375,14 +376,14 @@ impl AdminService {
                 let id = NationalId::parse(id)
                     .map_err(|e| NodeError::invalid_field("national_id", e.to_string()))?;
                 (
-                    self.state.secret.pseudonym(&id),
+                    self.state.codes.secret.pseudonym(&id),
                     Some(display::mask_national_id(&id)),
                 )
             }
             Some(issue_code_request::Subject::Holder(h)) => {
-                (self.state.holder_from(None, Some(h))?, None)
+                (self.state.codes.holder_from(None, Some(h))?, None)
             }
-            None => (self.state.holder_from(None, None)?, None),
+            None => (self.state.codes.holder_from(None, None)?, None),
         };
         let record = self
             .state
@@ -399,7 +400,7 @@ impl AdminService {
             _ => hufu_federation::codes::Colour::Red,
         };
         let now = now_unix();
-        let exp = now + self.state.code_lifetime.as_secs() as i64;
+        let exp = now + self.state.codes.lifetime.as_secs() as i64;
         let claims = CodeClaims {
             iss: format!("hufu:{}", self.state.province),
             sub: holder.to_string(),
@@ -414,7 +415,7 @@ impl AdminService {
             hn: masked_name,
             hi: masked_id,
         };
-        let keyring = self.state.keyring.read().expect("keyring lock");
+        let keyring = self.state.codes.keyring.read().expect("keyring lock");
         let token = keyring
             .sign(&claims)
             .map_err(|e| NodeError::Internal(format!("signing: {e}")))?;
@@ -454,7 +455,7 @@ impl AdminService {
     }
 
     fn active_kid(&self) -> String {
-        let keyring = self.state.keyring.read().expect("keyring lock");
+        let keyring = self.state.codes.keyring.read().expect("keyring lock");
         keyring.active_kid().to_owned()
     }
 
@@ -464,13 +465,13 @@ impl AdminService {
         // lock: on the blocking pool, not the runtime's threads.
         let state = self.state.clone();
         blocking(move || {
-            let mut keyring = state.keyring.write().expect("keyring lock");
+            let mut keyring = state.codes.keyring.write().expect("keyring lock");
             let previous = keyring.active_kid().to_owned();
             let kid = keyring
                 .rotate(alg)
                 .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))?;
             drop(keyring);
-            state.publish_own_keys();
+            state.codes.publish_own_keys();
             Ok((kid, previous))
         })
         .await
@@ -482,6 +483,7 @@ impl AdminService {
         if let Some(log) = &self.state.write_log {
             // Refused here as a single node would, before it is logged.
             self.state
+                .codes
                 .keyring
                 .read()
                 .expect("keyring lock")
@@ -493,12 +495,13 @@ impl AdminService {
             let revoked = kid.clone();
             blocking(move || {
                 state
+                    .codes
                     .keyring
                     .write()
                     .expect("keyring lock")
                     .revoke(&revoked)
                     .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
-                state.publish_own_keys();
+                state.codes.publish_own_keys();
                 Ok(())
             })
             .await?;
@@ -530,59 +533,41 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<PutStatusRequest>,
     ) -> Result<Response<PutStatusResponse>, Status> {
-        metered(&self.state.metrics, "PutStatus", async {
-            Ok(Response::new(self.put_status(request).await?))
-        })
-        .await
+        Ok(Response::new(self.put_status(request).await?))
     }
 
     async fn import_statuses(
         &self,
         request: Request<Streaming<ImportStatusesRequest>>,
     ) -> Result<Response<ImportStatusesResponse>, Status> {
-        metered(&self.state.metrics, "ImportStatuses", async {
-            Ok(Response::new(self.import(request).await?))
-        })
-        .await
+        Ok(Response::new(self.import(request).await?))
     }
 
     async fn get_status(
         &self,
         request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        metered(&self.state.metrics, "GetStatus", async {
-            Ok(Response::new(self.get_status(request)?))
-        })
-        .await
+        Ok(Response::new(self.get_status(request)?))
     }
 
     async fn issue_code(
         &self,
         request: Request<IssueCodeRequest>,
     ) -> Result<Response<IssueCodeResponse>, Status> {
-        metered(&self.state.metrics, "IssueCode", async {
-            Ok(Response::new(self.issue_code(request)?))
-        })
-        .await
+        Ok(Response::new(self.issue_code(request)?))
     }
 
     async fn rotate_key(
         &self,
         request: Request<RotateKeyRequest>,
     ) -> Result<Response<RotateKeyResponse>, Status> {
-        metered(&self.state.metrics, "RotateKey", async {
-            Ok(Response::new(self.rotate(request).await?))
-        })
-        .await
+        Ok(Response::new(self.rotate(request).await?))
     }
 
     async fn revoke_key(
         &self,
         request: Request<RevokeKeyRequest>,
     ) -> Result<Response<RevokeKeyResponse>, Status> {
-        metered(&self.state.metrics, "RevokeKey", async {
-            Ok(Response::new(self.revoke(request).await?))
-        })
-        .await
+        Ok(Response::new(self.revoke(request).await?))
     }
 }

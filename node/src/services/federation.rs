@@ -22,7 +22,6 @@ use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
 use crate::federation::holder_match;
-use crate::metrics::metered;
 use crate::net::PeerInfo;
 use crate::state::NodeState;
 use crate::status::now_millis;
@@ -52,7 +51,7 @@ impl FederationService {
         let id = NationalId::parse(&req.national_id).map_err(|e| {
             NodeError::invalid_field("national_id", format!("{e}: re-read the identity card"))
         })?;
-        let matches = self.state.is_own_holder(&id, holder.as_str());
+        let matches = self.state.codes.is_own_holder(&id, holder.as_str());
         if caller.province != self.state.province {
             self.state
                 .audit
@@ -84,7 +83,7 @@ async fn serve_feed(
     let own = p == state.province;
     let mut watch = state.store.watch(p);
     let max = state.batch_changes;
-    let mut heartbeat = tokio::time::interval(state.heartbeat);
+    let mut heartbeat = tokio::time::interval(state.federation.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if let Err(err) =
@@ -164,7 +163,7 @@ async fn own_head(state: &NodeState, sequence: u64) -> NodeResult<Option<FeedHea
         sequence,
         chain_hash: hash,
         time_ms: now_millis().saturating_add(state.clock_offset_ms),
-        keys_digest: state.own_keys_digest(),
+        keys_digest: state.codes.own_keys_digest(),
     };
     let signature = head.sign(&state.log_signer);
     Ok(Some(FeedHead {
@@ -245,86 +244,77 @@ impl federation_service_server::FederationService for FederationService {
         &self,
         request: Request<SubscribeChangesRequest>,
     ) -> Result<Response<FeedStream>, Status> {
-        metered(&self.state.metrics, "SubscribeChanges", async {
-            let caller = caller(&request)?;
-            let subscriber = crate::auth::peer(&request)?.clone();
-            let req = request.into_inner();
-            let p = Province::parse(&req.issuer)
-                .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
-            if p != self.state.province {
-                if self.state.membership.load().member(p).is_none() {
-                    return Err(NodeError::NotFound(format!(
-                        "province {p} is not a member of trust list v{}",
-                        self.state.membership.load().version()
-                    ))
-                    .into());
-                }
-                if self.state.store.latest_head(p)?.is_none() {
-                    return Err(NodeError::NotFound(format!(
-                        "no replica of province {p} here yet"
-                    ))
-                    .into());
-                }
+        let caller = caller(&request)?;
+        let subscriber = crate::auth::peer(&request)?.clone();
+        let req = request.into_inner();
+        let p = Province::parse(&req.issuer)
+            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
+        if p != self.state.province {
+            if self.state.peers.members().member(p).is_none() {
+                return Err(NodeError::NotFound(format!(
+                    "province {p} is not a member of trust list v{}",
+                    self.state.peers.members().version()
+                ))
+                .into());
             }
-            tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
-            let (tx, rx) = mpsc::channel(4);
-            self.state.tasks.spawn(serve_feed(
-                self.state.clone(),
-                subscriber,
-                p,
-                req.after_sequence,
-                tx,
-            ));
-            Ok(Response::new(
-                Box::pin(ReceiverStream::new(rx)) as FeedStream
-            ))
-        })
-        .await
+            if self.state.store.latest_head(p)?.is_none() {
+                return Err(
+                    NodeError::NotFound(format!("no replica of province {p} here yet")).into(),
+                );
+            }
+        }
+        tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
+        let (tx, rx) = mpsc::channel(4);
+        self.state.tasks.spawn(serve_feed(
+            self.state.clone(),
+            subscriber,
+            p,
+            req.after_sequence,
+            tx,
+        ));
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as FeedStream
+        ))
     }
 
     async fn get_trust_list(
         &self,
         request: Request<GetTrustListRequest>,
     ) -> Result<Response<GetTrustListResponse>, Status> {
-        metered(&self.state.metrics, "GetTrustList", async {
-            caller(&request)?;
-            let after = request.into_inner().after_version;
-            let trust = self.state.trust.lock().await;
-            let notes = match trust.as_ref() {
-                Some(store) => ((after + 1)..=store.version())
-                    .filter_map(|v| store.get(v).map(|s| s.note().to_owned()))
-                    .collect(),
-                None => vec![],
-            };
-            Ok(Response::new(GetTrustListResponse { notes }))
-        })
-        .await
+        caller(&request)?;
+        let after = request.into_inner().after_version;
+        let trust = self.state.federation.trust.lock().await;
+        let notes = match trust.as_ref() {
+            Some(store) => ((after + 1)..=store.version())
+                .filter_map(|v| store.get(v).map(|s| s.note().to_owned()))
+                .collect(),
+            None => vec![],
+        };
+        Ok(Response::new(GetTrustListResponse { notes }))
     }
 
     async fn offer_trust_list(
         &self,
         request: Request<OfferTrustListRequest>,
     ) -> Result<Response<OfferTrustListResponse>, Status> {
-        metered(&self.state.metrics, "OfferTrustList", async {
-            // Peers gossip; this province's admins install what they signed.
-            let caller = caller(&request)?;
-            let note = request.into_inner().note;
-            let applied = self.state.offer_trust_list(&note, &caller).await?;
-            Ok(Response::new(OfferTrustListResponse {
-                applied,
-                version: self.state.membership.load().version(),
-            }))
-        })
-        .await
+        // Peers gossip; this province's admins install what they signed.
+        let caller = caller(&request)?;
+        let note = request.into_inner().note;
+        let applied = self
+            .state
+            .federation
+            .offer_trust_list(&note, &caller)
+            .await?;
+        Ok(Response::new(OfferTrustListResponse {
+            applied,
+            version: self.state.peers.members().version(),
+        }))
     }
 
     async fn match_holder(
         &self,
         request: Request<MatchHolderRequest>,
     ) -> Result<Response<MatchHolderResponse>, Status> {
-        metered(&self.state.metrics, "MatchHolder", async {
-            Ok(Response::new(self.match_holder(request).await?))
-        })
-        .await
+        Ok(Response::new(self.match_holder(request).await?))
     }
 }

@@ -7,6 +7,7 @@ use hufu_certs::{Identity, Province};
 use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{self, Verdict as CodeVerdict};
 use hufu_federation::holder::{HolderId, NationalId};
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::status_lookup_service_server::StatusLookupService;
 use hufu_proto::v1::{
     BatchEntry, BatchLookupRequest, BatchLookupResponse, Colour, GetJwksRequest, GetJwksResponse,
@@ -18,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
-use crate::metrics::metered;
+use crate::peers::PeerError;
 use crate::state::NodeState;
 use crate::status::{colour_name, now_millis, now_unix, seconds, timestamp};
 
@@ -49,7 +50,7 @@ impl LookupService {
         if asked == self.state.province {
             return Ok(asked);
         }
-        let membership = self.state.membership.load();
+        let membership = self.state.peers.members();
         if membership.member(asked).is_some() {
             return Ok(asked);
         }
@@ -110,7 +111,12 @@ impl LookupService {
                 provenance(Source::Replica, age, self.state.province),
             ));
         }
-        match self.state.lookup_authoritative(p, holder, caller).await {
+        match self
+            .state
+            .federation
+            .lookup_authoritative(p, holder, caller)
+            .await
+        {
             Ok(record) => Ok((record, provenance(Source::Authoritative, Some(0), p))),
             Err(why) => {
                 tracing::debug!(province = %p, error = %why, "issuer unreachable; answering from stale replica");
@@ -270,42 +276,24 @@ impl LookupService {
         caller: &Identity,
         p: Province,
         holders: &[String],
-    ) -> Result<BatchLookupResponse, String> {
-        let membership = self.state.membership.load_full();
-        let member = membership.member(p).ok_or("not a member")?;
-        let endpoint = member.endpoints.first().ok_or("no endpoints")?;
-        if !self.state.peers.allows(p) {
-            return Err("circuit open".into());
-        }
-        let channel = self
-            .state
-            .peers
-            .channel(p, endpoint)
-            .map_err(|e| e.to_string())?;
-        let mut request = Request::new(BatchLookupRequest {
+    ) -> Result<BatchLookupResponse, PeerError> {
+        let request = BatchLookupRequest {
             issuer: p.to_string(),
             holders: holders.to_vec(),
-        });
-        request.set_timeout(self.state.peers.deadline);
-        let mut client =
-            hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(channel);
-        let result =
-            match tokio::time::timeout(self.state.peers.deadline, client.batch_lookup(request))
-                .await
-            {
-                Ok(Ok(reply)) => {
-                    self.state.peers.success(p);
-                    Ok(reply.into_inner())
+        };
+        let result = self
+            .state
+            .peers
+            .call(p, "batch lookup at", |call| {
+                let request = call.request(request.clone());
+                async move {
+                    StatusLookupServiceClient::new(call.channel)
+                        .batch_lookup(request)
+                        .await
+                        .map(|reply| reply.into_inner())
                 }
-                Ok(Err(status)) => {
-                    self.state.peers.failure(p);
-                    Err(status.message().to_owned())
-                }
-                Err(_) => {
-                    self.state.peers.failure(p);
-                    Err("deadline exceeded".into())
-                }
-            };
+            })
+            .await;
         let made = |holder: &str, answer: &str, source| {
             audit::answered(EntryKind::LookupMade, caller, p, holder, answer, source)
         };
@@ -351,7 +339,7 @@ impl LookupService {
         };
         let now = now_unix();
         let code = match codes::qr::from_scanned(&req.token)
-            .and_then(|token| self.state.verifier.verify(&token, now))
+            .and_then(|token| self.state.codes.verifier.verify(&token, now))
         {
             Ok(code) => code,
             Err(verdict) => {
@@ -373,8 +361,12 @@ impl LookupService {
         // the holder match, when asked, at the same time.
         let (known, holder_match) = tokio::join!(
             self.answer(&caller, code.issuer, &claims.sub),
-            self.state
-                .holder_match(&caller, code.issuer, &claims.sub, national_id.as_ref()),
+            self.state.federation.holder_match(
+                &caller,
+                code.issuer,
+                &claims.sub,
+                national_id.as_ref()
+            ),
         );
         let (known, provenance) = known?;
         // At equal `as_of` the record wins: the issuer may rewrite a status
@@ -470,11 +462,12 @@ impl LookupService {
                 // them: the trust list's, updated by what the province itself
                 // published since (rotations, revocations), so a tool that
                 // checks codes with this answer agrees with `Verify` here.
-                let (jwks, revoked_kids) = self.state.verifier.keys_of(p).ok_or_else(|| {
-                    NodeError::NotFound(format!(
-                        "no code-signing keys of province {p} are known here yet: retry shortly"
-                    ))
-                })?;
+                let (jwks, revoked_kids) =
+                    self.state.codes.verifier.keys_of(p).ok_or_else(|| {
+                        NodeError::NotFound(format!(
+                            "no code-signing keys of province {p} are known here yet: retry shortly"
+                        ))
+                    })?;
                 return Ok(GetJwksResponse {
                     jwks_json: serde_json::to_string(&jwks)
                         .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
@@ -484,7 +477,7 @@ impl LookupService {
             }
         }
         // Exactly what this province's feed heads announce the digest of.
-        let own = self.state.own_published_keys();
+        let own = self.state.codes.own_published_keys();
         Ok(GetJwksResponse {
             jwks_json: own.jwks_json.clone(),
             revoked_kids: own.revoked_kids.clone(),
@@ -604,39 +597,27 @@ impl StatusLookupService for LookupService {
         &self,
         request: Request<LookupRequest>,
     ) -> Result<Response<LookupResponse>, Status> {
-        metered(&self.state.metrics, "Lookup", async {
-            Ok(Response::new(self.lookup(request).await?))
-        })
-        .await
+        Ok(Response::new(self.lookup(request).await?))
     }
 
     async fn batch_lookup(
         &self,
         request: Request<BatchLookupRequest>,
     ) -> Result<Response<BatchLookupResponse>, Status> {
-        metered(&self.state.metrics, "BatchLookup", async {
-            Ok(Response::new(self.batch_lookup(request).await?))
-        })
-        .await
+        Ok(Response::new(self.batch_lookup(request).await?))
     }
 
     async fn verify(
         &self,
         request: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
-        metered(&self.state.metrics, "Verify", async {
-            Ok(Response::new(self.verify(request).await?))
-        })
-        .await
+        Ok(Response::new(self.verify(request).await?))
     }
 
     async fn get_jwks(
         &self,
         request: Request<GetJwksRequest>,
     ) -> Result<Response<GetJwksResponse>, Status> {
-        metered(&self.state.metrics, "GetJwks", async {
-            Ok(Response::new(self.jwks(request)?))
-        })
-        .await
+        Ok(Response::new(self.jwks(request)?))
     }
 }

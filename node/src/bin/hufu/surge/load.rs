@@ -17,7 +17,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::loadgen::histogram;
-use hufu_node::federation::peers::{AdaptiveThrottle, draw};
+use hufu_node::peers::{AdaptiveThrottle, draw};
 
 /// How a caller behaves under refusals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

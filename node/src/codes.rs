@@ -1,0 +1,143 @@
+//! This province's health codes: the holder-pseudonym secret, the
+//! code-signing keyring, the verifier that checks every member's codes, and
+//! the keys as published under the digest this province's feed heads sign.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use hufu_certs::Province;
+use hufu_federation::codes::{CodeAlg, CodeVerifier, Keyring};
+use hufu_federation::holder::{HolderId, HolderSecret, NationalId};
+
+use crate::config::NodeConfig;
+use crate::error::{NodeError, NodeResult};
+use crate::standing::Standing;
+use crate::status::now_unix;
+
+/// What a province publishes with its keys; `digest` is signed in its feed
+/// heads.
+#[derive(Debug, Default)]
+pub struct PublishedKeys {
+    pub jwks_json: String,
+    pub revoked_kids: Vec<String>,
+    pub revoked_serials: Vec<String>,
+    pub digest: [u8; 32],
+}
+
+pub struct Codes {
+    province: Province,
+    pub secret: HolderSecret,
+    pub keyring: RwLock<Keyring>,
+    pub verifier: CodeVerifier,
+    pub lifetime: Duration,
+    /// Whose certificates are revoked: published with the keys.
+    standing: Arc<Standing>,
+    /// This province's keys as last published, with the digest its feed
+    /// heads carry: GetJwks answers with exactly what the digest covers.
+    published: Mutex<Arc<PublishedKeys>>,
+}
+
+impl Codes {
+    /// Opens the holder secret and the keyring `config` names.
+    pub fn open(config: &NodeConfig, standing: Arc<Standing>) -> anyhow::Result<Codes> {
+        let secret_path = config.path(&config.holder_secret);
+        let secret_bytes = std::fs::read(&secret_path)
+            .with_context(|| format!("cannot read holder secret {}", secret_path.display()))?;
+        let secret = HolderSecret::new(&secret_bytes)?;
+        let alg: CodeAlg = config
+            .codes
+            .algorithm
+            .parse()
+            .map_err(|e| anyhow::anyhow!("codes.algorithm: {e}"))?;
+        let keyring = Keyring::open_or_create(
+            &config.path(&config.codes.keys_dir),
+            alg,
+            config.code_lifetime(),
+        )?;
+        let verifier = CodeVerifier::new(
+            Duration::from_secs(config.codes.leeway_secs),
+            config.codes.cache_entries,
+        );
+        Ok(Codes {
+            province: config.province,
+            secret,
+            keyring: RwLock::new(keyring),
+            verifier,
+            lifetime: config.code_lifetime(),
+            standing,
+            published: Mutex::new(Arc::new(PublishedKeys::default())),
+        })
+    }
+
+    /// Hands this province's current public keys to the verifier and
+    /// publishes them, with its revoked kids and certificate serials, under
+    /// the digest its feed heads announce; called at start, after rotation
+    /// or revocation, and periodically so that retired keys leave once
+    /// their codes have expired.
+    pub fn publish_own_keys(&self) {
+        let keyring = self.keyring.read().expect("keyring lock");
+        let jwks = keyring.jwks(now_unix());
+        let revoked_kids = keyring.revoked_kids();
+        if let Err(err) = self
+            .verifier
+            .set_issuer_keys(self.province, &jwks, &revoked_kids)
+        {
+            tracing::error!(error = %err, "own code-signing keys refused by the verifier");
+        }
+        let jwks_json = serde_json::to_string(&jwks).unwrap_or_default();
+        let revoked_serials = self.standing.revoked(self.province);
+        let digest =
+            hufu_federation::feed::keys_digest(&jwks_json, &revoked_kids, &revoked_serials);
+        *self.published.lock().expect("published lock") = Arc::new(PublishedKeys {
+            jwks_json,
+            revoked_kids,
+            revoked_serials,
+            digest,
+        });
+    }
+
+    pub fn own_keys_digest(&self) -> [u8; 32] {
+        self.published.lock().expect("published lock").digest
+    }
+
+    /// This province's keys as its feed heads announce them.
+    pub fn own_published_keys(&self) -> Arc<PublishedKeys> {
+        self.published.lock().expect("published lock").clone()
+    }
+
+    /// A holder named either by national id (pseudonymised here, never kept)
+    /// or by pseudonym.
+    pub fn holder_from(
+        &self,
+        national_id: Option<&str>,
+        holder: Option<&str>,
+    ) -> NodeResult<HolderId> {
+        match (national_id, holder) {
+            (Some(id), _) => {
+                let id = NationalId::parse(id)
+                    .map_err(|e| NodeError::invalid_field("national_id", e.to_string()))?;
+                Ok(self.secret.pseudonym(&id))
+            }
+            (None, Some(h)) => h
+                .parse()
+                .map_err(|e: hufu_federation::holder::HolderError| {
+                    NodeError::invalid_field("holder", e.to_string())
+                }),
+            (None, None) => Err(NodeError::invalid_field(
+                "national_id",
+                "name the holder: national_id or holder is required",
+            )),
+        }
+    }
+
+    /// Whether `id` pseudonymises to `holder` under this province's secret.
+    /// Compared in constant time: the answer is all a caller learns.
+    pub fn is_own_holder(&self, id: &NationalId, holder: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(
+            self.secret.pseudonym(id).as_str().as_bytes(),
+            holder.as_bytes(),
+        )
+        .is_ok()
+    }
+}

@@ -200,7 +200,8 @@ async fn the_console_shows_the_federation_load_audit_and_keys() {
             "return document.querySelector('#members tr[data-province=\"120000\"]').dataset.state === 'fresh';",
         )
         .await;
-    // Calls to it fail fast, and the operator sees why.
+    // Calls to it fail fast, and the operator sees why: the last failed
+    // call (its feed, a witness request, gossip) and the endpoint it failed at.
     let gd_endpoint = fed.get(p(GD)).config.listen;
     browser
         .wait_until(
@@ -209,7 +210,7 @@ async fn the_console_shows_the_federation_load_audit_and_keys() {
             &format!(
                 "const cells = document.querySelector('#members tr[data-province=\"440000\"]').children;
                  return ['open', 'half-open'].includes(cells[6].textContent)
-                     && cells[7].textContent.includes('feed from {gd_endpoint}');"
+                     && cells[7].textContent.includes(' {gd_endpoint}: ');"
             ),
         )
         .await;

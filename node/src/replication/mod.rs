@@ -25,7 +25,6 @@
 
 pub mod cluster;
 mod consumer;
-pub mod local;
 pub mod setup;
 mod write;
 

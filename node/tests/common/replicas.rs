@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hufu_node::config::ReplicationConfig;
-use hufu_node::replication::local::ReplicatedFederation;
+use hufu_node::local::replicas::ReplicatedFederation;
 
 /// The replicated province and its peer.
 pub const REPLICATED: &str = "440000";

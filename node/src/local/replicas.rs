@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use hufu_certs::Province;
 
-use super::cluster::NatsCluster;
-use super::setup::{ReplicaOptions, init_replica};
+use super::{LocalFederation, LocalProvince, free_port};
 use crate::config::{NodeConfig, ReplicationConfig};
-use crate::local::{LocalFederation, LocalProvince, free_port};
+use crate::replication::cluster::NatsCluster;
+use crate::replication::setup::{ReplicaOptions, init_replica};
 
 /// NATS servers in the local cluster: three, so that one may fail.
 pub const NATS_SERVERS: usize = 3;

@@ -1,6 +1,9 @@
 //! Provinces on loopback: a province directory in a scratch location and its
 //! node, started and stopped in-process. The demo, the benchmarks and the
-//! tests all run real nodes through this.
+//! tests all run real nodes through this; [`replicas`] adds a province of
+//! several replicas on a loopback JetStream cluster.
+
+pub mod replicas;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use hufu_certs::Province;
 use hufu_federation::codes::CodeAlg;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +43,9 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// How long the consumer may be quiet before the stream is asked whether it
 /// has grown meanwhile.
 const STALL_CHECK: Duration = Duration::from_secs(1);
+
+/// Messages applied together at most.
+const MAX_BATCH: usize = 256;
 
 /// The stream position `store` has applied up to (0: none).
 pub fn applied_position(store: &Store) -> NodeResult<u64> {
@@ -121,36 +124,116 @@ async fn follow<R: Replica>(
                 }
             },
         };
-        let at = message.info().map_err(anyhow::Error::msg)?.stream_sequence;
-        if at <= position {
-            continue;
-        }
-        anyhow::ensure!(
-            at == position + 1,
-            "the write log starts at position {at} but this replica has applied only up to {position}: it fell behind the stream's retention; restore its data directory from a copy of another replica's"
-        );
-        let id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .map(|v| v.as_str().to_owned());
-        let outcome = match Write::decode_from(&message.payload) {
-            Ok(write) => apply(replica, log, write).await?,
-            // Every replica skips it alike: nothing diverges.
-            Err(err) => {
-                tracing::error!(position = at, error = %err, "write log message skipped");
-                Applied::Key(Err(err.to_string()))
+        // Whatever else has arrived is applied with it: status writes in
+        // one store write (group commit), in the same order and with the
+        // same outcomes as one by one.
+        let mut ready = vec![message];
+        while ready.len() < MAX_BATCH {
+            match messages.next().now_or_never() {
+                Some(Some(m)) => ready.push(m?),
+                _ => break,
             }
-        };
-        set_applied_position(replica.store(), at)?;
-        position = at;
-        log.applied(id.as_deref(), at, outcome);
+        }
+        let mut batch = Vec::with_capacity(ready.len());
+        for message in ready {
+            let at = message.info().map_err(anyhow::Error::msg)?.stream_sequence;
+            if at <= position {
+                continue;
+            }
+            let expected = batch.last().map_or(position, |m: &Logged| m.at) + 1;
+            anyhow::ensure!(
+                at == expected,
+                "the write log continues at position {at} but this replica has applied only up to {}: it fell behind the stream's retention; restore its data directory from a copy of another replica's",
+                expected - 1
+            );
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map(|v| v.as_str().to_owned());
+            batch.push(Logged {
+                at,
+                id,
+                write: Write::decode_from(&message.payload),
+            });
+        }
+        let mut rest = batch.as_slice();
+        while !rest.is_empty() {
+            let run = rest
+                .iter()
+                .take_while(|m| m.is_own_statuses(replica.province()))
+                .count();
+            if run > 0 {
+                let (statuses, after) = rest.split_at(run);
+                apply_statuses(replica, log, statuses).await?;
+                position = statuses[run - 1].at;
+                rest = after;
+                continue;
+            }
+            let logged = &rest[0];
+            let outcome = match &logged.write {
+                Ok(write) => apply(replica, log, write.clone()).await?,
+                // Every replica skips it alike: nothing diverges.
+                Err(err) => {
+                    tracing::error!(position = logged.at, error = %err, "write log message skipped");
+                    Applied::Key(Err(err.to_string()))
+                }
+            };
+            set_applied_position(replica.store(), logged.at)?;
+            position = logged.at;
+            log.applied(logged.id.as_deref(), logged.at, outcome);
+            rest = &rest[1..];
+        }
     }
 }
 
-/// Applies one write. Errors are the store's (a disk that cannot be
-/// written): the write is applied again once it can. A write the rules
-/// refuse (a record of another province, an unknown kid) is an outcome.
+/// One message of the log, read.
+struct Logged {
+    at: u64,
+    id: Option<String>,
+    write: NodeResult<Write>,
+}
+
+impl Logged {
+    /// Only status records, all of `own` province.
+    fn is_own_statuses(&self, own: Province) -> bool {
+        let own = own.to_string();
+        matches!(&self.write, Ok(w) if w.rotation.is_none()
+            && w.revocation.is_none()
+            && w.statuses.iter().all(|r| r.issuer == own))
+    }
+}
+
+/// Applies consecutive status writes in one store write, then tells each
+/// writer waiting here its records' outcomes.
+async fn apply_statuses<R: Replica>(
+    replica: &Arc<R>,
+    log: &WriteLog,
+    run: &[Logged],
+) -> NodeResult<()> {
+    let records: Vec<_> = run
+        .iter()
+        .filter_map(|m| m.write.as_ref().ok())
+        .flat_map(|w| w.statuses.iter().cloned())
+        .collect();
+    let mut outcomes = replica.store().put_many(&records).await?.into_iter();
+    let last = run.last().map_or(0, |m| m.at);
+    set_applied_position(replica.store(), last)?;
+    let mut all = Vec::with_capacity(records.len());
+    for m in run {
+        let count = m.write.as_ref().map_or(0, |w| w.statuses.len());
+        let mine: Vec<PutOutcome> = outcomes.by_ref().take(count).collect();
+        all.extend(mine.iter().cloned());
+        log.applied(m.id.as_deref(), m.at, Applied::Statuses(mine));
+    }
+    replica.statuses_applied(&all);
+    Ok(())
+}
+
+/// Applies one write other than own status records (see
+/// [`apply_statuses`]). Errors are the disk's: the write is applied again
+/// once it can be. A write the rules refuse (a record of another province,
+/// an unknown kid) is an outcome.
 async fn apply<R: Replica>(replica: &Arc<R>, log: &WriteLog, write: Write) -> NodeResult<Applied> {
     if let Some(rotation) = write.rotation {
         let outcome = match (
@@ -176,17 +259,18 @@ async fn apply<R: Replica>(replica: &Arc<R>, log: &WriteLog, write: Write) -> No
         .await?;
         return Ok(Applied::Key(outcome));
     }
+    // Status writes of this province are applied in runs; what is left is
+    // a record of another province, which no replica stores.
     let own = replica.province().to_string();
-    if let Some(foreign) = write.statuses.iter().find(|r| r.issuer != own) {
-        tracing::error!(issuer = %foreign.issuer, "write log message with another province's record skipped");
-        return Ok(Applied::Key(Err(format!(
-            "a record of {} in the write log of {own}",
-            foreign.issuer
-        ))));
-    }
-    let outcomes = replica.store().put_many(&write.statuses).await?;
-    replica.statuses_applied(&outcomes);
-    Ok(Applied::Statuses(outcomes))
+    let foreign = write
+        .statuses
+        .iter()
+        .find(|r| r.issuer != own)
+        .map_or_else(String::new, |r| r.issuer.clone());
+    tracing::error!(issuer = %foreign, "write log message with another province's record skipped");
+    Ok(Applied::Key(Err(format!(
+        "a record of {foreign} in the write log of {own}"
+    ))))
 }
 
 /// Keyring changes write key files: on the blocking pool.

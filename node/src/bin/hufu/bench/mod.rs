@@ -6,6 +6,7 @@
 //! noisy.
 
 mod audit;
+mod replicas;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,6 +63,15 @@ pub enum BenchWhat {
         /// Status writes per second offered during the propagation run.
         #[arg(long, default_value_t = 2_000)]
         write_rate: u64,
+    },
+    /// One province as three node replicas on a loopback JetStream cluster
+    /// (needs nats-server): acknowledged writes per second, delay from
+    /// acknowledgement to visibility at the other replicas, and Lookup at a
+    /// replica against a single node.
+    Replicas {
+        /// Holders loaded for the Lookup comparison.
+        #[arg(long, default_value_t = 10_000)]
+        holders: u64,
     },
     /// Open-loop surge from many connections against a node in its own
     /// process, held to a CPU share: offered load stepped from 0.5x to 10x
@@ -182,6 +192,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.connections.unwrap_or(4),
         args.seconds
     );
+    if let BenchWhat::Replicas { holders } = args.what {
+        return replicas::replicas(&args, holders).await;
+    }
     let all = matches!(args.what, BenchWhat::All);
     if all || matches!(args.what, BenchWhat::Lookup { .. }) {
         let holders = match args.what {

@@ -123,12 +123,13 @@ async fn writes_through_different_replicas_are_applied_everywhere_in_one_order()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_key_rotated_through_one_replica_signs_codes_that_every_replica_verifies() {
+async fn keys_rotated_and_revoked_through_one_replica_change_at_every_replica() {
     let (_scratch, mut fed) = replicated(3).await;
     fed.start_all().await.unwrap();
     let first = fed.federation.get(fed.province());
     let others = &fed.replicas;
     put(first, 1, Colour::Green).await.unwrap();
+    let before = common::issue_code(first, 1).await;
 
     let rotated = others[0]
         .admin()
@@ -164,6 +165,32 @@ async fn a_key_rotated_through_one_replica_signs_codes_that_every_replica_verifi
                 .into_inner();
             assert_eq!(reply.verdict(), Verdict::Valid, "{}", reply.reason);
         }
+    }
+    // The retired key is revoked through the third replica: its codes stop
+    // verifying at all of them.
+    others[1]
+        .admin()
+        .await
+        .unwrap()
+        .revoke_key(hufu_proto::v1::RevokeKeyRequest {
+            kid: rotated.previous_kid.clone(),
+        })
+        .await
+        .unwrap();
+    for verifier in [first, &others[0], &others[1]] {
+        eventually(CONVERGE_WITHIN, || async {
+            let reply = terminal(verifier, first)
+                .await
+                .verify(VerifyRequest {
+                    token: before.token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (reply.verdict() != Verdict::Valid).then_some(())
+        })
+        .await;
     }
     // All three publish the same keys.
     let digests: Vec<_> = [first, &others[0], &others[1]]

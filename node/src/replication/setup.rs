@@ -67,6 +67,10 @@ pub fn init_replica(
     let mut hosts = opts.hosts.clone();
     if hosts.is_empty() {
         hosts = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        let ip = opts.listen.ip();
+        if !ip.is_unspecified() && !ip.is_loopback() {
+            hosts.push(ip.to_string());
+        }
     }
     let cert = PathBuf::from(format!("node/{}.pem", opts.node_name));
     let key = PathBuf::from(format!("node/{}.key", opts.node_name));
@@ -78,7 +82,12 @@ pub fn init_replica(
     config.node_key = key;
     config.listen = opts.listen;
     config.metrics_listen = opts.metrics_listen;
-    config.client.endpoint = opts.listen.to_string();
+    // The client commands dial the replica itself.
+    config.client.endpoint = if opts.listen.ip().is_unspecified() {
+        format!("localhost:{}", opts.listen.port())
+    } else {
+        opts.listen.to_string()
+    };
     config.replication = Some(replication);
     let text = format!(
         "# Hufu node configuration: replica {} of province {}, made by\n# `hufu init --replica-of`. Its store fills from the province's write log.\n{}",

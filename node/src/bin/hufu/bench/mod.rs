@@ -7,6 +7,7 @@
 
 mod audit;
 mod replicas;
+mod scale;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,6 +73,17 @@ pub enum BenchWhat {
         /// Holders loaded for the Lookup comparison.
         #[arg(long, default_value_t = 10_000)]
         holders: u64,
+    },
+    /// What a province of N holders costs: import and replication rates,
+    /// bytes per holder on disk, both nodes' peak RSS, and Lookup and Verify
+    /// rates at N beside a small N (nodes in processes of their own).
+    Scale {
+        /// Holders imported at the issuer and replicated.
+        #[arg(long, default_value_t = 1_000_000)]
+        holders: u64,
+        /// Holders of the small run the figures stand beside.
+        #[arg(long, default_value_t = 10_000)]
+        small: u64,
     },
     /// Open-loop surge from many connections against a node in its own
     /// process, held to a CPU share: offered load stepped from 0.5x to 10x
@@ -185,6 +197,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             connections: args.connections,
         };
         return crate::surge::run(shape, surge).await;
+    }
+    if let BenchWhat::Scale { holders, small } = args.what {
+        return scale::scale(&args, holders, small).await;
     }
     println!(
         "closed loop, {} requests in flight over {} mutual-TLS connections, {} s per figure\n",

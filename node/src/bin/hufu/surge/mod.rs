@@ -6,7 +6,7 @@
 //! tonic server ([`echo`]) runs the same steps under identical conditions
 //! as the baseline.
 
-mod confine;
+pub(crate) mod confine;
 mod echo;
 mod load;
 
@@ -596,7 +596,7 @@ fn print_row(
 }
 
 /// The node's Prometheus text, over plain HTTP.
-async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+pub(crate) async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     use http_body_util::BodyExt;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) =

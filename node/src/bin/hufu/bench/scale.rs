@@ -1,0 +1,270 @@
+//! `hufu bench scale`: what a province of N holders costs (DESIGN.md,
+//! "Scale"). Two nodes run as processes of their own, so that each one's
+//! peak memory is its own: an issuer imports N holders from a CSV file with
+//! `hufu status import`'s code, then a second province starts empty and
+//! replicates them. Printed: the import and replication rates, bytes per
+//! holder on disk at the issuer, in the replica and in the audit log, both
+//! nodes' peak RSS, and Lookup and Verify rates at N, all beside the same
+//! run with a small N.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hufu_certs::{Province, Role};
+use hufu_node::local::{LocalFederation, LocalProvince, free_port};
+use hufu_node::sample;
+use hufu_proto::v1::LookupRequest;
+
+use super::{BenchArgs, verify_call};
+use crate::loadgen::{clients, closed_loop, issue_tokens};
+use crate::surge::confine::{Confined, Confinement, usage};
+
+/// Holders whose codes and lookups the rate figures draw from, at random
+/// among all N.
+const SAMPLED: u64 = 5_000;
+
+/// What one run at N measured.
+struct Figures {
+    holders: u64,
+    import_rate: f64,
+    replication_rate: f64,
+    issuer_bytes: u64,
+    audit_bytes: u64,
+    replica_bytes: u64,
+    issuer_peak_mib: f64,
+    replica_peak_mib: f64,
+    lookup_rate: f64,
+    verify_rate: f64,
+}
+
+pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result<()> {
+    println!(
+        "two nodes in processes of their own; sizes on disk after the import settles; Lookup at the issuer and Verify of its codes at the replica over {SAMPLED} random holders, {} s each\n",
+        args.seconds
+    );
+    let small_run = run_at(args, small).await?;
+    let big = run_at(args, holders).await?;
+    let row = |label: &str, f: &dyn Fn(&Figures) -> String| {
+        println!(
+            "{label:<40} {:>14} {:>14}",
+            f(&small_run),
+            f(&big)
+        );
+    };
+    row("holders", &|f| f.holders.to_string());
+    row("import, rows/s", &|f| format!("{:.0}", f.import_rate));
+    row("replication, changes/s", &|f| {
+        format!("{:.0}", f.replication_rate)
+    });
+    let per = |bytes: u64, n: u64| format!("{:.0}", bytes as f64 / n as f64);
+    row("issuer data, bytes/holder", &|f| per(f.issuer_bytes, f.holders));
+    row("replica data, bytes/holder", &|f| per(f.replica_bytes, f.holders));
+    row("issuer audit log, bytes/holder", &|f| {
+        per(f.audit_bytes, f.holders)
+    });
+    row("issuer peak RSS, MiB", &|f| format!("{:.0}", f.issuer_peak_mib));
+    row("replica peak RSS, MiB", &|f| {
+        format!("{:.0}", f.replica_peak_mib)
+    });
+    row("Lookup at the issuer, calls/s", &|f| {
+        format!("{:.0}", f.lookup_rate)
+    });
+    row("Verify at the replica, calls/s", &|f| {
+        format!("{:.0}", f.verify_rate)
+    });
+    let national = 1_400_000_000f64;
+    println!(
+        "\nprojected to {national:.1e} holders per node (every node replicates every member): replica {:.0} GiB; a province of 127 million at its issuer {:.0} GiB data and {:.0} GiB audit log",
+        national * big.replica_bytes as f64 / big.holders as f64 / (1u64 << 30) as f64,
+        127e6 * big.issuer_bytes as f64 / big.holders as f64 / (1u64 << 30) as f64,
+        127e6 * big.audit_bytes as f64 / big.holders as f64 / (1u64 << 30) as f64,
+    );
+    Ok(())
+}
+
+/// Bytes under `dir`, as allocated on disk.
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Writes `n` rows of province `p` as an operator's CSV file.
+fn write_csv(path: &Path, p: Province, n: u64) -> anyhow::Result<u64> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    writeln!(out, "national_id,colour,as_of,last_negative_test,reason")?;
+    let now = hufu_node::status::now_unix();
+    let colours = ["green", "yellow", "red"];
+    let reasons = ["", "close_contact", "positive_test"];
+    for i in 0..n {
+        let c = (i % 3) as usize;
+        writeln!(
+            out,
+            "{},{},{},{},{}",
+            sample::national_id(p, i).as_str(),
+            colours[c],
+            now - 3600 - (i % 86_400) as i64,
+            now - 7200,
+            reasons[c]
+        )?;
+    }
+    out.flush()?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// Starts `province`'s node as a process of its own.
+async fn spawn(province: &LocalProvince, log: &Path) -> anyhow::Result<Confined> {
+    let config = province.dir.join("hufu.toml");
+    let node = Confinement::unconfined().spawn(
+        &std::env::current_exe()?,
+        &["serve", "--config", &config.to_string_lossy()],
+        log,
+    )?;
+    let target = province.target()?;
+    let admin = province.client_cert(Role::Admin, "bench")?;
+    for _ in 0..600 {
+        if hufu_node::client::connect(&target, &admin).await.is_ok() {
+            return Ok(node);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the node of {} did not come up: see {}", province.province, log.display())
+}
+
+/// The sequence of `p` a node's replica holds, from its metrics.
+async fn replica_sequence(metrics: std::net::SocketAddr, p: Province) -> u64 {
+    let Ok(text) = crate::surge::scrape(metrics).await else {
+        return 0;
+    };
+    let wanted = format!("province=\"{p}\"");
+    text.lines()
+        .filter(|l| l.starts_with("hufu_replica_sequence{") && l.contains(&wanted))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .next()
+        .unwrap_or(0)
+}
+
+async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
+    let scratch = tempfile::tempdir()?;
+    let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
+    let mut fed = LocalFederation::init(scratch.path(), &[a, b], |c| {
+        c.federation.heartbeat_ms = 500;
+    })?;
+    for p in [a, b] {
+        let lp = fed.get_mut(p);
+        lp.config.metrics_listen = Some(format!("127.0.0.1:{}", free_port()?).parse()?);
+        lp.config.client.endpoint = lp.config.listen.to_string();
+        std::fs::write(lp.dir.join("hufu.toml"), toml::to_string(&lp.config)?)?;
+    }
+    let csv = scratch.path().join("statuses.csv");
+    let size = write_csv(&csv, a, n)?;
+
+    // The import, into the issuer alone.
+    let issuer = spawn(fed.get(a), &scratch.path().join("issuer.log")).await?;
+    let channel = fed.get(a).channel(Role::Admin, "bench-import").await?;
+    let reader = hufu_node::import::Reader::open(&csv, None)?;
+    let started = Instant::now();
+    let outcome = hufu_node::import::send(reader, size, channel, "statuses.csv").await?;
+    let import_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        outcome.accepted == n,
+        "the import stored {} rows of {n}",
+        outcome.accepted
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let config = &fed.get(a).config;
+    let issuer_bytes = disk_bytes(&config.path(&config.data_dir));
+    let audit_bytes = disk_bytes(&config.audit_dir());
+
+    // The replica, from empty.
+    let metrics = fed.get(b).config.metrics_listen.context("metrics address")?;
+    let started = Instant::now();
+    let replica = spawn(fed.get(b), &scratch.path().join("replica.log")).await?;
+    let mut first: Option<(Instant, u64)> = None;
+    loop {
+        let seq = replica_sequence(metrics, a).await;
+        if first.is_none() && seq > 0 {
+            first = Some((Instant::now(), seq));
+        }
+        if seq >= n {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3600),
+            "replication did not finish in an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (t0, s0) = first.unwrap_or((started, 0));
+    let replication_rate = (n - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let replica_config = &fed.get(b).config;
+    let replica_bytes = disk_bytes(&replica_config.path(&replica_config.data_dir));
+
+    // Rates at N: holders drawn at random from all N.
+    let secret_bytes = std::fs::read(config.path(&config.holder_secret))?;
+    let secret = hufu_federation::holder::HolderSecret::new(&secret_bytes)?;
+    let ids: Vec<String> = (0..SAMPLED.min(n))
+        .map(|k| {
+            let i = (k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % n;
+            secret.pseudonym(&sample::national_id(a, i)).to_string()
+        })
+        .collect();
+    let ids = Arc::new(ids);
+    let duration = Duration::from_secs(args.seconds);
+    let conns = clients(fed.get(a), args.connections.unwrap_or(4)).await?;
+    let issuer_name = a.to_string();
+    let (c, list) = (conns.clone(), ids.clone());
+    let lookup = closed_loop(duration, args.concurrency, move |k, w| {
+        let mut client = c[w % c.len()].clone();
+        let holder = list[(k % list.len() as u64) as usize].clone();
+        let issuer = issuer_name.clone();
+        async move {
+            client
+                .lookup(LookupRequest { issuer, holder })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let tokens = Arc::new(issue_tokens(fed.get(a), &ids, 20_000).await?);
+    let at_replica = clients(fed.get(b), args.connections.unwrap_or(4)).await?;
+    let verify = closed_loop(
+        duration,
+        args.concurrency,
+        verify_call(tokens, at_replica, false),
+    )
+    .await;
+    let figures = Figures {
+        holders: n,
+        import_rate: n as f64 / import_secs,
+        replication_rate,
+        issuer_bytes,
+        audit_bytes,
+        replica_bytes,
+        issuer_peak_mib: usage(issuer.pid()).peak_rss_mib,
+        replica_peak_mib: usage(replica.pid()).peak_rss_mib,
+        lookup_rate: lookup.rate(),
+        verify_rate: verify.rate(),
+    };
+    drop((issuer, replica));
+    Ok(figures)
+}

@@ -209,6 +209,9 @@ pub struct AuditConfig {
     /// How often, in seconds, a grown log gets a new checkpoint that the
     /// other members are asked to witness.
     pub checkpoint_secs: f64,
+    /// Memory sled may keep of the audit log's pages, in MiB: the log is
+    /// appended to and read back rarely, so a small cache serves it.
+    pub cache_mib: u64,
 }
 
 impl Default for AuditConfig {
@@ -216,11 +219,17 @@ impl Default for AuditConfig {
         AuditConfig {
             enabled: true,
             checkpoint_secs: 10.0,
+            cache_mib: 16,
         }
     }
 }
 
 impl AuditConfig {
+    /// The cache in bytes, at least 4 MiB.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_mib.max(4) * 1024 * 1024
+    }
+
     /// The checkpoint interval, at least 10 ms.
     pub fn checkpoint_every(&self) -> Duration {
         Duration::try_from_secs_f64(self.checkpoint_secs)

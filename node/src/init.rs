@@ -191,6 +191,14 @@ max_connections = 10000
 # enabled = true
 # How often a grown log gets a checkpoint for the witnesses, in seconds.
 # checkpoint_secs = 10
+# Memory its storage may keep of the log's pages, in MiB.
+# cache_mib = 16
+
+# The status store (statuses, change logs, replicas of the other members).
+# [storage]
+# Memory it may keep of its pages, in MiB: its share of the node's memory
+# whatever the volume imported or replicated.
+# cache_mib = 64
 
 # Used by `hufu status`, `hufu code` and `hufu keys` to reach this node.
 [client]

@@ -50,10 +50,11 @@ struct Parts {
 }
 
 impl Parts {
-    fn open(path: &Path, signer: Arc<LogSigner>) -> anyhow::Result<Parts> {
+    fn open(path: &Path, signer: Arc<LogSigner>, cache_bytes: u64) -> anyhow::Result<Parts> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_bytes)
             .open()
             .with_context(|| format!("cannot open audit storage {}", path.display()))?;
         Ok(Parts {
@@ -69,6 +70,8 @@ pub struct NodeAudit {
     /// refuses every write after one fails, until it is opened again).
     parts: ArcSwapOption<Parts>,
     path: PathBuf,
+    /// sled's page cache for the log's database (`[audit] cache_mib`).
+    cache_bytes: u64,
     signer: Arc<LogSigner>,
     enabled: bool,
     every: Duration,
@@ -113,8 +116,13 @@ impl NodeAudit {
             province,
             peers,
             metrics,
-            parts: ArcSwapOption::from_pointee(Parts::open(path, signer.clone())?),
+            parts: ArcSwapOption::from_pointee(Parts::open(
+                path,
+                signer.clone(),
+                config.cache_bytes(),
+            )?),
             path: path.to_owned(),
+            cache_bytes: config.cache_bytes(),
             signer,
             enabled: config.enabled,
             every: config.checkpoint_every(),
@@ -171,7 +179,9 @@ impl NodeAudit {
             anyhow::bail!("the audit log is still in use; it is reopened on the next write");
         }
         let (path, signer) = (self.path.clone(), self.signer.clone());
-        let parts = tokio::task::spawn_blocking(move || Parts::open(&path, signer)).await??;
+        let cache = self.cache_bytes;
+        let parts =
+            tokio::task::spawn_blocking(move || Parts::open(&path, signer, cache)).await??;
         self.parts.store(Some(Arc::new(parts)));
         tracing::info!("audit log reopened after a failed write");
         Ok(())

@@ -48,11 +48,7 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
     let small_run = run_at(args, small).await?;
     let big = run_at(args, holders).await?;
     let row = |label: &str, f: &dyn Fn(&Figures) -> String| {
-        println!(
-            "{label:<40} {:>14} {:>14}",
-            f(&small_run),
-            f(&big)
-        );
+        println!("{label:<40} {:>14} {:>14}", f(&small_run), f(&big));
     };
     row("holders", &|f| f.holders.to_string());
     row("import, rows/s", &|f| format!("{:.0}", f.import_rate));
@@ -60,12 +56,18 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
         format!("{:.0}", f.replication_rate)
     });
     let per = |bytes: u64, n: u64| format!("{:.0}", bytes as f64 / n as f64);
-    row("issuer data, bytes/holder", &|f| per(f.issuer_bytes, f.holders));
-    row("replica data, bytes/holder", &|f| per(f.replica_bytes, f.holders));
+    row("issuer data, bytes/holder", &|f| {
+        per(f.issuer_bytes, f.holders)
+    });
+    row("replica data, bytes/holder", &|f| {
+        per(f.replica_bytes, f.holders)
+    });
     row("issuer audit log, bytes/holder", &|f| {
         per(f.audit_bytes, f.holders)
     });
-    row("issuer peak RSS, MiB", &|f| format!("{:.0}", f.issuer_peak_mib));
+    row("issuer peak RSS, MiB", &|f| {
+        format!("{:.0}", f.issuer_peak_mib)
+    });
     row("replica peak RSS, MiB", &|f| {
         format!("{:.0}", f.replica_peak_mib)
     });
@@ -145,7 +147,11 @@ async fn spawn(province: &LocalProvince, log: &Path) -> anyhow::Result<Confined>
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    anyhow::bail!("the node of {} did not come up: see {}", province.province, log.display())
+    anyhow::bail!(
+        "the node of {} did not come up: see {}",
+        province.province,
+        log.display()
+    )
 }
 
 /// The sequence of `p` a node's replica holds, from its metrics.
@@ -195,7 +201,11 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
     let audit_bytes = disk_bytes(&config.audit_dir());
 
     // The replica, from empty.
-    let metrics = fed.get(b).config.metrics_listen.context("metrics address")?;
+    let metrics = fed
+        .get(b)
+        .config
+        .metrics_listen
+        .context("metrics address")?;
     let started = Instant::now();
     let replica = spawn(fed.get(b), &scratch.path().join("replica.log")).await?;
     let mut first: Option<(Instant, u64)> = None;
@@ -213,8 +223,12 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (t0, s0) = first.unwrap_or((started, 0));
-    let replication_rate = (n - s0) as f64 / t0.elapsed().as_secs_f64().max(1e-6);
+    // Timed from the first batch held to the last, apart from the
+    // replica's start-up; from its start when one look saw them all.
+    let replication_rate = match first {
+        Some((t0, s0)) if s0 < n => (n - s0) as f64 / t0.elapsed().as_secs_f64(),
+        _ => n as f64 / started.elapsed().as_secs_f64(),
+    };
     tokio::time::sleep(Duration::from_secs(3)).await;
     let replica_config = &fed.get(b).config;
     let replica_bytes = disk_bytes(&replica_config.path(&replica_config.data_dir));

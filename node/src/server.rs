@@ -173,21 +173,21 @@ pub async fn start_on(
 
     let limits = &config.limits;
     let max = limits.max_message_bytes;
-    let lookup = StatusLookupServiceServer::new(LookupService::new(state.clone()))
+    let lookup = StatusLookupServiceServer::new(LookupService::new(&state))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.max(4 * 1024 * 1024));
-    let admin = AdminServiceServer::new(AdminService::new(state.clone()))
+    let admin = AdminServiceServer::new(AdminService::new(&state))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max.max(4 * 1024 * 1024));
 
-    let federation = FederationServiceServer::new(FederationService::new(state.clone()))
+    let federation = FederationServiceServer::new(FederationService::new(&state))
         .max_decoding_message_size(max)
         .max_encoding_message_size(64 * 1024 * 1024);
     // A page of 10,000 entries is a few MiB.
-    let audit = AuditServiceServer::new(AuditService::new(state.clone()))
+    let audit = AuditServiceServer::new(AuditService::new(&state))
         .max_decoding_message_size(max)
         .max_encoding_message_size(64 * 1024 * 1024);
-    let witness = WitnessServiceServer::new(WitnessService::new(state.clone()))
+    let witness = WitnessServiceServer::new(WitnessService::new(&state))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
@@ -256,7 +256,7 @@ pub async fn start_on(
         tasks.spawn(state.audit.clone().run(stop.clone()));
     }
     tasks.spawn(crate::storage_health::run(
-        state.clone(),
+        state.store.clone(),
         health_reporter.clone(),
         stop.clone(),
     ));

@@ -12,11 +12,11 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::services::admin::AdminService;
-use crate::state::NodeState;
+use crate::store::Store;
 
 /// Runs until `stop`.
-pub async fn run(state: Arc<NodeState>, health: HealthReporter, stop: CancellationToken) {
-    let mut writable = state.store.watch_writable();
+pub async fn run(store: Arc<Store>, health: HealthReporter, stop: CancellationToken) {
+    let mut writable = store.watch_writable();
     let report = async {
         loop {
             let status = if *writable.borrow_and_update() {
@@ -39,6 +39,6 @@ pub async fn run(state: Arc<NodeState>, health: HealthReporter, stop: Cancellati
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = report => {}
-        _ = state.store.keep_writable(stop.clone()) => {}
+        _ = store.keep_writable(stop.clone()) => {}
     }
 }

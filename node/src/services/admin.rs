@@ -1,6 +1,12 @@
 //! `hufu.v1.AdminService`: a province's own administration (statuses, codes, keys),
 //! for admins of the node's province only.
 
+use crate::audit::NodeAudit;
+use crate::codes::Codes;
+use crate::metrics::Metrics;
+use crate::replication::WriteLog;
+use crate::store::Store;
+use hufu_certs::Province;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -59,25 +65,37 @@ impl Rejections {
 /// How far in the future an `as_of` may lie (clock skew between systems).
 const MAX_FUTURE_SKEW_SECS: i64 = 300;
 
+/// `hufu.v1.AdminService`: this province's statuses and keys.
 pub struct AdminService {
-    state: Arc<NodeState>,
+    province: Province,
+    store: Arc<Store>,
+    codes: Arc<Codes>,
+    audit: Arc<NodeAudit>,
+    metrics: Arc<Metrics>,
+    write_log: Option<Arc<WriteLog>>,
 }
 
 impl AdminService {
-    pub fn new(state: Arc<NodeState>) -> Self {
-        AdminService { state }
+    /// The service, holding the parts of `state` it uses.
+    pub fn new(state: &NodeState) -> Self {
+        AdminService {
+            province: state.province,
+            store: state.store.clone(),
+            codes: state.codes.clone(),
+            audit: state.audit.clone(),
+            metrics: state.metrics.clone(),
+            write_log: state.write_log.clone(),
+        }
     }
 
     /// Validates operator input and turns it into a record keyed by pseudonym.
     fn record_from(&self, input: &StatusInput, now: i64) -> NodeResult<StatusRecord> {
         let holder = match &input.subject {
             Some(status_input::Subject::NationalId(id)) => {
-                self.state.codes.holder_from(Some(id), None)?
+                self.codes.holder_from(Some(id), None)?
             }
-            Some(status_input::Subject::Holder(h)) => {
-                self.state.codes.holder_from(None, Some(h))?
-            }
-            None => self.state.codes.holder_from(None, None)?,
+            Some(status_input::Subject::Holder(h)) => self.codes.holder_from(None, Some(h))?,
+            None => self.codes.holder_from(None, None)?,
         };
         let colour = Colour::try_from(input.colour).unwrap_or(Colour::Unspecified);
         if colour == Colour::Unspecified {
@@ -112,7 +130,7 @@ impl AdminService {
             ));
         }
         Ok(StatusRecord {
-            issuer: self.state.province.to_string(),
+            issuer: self.province.to_string(),
             holder: holder.to_string(),
             colour: colour as i32,
             as_of: Some(timestamp(as_of)),
@@ -133,12 +151,12 @@ impl AdminService {
         caller: &Identity,
         records: &[StatusRecord],
     ) -> NodeResult<Vec<PutOutcome>> {
-        if let Some(log) = &self.state.write_log {
+        if let Some(log) = &self.write_log {
             self.audit_changes(caller, records.iter().map(|r| (None, r)))
                 .await?;
             return log.put_statuses(records).await;
         }
-        let pending = self.state.store.prepare(records).await?;
+        let pending = self.store.prepare(records).await?;
         let changed = pending
             .outcomes()
             .iter()
@@ -158,10 +176,10 @@ impl AdminService {
         caller: &Identity,
         records: impl IntoIterator<Item = (Option<u64>, &'a StatusRecord)>,
     ) -> NodeResult<()> {
-        if !self.state.audit.enabled() {
+        if !self.audit.enabled() {
             return Ok(());
         }
-        if let Err(err) = self.state.audit.reopen_if_failed().await {
+        if let Err(err) = self.audit.reopen_if_failed().await {
             return Err(NodeError::Unavailable(format!(
                 "the audit log cannot be written ({err:#}): the change was not stored; free disk space on the node, then send it again"
             )));
@@ -171,7 +189,7 @@ impl AdminService {
             .map(|(sequence, record)| {
                 let reason = Reason::try_from(record.reason).unwrap_or(Reason::Unspecified);
                 audit::about(
-                    audit::entry(EntryKind::StatusChanged, caller, self.state.province),
+                    audit::entry(EntryKind::StatusChanged, caller, self.province),
                     &record.holder,
                 )
                 .with_answer(audit::answer(Some(record)))
@@ -181,10 +199,10 @@ impl AdminService {
                 })
             })
             .collect();
-        self.state.audit.record_all(entries).await;
-        self.state.audit.sync().await.map_err(|e| {
+        self.audit.record_all(entries).await;
+        self.audit.sync().await.map_err(|e| {
             // The audit log shares the disk: refuse writes until it has room.
-            self.state.store.refuse_writes(&e);
+            self.store.refuse_writes(&e);
             NodeError::Unavailable(format!(
                 "the audit entry of the change could not be written ({e}), so the change was not stored: free disk space on the node, then send it again"
             ))
@@ -206,8 +224,8 @@ impl AdminService {
         let outcome = self.store(&caller, std::slice::from_ref(&record)).await?;
         let sequence = match outcome.first() {
             Some(PutOutcome::Applied { sequence }) => {
-                self.state.metrics.status_writes.inc();
-                self.state.metrics.last_sequence.set(*sequence as i64);
+                self.metrics.status_writes.inc();
+                self.metrics.last_sequence.set(*sequence as i64);
                 *sequence
             }
             Some(PutOutcome::Unchanged) => 0,
@@ -317,8 +335,8 @@ impl AdminService {
             match outcome {
                 PutOutcome::Applied { sequence } => {
                     stored += 1;
-                    self.state.metrics.status_writes.inc();
-                    self.state.metrics.last_sequence.set(sequence as i64);
+                    self.metrics.status_writes.inc();
+                    self.metrics.last_sequence.set(sequence as i64);
                 }
                 PutOutcome::Unchanged => stored += 1,
                 PutOutcome::Stale { stored_as_of } => rejections.push(
@@ -339,19 +357,18 @@ impl AdminService {
         caller(&request)?;
         let holder = match &request.get_ref().subject {
             Some(get_status_request::Subject::NationalId(id)) => {
-                self.state.codes.holder_from(Some(id), None)?
+                self.codes.holder_from(Some(id), None)?
             }
             Some(get_status_request::Subject::Holder(h)) => {
-                self.state.codes.holder_from(None, Some(h))?
+                self.codes.holder_from(None, Some(h))?
             }
-            None => self.state.codes.holder_from(None, None)?,
+            None => self.codes.holder_from(None, None)?,
         };
         let record = self
-            .state
             .store
-            .get(self.state.province, holder.as_str())?
+            .get(self.province, holder.as_str())?
             .ok_or_else(|| NodeError::HolderNotFound {
-                issuer: self.state.province,
+                issuer: self.province,
                 holder: holder.to_string(),
             })?;
         Ok(GetStatusResponse {
@@ -376,19 +393,18 @@ impl AdminService {
                 let id = NationalId::parse(id)
                     .map_err(|e| NodeError::invalid_field("national_id", e.to_string()))?;
                 (
-                    self.state.codes.secret.pseudonym(&id),
+                    self.codes.secret.pseudonym(&id),
                     Some(display::mask_national_id(&id)),
                 )
             }
             Some(issue_code_request::Subject::Holder(h)) => {
-                (self.state.codes.holder_from(None, Some(h))?, None)
+                (self.codes.holder_from(None, Some(h))?, None)
             }
-            None => (self.state.codes.holder_from(None, None)?, None),
+            None => (self.codes.holder_from(None, None)?, None),
         };
         let record = self
-            .state
             .store
-            .get(self.state.province, holder.as_str())?
+            .get(self.province, holder.as_str())?
             .ok_or_else(|| {
                 NodeError::FailedPrecondition(format!(
                     "no status for holder {holder}: set one before issuing a code"
@@ -400,9 +416,9 @@ impl AdminService {
             _ => hufu_federation::codes::Colour::Red,
         };
         let now = now_unix();
-        let exp = now + self.state.codes.lifetime.as_secs() as i64;
+        let exp = now + self.codes.lifetime.as_secs() as i64;
         let claims = CodeClaims {
-            iss: format!("hufu:{}", self.state.province),
+            iss: format!("hufu:{}", self.province),
             sub: holder.to_string(),
             iat: now,
             nbf: now,
@@ -415,7 +431,7 @@ impl AdminService {
             hn: masked_name,
             hi: masked_id,
         };
-        let keyring = self.state.codes.keyring.read().expect("keyring lock");
+        let keyring = self.codes.keyring.read().expect("keyring lock");
         let token = keyring
             .sign(&claims)
             .map_err(|e| NodeError::Internal(format!("signing: {e}")))?;
@@ -433,7 +449,7 @@ impl AdminService {
         let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
             .parse()
             .map_err(|e| NodeError::invalid_field("algorithm", format!("{e}")))?;
-        let (kid, previous) = match &self.state.write_log {
+        let (kid, previous) = match &self.write_log {
             Some(log) => {
                 let previous = self.active_kid();
                 (log.rotate_key(alg).await?, previous)
@@ -441,10 +457,9 @@ impl AdminService {
             None => self.rotate_here(alg).await?,
         };
         tracing::info!(%kid, %previous, "code-signing key rotated");
-        self.state
-            .audit
+        self.audit
             .record(|| {
-                audit::entry(EntryKind::KeyRotated, &caller, self.state.province)
+                audit::entry(EntryKind::KeyRotated, &caller, self.province)
                     .with_detail(format!("new kid {kid}, previous kid {previous}"))
             })
             .await;
@@ -455,7 +470,7 @@ impl AdminService {
     }
 
     fn active_kid(&self) -> String {
-        let keyring = self.state.codes.keyring.read().expect("keyring lock");
+        let keyring = self.codes.keyring.read().expect("keyring lock");
         keyring.active_kid().to_owned()
     }
 
@@ -463,15 +478,15 @@ impl AdminService {
     async fn rotate_here(&self, alg: CodeAlg) -> NodeResult<(String, String)> {
         // Key generation and the key files' writes, under the keyring's
         // lock: on the blocking pool, not the runtime's threads.
-        let state = self.state.clone();
+        let codes = self.codes.clone();
         blocking(move || {
-            let mut keyring = state.codes.keyring.write().expect("keyring lock");
+            let mut keyring = codes.keyring.write().expect("keyring lock");
             let previous = keyring.active_kid().to_owned();
             let kid = keyring
                 .rotate(alg)
                 .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))?;
             drop(keyring);
-            state.codes.publish_own_keys();
+            codes.publish_own_keys();
             Ok((kid, previous))
         })
         .await
@@ -480,10 +495,9 @@ impl AdminService {
     async fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
         let caller = caller(&request)?;
         let kid = request.into_inner().kid;
-        if let Some(log) = &self.state.write_log {
+        if let Some(log) = &self.write_log {
             // Refused here as a single node would, before it is logged.
-            self.state
-                .codes
+            self.codes
                 .keyring
                 .read()
                 .expect("keyring lock")
@@ -491,26 +505,24 @@ impl AdminService {
                 .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
             log.revoke_key(&kid).await?;
         } else {
-            let state = self.state.clone();
+            let codes = self.codes.clone();
             let revoked = kid.clone();
             blocking(move || {
-                state
-                    .codes
+                codes
                     .keyring
                     .write()
                     .expect("keyring lock")
                     .revoke(&revoked)
                     .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
-                state.codes.publish_own_keys();
+                codes.publish_own_keys();
                 Ok(())
             })
             .await?;
         }
         tracing::warn!(%kid, "code-signing key revoked");
-        self.state
-            .audit
+        self.audit
             .record(|| {
-                audit::entry(EntryKind::KeyRevoked, &caller, self.state.province)
+                audit::entry(EntryKind::KeyRevoked, &caller, self.province)
                     .with_detail(format!("kid {kid}"))
             })
             .await;

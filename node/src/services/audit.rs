@@ -2,6 +2,10 @@
 //! `hufu.v1.WitnessService`, through which the other members' nodes have this
 //! province witness their audit logs.
 
+use crate::audit::NodeAudit;
+use crate::metrics::Metrics;
+use crate::peers::PeerClient;
+use hufu_federation::audit::LogSigner;
 use std::sync::Arc;
 
 use hufu_certs::Role;
@@ -24,13 +28,19 @@ pub const MAX_CHECKPOINTS: usize = 1000;
 /// Most entries one `GetEntries` returns.
 pub const MAX_ENTRIES: u64 = 10_000;
 
+/// `hufu.v1.AuditService`: this node's audit log for auditors.
 pub struct AuditService {
-    state: Arc<NodeState>,
+    audit: Arc<NodeAudit>,
+    log_signer: Arc<LogSigner>,
 }
 
 impl AuditService {
-    pub fn new(state: Arc<NodeState>) -> Self {
-        AuditService { state }
+    /// The service, holding the parts of `state` it uses.
+    pub fn new(state: &NodeState) -> Self {
+        AuditService {
+            audit: state.audit.clone(),
+            log_signer: state.log_signer.clone(),
+        }
     }
 }
 
@@ -56,7 +66,7 @@ impl audit_service_server::AuditService for AuditService {
     ) -> Result<Response<GetCheckpointsResponse>, Status> {
         caller(&request)?;
         let after = request.into_inner().after_size;
-        let log = self.state.audit.log().map_err(status)?;
+        let log = self.audit.log().map_err(status)?;
         let mut checkpoints: Vec<String> = log
             .published()
             .map_err(status)?
@@ -68,7 +78,7 @@ impl audit_service_server::AuditService for AuditService {
         let more = checkpoints.len() > MAX_CHECKPOINTS;
         checkpoints.truncate(MAX_CHECKPOINTS);
         Ok(Response::new(GetCheckpointsResponse {
-            origin: self.state.log_signer.origin().to_owned(),
+            origin: self.log_signer.origin().to_owned(),
             log_size: log.size().map_err(status)?,
             checkpoints,
             more,
@@ -83,7 +93,6 @@ impl audit_service_server::AuditService for AuditService {
         let req = request.into_inner();
         let end = req.end.min(req.start.saturating_add(MAX_ENTRIES));
         let entries = self
-            .state
             .audit
             .log()
             .and_then(|log| log.entries(req.start, end))
@@ -101,7 +110,6 @@ impl audit_service_server::AuditService for AuditService {
         caller(&request)?;
         let req = request.into_inner();
         let hashes = self
-            .state
             .audit
             .log()
             .and_then(|log| log.inclusion_proof(req.index, req.tree_size))
@@ -118,7 +126,6 @@ impl audit_service_server::AuditService for AuditService {
         caller(&request)?;
         let req = request.into_inner();
         let hashes = self
-            .state
             .audit
             .log()
             .and_then(|log| log.consistency_proof(req.old_size, req.new_size))
@@ -129,13 +136,21 @@ impl audit_service_server::AuditService for AuditService {
     }
 }
 
+/// `hufu.v1.WitnessService`: this node's witness for the other members' logs.
 pub struct WitnessService {
-    state: Arc<NodeState>,
+    audit: Arc<NodeAudit>,
+    peers: Arc<PeerClient>,
+    metrics: Arc<Metrics>,
 }
 
 impl WitnessService {
-    pub fn new(state: Arc<NodeState>) -> Self {
-        WitnessService { state }
+    /// The service, holding the parts of `state` it uses.
+    pub fn new(state: &NodeState) -> Self {
+        WitnessService {
+            audit: state.audit.clone(),
+            peers: state.peers.clone(),
+            metrics: state.metrics.clone(),
+        }
     }
 
     async fn add_checkpoint(
@@ -143,7 +158,7 @@ impl WitnessService {
         request: Request<AddCheckpointRequest>,
     ) -> Result<AddCheckpointResponse, Status> {
         let caller = caller(&request)?;
-        let membership = self.state.peers.members();
+        let membership = self.peers.members();
         let denied = |why: String| NodeError::denied(&caller, "AddCheckpoint", &why);
         if membership.member(caller.province).is_none() {
             return Err(denied(format!(
@@ -191,12 +206,11 @@ impl WitnessService {
             .collect::<Result<Vec<_>, _>>()?;
 
         // The witness flushes its state before cosigning: off the runtime.
-        let state = self.state.clone();
+        let audit = self.audit.clone();
         let note = req.checkpoint;
         let old_size = req.old_size;
         let result = tokio::task::spawn_blocking(move || {
-            state
-                .audit
+            audit
                 .witness()
                 .map_err(|e| WitnessError::Storage(e.to_string()))?
                 .witness(&note, &log_key, old_size, &proof)
@@ -211,13 +225,12 @@ impl WitnessService {
             }
             Err(err) if err.is_conflict() => {
                 let conflicts = self
-                    .state
                     .audit
                     .witness()
                     .ok()
                     .and_then(|w| w.conflicts().ok())
                     .unwrap_or(u64::MAX);
-                self.state.metrics.audit_conflicts.set(conflicts as i64);
+                self.metrics.audit_conflicts.set(conflicts as i64);
                 tracing::error!(
                     %caller,
                     origin = %offered.checkpoint().origin,

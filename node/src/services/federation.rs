@@ -1,8 +1,18 @@
 //! `hufu.v1.FederationService`: status-change feeds and trust-list gossip, for
 //! nodes of member provinces.
 
+use crate::audit::NodeAudit;
+use crate::codes::Codes;
+use crate::federation::Federation;
+use crate::metrics::Metrics;
+use crate::peers::PeerClient;
+use crate::standing::Standing;
+use crate::store::Store;
+use hufu_federation::audit::LogSigner;
 use std::pin::Pin;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use futures::Stream;
 use hufu_certs::Province;
@@ -26,13 +36,43 @@ use crate::net::PeerInfo;
 use crate::state::NodeState;
 use crate::status::now_millis;
 
+/// `hufu.v1.FederationService`: feeds, trust lists and holder matches for
+/// the other members. Cheap to clone: a feed being served holds a copy.
+#[derive(Clone)]
 pub struct FederationService {
-    state: Arc<NodeState>,
+    province: Province,
+    store: Arc<Store>,
+    codes: Arc<Codes>,
+    audit: Arc<NodeAudit>,
+    standing: Arc<Standing>,
+    peers: Arc<PeerClient>,
+    federation: Arc<Federation>,
+    metrics: Arc<Metrics>,
+    log_signer: Arc<LogSigner>,
+    batch_changes: usize,
+    clock_offset_ms: i64,
+    stop: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl FederationService {
-    pub fn new(state: Arc<NodeState>) -> Self {
-        FederationService { state }
+    /// The service, holding the parts of `state` it uses.
+    pub fn new(state: &NodeState) -> Self {
+        FederationService {
+            province: state.province,
+            store: state.store.clone(),
+            codes: state.codes.clone(),
+            audit: state.audit.clone(),
+            standing: state.standing.clone(),
+            peers: state.peers.clone(),
+            federation: state.federation.clone(),
+            metrics: state.metrics.clone(),
+            log_signer: state.log_signer.clone(),
+            batch_changes: state.batch_changes,
+            clock_offset_ms: state.clock_offset_ms,
+            stop: state.stop.clone(),
+            tasks: state.tasks.clone(),
+        }
     }
 
     /// Answers whether a national id is one of this province's holders'.
@@ -51,12 +91,11 @@ impl FederationService {
         let id = NationalId::parse(&req.national_id).map_err(|e| {
             NodeError::invalid_field("national_id", format!("{e}: re-read the identity card"))
         })?;
-        let matches = self.state.codes.is_own_holder(&id, holder.as_str());
-        if caller.province != self.state.province {
-            self.state
-                .audit
+        let matches = self.codes.is_own_holder(&id, holder.as_str());
+        if caller.province != self.province {
+            self.audit
                 .record(|| {
-                    audit::entry(EntryKind::LookupServed, &caller, self.state.province)
+                    audit::entry(EntryKind::LookupServed, &caller, self.province)
                         .with_holder(holder.clone())
                         .with_answer(holder_match::answer_word(matches))
                         .with_source(AnswerSource::Authoritative)
@@ -74,7 +113,7 @@ type FeedStream = Pin<Box<dyn Stream<Item = Result<SubscribeChangesResponse, Sta
 /// loses its standing (its province left the trust list, its certificate
 /// was revoked): nothing more is sent to it from then on.
 async fn serve_feed(
-    state: Arc<NodeState>,
+    state: FederationService,
     subscriber: PeerInfo,
     p: Province,
     mut after: u64,
@@ -145,7 +184,7 @@ async fn serve_feed(
 }
 
 /// A signed head for this province at `sequence`.
-async fn own_head(state: &NodeState, sequence: u64) -> NodeResult<Option<FeedHead>> {
+async fn own_head(state: &FederationService, sequence: u64) -> NodeResult<Option<FeedHead>> {
     let hash = if sequence == 0 {
         hufu_federation::feed::GENESIS_HASH
     } else {
@@ -178,7 +217,7 @@ async fn own_head(state: &NodeState, sequence: u64) -> NodeResult<Option<FeedHea
 
 /// The next batch of this province's own changes after `after`, signed now.
 async fn own_batch(
-    state: &NodeState,
+    state: &FederationService,
     after: u64,
     max: usize,
 ) -> NodeResult<Option<SubscribeChangesResponse>> {
@@ -214,7 +253,7 @@ async fn own_batch(
 /// The next relayed batch of province `p` after `after`: the changes up to
 /// the next head the issuer signed.
 fn relay_batch(
-    state: &NodeState,
+    state: &FederationService,
     p: Province,
     after: u64,
 ) -> NodeResult<Option<SubscribeChangesResponse>> {
@@ -249,15 +288,15 @@ impl federation_service_server::FederationService for FederationService {
         let req = request.into_inner();
         let p = Province::parse(&req.issuer)
             .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
-        if p != self.state.province {
-            if self.state.peers.members().member(p).is_none() {
+        if p != self.province {
+            if self.peers.members().member(p).is_none() {
                 return Err(NodeError::NotFound(format!(
                     "province {p} is not a member of trust list v{}",
-                    self.state.peers.members().version()
+                    self.peers.members().version()
                 ))
                 .into());
             }
-            if self.state.store.latest_head(p)?.is_none() {
+            if self.store.latest_head(p)?.is_none() {
                 return Err(
                     NodeError::NotFound(format!("no replica of province {p} here yet")).into(),
                 );
@@ -265,8 +304,8 @@ impl federation_service_server::FederationService for FederationService {
         }
         tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
         let (tx, rx) = mpsc::channel(4);
-        self.state.tasks.spawn(serve_feed(
-            self.state.clone(),
+        self.tasks.spawn(serve_feed(
+            self.clone(),
             subscriber,
             p,
             req.after_sequence,
@@ -283,7 +322,7 @@ impl federation_service_server::FederationService for FederationService {
     ) -> Result<Response<GetTrustListResponse>, Status> {
         caller(&request)?;
         let after = request.into_inner().after_version;
-        let trust = self.state.federation.trust.lock().await;
+        let trust = self.federation.trust.lock().await;
         let notes = match trust.as_ref() {
             Some(store) => ((after + 1)..=store.version())
                 .filter_map(|v| store.get(v).map(|s| s.note().to_owned()))
@@ -300,14 +339,10 @@ impl federation_service_server::FederationService for FederationService {
         // Peers gossip; this province's admins install what they signed.
         let caller = caller(&request)?;
         let note = request.into_inner().note;
-        let applied = self
-            .state
-            .federation
-            .offer_trust_list(&note, &caller)
-            .await?;
+        let applied = self.federation.offer_trust_list(&note, &caller).await?;
         Ok(Response::new(OfferTrustListResponse {
             applied,
-            version: self.state.peers.members().version(),
+            version: self.peers.members().version(),
         }))
     }
 

@@ -1,7 +1,14 @@
 //! `hufu.v1.StatusLookupService`: status lookups and code verification for
 //! terminals of this province and nodes of every member.
 
+use crate::audit::NodeAudit;
+use crate::codes::Codes;
+use crate::federation::Federation;
+use crate::peers::PeerClient;
+use crate::standing::Standing;
+use crate::store::Store;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hufu_certs::{Identity, Province};
 use hufu_federation::audit::EntryKind;
@@ -34,30 +41,49 @@ fn answered(entry: &BatchEntry) -> bool {
     entry.record.is_some() || entry.error == NO_STATUS
 }
 
+/// `hufu.v1.StatusLookupService`: lookups, batch lookups, verification and
+/// published keys, from this node's store and replicas or the issuer.
 pub struct LookupService {
-    state: Arc<NodeState>,
+    province: Province,
+    store: Arc<Store>,
+    codes: Arc<Codes>,
+    audit: Arc<NodeAudit>,
+    standing: Arc<Standing>,
+    peers: Arc<PeerClient>,
+    federation: Arc<Federation>,
+    max_replica_age: Duration,
 }
 
 impl LookupService {
-    pub fn new(state: Arc<NodeState>) -> Self {
-        LookupService { state }
+    /// The service, holding the parts of `state` it uses.
+    pub fn new(state: &NodeState) -> Self {
+        LookupService {
+            province: state.province,
+            store: state.store.clone(),
+            codes: state.codes.clone(),
+            audit: state.audit.clone(),
+            standing: state.standing.clone(),
+            peers: state.peers.clone(),
+            federation: state.federation.clone(),
+            max_replica_age: state.max_replica_age,
+        }
     }
 
     /// The province asked about: this node's own, or a federation member.
     fn issuer(&self, issuer: &str) -> NodeResult<Province> {
         let asked = Province::parse(issuer)
             .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
-        if asked == self.state.province {
+        if asked == self.province {
             return Ok(asked);
         }
-        let membership = self.state.peers.members();
+        let membership = self.peers.members();
         if membership.member(asked).is_some() {
             return Ok(asked);
         }
         match membership.list {
             None => Err(NodeError::WrongProvince {
                 asked,
-                own: self.state.province,
+                own: self.province,
             }),
             Some(_) => Err(NodeError::NotFound(format!(
                 "province {asked} is not a member of the federation (trust list v{})",
@@ -69,11 +95,11 @@ impl LookupService {
     /// Whether a call by `caller` about province `p` crosses provinces, and
     /// so is audited: the caller or the holder's province is not this one.
     fn cross_province(&self, caller: &Identity, p: Province) -> bool {
-        caller.province != self.state.province || p != self.state.province
+        caller.province != self.province || p != self.province
     }
 
     fn own_provenance(&self) -> Provenance {
-        provenance(Source::Authoritative, Some(0), self.state.province)
+        provenance(Source::Authoritative, Some(0), self.province)
     }
 
     /// How old this node's replica of `p` is, in milliseconds (None: no
@@ -82,14 +108,13 @@ impl LookupService {
     /// make the replica look younger than it is.
     fn replica_age_ms(&self, p: Province) -> NodeResult<Option<i64>> {
         Ok(self
-            .state
             .store
             .replica_confirmed(p)?
             .map(|at| (now_millis() - at).max(0)))
     }
 
     fn fresh(&self, age_ms: Option<i64>) -> bool {
-        age_ms.is_some_and(|a| a <= self.state.max_replica_age.as_millis() as i64)
+        age_ms.is_some_and(|a| a <= self.max_replica_age.as_millis() as i64)
     }
 
     /// A holder's record in province `p` and where it came from: this
@@ -101,18 +126,17 @@ impl LookupService {
         p: Province,
         holder: &str,
     ) -> NodeResult<(Option<StatusRecord>, Provenance)> {
-        if p == self.state.province {
-            return Ok((self.state.store.get(p, holder)?, self.own_provenance()));
+        if p == self.province {
+            return Ok((self.store.get(p, holder)?, self.own_provenance()));
         }
         let age = self.replica_age_ms(p)?;
         if self.fresh(age) {
             return Ok((
-                self.state.store.get(p, holder)?,
-                provenance(Source::Replica, age, self.state.province),
+                self.store.get(p, holder)?,
+                provenance(Source::Replica, age, self.province),
             ));
         }
         match self
-            .state
             .federation
             .lookup_authoritative(p, holder, caller)
             .await
@@ -121,8 +145,8 @@ impl LookupService {
             Err(why) => {
                 tracing::debug!(province = %p, error = %why, "issuer unreachable; answering from stale replica");
                 Ok((
-                    self.state.store.get(p, holder)?,
-                    provenance(Source::ReplicaStale, age, self.state.province),
+                    self.store.get(p, holder)?,
+                    provenance(Source::ReplicaStale, age, self.province),
                 ))
             }
         }
@@ -140,8 +164,7 @@ impl LookupService {
                 })?;
         let (record, provenance) = self.answer(&caller, issuer, holder.as_str()).await?;
         if self.cross_province(&caller, issuer) {
-            self.state
-                .audit
+            self.audit
                 .record(|| {
                     audit::answered(
                         EntryKind::LookupServed,
@@ -182,12 +205,12 @@ impl LookupService {
         let p = self.issuer(&req.issuer)?;
         // One freshness decision for the whole batch: a batch is answered
         // from one source, never a mixture.
-        let provenance = if p == self.state.province {
+        let provenance = if p == self.province {
             self.own_provenance()
         } else {
             let age = self.replica_age_ms(p)?;
             if self.fresh(age) {
-                provenance(Source::Replica, age, self.state.province)
+                provenance(Source::Replica, age, self.province)
             } else {
                 match self.forward_batch(&caller, p, &req.holders).await {
                     Ok(reply) => {
@@ -197,14 +220,14 @@ impl LookupService {
                     }
                     Err(why) => {
                         tracing::debug!(province = %p, error = %why, "issuer unreachable; batch from stale replica");
-                        provenance(Source::ReplicaStale, age, self.state.province)
+                        provenance(Source::ReplicaStale, age, self.province)
                     }
                 }
             }
         };
         // Up to a thousand sled reads: on the blocking pool, so that a slow
         // disk slows this batch, not the threads that shed load.
-        let state = self.state.clone();
+        let store = self.store.clone();
         let entries = tokio::task::spawn_blocking(move || {
             let mut entries = Vec::with_capacity(req.holders.len());
             for holder in req.holders {
@@ -214,7 +237,7 @@ impl LookupService {
                         record: None,
                         error: e.to_string(),
                     },
-                    Ok(id) => match state.store.get(p, id.as_str())? {
+                    Ok(id) => match store.get(p, id.as_str())? {
                         Some(record) => BatchEntry {
                             holder,
                             record: Some(record),
@@ -266,7 +289,7 @@ impl LookupService {
                 )
             })
             .collect::<Vec<_>>();
-        self.state.audit.record_all(served).await;
+        self.audit.record_all(served).await;
     }
 
     /// Asks the issuing province for a whole batch, within the deadline, on
@@ -282,7 +305,6 @@ impl LookupService {
             holders: holders.to_vec(),
         };
         let result = self
-            .state
             .peers
             .call(p, "batch lookup at", |call| {
                 let request = call.request(request.clone());
@@ -297,7 +319,7 @@ impl LookupService {
         let made = |holder: &str, answer: &str, source| {
             audit::answered(EntryKind::LookupMade, caller, p, holder, answer, source)
         };
-        if self.state.audit.enabled() {
+        if self.audit.enabled() {
             let entries: Vec<_> = match &result {
                 Ok(reply) => reply
                     .entries
@@ -317,7 +339,7 @@ impl LookupService {
                     .map(|h| made(h, audit::UNREACHABLE, None))
                     .collect(),
             };
-            self.state.audit.record_all(entries).await;
+            self.audit.record_all(entries).await;
         }
         result
     }
@@ -339,7 +361,7 @@ impl LookupService {
         };
         let now = now_unix();
         let code = match codes::qr::from_scanned(&req.token)
-            .and_then(|token| self.state.codes.verifier.verify(&token, now))
+            .and_then(|token| self.codes.verifier.verify(&token, now))
         {
             Ok(code) => code,
             Err(verdict) => {
@@ -361,12 +383,8 @@ impl LookupService {
         // the holder match, when asked, at the same time.
         let (known, holder_match) = tokio::join!(
             self.answer(&caller, code.issuer, &claims.sub),
-            self.state.federation.holder_match(
-                &caller,
-                code.issuer,
-                &claims.sub,
-                national_id.as_ref()
-            ),
+            self.federation
+                .holder_match(&caller, code.issuer, &claims.sub, national_id.as_ref()),
         );
         let (known, provenance) = known?;
         // At equal `as_of` the record wins: the issuer may rewrite a status
@@ -379,8 +397,7 @@ impl LookupService {
         };
         let (policy_met, reason) = evaluate(req.policy.as_ref(), &status, &provenance, now);
         if self.cross_province(&caller, code.issuer) {
-            self.state
-                .audit
+            self.audit
                 .record(|| {
                     let e = audit::answered(
                         EntryKind::VerifyServed,
@@ -427,7 +444,7 @@ impl LookupService {
     /// Audits a refused code that claims another province as its issuer,
     /// under the claims it carries (unverified, and said so).
     async fn audit_refusal(&self, caller: &Identity, token: &str, verdict: &CodeVerdict) {
-        if !self.state.audit.enabled() {
+        if !self.audit.enabled() {
             return;
         }
         let Some((issuer, holder)) = claimed_issuer(token) else {
@@ -436,8 +453,7 @@ impl LookupService {
         if !self.cross_province(caller, issuer) {
             return;
         }
-        self.state
-            .audit
+        self.audit
             .record(|| {
                 audit::answered(
                     EntryKind::VerifyServed,
@@ -457,27 +473,26 @@ impl LookupService {
         let req = request.into_inner();
         if !req.province.is_empty() {
             let p = self.issuer(&req.province)?;
-            if p != self.state.province {
+            if p != self.province {
                 // Another member's keys exactly as this node's verifier holds
                 // them: the trust list's, updated by what the province itself
                 // published since (rotations, revocations), so a tool that
                 // checks codes with this answer agrees with `Verify` here.
-                let (jwks, revoked_kids) =
-                    self.state.codes.verifier.keys_of(p).ok_or_else(|| {
-                        NodeError::NotFound(format!(
-                            "no code-signing keys of province {p} are known here yet: retry shortly"
-                        ))
-                    })?;
+                let (jwks, revoked_kids) = self.codes.verifier.keys_of(p).ok_or_else(|| {
+                    NodeError::NotFound(format!(
+                        "no code-signing keys of province {p} are known here yet: retry shortly"
+                    ))
+                })?;
                 return Ok(GetJwksResponse {
                     jwks_json: serde_json::to_string(&jwks)
                         .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
                     revoked_kids,
-                    revoked_serials: self.state.standing.revoked(p),
+                    revoked_serials: self.standing.revoked(p),
                 });
             }
         }
         // Exactly what this province's feed heads announce the digest of.
-        let own = self.state.codes.own_published_keys();
+        let own = self.codes.own_published_keys();
         Ok(GetJwksResponse {
             jwks_json: own.jwks_json.clone(),
             revoked_kids: own.revoked_kids.clone(),

@@ -7,9 +7,11 @@
 
 mod common;
 
+use common::eventually;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -23,9 +25,8 @@ use hufu_proto::v1::audit_service_client::AuditServiceClient;
 use hufu_proto::v1::witness_service_client::WitnessServiceClient;
 use hufu_proto::v1::{
     AddCheckpointRequest, BatchLookupRequest, Colour, GetCheckpointsRequest,
-    GetConsistencyProofRequest, GetEntriesRequest, GetInclusionProofRequest, IssueCodeRequest,
-    LookupRequest, PutStatusRequest, RotateKeyRequest, Source, Verdict, VerifyRequest,
-    add_checkpoint_response, issue_code_request,
+    GetConsistencyProofRequest, GetEntriesRequest, GetInclusionProofRequest, LookupRequest,
+    PutStatusRequest, RotateKeyRequest, Source, Verdict, VerifyRequest, add_checkpoint_response,
 };
 use serde_json::Value;
 use tonic::Code;
@@ -56,51 +57,14 @@ async fn federation(root: &Path) -> LocalFederation {
     fed
 }
 
-/// Polls `f` until it returns Some, for at most `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
+/// A code for the `n`th sample holder of `province`.
 async fn issue(province: &LocalProvince, n: u64) -> String {
-    province
-        .admin()
-        .await
-        .unwrap()
-        .issue_code(IssueCodeRequest {
-            subject: Some(issue_code_request::Subject::NationalId(
-                hufu_node::sample::national_id(province.province, n)
-                    .as_str()
-                    .to_owned(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
+    common::issue_code(province, n).await.token
 }
 
 /// Runs the real `hufu` binary: exit code, stdout, stderr.
 async fn hufu(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hufu"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
+    let out = common::hufu(args).await;
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

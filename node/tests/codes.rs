@@ -15,9 +15,9 @@ use hufu_node::sample;
 use hufu_node::status::{now_unix, timestamp};
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
-    Colour, GetJwksRequest, GetJwksResponse, IssueCodeRequest, IssueCodeResponse, Policy,
-    PutStatusRequest, Reason, RevokeKeyRequest, RotateKeyRequest, Source, StatusInput, Verdict,
-    VerifyRequest, VerifyResponse, issue_code_request, status_input,
+    Colour, GetJwksRequest, GetJwksResponse, IssueCodeResponse, Policy, PutStatusRequest, Reason,
+    RevokeKeyRequest, RotateKeyRequest, Source, StatusInput, Verdict, VerifyRequest,
+    VerifyResponse, status_input,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -40,19 +40,7 @@ fn national_id(province: &LocalProvince, n: u64) -> String {
 
 /// Admin.IssueCode for the `n`th sample holder.
 async fn issue(province: &LocalProvince, n: u64) -> IssueCodeResponse {
-    province
-        .admin()
-        .await
-        .unwrap()
-        .issue_code(IssueCodeRequest {
-            subject: Some(issue_code_request::Subject::NationalId(national_id(
-                province, n,
-            ))),
-            name: HOLDER_NAME.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    common::issue_code_named(province, n, HOLDER_NAME).await
 }
 
 /// Admin.PutStatus for the `n`th sample holder.

@@ -4,14 +4,16 @@
 
 mod common;
 
+use common::eventually;
+
 use std::time::{Duration, Instant};
 
 use hufu_certs::{Identity, LeafOptions, Province, Role};
 use hufu_node::local::{LocalFederation, LocalProvince};
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::{
-    Colour, IssueCodeRequest, LookupRequest, OfferTrustListRequest, PutStatusRequest, Source,
-    SubscribeChangesRequest, SubscribeChangesResponse, Verdict, VerifyRequest, issue_code_request,
+    Colour, LookupRequest, OfferTrustListRequest, PutStatusRequest, Source,
+    SubscribeChangesRequest, SubscribeChangesResponse, Verdict, VerifyRequest,
 };
 use tonic::Code;
 
@@ -36,42 +38,9 @@ async fn federation(root: &std::path::Path) -> LocalFederation {
     fed
 }
 
+/// A code for the `n`th sample holder of `province`.
 async fn issue(province: &LocalProvince, n: u64) -> String {
-    province
-        .admin()
-        .await
-        .unwrap()
-        .issue_code(IssueCodeRequest {
-            subject: Some(issue_code_request::Subject::NationalId(
-                hufu_node::sample::national_id(province.province, n)
-                    .as_str()
-                    .to_owned(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-}
-
-/// Polls `f` until it returns Some, for at most `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::issue_code(province, n).await.token
 }
 
 async fn lookup_colour(at: &LocalProvince, issuer: &str, holder: &str) -> Option<(i32, i32)> {

@@ -14,9 +14,7 @@ use hufu_certs::Province;
 use hufu_federation::audit::{AuditEntry, EntryKind};
 use hufu_node::local::{LocalFederation, LocalProvince};
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
-use hufu_proto::v1::{
-    HolderMatch, IssueCodeRequest, Verdict, VerifyRequest, VerifyResponse, issue_code_request,
-};
+use hufu_proto::v1::{HolderMatch, Verdict, VerifyRequest, VerifyResponse};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -85,20 +83,7 @@ fn masked(id: &str) -> String {
 /// A code for GD's sample holder 0, issued with `NAME`.
 async fn issue(gd: &LocalProvince) -> String {
     common::import_samples(gd, 2).await;
-    gd.admin()
-        .await
-        .unwrap()
-        .issue_code(IssueCodeRequest {
-            subject: Some(issue_code_request::Subject::NationalId(national_id(
-                gd.province,
-                0,
-            ))),
-            name: NAME.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
+    common::issue_code_named(gd, 0, NAME).await.token
 }
 
 async fn verify(

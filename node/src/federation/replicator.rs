@@ -116,7 +116,7 @@ fn log_link(p: Province, event: Option<LinkEvent>, error: &str) {
 }
 
 pub async fn run(state: Arc<Federation>, p: Province, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::default();
     let mut relay_turn = 0usize;
     let mut link = Link::new(Instant::now());
     loop {
@@ -125,14 +125,14 @@ pub async fn run(state: Arc<Federation>, p: Province, stop: CancellationToken) {
         }
         let Some(source) = choose_source(&state, p, &mut relay_turn) else {
             // Nobody to ask (a federation of two with the other down).
-            if sleep_or_stop(&stop, backoff).await {
+            if sleep_or_stop(&stop, backoff.current()).await {
                 return;
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff.grow();
             continue;
         };
-        match session(&state, p, &source, &stop, &mut link).await {
-            Ok(()) => backoff = Duration::from_millis(50),
+        let pause = match session(&state, p, &source, &stop, &mut link).await {
+            Ok(()) => backoff.reset(),
             Err(err) => {
                 if source.direct {
                     log_link(p, link.failed(Instant::now()), &err.to_string());
@@ -145,12 +145,44 @@ pub async fn run(state: Arc<Federation>, p: Province, stop: CancellationToken) {
                     }
                 }
                 tracing::debug!(province = %p, from = %source.province, endpoint = %source.endpoint, error = %err, "feed session ended");
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                backoff.grow()
             }
-        }
-        if sleep_or_stop(&stop, backoff).await {
+        };
+        if sleep_or_stop(&stop, pause).await {
             return;
         }
+    }
+}
+
+/// The pause between feed sessions: short after a session that ended
+/// well, doubling after each failure up to [`MAX_BACKOFF`].
+#[derive(Debug)]
+struct Backoff(Duration);
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(FIRST_BACKOFF)
+    }
+}
+
+impl Backoff {
+    /// The pause as it stands.
+    fn current(&self) -> Duration {
+        self.0
+    }
+
+    /// After a failure: the pause doubles, up to [`MAX_BACKOFF`]; returns it.
+    fn grow(&mut self) -> Duration {
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        self.0
+    }
+
+    /// After a session that ended well: back to the first pause.
+    fn reset(&mut self) -> Duration {
+        self.0 = FIRST_BACKOFF;
+        self.0
     }
 }
 
@@ -399,6 +431,37 @@ async fn refresh_keys_if_changed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_sessions_back_off_doubling_to_the_cap_and_a_good_one_resets() {
+        let stop = CancellationToken::new();
+        let mut backoff = Backoff::default();
+        let start = tokio::time::Instant::now();
+        // Failures in a row: 100, 200, ... ms, then the cap.
+        let mut waited = Duration::ZERO;
+        for expected in [100, 200, 400, 800, 1600, 2000, 2000] {
+            let pause = backoff.grow();
+            assert_eq!(pause, Duration::from_millis(expected));
+            assert!(!sleep_or_stop(&stop, pause).await);
+            waited += pause;
+        }
+        assert_eq!(start.elapsed(), waited, "each pause is slept in full");
+        assert_eq!(backoff.reset(), FIRST_BACKOFF);
+        assert_eq!(backoff.grow(), FIRST_BACKOFF * 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_ends_at_once_when_the_node_stops() {
+        let stop = CancellationToken::new();
+        let start = tokio::time::Instant::now();
+        let stopper = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            stopper.cancel();
+        });
+        assert!(sleep_or_stop(&stop, MAX_BACKOFF).await);
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+    }
 
     #[test]
     fn a_feed_is_reported_interrupted_down_and_back_once_each() {

@@ -331,7 +331,7 @@ impl PeerClient {
     /// Whether a call to `province` may be tried now: its circuit is not
     /// open, and adaptive throttling does not drop the call.
     pub fn allows(&self, province: Province) -> bool {
-        let now = Instant::now();
+        let now = now();
         let mut health = self.health.lock().expect("health lock");
         let h = health.entry(province).or_default();
         h.breaker.allows(now) && h.adaptive.allows(now, draw())
@@ -366,7 +366,7 @@ impl PeerClient {
     fn failure(&self, province: Province) {
         let mut health = self.health.lock().expect("health lock");
         let h = health.entry(province).or_default();
-        h.breaker.failure(Instant::now());
+        h.breaker.failure(now());
         h.throttle.failure();
     }
 
@@ -380,10 +380,16 @@ impl PeerClient {
     pub fn view(&self, province: Province) -> PeerView {
         let health = self.health.lock().expect("health lock");
         match health.get(&province) {
-            Some(h) => h.view(Instant::now()),
-            None => PeerHealth::default().view(Instant::now()),
+            Some(h) => h.view(now()),
+            None => PeerHealth::default().view(now()),
         }
     }
+}
+
+/// Now, on tokio's clock: paused in tests, so that breaker pauses pass
+/// without waiting.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 #[cfg(test)]
@@ -429,11 +435,56 @@ mod tests {
             .get_mut(&gd)
             .unwrap()
             .breaker
-            .open_until = Some(Instant::now() - Duration::from_millis(1));
+            .open_until = Some(now() - Duration::from_millis(1));
         assert_eq!(peers.view(gd).breaker, "half-open");
         peers.success(gd);
         let view = peers.view(gd);
         assert_eq!(view.breaker, "closed");
         assert!(view.last_error.is_some() && view.last_error_ms.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_refuses_calls_until_its_pause_has_passed() {
+        let peers = client();
+        let gd = Province::parse("440000").unwrap();
+        for _ in 0..OPEN_AFTER {
+            assert!(peers.allows(gd));
+            peers.failed(gd, "lookup at 127.0.0.1:1: connection refused");
+        }
+        assert!(!peers.allows(gd), "open after {OPEN_AFTER} failures");
+        tokio::time::advance(OPEN_FOR / 2).await;
+        assert!(!peers.allows(gd), "still open halfway through the pause");
+        tokio::time::advance(OPEN_FOR / 2).await;
+        assert!(peers.allows(gd), "one probe once the pause has passed");
+        assert!(!peers.allows(gd), "only one probe at a time");
+        peers.success(gd);
+        assert!(peers.allows(gd));
+        assert_eq!(peers.view(gd).breaker, "closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_that_cannot_be_made_count_against_the_province() {
+        let peers = client();
+        let gd = Province::parse("440000").unwrap();
+        for _ in 0..OPEN_AFTER {
+            let err = peers
+                .call_at(
+                    gd,
+                    "127.0.0.1:1",
+                    OPEN_FOR,
+                    "lookup at",
+                    |call| async move { Ok::<_, tonic::Status>(call.deadline) },
+                )
+                .await
+                .unwrap_err();
+            assert!(matches!(err, PeerError::Dial { .. }), "{err}");
+        }
+        let view = peers.view(gd);
+        assert_eq!(view.breaker, "open");
+        let last = view.last_error.unwrap();
+        assert!(
+            last.starts_with("lookup at cannot dial 127.0.0.1:1"),
+            "{last}"
+        );
     }
 }

@@ -106,6 +106,30 @@ pub async fn metrics(province: &LocalProvince) -> String {
     out
 }
 
+/// Admin.IssueCode for the `n`th sample holder of `province`, with the
+/// holder's `name` as on the identity card (empty: none).
+pub async fn issue_code_named(
+    province: &LocalProvince,
+    n: u64,
+    name: &str,
+) -> hufu_proto::v1::IssueCodeResponse {
+    province
+        .admin()
+        .await
+        .unwrap()
+        .issue_code(hufu_proto::v1::IssueCodeRequest {
+            subject: Some(hufu_proto::v1::issue_code_request::Subject::NationalId(
+                sample::national_id(province.province, n)
+                    .as_str()
+                    .to_owned(),
+            )),
+            name: name.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Polls `f` until it returns Some, for at most `limit`.
 pub async fn eventually<T, F, Fut>(limit: std::time::Duration, mut f: F) -> T
 where
@@ -152,21 +176,7 @@ pub fn quick(c: &mut hufu_node::config::NodeConfig) {
 
 /// Issues a code at `province` for its `n`th sample holder.
 pub async fn issue_code(province: &LocalProvince, n: u64) -> hufu_proto::v1::IssueCodeResponse {
-    province
-        .admin()
-        .await
-        .unwrap()
-        .issue_code(hufu_proto::v1::IssueCodeRequest {
-            subject: Some(hufu_proto::v1::issue_code_request::Subject::NationalId(
-                sample::national_id(province.province, n)
-                    .as_str()
-                    .to_owned(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    issue_code_named(province, n, "").await
 }
 
 /// Runs the built `hufu` command with `args` and returns what it did.

@@ -25,6 +25,21 @@ pub struct PublishedKeys {
     pub digest: [u8; 32],
 }
 
+/// The code-signing keyring `config` names, made with its algorithm if it
+/// does not exist yet.
+pub fn open_keyring(config: &NodeConfig) -> anyhow::Result<Keyring> {
+    let alg: CodeAlg = config
+        .codes
+        .algorithm
+        .parse()
+        .map_err(|e| anyhow::anyhow!("codes.algorithm: {e}"))?;
+    Ok(Keyring::open_or_create(
+        &config.path(&config.codes.keys_dir),
+        alg,
+        config.code_lifetime(),
+    )?)
+}
+
 pub struct Codes {
     province: Province,
     pub secret: HolderSecret,
@@ -45,16 +60,7 @@ impl Codes {
         let secret_bytes = std::fs::read(&secret_path)
             .with_context(|| format!("cannot read holder secret {}", secret_path.display()))?;
         let secret = HolderSecret::new(&secret_bytes)?;
-        let alg: CodeAlg = config
-            .codes
-            .algorithm
-            .parse()
-            .map_err(|e| anyhow::anyhow!("codes.algorithm: {e}"))?;
-        let keyring = Keyring::open_or_create(
-            &config.path(&config.codes.keys_dir),
-            alg,
-            config.code_lifetime(),
-        )?;
+        let keyring = open_keyring(config)?;
         let verifier = CodeVerifier::new(
             Duration::from_secs(config.codes.leeway_secs),
             config.codes.cache_entries,

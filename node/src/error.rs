@@ -40,6 +40,9 @@ pub enum NodeError {
     WrongProvince { asked: Province, own: Province },
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A position past the end (an audit log index or tree size).
+    #[error("{0}")]
+    OutOfRange(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("storage: {0}")]
@@ -118,6 +121,7 @@ impl From<NodeError> for tonic::Status {
             NodeError::Unauthenticated => Code::Unauthenticated,
             NodeError::WrongProvince { .. } => Code::NotFound,
             NodeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            NodeError::OutOfRange(_) => Code::OutOfRange,
             NodeError::Unavailable(_) => Code::Unavailable,
             NodeError::Storage(_)
             | NodeError::Transaction(_)
@@ -141,6 +145,17 @@ impl NodeError {
     /// any service runs.
     pub fn into_http(self) -> http::Response<tonic::body::Body> {
         tonic::Status::from(self).into_http()
+    }
+}
+
+/// A position the audit log does not hold is the caller's to fix; anything
+/// else the log refuses is this node's failure.
+impl From<hufu_federation::audit::AuditError> for NodeError {
+    fn from(err: hufu_federation::audit::AuditError) -> NodeError {
+        match err {
+            hufu_federation::audit::AuditError::OutOfRange(msg) => NodeError::OutOfRange(msg),
+            other => NodeError::Internal(format!("audit log: {other}")),
+        }
     }
 }
 
@@ -174,5 +189,20 @@ mod tests {
         assert!(status.message().contains("reference "), "{status:?}");
         let invalid = tonic::Status::from(NodeError::invalid("holder id is not base32"));
         assert_eq!(invalid.message(), "holder id is not base32");
+    }
+
+    #[test]
+    fn audit_log_errors_keep_their_kind() {
+        use hufu_federation::audit::AuditError;
+        let past = tonic::Status::from(NodeError::from(AuditError::OutOfRange(
+            "index 9 past the end of the log (size 3)".into(),
+        )));
+        assert_eq!(past.code(), tonic::Code::OutOfRange);
+        assert_eq!(past.message(), "index 9 past the end of the log (size 3)");
+        let closed = tonic::Status::from(NodeError::from(AuditError::Closed(
+            "writer stopped at /srv/hufu/audit".into(),
+        )));
+        assert_eq!(closed.code(), tonic::Code::Internal);
+        assert!(!closed.message().contains("/srv/hufu"), "{closed:?}");
     }
 }

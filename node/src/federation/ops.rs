@@ -6,7 +6,6 @@ use std::path::Path;
 use anyhow::Context;
 use hufu_certs::Province;
 use hufu_federation::audit::LogSigner;
-use hufu_federation::codes::{CodeAlg, Keyring};
 use hufu_federation::trust::{GovernanceKey, Member, SignedTrustList, TrustList, TrustStore};
 
 use crate::config::NodeConfig;
@@ -14,16 +13,7 @@ use crate::status::now_unix;
 
 /// This province as a trust list member, reachable at `endpoints`.
 pub fn member_of(config: &NodeConfig, endpoints: Vec<String>) -> anyhow::Result<Member> {
-    let alg: CodeAlg = config
-        .codes
-        .algorithm
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let keyring = Keyring::open_or_create(
-        &config.path(&config.codes.keys_dir),
-        alg,
-        config.code_lifetime(),
-    )?;
+    let keyring = crate::codes::open_keyring(config)?;
     let member = Member {
         province: config.province,
         name: config.province.name().to_owned(),

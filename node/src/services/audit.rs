@@ -9,7 +9,7 @@ use hufu_federation::audit::LogSigner;
 use std::sync::Arc;
 
 use hufu_certs::Role;
-use hufu_federation::audit::{AuditError, SignedCheckpoint, TreeHash, WitnessError};
+use hufu_federation::audit::{SignedCheckpoint, TreeHash, WitnessError};
 use hufu_proto::v1::{
     AddCheckpointRequest, AddCheckpointResponse, AuditLogEntry, GetCheckpointsRequest,
     GetCheckpointsResponse, GetConsistencyProofRequest, GetConsistencyProofResponse,
@@ -44,15 +44,6 @@ impl AuditService {
     }
 }
 
-/// The audit library's errors as gRPC statuses: sizes the log does not
-/// have are the caller's to fix, the rest is the node's.
-fn status(err: AuditError) -> Status {
-    match err {
-        AuditError::OutOfRange(msg) => Status::out_of_range(msg),
-        other => NodeError::Internal(format!("audit log: {other}")).into(),
-    }
-}
-
 /// Proof hashes as the wire carries them.
 fn proof(hashes: Vec<TreeHash>) -> Vec<Vec<u8>> {
     hashes.iter().map(|h| h.as_bytes().to_vec()).collect()
@@ -66,10 +57,10 @@ impl audit_service_server::AuditService for AuditService {
     ) -> Result<Response<GetCheckpointsResponse>, Status> {
         caller(&request)?;
         let after = request.into_inner().after_size;
-        let log = self.audit.log().map_err(status)?;
+        let log = self.audit.log().map_err(NodeError::from)?;
         let mut checkpoints: Vec<String> = log
             .published()
-            .map_err(status)?
+            .map_err(NodeError::from)?
             .into_iter()
             .filter(|cp| cp.checkpoint().size > after)
             .take(MAX_CHECKPOINTS + 1)
@@ -79,7 +70,7 @@ impl audit_service_server::AuditService for AuditService {
         checkpoints.truncate(MAX_CHECKPOINTS);
         Ok(Response::new(GetCheckpointsResponse {
             origin: self.log_signer.origin().to_owned(),
-            log_size: log.size().map_err(status)?,
+            log_size: log.size().map_err(NodeError::from)?,
             checkpoints,
             more,
         }))
@@ -96,7 +87,7 @@ impl audit_service_server::AuditService for AuditService {
             .audit
             .log()
             .and_then(|log| log.entries(req.start, end))
-            .map_err(status)?
+            .map_err(NodeError::from)?
             .into_iter()
             .map(|(index, entry)| AuditLogEntry { index, entry })
             .collect();
@@ -113,7 +104,7 @@ impl audit_service_server::AuditService for AuditService {
             .audit
             .log()
             .and_then(|log| log.inclusion_proof(req.index, req.tree_size))
-            .map_err(status)?;
+            .map_err(NodeError::from)?;
         Ok(Response::new(GetInclusionProofResponse {
             hashes: proof(hashes),
         }))
@@ -129,7 +120,7 @@ impl audit_service_server::AuditService for AuditService {
             .audit
             .log()
             .and_then(|log| log.consistency_proof(req.old_size, req.new_size))
-            .map_err(status)?;
+            .map_err(NodeError::from)?;
         Ok(Response::new(GetConsistencyProofResponse {
             hashes: proof(hashes),
         }))

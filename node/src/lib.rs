@@ -6,6 +6,7 @@
 //! API, so tests drive exactly what operators run.
 
 pub mod admission;
+pub mod answer;
 pub mod audit;
 pub mod auth;
 pub mod client;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod federation;
 pub mod import;
 pub mod init;
+pub mod legacy;
 pub mod local;
 pub mod metered;
 pub mod metrics;

@@ -124,6 +124,7 @@ async fn acknowledged_statuses_survive_kill_9() {
         .map(|n| ImportStatusesRequest {
             line: n,
             status: Some(common::sample_input(p, n, Colour::Red)),
+            legacy_code: String::new(),
         })
         .collect();
     let summary = client

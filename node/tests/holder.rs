@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
-use hufu_federation::audit::{AuditEntry, EntryKind};
+use hufu_federation::audit::EntryKind;
 use hufu_node::local::{LocalFederation, LocalProvince};
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{HolderMatch, Verdict, VerifyRequest, VerifyResponse};
@@ -124,22 +124,6 @@ async fn ready_terminal(at: &LocalProvince, token: &str) -> StatusLookupServiceC
 }
 
 /// The node's own audit entries, flushed.
-async fn audit_entries(province: &LocalProvince) -> Vec<AuditEntry> {
-    let state = province.node.as_ref().unwrap().state.clone();
-    tokio::task::spawn_blocking(move || {
-        let log = state.audit.log().unwrap();
-        log.flush().unwrap();
-        let size = log.size().unwrap();
-        log.entries(0, size)
-            .unwrap()
-            .into_iter()
-            .map(|(_, bytes)| AuditEntry::decode(&bytes).unwrap())
-            .collect()
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holder_match_is_true_or_false_and_unknown_without_the_issuer() {
     let scratch = tempfile::tempdir().unwrap();
@@ -207,7 +191,7 @@ async fn holder_match_is_true_or_false_and_unknown_without_the_issuer() {
 
     // Shaanxi's audit log has each match it asked for and its outcome,
     // under the pseudonym.
-    let entries = audit_entries(fed.get(p(SN))).await;
+    let entries = common::audit_entries(fed.get(p(SN))).await;
     let answers = |kind: EntryKind| -> Vec<(Option<String>, Option<String>)> {
         entries
             .iter()
@@ -237,24 +221,6 @@ async fn holder_match_is_true_or_false_and_unknown_without_the_issuer() {
     );
 }
 
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for item in std::fs::read_dir(dir).unwrap() {
-        let path = item.unwrap().path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry() {
     let scratch = tempfile::tempdir().unwrap();
@@ -277,13 +243,13 @@ async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry(
             HolderMatch::Unknown
         );
     }
-    let gd_entries = audit_entries(fed.get(p(GD))).await;
+    let gd_entries = common::audit_entries(fed.get(p(GD))).await;
     fed.get_mut(p(GD)).stop().await.unwrap();
     assert_eq!(
         holder_match(&verify(&mut sn, &token, Some(&holder)).await),
         HolderMatch::Unknown
     );
-    let sn_entries = audit_entries(fed.get(p(SN))).await;
+    let sn_entries = common::audit_entries(fed.get(p(SN))).await;
     let sn_state = fed.get(p(SN)).node.as_ref().unwrap().state.clone();
     sn_state.store.flush().await.unwrap();
 
@@ -307,13 +273,16 @@ async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry(
     for entry in gd_entries.iter().chain(&sn_entries) {
         let bytes = entry.encode().unwrap();
         for (what, secret) in secrets {
-            assert!(!contains(&bytes, secret), "{what} in audit entry {entry:?}");
+            assert!(
+                !common::contains(&bytes, secret),
+                "{what} in audit entry {entry:?}"
+            );
         }
     }
     // Not in any byte either node keeps: databases, audit logs, keys, config.
     let searched: Vec<PathBuf> = [GD, SN]
         .iter()
-        .flat_map(|c| files(&fed.get(p(c)).dir))
+        .flat_map(|c| common::files(&fed.get(p(c)).dir))
         .collect();
     let mut pseudonym_seen = false;
     let pseudonym = common::pseudonym(fed.get(p(GD)), 0);
@@ -321,12 +290,12 @@ async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry(
         let bytes = std::fs::read(file).unwrap();
         for (what, secret) in secrets {
             assert!(
-                !contains(&bytes, secret),
+                !common::contains(&bytes, secret),
                 "{what} found in {}",
                 file.display()
             );
         }
-        pseudonym_seen |= contains(&bytes, pseudonym.as_bytes());
+        pseudonym_seen |= common::contains(&bytes, pseudonym.as_bytes());
     }
     // The search does look at the data: the pseudonym is there.
     assert!(pseudonym_seen, "searched {searched:?}");
@@ -334,11 +303,11 @@ async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry(
     // Not in any log line, at debug level.
     let logs = captured_logs().lock().unwrap().clone();
     for (what, secret) in secrets {
-        assert!(!contains(&logs, secret), "{what} in the logs");
+        assert!(!common::contains(&logs, secret), "{what} in the logs");
     }
     // The capture does see the nodes' logs: the unreachable issuer is there.
     assert!(
-        contains(&logs, b"holder match unknown"),
+        common::contains(&logs, b"holder match unknown"),
         "{}",
         String::from_utf8_lossy(&logs[logs.len().saturating_sub(2000)..])
     );
@@ -350,23 +319,9 @@ async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry(
 #[tokio::test]
 async fn a_grpcio_client_sees_the_masked_name_and_id() {
     const SCRIPT: &str = r#"
-import json, os, subprocess, sys, tempfile
-proto_dir, addr, ca_path, cert_path, key_path, token, card = sys.argv[1:8]
-stubs = tempfile.mkdtemp()
-subprocess.run(
-    [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir,
-     "--python_out", stubs, "--grpc_python_out", stubs, "hufu/v1/status.proto"],
-    check=True,
-)
-sys.path.insert(0, stubs)
-import grpc
-from hufu.v1 import status_pb2, status_pb2_grpc
-read = lambda p: open(p, "rb").read()
-creds = grpc.ssl_channel_credentials(
-    root_certificates=read(ca_path), private_key=read(key_path), certificate_chain=read(cert_path))
-with grpc.secure_channel(addr, creds) as channel:
-    reply = status_pb2_grpc.StatusLookupServiceStub(channel).Verify(
-        status_pb2.VerifyRequest(token=token, national_id=card), timeout=10)
+token, card = args
+reply = status_pb2_grpc.StatusLookupServiceStub(channel).Verify(
+    status_pb2.VerifyRequest(token=token, national_id=card), timeout=10)
 print(json.dumps({
     "verdict": status_pb2.Verdict.Name(reply.verdict),
     "masked_name": reply.masked_name,
@@ -379,35 +334,7 @@ print(json.dumps({
     let gd = &node.province;
     let token = issue(gd).await;
     let holder = national_id(gd.province, 0);
-    let (cert, key) = hufu_node::init::issue_cert(
-        &gd.dir,
-        hufu_certs::Role::Terminal,
-        "grpcio",
-        &hufu_certs::LeafOptions::default(),
-    )
-    .unwrap();
-    let ca = node.scratch.path().join("ca.pem");
-    std::fs::write(&ca, gd.ca_pem().unwrap()).unwrap();
-    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let mut run = tokio::process::Command::new("python3");
-    run.arg("-c")
-        .arg(SCRIPT)
-        .arg(&proto_dir)
-        .arg(gd.addr().unwrap().to_string())
-        .args([&ca, &cert, &key])
-        .args([&token, &holder]);
-    let output = tokio::time::timeout(Duration::from_secs(60), run.output())
-        .await
-        .expect("the grpcio client finishes within a minute")
-        .unwrap_or_else(|e| {
-            panic!("cannot run python3 ({e}): run scripts/test, which installs grpcio")
-        });
-    assert!(
-        output.status.success(),
-        "grpcio client failed (run scripts/test once to set up grpcio): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = common::grpcio(gd, node.scratch.path(), SCRIPT, &[&token, &holder]).await;
     assert_eq!(seen["verdict"], "VERDICT_VALID");
     assert_eq!(seen["masked_name"], MASKED_NAME);
     assert_eq!(seen["masked_national_id"], masked(&holder));

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use hufu_certs::Province;
 use hufu_federation::audit::LogSigner;
+use hufu_federation::legacy::LegacyFormat;
 use hufu_federation::trust::{GovernanceKey, Member, SignedTrustList, TrustList, TrustStore};
 
 use crate::config::NodeConfig;
@@ -37,6 +38,24 @@ pub fn read_member(path: &Path) -> anyhow::Result<Member> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Member::from_json(&text).with_context(|| format!("member file {}", path.display()))
+}
+
+/// A file of legacy code formats: a JSON list, each with `name`, `prefix`,
+/// `pattern`, `max_len` and `example`.
+pub fn read_formats(path: &Path) -> anyhow::Result<Vec<LegacyFormat>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let formats: Vec<LegacyFormat> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON list of formats, each {{\"name\", \"prefix\", \"pattern\", \"max_len\", \"example\"}}",
+            path.display()
+        )
+    })?;
+    for f in &formats {
+        f.compile()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(formats)
 }
 
 pub fn read_note(path: &Path) -> anyhow::Result<SignedTrustList> {
@@ -76,6 +95,8 @@ pub struct Proposal {
     pub update: Vec<Member>,
     pub remove: Vec<Province>,
     pub endpoints: Vec<(Province, Vec<String>)>,
+    /// New legacy code formats per member.
+    pub formats: Vec<(Province, Vec<LegacyFormat>)>,
     pub threshold: Option<usize>,
     pub witness_quorum: Option<usize>,
 }
@@ -96,12 +117,16 @@ pub fn propose(current: &TrustList, change: Proposal) -> anyhow::Result<SignedTr
         next.set_log_key(p, m.log_key)?;
         next.set_governance_key(p, m.governance_key)?;
         next.set_endpoints(p, m.endpoints)?;
+        next.set_legacy_formats(p, m.legacy_formats)?;
     }
     for p in change.remove {
         next.remove_member(p)?;
     }
     for (p, endpoints) in change.endpoints {
         next.set_endpoints(p, endpoints)?;
+    }
+    for (p, formats) in change.formats {
+        next.set_legacy_formats(p, formats)?;
     }
     if let Some(t) = change.threshold {
         next.set_threshold(t)?;

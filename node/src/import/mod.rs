@@ -55,10 +55,15 @@ struct InputRow {
     last_negative_test: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    /// A legacy code of the province, as its holder carries it, to bind to
+    /// the row's holder.
+    #[serde(default)]
+    legacy_code: Option<String>,
 }
 
 impl InputRow {
-    fn into_input(self) -> Result<StatusInput, String> {
+    /// The row's status, and its legacy code (empty: none).
+    fn into_input(self) -> Result<(StatusInput, String), String> {
         let subject = match (
             self.national_id.filter(|s| !s.trim().is_empty()),
             self.holder.filter(|s| !s.trim().is_empty()),
@@ -69,14 +74,16 @@ impl InputRow {
         };
         let colour = parse_colour(&self.colour)?;
         let reason = parse_reason(self.reason.as_deref().unwrap_or(""))?;
-        Ok(StatusInput {
+        let status = StatusInput {
             subject: Some(subject),
             colour: colour as i32,
             as_of: parse_time(self.as_of.as_deref().unwrap_or(""))?.map(timestamp),
             last_negative_test: parse_time(self.last_negative_test.as_deref().unwrap_or(""))?
                 .map(timestamp),
             reason: reason as i32,
-        })
+        };
+        let code = self.legacy_code.unwrap_or_default().trim().to_owned();
+        Ok((status, code))
     }
 }
 
@@ -94,23 +101,25 @@ pub enum Line {
     Rejected(ImportRejection),
 }
 
-fn line(n: u64, row: Result<StatusInput, String>) -> Line {
+fn line(n: u64, row: Result<(StatusInput, String), String>) -> Line {
     match row {
-        Ok(status) => Line::Row(ImportStatusesRequest {
+        Ok((status, legacy_code)) => Line::Row(ImportStatusesRequest {
             line: n,
             status: Some(status),
+            legacy_code,
         }),
         Err(reason) => Line::Rejected(ImportRejection { line: n, reason }),
     }
 }
 
-const KNOWN: [&str; 6] = [
+const KNOWN: [&str; 7] = [
     "national_id",
     "holder",
     "colour",
     "as_of",
     "last_negative_test",
     "reason",
+    "legacy_code",
 ];
 
 /// Reads a status file one line at a time, so that a file of any size
@@ -251,6 +260,7 @@ impl<R: BufRead> Reader<R> {
                             "colour" => row.colour = value,
                             "as_of" => row.as_of = Some(value),
                             "last_negative_test" => row.last_negative_test = Some(value),
+                            "legacy_code" => row.legacy_code = Some(value),
                             _ => row.reason = Some(value),
                         }
                     }
@@ -341,6 +351,21 @@ mod tests {
             let err = Reader::new(text.as_bytes(), format).err().unwrap();
             assert!(err.to_string().contains("nothing to import"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_legacy_code_column_travels_with_its_row() {
+        let text = "national_id,colour,legacy_code\n\
+                    11010519491231002X,green,GD1ABCDEFGHIJKLMNOPQRST\n\
+                    110105194912310021,red,\n";
+        let parsed = parse(text, Format::Csv).unwrap();
+        let codes: Vec<_> = parsed.rows.iter().map(|r| r.legacy_code.as_str()).collect();
+        assert_eq!(codes, ["GD1ABCDEFGHIJKLMNOPQRST", ""]);
+        let text = "{\"holder\":\"MFRGGZDFMZTWQ2LKNNWG23TPOA\",\"colour\":\"red\",\"legacy_code\":\"GD1X\"}\n";
+        assert_eq!(
+            parse(text, Format::Jsonl).unwrap().rows[0].legacy_code,
+            "GD1X"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use hufu_certs::{Identity, LeafOptions, Province, Role};
+use hufu_federation::legacy::LegacyFormat;
 use hufu_proto::v1::admin_service_client::AdminServiceClient;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use tonic::transport::Channel;
@@ -191,6 +192,17 @@ impl LocalFederation {
         codes: &[Province],
         tune: impl Fn(&mut NodeConfig),
     ) -> anyhow::Result<LocalFederation> {
+        LocalFederation::init_declaring(root, codes, &[], tune)
+    }
+
+    /// As [`init`](Self::init), with the legacy code formats some members
+    /// declare in the genesis.
+    pub fn init_declaring(
+        root: &Path,
+        codes: &[Province],
+        formats: &[(Province, Vec<LegacyFormat>)],
+        tune: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<LocalFederation> {
         use crate::federation::ops;
         let mut provinces = Vec::new();
         let mut reserved = std::collections::HashMap::new();
@@ -202,10 +214,15 @@ impl LocalFederation {
             tune(&mut province.config);
             provinces.push(province);
         }
-        let members = provinces
+        let mut members = provinces
             .iter()
             .map(|lp| ops::member_of(&lp.config, vec![lp.config.listen.to_string()]))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        for m in &mut members {
+            if let Some((_, declared)) = formats.iter().find(|(p, _)| *p == m.province) {
+                m.legacy_formats = declared.clone();
+            }
+        }
         let threshold = members.len() / 2 + 1;
         let mut genesis = ops::genesis(members, threshold, None)?;
         for lp in &provinces {

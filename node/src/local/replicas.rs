@@ -4,6 +4,7 @@
 //! directory. The replicas demo, the replicas benchmark and the tests run
 //! through this.
 
+use hufu_federation::legacy::LegacyFormat;
 use std::path::{Path, PathBuf};
 
 use hufu_certs::Province;
@@ -40,15 +41,29 @@ impl ReplicatedFederation {
         replication: impl Fn(Vec<String>) -> ReplicationConfig,
         tune: impl Fn(&mut NodeConfig),
     ) -> anyhow::Result<ReplicatedFederation> {
+        Self::init_declaring(root, provinces, &[], replicas, replication, tune).await
+    }
+
+    /// As [`init`](Self::init), with the legacy code formats some members
+    /// declare in the genesis.
+    pub async fn init_declaring(
+        root: &Path,
+        provinces: &[Province],
+        formats: &[(Province, Vec<LegacyFormat>)],
+        replicas: usize,
+        replication: impl Fn(Vec<String>) -> ReplicationConfig,
+        tune: impl Fn(&mut NodeConfig),
+    ) -> anyhow::Result<ReplicatedFederation> {
         let nats = NatsCluster::start(&root.join("nats"), NATS_SERVERS).await?;
         let settings = replication(nats.urls());
         let replicated = provinces[0];
-        let federation = LocalFederation::init(&root.join("federation"), provinces, |c| {
-            tune(c);
-            if c.province == replicated {
-                c.replication = Some(settings.clone());
-            }
-        })?;
+        let federation =
+            LocalFederation::init_declaring(&root.join("federation"), provinces, formats, |c| {
+                tune(c);
+                if c.province == replicated {
+                    c.replication = Some(settings.clone());
+                }
+            })?;
         let first = federation.get(replicated);
         let mut replica_configs = Vec::new();
         let mut local = Vec::new();

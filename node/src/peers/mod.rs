@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hufu_certs::{Province, TrustAnchors};
+use hufu_federation::legacy::CodeFormats;
 use hufu_federation::trust::{Member, TrustList};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -38,6 +39,8 @@ use health::PeerHealth;
 #[derive(Debug, Default)]
 pub struct Membership {
     pub list: Option<TrustList>,
+    /// Every member's legacy code formats, compiled for `Verify`.
+    pub formats: CodeFormats,
 }
 
 impl Membership {
@@ -197,6 +200,7 @@ impl PeerClient {
             });
         self.members.store(Arc::new(Membership {
             list: Some(list.clone()),
+            formats: CodeFormats::new(list),
         }));
     }
 

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Applied, WriteLog};
 use crate::error::{NodeError, NodeResult};
 use crate::replication::Write;
+use crate::store::binding::Binding;
 use crate::store::{PutOutcome, Store};
 
 /// What a replica applies the log to: its store and its keyring.
@@ -195,11 +196,13 @@ struct Logged {
 }
 
 impl Logged {
-    /// Only status records, all of `own` province.
+    /// Only status records, all of `own` province (no keyring change, no
+    /// code binding).
     fn is_own_statuses(&self, own: Province) -> bool {
         let own = own.to_string();
         matches!(&self.write, Ok(w) if w.rotation.is_none()
             && w.revocation.is_none()
+            && w.bindings.is_empty()
             && w.statuses.iter().all(|r| r.issuer == own))
     }
 }
@@ -258,6 +261,21 @@ async fn apply<R: Replica>(replica: &Arc<R>, log: &WriteLog, write: Write) -> No
         })
         .await?;
         return Ok(Applied::Key(outcome));
+    }
+    if !write.bindings.is_empty() {
+        let bindings: Result<Vec<Binding>, String> =
+            write.bindings.iter().map(Binding::from_message).collect();
+        return Ok(match bindings {
+            Ok(bindings) => {
+                let pending = replica.store().prepare_bindings(&bindings).await?;
+                Applied::Statuses(pending.commit().await?)
+            }
+            // Every replica refuses it alike: nothing diverges.
+            Err(why) => {
+                tracing::error!(error = %why, "write log message with a bad code binding skipped");
+                Applied::Key(Err(why))
+            }
+        });
     }
     // Status writes of this province are applied in runs; what is left is
     // a record of another province, which no replica stores.

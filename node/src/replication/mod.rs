@@ -48,6 +48,7 @@ use crate::config::{NodeConfig, ReplicationConfig};
 use crate::error::{NodeError, NodeResult};
 use crate::status::now_unix;
 use crate::store::PutOutcome;
+use crate::store::binding::Binding;
 
 /// What applying one write did, as its taker is told.
 #[derive(Debug)]
@@ -180,6 +181,22 @@ impl WriteLog {
             Applied::Statuses(outcomes) if outcomes.len() == records.len() => Ok(outcomes),
             other => Err(NodeError::Internal(format!(
                 "the write log applied a status write as {other:?}"
+            ))),
+        }
+    }
+
+    /// Binds (or unbinds) own legacy codes through the log: returns each
+    /// binding's outcome once the write is durable in JetStream and applied
+    /// here.
+    pub async fn put_bindings(&self, bindings: &[Binding]) -> NodeResult<Vec<PutOutcome>> {
+        let write = Write {
+            bindings: bindings.iter().map(Binding::to_message).collect(),
+            ..Write::default()
+        };
+        match self.propose(&write).await? {
+            Applied::Statuses(outcomes) if outcomes.len() == bindings.len() => Ok(outcomes),
+            other => Err(NodeError::Internal(format!(
+                "the write log applied a binding write as {other:?}"
             ))),
         }
     }

@@ -12,12 +12,13 @@
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::digest::{SHA256, digest};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use hufu_proto::v1::StatusRecord;
+use hufu_proto::v1::{CodeBinding, StatusRecord};
 use prost::Message;
 
 use crate::error::{NodeError, NodeResult};
 
-/// A write: own status records, or one keyring change.
+/// A write: own status records, own legacy code bindings, or one keyring
+/// change.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Write {
     /// Status records, applied in order, each only if it supersedes the
@@ -30,6 +31,11 @@ pub struct Write {
     /// A code-signing key is revoked.
     #[prost(message, optional, tag = "3")]
     pub revocation: Option<KeyRevocation>,
+    /// Legacy code bindings, applied in order, each only if it changes the
+    /// stored one. A release without this field would skip them: upgrade
+    /// every replica before linking codes.
+    #[prost(message, repeated, tag = "4")]
+    pub bindings: Vec<CodeBinding>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -17,22 +17,26 @@ use hufu_federation::holder::NationalId;
 use hufu_proto::v1::admin_service_server;
 use hufu_proto::v1::{
     Colour, GetStatusRequest, GetStatusResponse, ImportRejection, ImportStatusesRequest,
-    ImportStatusesResponse, IssueCodeRequest, IssueCodeResponse, PutStatusRequest,
-    PutStatusResponse, Reason, RevokeKeyRequest, RevokeKeyResponse, RotateKeyRequest,
-    RotateKeyResponse, StatusInput, StatusRecord, get_status_request, issue_code_request,
-    status_input,
+    ImportStatusesResponse, IssueCodeRequest, IssueCodeResponse, LinkCodeRequest, LinkCodeResponse,
+    PutStatusRequest, PutStatusResponse, Reason, RevokeKeyRequest, RevokeKeyResponse,
+    RotateKeyRequest, RotateKeyResponse, StatusInput, StatusRecord, UnlinkCodeRequest,
+    UnlinkCodeResponse, get_status_request, issue_code_request, status_input,
 };
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
+use crate::legacy;
 use crate::state::NodeState;
 use crate::status::{format_time, now_unix, reason_name, seconds, timestamp};
 use crate::store::PutOutcome;
 
 /// Import rows stored per transaction (and per flush).
 const IMPORT_CHUNK: usize = 1000;
+
+/// An import row read: its line, its record, and the legacy code to bind.
+type ImportRow = (u64, StatusRecord, Option<legacy::verify::LegacyCode>);
 
 /// Rejected rows listed in an import's summary at most (the first found);
 /// the summary counts all of them. A file of a million bad rows
@@ -73,6 +77,7 @@ pub struct AdminService {
     audit: Arc<NodeAudit>,
     metrics: Arc<Metrics>,
     write_log: Option<Arc<WriteLog>>,
+    legacy: legacy::LegacyCodes,
 }
 
 impl AdminService {
@@ -85,6 +90,7 @@ impl AdminService {
             audit: state.audit.clone(),
             metrics: state.metrics.clone(),
             write_log: state.write_log.clone(),
+            legacy: legacy::LegacyCodes::new(state),
         }
     }
 
@@ -255,7 +261,7 @@ impl AdminService {
         // chunk while the one before is written, so a client is never left
         // waiting on a full flow-control window for two disk syncs. At most
         // two chunks are held.
-        let (chunks, mut to_store) = tokio::sync::mpsc::channel::<Vec<(u64, StatusRecord)>>(1);
+        let (chunks, mut to_store) = tokio::sync::mpsc::channel::<Vec<ImportRow>>(1);
         let read = async move {
             let mut rejections = Rejections::default();
             let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
@@ -268,8 +274,12 @@ impl AdminService {
                     rejections.push(row.line, "empty row".into());
                     continue;
                 };
-                match self.record_from(&input, now) {
-                    Ok(record) => chunk.push((row.line, record)),
+                let code = match row.legacy_code.trim() {
+                    "" => Ok(None),
+                    text => self.legacy.own_code(text, "legacy_code").map(Some),
+                };
+                match self.record_from(&input, now).and_then(|r| Ok((r, code?))) {
+                    Ok((record, code)) => chunk.push((row.line, record, code)),
                     Err(e) => rejections.push(row.line, e.to_string()),
                 }
                 if chunk.len() >= IMPORT_CHUNK {
@@ -321,17 +331,29 @@ impl AdminService {
     async fn store_chunk(
         &self,
         caller: &Identity,
-        chunk: &mut Vec<(u64, StatusRecord)>,
+        chunk: &mut Vec<ImportRow>,
         accepted: &mut u64,
         rejections: &mut Rejections,
     ) -> NodeResult<()> {
         if chunk.is_empty() {
             return Ok(());
         }
-        let records: Vec<StatusRecord> = chunk.iter().map(|(_, r)| r.clone()).collect();
+        let records: Vec<StatusRecord> = chunk.iter().map(|(_, r, _)| r.clone()).collect();
         let outcomes = self.store(caller, &records).await?;
+        // The rows' legacy codes, bound to their holders once the statuses
+        // are stored (a row whose status was refused binds nothing).
+        let links: Vec<_> = chunk
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| !matches!(o, PutOutcome::Stale { .. }))
+            .filter_map(|((_, record, code), _)| {
+                let holder = record.holder.parse().ok()?;
+                Some((code.clone()?, Some(holder)))
+            })
+            .collect();
+        self.legacy.link_codes(caller, &links).await?;
         let mut stored = 0;
-        for ((line, _), outcome) in chunk.iter().zip(outcomes) {
+        for ((line, _, _), outcome) in chunk.iter().zip(outcomes) {
             match outcome {
                 PutOutcome::Applied { sequence } => {
                     stored += 1;
@@ -581,5 +603,23 @@ impl admin_service_server::AdminService for AdminService {
         request: Request<RevokeKeyRequest>,
     ) -> Result<Response<RevokeKeyResponse>, Status> {
         Ok(Response::new(self.revoke(request).await?))
+    }
+
+    async fn link_code(
+        &self,
+        request: Request<LinkCodeRequest>,
+    ) -> Result<Response<LinkCodeResponse>, Status> {
+        let caller = caller(&request)?;
+        let reply = legacy::link::link(&self.legacy, &caller, request.into_inner()).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn unlink_code(
+        &self,
+        request: Request<UnlinkCodeRequest>,
+    ) -> Result<Response<UnlinkCodeResponse>, Status> {
+        let caller = caller(&request)?;
+        let reply = legacy::link::unlink(&self.legacy, &caller, request.into_inner()).await?;
+        Ok(Response::new(reply))
     }
 }

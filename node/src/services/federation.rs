@@ -21,8 +21,8 @@ use hufu_federation::holder::{HolderError, HolderId, NationalId};
 use hufu_proto::v1::federation_service_server;
 use hufu_proto::v1::{
     FeedHead, GetTrustListRequest, GetTrustListResponse, MatchHolderRequest, MatchHolderResponse,
-    OfferTrustListRequest, OfferTrustListResponse, StatusChange, SubscribeChangesRequest,
-    SubscribeChangesResponse,
+    OfferTrustListRequest, OfferTrustListResponse, ResolveCodeRequest, ResolveCodeResponse,
+    StatusChange, SubscribeChangesRequest, SubscribeChangesResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,6 +32,7 @@ use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
 use crate::federation::holder_match;
+use crate::legacy::LegacyCodes;
 use crate::net::PeerInfo;
 use crate::state::NodeState;
 use crate::status::now_millis;
@@ -53,6 +54,7 @@ pub struct FederationService {
     clock_offset_ms: i64,
     stop: CancellationToken,
     tasks: TaskTracker,
+    legacy: LegacyCodes,
 }
 
 impl FederationService {
@@ -72,6 +74,7 @@ impl FederationService {
             clock_offset_ms: state.clock_offset_ms,
             stop: state.stop.clone(),
             tasks: state.tasks.clone(),
+            legacy: LegacyCodes::new(state),
         }
     }
 
@@ -351,5 +354,18 @@ impl federation_service_server::FederationService for FederationService {
         request: Request<MatchHolderRequest>,
     ) -> Result<Response<MatchHolderResponse>, Status> {
         Ok(Response::new(self.match_holder(request).await?))
+    }
+
+    async fn resolve_code(
+        &self,
+        request: Request<ResolveCodeRequest>,
+    ) -> Result<Response<ResolveCodeResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let reply = self
+            .legacy
+            .serve_resolve(&caller, &req.format, &req.code_hash)
+            .await?;
+        Ok(Response::new(reply))
     }
 }

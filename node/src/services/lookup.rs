@@ -14,21 +14,25 @@ use hufu_certs::{Identity, Province};
 use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{self, Verdict as CodeVerdict};
 use hufu_federation::holder::{HolderId, NationalId};
+use hufu_federation::legacy::{MAX_SCAN_BYTES, Scan};
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::status_lookup_service_server::StatusLookupService;
 use hufu_proto::v1::{
     BatchEntry, BatchLookupRequest, BatchLookupResponse, Colour, GetJwksRequest, GetJwksResponse,
-    HolderMatch, LookupRequest, LookupResponse, Policy, Provenance, Reason, Source, StatusRecord,
-    Verdict, VerifyRequest, VerifyResponse,
+    HolderMatch, LookupRequest, LookupResponse, Provenance, Reason, Source, StatusRecord, Verdict,
+    VerifyRequest, VerifyResponse,
 };
 use tonic::{Request, Response, Status};
 
+use crate::answer::{evaluate, provenance};
 use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
+use crate::legacy::LegacyCodes;
+use crate::legacy::verify::LegacyCode;
 use crate::peers::PeerError;
 use crate::state::NodeState;
-use crate::status::{colour_name, now_millis, now_unix, seconds, timestamp};
+use crate::status::{now_millis, now_unix, seconds, timestamp};
 
 /// Most holders one `BatchLookup` may ask for.
 pub const MAX_BATCH: usize = 1000;
@@ -52,6 +56,7 @@ pub struct LookupService {
     peers: Arc<PeerClient>,
     federation: Arc<Federation>,
     max_replica_age: Duration,
+    legacy: LegacyCodes,
 }
 
 impl LookupService {
@@ -66,6 +71,7 @@ impl LookupService {
             peers: state.peers.clone(),
             federation: state.federation.clone(),
             max_replica_age: state.max_replica_age,
+            legacy: LegacyCodes::new(state),
         }
     }
 
@@ -359,6 +365,35 @@ impl LookupService {
                 )
             })?),
         };
+        // Hufu's own code, or a member's legacy code, or neither.
+        let legacy = match self.peers.members().formats.scan(&req.token) {
+            Scan::Hufu => None,
+            Scan::Legacy(m) => Some(LegacyCode {
+                issuer: m.issuer,
+                format: m.format.to_owned(),
+                hash: m.hash(),
+            }),
+            Scan::Unmatched => {
+                return Ok(refusal(&CodeVerdict::Malformed(
+                    "neither a Hufu code nor a legacy code of any member's declared format: scan the code again".into(),
+                )));
+            }
+            Scan::TooLong { bytes } => {
+                return Ok(refusal(&CodeVerdict::Malformed(format!(
+                    "the scanned text is {bytes} bytes, more than the {MAX_SCAN_BYTES} any code has: refused unread"
+                ))));
+            }
+        };
+        if let Some(code) = legacy {
+            return crate::legacy::verify::verify(
+                &self.legacy,
+                &caller,
+                code,
+                req.policy.as_ref(),
+                national_id.as_ref(),
+            )
+            .await;
+        }
         let now = now_unix();
         let code = match codes::qr::from_scanned(&req.token)
             .and_then(|token| self.codes.verifier.verify(&token, now))
@@ -438,6 +473,7 @@ impl LookupService {
             masked_name: claims.hn.clone().unwrap_or_default(),
             masked_national_id: claims.hi.clone().unwrap_or_default(),
             holder_match: holder_match as i32,
+            format: String::new(),
         })
     }
 
@@ -519,17 +555,6 @@ fn claimed_issuer(token: &str) -> Option<(Province, String)> {
     Some((issuer, claims.sub))
 }
 
-fn provenance(source: Source, age_ms: Option<i64>, answered_by: Province) -> Provenance {
-    Provenance {
-        source: source as i32,
-        age: age_ms.map(|ms| hufu_proto::Duration {
-            seconds: ms / 1000,
-            nanos: ((ms % 1000) * 1_000_000) as i32,
-        }),
-        answered_by: answered_by.to_string(),
-    }
-}
-
 pub fn proto_colour(c: codes::Colour) -> Colour {
     match c {
         codes::Colour::Green => Colour::Green,
@@ -552,57 +577,6 @@ fn refusal(verdict: &CodeVerdict) -> VerifyResponse {
         verdict: v as i32,
         reason: verdict.to_string(),
         ..Default::default()
-    }
-}
-
-fn colour_rank(c: i32) -> i32 {
-    match Colour::try_from(c) {
-        Ok(Colour::Green) => 1,
-        Ok(Colour::Yellow) => 2,
-        _ => 3,
-    }
-}
-
-/// Evaluates a verifier's policy against the effective status.
-fn evaluate(
-    policy: Option<&Policy>,
-    status: &StatusRecord,
-    provenance: &Provenance,
-    now: i64,
-) -> (bool, String) {
-    let colour = Colour::try_from(status.colour).unwrap_or(Colour::Unspecified);
-    let Some(policy) = policy else {
-        return (true, format!("valid code; status {}", colour_name(colour)));
-    };
-    let mut unmet = Vec::new();
-    if policy.max_colour != Colour::Unspecified as i32
-        && colour_rank(status.colour) > colour_rank(policy.max_colour)
-    {
-        let max = Colour::try_from(policy.max_colour).unwrap_or(Colour::Unspecified);
-        unmet.push(format!(
-            "colour {} is worse than {}",
-            colour_name(colour),
-            colour_name(max)
-        ));
-    }
-    if let Some(max_age) = &policy.max_negative_test_age {
-        match seconds(status.last_negative_test.as_ref()) {
-            None => unmet.push("no negative test on record".to_string()),
-            Some(at) if now - at > max_age.seconds => unmet.push(format!(
-                "last negative test {}h ago, policy allows {}h",
-                (now - at) / 3600,
-                max_age.seconds / 3600
-            )),
-            Some(_) => {}
-        }
-    }
-    if policy.require_fresh && provenance.source == Source::ReplicaStale as i32 {
-        unmet.push("only a stale replica could answer and the policy requires fresh status".into());
-    }
-    if unmet.is_empty() {
-        (true, format!("policy met; status {}", colour_name(colour)))
-    } else {
-        (false, format!("policy not met: {}", unmet.join("; ")))
     }
 }
 

@@ -25,10 +25,13 @@ pub const HEAD_AT: u8 = b'H';
 pub const LATEST_HEAD: u8 = b'L';
 pub const CONFIRMED: u8 = b'A';
 pub const REVOKED: u8 = b'R';
+pub const BINDING: u8 = b'B';
 
 /// Tags of a stored status value or change-log entry.
 const COMPACT_STATUS: u8 = 1;
 const VERBATIM_STATUS: u8 = 2;
+/// A change-log entry holding a legacy code binding, verbatim.
+const BINDING_CHANGE: u8 = 3;
 
 /// Bytes of a holder pseudonym in keys and entries (128 bits).
 pub const HOLDER_BYTES: usize = 16;
@@ -179,9 +182,24 @@ pub fn entry_bytes(p: Province, entry: &[u8]) -> NodeResult<Vec<u8>> {
             let holder = BASE32_NOPAD.encode(&rest[..HOLDER_BYTES]);
             Ok(read_fields(p, holder, &rest[HOLDER_BYTES..])?.encode_to_vec())
         }
-        Some((&VERBATIM_STATUS, rest)) => Ok(rest.to_vec()),
+        Some((&VERBATIM_STATUS | &BINDING_CHANGE, rest)) => Ok(rest.to_vec()),
         _ => Err(corrupt("change")),
     }
+}
+
+/// The change-log entry of a legacy code binding: its change bytes as they
+/// are (about 70 bytes; bindings are few beside statuses).
+pub fn binding_entry(bytes: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(1 + bytes.len());
+    entry.push(BINDING_CHANGE);
+    entry.extend_from_slice(bytes);
+    entry
+}
+
+/// The key of legacy code `hash`'s binding in province `p`; its value is
+/// the holder's 16 bytes.
+pub fn binding_key(p: Province, hash: &[u8; 32]) -> Vec<u8> {
+    key(BINDING, p, hash)
 }
 
 /// Bytes before a block's first entry: the chain hash before it and when

@@ -8,6 +8,7 @@ use hufu_federation::holder::HolderId;
 use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
+use super::binding::Binding;
 use super::codec::{self, BlockReader, BlockWriter, CHANGES};
 use super::{ApplyError, BLOCK_CHANGES, GENESIS, Store, StoredChange, Tail};
 use crate::error::{NodeError, NodeResult};
@@ -116,12 +117,20 @@ impl Store {
                 }
                 .into());
             }
-            let record = decode_status(p, change)?;
             let (_, writer) = block
                 .get_or_insert_with(|| (change.sequence, BlockWriter::new(&next.hash, written_ms)));
-            writer.push(&codec::entry(p, &record, change.record));
-            let key = codec::status_key(p, &record.holder).expect("holder checked");
-            batch.insert(key, codec::status_value(p, &record, change.record));
+            if let Some(binding) = Binding::from_change_bytes(change.record) {
+                let binding = binding.map_err(|e| {
+                    FeedError::Malformed(format!("change {}: {e}", change.sequence))
+                })?;
+                writer.push(&codec::binding_entry(change.record));
+                binding.stage(p, batch);
+            } else {
+                let record = decode_status(p, change)?;
+                writer.push(&codec::entry(p, &record, change.record));
+                let key = codec::status_key(p, &record.holder).expect("holder checked");
+                batch.insert(key, codec::status_value(p, &record, change.record));
+            }
             next = Tail {
                 sequence: change.sequence,
                 hash: hufu_federation::feed::chain_next(&next.hash, change.sequence, change.record),

@@ -14,6 +14,7 @@
 //! | `L` province                 | newest signed `FeedHead` (replicas)     |
 //! | `A` province                 | when the replica was last confirmed (unix ms, this node's clock) |
 //! | `R` province                 | the province's revoked certificate serials (JSON), as last published |
+//! | `B` province code-hash (32)  | the holder (16 bytes) a legacy code is bound to ([`binding`]) |
 //!
 //! A holder pseudonym is kept as its 16 bytes, not its 26 characters. A
 //! status is `1 ‖ flags ‖ varint(as_of) ‖ varint(last negative test)`
@@ -32,11 +33,11 @@
 //!
 //! `start hash (32) ‖ written at (unix ms, 8) ‖ (varint(len) ‖ entry)*`
 //!
-//! An entry is `1 ‖ holder (16) ‖ compact status` or `2 ‖ protobuf bytes`.
+//! An entry is `1 ‖ holder (16) ‖ compact status`, `2 ‖ protobuf bytes`,
+//! or `3 ‖ change bytes` for a legacy code binding ([`binding`]: its
+//! change is `0 ‖ CodeBinding`, which sets or clears a `B` key).
 //! The chain hashes are not stored but recomputed from the block's start
-//! hash as it is read (one SHA-256 of about 60 bytes a change). A change
-//! of another kind (a legacy code binding, say) is a new tag, and a new
-//! effect in [`log`]'s staging.
+//! hash as it is read (one SHA-256 of about 60 bytes a change).
 //!
 //! ## Where a write enters the change log
 //!
@@ -91,6 +92,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::error::{NodeError, NodeResult};
 
+pub mod binding;
 pub mod codec;
 mod health;
 mod log;

@@ -78,11 +78,11 @@ impl Store {
 /// Own records whose outcomes are decided, holding the change log: nothing
 /// is written until [`commit`](Self::commit), and dropping it writes nothing.
 pub struct PendingPut<'a> {
-    store: &'a Store,
-    tail: tokio::sync::MutexGuard<'a, Tail>,
+    pub(super) store: &'a Store,
+    pub(super) tail: tokio::sync::MutexGuard<'a, Tail>,
     /// The changes to append: their numbers and encoded records.
-    changes: Vec<(u64, Vec<u8>)>,
-    outcomes: Vec<PutOutcome>,
+    pub(super) changes: Vec<(u64, Vec<u8>)>,
+    pub(super) outcomes: Vec<PutOutcome>,
 }
 
 impl PendingPut<'_> {

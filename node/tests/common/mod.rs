@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod legacy;
 pub mod replicas;
 
 use hufu_certs::Province;
@@ -49,6 +50,7 @@ pub async fn import_samples(province: &LocalProvince, count: u64) -> Vec<String>
         .map(|n| ImportStatusesRequest {
             line: n + 1,
             status: Some(sample_input(p, n, colour_of(n))),
+            legacy_code: String::new(),
         })
         .collect();
     let summary = province
@@ -241,4 +243,102 @@ pub fn memory_kib(pid: u32, field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap()
+}
+
+/// Every entry of `province`'s audit log, flushed first.
+pub async fn audit_entries(province: &LocalProvince) -> Vec<hufu_federation::audit::AuditEntry> {
+    let state = province.node.as_ref().unwrap().state.clone();
+    tokio::task::spawn_blocking(move || {
+        let log = state.audit.log().unwrap();
+        log.flush().unwrap();
+        let size = log.size().unwrap();
+        log.entries(0, size)
+            .unwrap()
+            .into_iter()
+            .map(|(_, bytes)| hufu_federation::audit::AuditEntry::decode(&bytes).unwrap())
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// Every file under `dir`, recursively.
+pub fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for item in std::fs::read_dir(dir).unwrap() {
+        let path = item.unwrap().path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What every grpcio script starts with: stubs generated from the
+/// repository's protos, and a mutual-TLS channel to the node (`channel`,
+/// `status_pb2`, `status_pb2_grpc` and the script's own `args` in scope).
+const GRPCIO_PREAMBLE: &str = r#"
+import json, subprocess, sys, tempfile
+proto_dir, addr, ca_path, cert_path, key_path = sys.argv[1:6]
+args = sys.argv[6:]
+stubs = tempfile.mkdtemp()
+subprocess.run(
+    [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir,
+     "--python_out", stubs, "--grpc_python_out", stubs, "hufu/v1/status.proto"],
+    check=True,
+)
+sys.path.insert(0, stubs)
+import grpc
+from hufu.v1 import status_pb2, status_pb2_grpc
+read = lambda p: open(p, "rb").read()
+creds = grpc.ssl_channel_credentials(
+    root_certificates=read(ca_path), private_key=read(key_path), certificate_chain=read(cert_path))
+channel = grpc.secure_channel(addr, creds)
+"#;
+
+/// Runs a Python `script` with grpcio against `at`'s node, as a terminal
+/// of its province (a certificate issued for it), with `args`; returns the
+/// JSON it prints. Needs `scripts/test`'s Python environment.
+pub async fn grpcio(
+    at: &LocalProvince,
+    scratch: &std::path::Path,
+    script: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let (cert, key) = hufu_node::init::issue_cert(
+        &at.dir,
+        hufu_certs::Role::Terminal,
+        "grpcio",
+        &hufu_certs::LeafOptions::default(),
+    )
+    .unwrap();
+    let ca = scratch.join(format!("{}-ca.pem", at.province));
+    std::fs::write(&ca, at.ca_pem().unwrap()).unwrap();
+    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let mut run = tokio::process::Command::new("python3");
+    run.arg("-c")
+        .arg(format!("{GRPCIO_PREAMBLE}{script}"))
+        .arg(&proto_dir)
+        .arg(at.addr().unwrap().to_string())
+        .args([&ca, &cert, &key])
+        .args(args);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), run.output())
+        .await
+        .expect("the grpcio client finishes within a minute")
+        .unwrap_or_else(|e| {
+            panic!("cannot run python3 ({e}): run scripts/test, which installs grpcio")
+        });
+    assert!(
+        output.status.success(),
+        "grpcio client failed (run scripts/test once to set up grpcio): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }

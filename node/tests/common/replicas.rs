@@ -17,11 +17,21 @@ pub const CONVERGE_WITHIN: Duration = Duration::from_secs(20);
 /// of the replicated province in all, none started; writes give up after
 /// 2 s, audit checkpoints every 200 ms. The scratch directory outlives the federation when dropped after it.
 pub async fn replicated(replicas: usize) -> (tempfile::TempDir, ReplicatedFederation) {
+    replicated_declaring(replicas, &[]).await
+}
+
+/// As [`replicated`], with the legacy code formats the replicated province
+/// declares.
+pub async fn replicated_declaring(
+    replicas: usize,
+    formats: &[hufu_federation::legacy::LegacyFormat],
+) -> (tempfile::TempDir, ReplicatedFederation) {
     let scratch = tempfile::tempdir().unwrap();
     let provinces = [super::province(REPLICATED), super::province(PEER)];
-    let fed = ReplicatedFederation::init(
+    let fed = ReplicatedFederation::init_declaring(
         scratch.path(),
         &provinces,
+        &[(super::province(REPLICATED), formats.to_vec())],
         replicas,
         |servers| {
             let mut config = ReplicationConfig::new(servers);

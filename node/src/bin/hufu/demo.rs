@@ -1,7 +1,7 @@
 //! `hufu demo`: a federation of provinces on loopback, with real
 //! certificates, storage and mutual TLS, telling the story of codes crossing
-//! provinces, a status change propagating, and a province going down and
-//! coming back.
+//! provinces (Hufu's own and a province's existing legacy code), a status
+//! change propagating, and a province going down and coming back.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
 use hufu_proto::v1::{
-    Colour, ImportStatusesRequest, IssueCodeRequest, PutStatusRequest, Source, StatusInput,
-    Verdict, VerifyRequest, VerifyResponse, issue_code_request, status_input,
+    Colour, ImportStatusesRequest, IssueCodeRequest, LinkCodeRequest, PutStatusRequest, Source,
+    StatusInput, Verdict, VerifyRequest, VerifyResponse, issue_code_request, link_code_request,
+    status_input,
 };
 
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
@@ -104,6 +105,7 @@ async fn import(province: &LocalProvince, holders: u64) -> anyhow::Result<u64> {
                 last_negative_test: Some(timestamp(now - 20 * 3600 - (n as i64 % 60) * 3600)),
                 reason: 0,
             }),
+            legacy_code: String::new(),
         })
         .collect();
     let summary = province
@@ -215,7 +217,7 @@ fn header(provinces: &[Province]) {
 async fn matrix(
     fed: &LocalFederation,
     terminals: &Terminals,
-    tokens: &[(Province, String)],
+    tokens: &[(Province, String, String)],
     only: Option<Province>,
 ) -> anyhow::Result<()> {
     let running: Vec<Province> = fed
@@ -230,11 +232,11 @@ async fn matrix(
     if !wide {
         header(&running);
     }
-    for (issuer, token) in tokens {
+    for (issuer, label, token) in tokens {
         if only.is_some_and(|o| o != *issuer) {
             continue;
         }
-        print!("{:<22}", format!("{issuer} {}", issuer.name()));
+        print!("{:<22}", format!("{issuer} {label}"));
         let mut tally: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
         let answers = futures::future::try_join_all(
             running
@@ -309,15 +311,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         codes.len(),
         scratch.path().display()
     );
-    let mut fed = LocalFederation::init(scratch.path(), &codes, |c| {
-        // All nodes share this machine's cores, which real provinces never
-        // do: a wide federation restates heads and gossips less often, and
-        // gives a peer the default deadline to answer.
-        c.federation.heartbeat_ms = if big { 1000 } else { 200 };
-        c.federation.max_replica_age_secs = if big { 5 } else { 2 };
-        c.federation.peer_deadline_ms = if big { 1000 } else { 500 };
-        c.federation.gossip_secs = if big { 15 } else { 2 };
-    })?;
+    // Guangdong joins with the codes its residents already carry.
+    let gd = codes[1];
+    let mut fed = LocalFederation::init_declaring(
+        scratch.path(),
+        &codes,
+        &[(gd, vec![sample::legacy_format()])],
+        |c| {
+            // All nodes share this machine's cores, which real provinces never
+            // do: a wide federation restates heads and gossips less often, and
+            // gives a peer the default deadline to answer.
+            c.federation.heartbeat_ms = if big { 1000 } else { 200 };
+            c.federation.max_replica_age_secs = if big { 5 } else { 2 };
+            c.federation.peer_deadline_ms = if big { 1000 } else { 500 };
+            c.federation.gossip_secs = if big { 15 } else { 2 };
+        },
+    )?;
     let holders = args.holders.unwrap_or(if big { 100 } else { 1000 });
     fed.start_all().await?;
     let started = began.elapsed();
@@ -347,15 +356,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let shown: Vec<Province> = codes.iter().copied().take(3).collect();
     let mut tokens = Vec::new();
     for p in &shown {
-        tokens.push((*p, issue(fed.get(*p), 3).await?));
+        tokens.push((*p, p.name().to_owned(), issue(fed.get(*p), 3).await?));
     }
+    // Guangdong links one of its existing codes to the same holder.
+    let legacy = format!("https://jkm.gd.example/c/{}", sample::legacy_code_id(0));
+    fed.get(gd)
+        .admin()
+        .await?
+        .link_code(LinkCodeRequest {
+            code: legacy.clone(),
+            subject: Some(link_code_request::Subject::NationalId(
+                sample::national_id(gd, 3).as_str().to_owned(),
+            )),
+        })
+        .await?;
+    tokens.push((gd, "legacy code".into(), legacy.clone()));
+    replicated(&fed, Duration::from_secs(30)).await?;
+    println!(
+        "\n{gd} declares its existing code format in the trust list (yuekang: GD1 or a jkm.gd.example URL, then 20 base32 characters) and links {legacy} to the holder of its Hufu code; the binding travels in its feed as a hash of the code id, never the id."
+    );
     println!(
         "\n1. A code from each province, scanned at every province's own node (colour, source, replica age):"
     );
     matrix(&fed, &terminals, &tokens, None).await?;
 
     // 2. A downgrade propagates.
-    let gd = shown[1];
     let holder_n = 3;
     let started = Instant::now();
     fed.get(gd)
@@ -373,7 +398,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             }),
         })
         .await?;
-    let gd_token = tokens[1].1.clone();
+    let gd_token = tokens[1].2.clone();
     println!(
         "\n2. {gd} marks the holder of its code red (close contact). Time until each province sees it:"
     );
@@ -409,7 +434,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // 3. A province goes down.
     println!(
-        "\n3. {gd}'s node stops. Its codes still verify everywhere, from replicas; the age column grows:"
+        "\n3. {gd}'s node stops. Its codes, Hufu's and its legacy code, still verify everywhere, from replicas; the age column grows:"
     );
     fed.get_mut(gd).stop().await?;
     let max_age = fed.get(shown[0]).config.federation.max_replica_age_secs;

@@ -111,6 +111,7 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
         .map(|n| ImportStatusesRequest {
             line: n + 1,
             status: Some(input(gd, n, Colour::Green)),
+            legacy_code: String::new(),
         })
         .collect();
     first

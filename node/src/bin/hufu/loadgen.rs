@@ -122,6 +122,7 @@ pub async fn load_holders(province: &LocalProvince, n: u64) -> anyhow::Result<Ve
                     last_negative_test: Some(timestamp(now - 3600)),
                     reason: 0,
                 }),
+                legacy_code: String::new(),
             })
             .collect();
         let summary = admin

@@ -6,6 +6,7 @@
 //! noisy.
 
 mod audit;
+mod legacy;
 mod replicas;
 mod scale;
 
@@ -50,10 +51,15 @@ pub enum BenchWhat {
         holders: u64,
     },
     /// Verify: unique tokens against the raw ES256 verify rate, and repeated
-    /// (cached) tokens.
+    /// (cached) tokens; with `--legacy`, another province's legacy codes
+    /// from the replica against Lookup at the same node.
     Verify {
         #[arg(long, default_value_t = 20_000)]
         tokens: u64,
+        /// Legacy codes instead: `--tokens` of them, linked at one province
+        /// and verified at another.
+        #[arg(long)]
+        legacy: bool,
     },
     /// Two provinces: feed replication throughput, propagation delay under
     /// load, and cross-province verify from replica against local verify.
@@ -218,9 +224,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         lookup(&args, holders).await?;
     }
+    if let BenchWhat::Verify {
+        tokens,
+        legacy: true,
+    } = args.what
+    {
+        return legacy::legacy(&args, tokens).await;
+    }
     if all || matches!(args.what, BenchWhat::Verify { .. }) {
         let tokens = match args.what {
-            BenchWhat::Verify { tokens } => tokens,
+            BenchWhat::Verify { tokens, .. } => tokens,
             _ => 20_000,
         };
         verify(&args, tokens).await?;
@@ -254,18 +267,11 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     echo.print("bare tonic echo (health check)", None);
     let conns = clients(&province, args.connections.unwrap_or(4)).await?;
     let issuer = province.province.to_string();
-    let (c, i, n) = (conns.clone(), issuer.clone(), ids.clone());
-    let lookup = closed_loop(duration, args.concurrency, move |k, w| {
-        let mut client = c[w % c.len()].clone();
-        let holder = n[(k % n.len() as u64) as usize].clone();
-        let issuer = i.clone();
-        async move {
-            client
-                .lookup(LookupRequest { issuer, holder })
-                .await
-                .is_ok()
-        }
-    })
+    let lookup = closed_loop(
+        duration,
+        args.concurrency,
+        lookup_call(conns.clone(), ids.clone(), issuer.clone()),
+    )
     .await;
     lookup.print("Lookup", Some(echo.rate()));
     let (c, i, n) = (conns.clone(), issuer.clone(), ids.clone());
@@ -287,6 +293,28 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     );
     province.stop().await?;
     Ok(())
+}
+
+/// One `Lookup` of `issuer`'s holders `ids` per call, in turn.
+fn lookup_call(
+    conns: Vec<StatusLookupServiceClient<Channel>>,
+    ids: Arc<Vec<String>>,
+    issuer: String,
+) -> impl Fn(u64, usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
++ Send
++ Sync
++ 'static {
+    move |k: u64, w: usize| {
+        let mut client = conns[w % conns.len()].clone();
+        let holder = ids[(k % ids.len() as u64) as usize].clone();
+        let issuer = issuer.clone();
+        Box::pin(async move {
+            client
+                .lookup(LookupRequest { issuer, holder })
+                .await
+                .is_ok()
+        })
+    }
 }
 
 fn verify_call(

@@ -43,7 +43,8 @@ pub enum CodeCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// The code (compact JWT, or the QR text "HUFU:/…"); "-" reads it from stdin.
+    /// The code (compact JWT, the QR text "HUFU:/…", or a member's legacy
+    /// code as scanned); "-" reads it from stdin.
     pub token: String,
     /// National id read from the identity card of the person showing the
     /// code: the node answers whether it is the holder's.
@@ -168,6 +169,9 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             .to_lowercase()
     );
     println!("reason:             {}", reply.reason);
+    if !reply.format.is_empty() {
+        println!("legacy format:      {}", reply.format);
+    }
     if verdict != Verdict::Valid {
         return Ok(ExitCode::from(3));
     }

@@ -20,6 +20,10 @@ pub enum FederationCommand {
         /// default: the config's client endpoint).
         #[arg(long = "endpoint")]
         endpoints: Vec<String>,
+        /// The province's legacy code formats: a JSON list of
+        /// {"name", "prefix", "pattern", "max_len", "example"}.
+        #[arg(long)]
+        formats: Option<PathBuf>,
         /// Write here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -67,6 +71,10 @@ pub enum FederationCommand {
         /// New endpoints for a member: PROVINCE=host:port[,host:port...]
         #[arg(long = "endpoints")]
         endpoints: Vec<String>,
+        /// New legacy code formats for a member: PROVINCE=formats.json (a
+        /// JSON list, as for `member --formats`; `[]` removes them).
+        #[arg(long = "formats")]
+        formats: Vec<String>,
         #[arg(long)]
         threshold: Option<usize>,
         #[arg(long)]
@@ -102,10 +110,16 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
         FederationCommand::Member {
             config,
             endpoints,
+            formats,
             out,
         } => {
             let config = NodeConfig::load(&config)?;
-            let json = ops::member_of(&config, endpoints)?.to_json();
+            let mut member = ops::member_of(&config, endpoints)?;
+            if let Some(path) = formats {
+                member.legacy_formats = ops::read_formats(&path)?;
+                member.validate()?;
+            }
+            let json = member.to_json();
             match out {
                 Some(path) => {
                     std::fs::write(&path, json)
@@ -163,6 +177,7 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
             update,
             remove,
             endpoints,
+            formats,
             threshold,
             witness_quorum,
             out,
@@ -190,6 +205,14 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
                     .endpoints
                     .push((p.parse()?, list.split(',').map(str::to_owned).collect()));
             }
+            for f in formats {
+                let (p, path) = f
+                    .split_once('=')
+                    .with_context(|| format!("--formats {f:?}: expected PROVINCE=formats.json"))?;
+                change
+                    .formats
+                    .push((p.parse()?, ops::read_formats(std::path::Path::new(path))?));
+            }
             let next = ops::propose(&current.list, change)?;
             ops::write_note(&out, &next)?;
             println!(
@@ -216,6 +239,12 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
                     m.revoked_kids.len(),
                     m.endpoints.join(",")
                 );
+                for f in &m.legacy_formats {
+                    println!(
+                        "    legacy format {}: prefix {:?}, pattern {:?}, up to {} bytes, e.g. {}",
+                        f.name, f.prefix, f.pattern, f.max_len, f.example
+                    );
+                }
             }
             println!("signatures: {}", note.signer_names().join(", "));
         }

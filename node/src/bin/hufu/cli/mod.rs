@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod certs;
 pub mod code;
+pub mod codes;
 pub mod conn;
 pub mod explain;
 pub mod federation;
@@ -72,6 +73,9 @@ pub enum Command {
     Code(code::CodeCommand),
     /// Verify a code at a node (terminal certificate).
     Verify(code::VerifyArgs),
+    /// Legacy codes: bind this province's existing codes to holders (admin certificate).
+    #[command(subcommand)]
+    Codes(codes::CodesCommand),
     /// Code-signing keys: rotate, revoke (admin certificate).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -253,6 +257,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Code(cmd) => code::code(cmd).await?,
         Command::Verify(args) => return code::verify(args).await,
+        Command::Codes(cmd) => codes::codes(cmd).await?,
         Command::Keys(cmd) => keys::keys(cmd).await?,
         Command::Federation(cmd) => federation::federation(cmd).await?,
         Command::Demo(args) => crate::demo::run(args).await?,

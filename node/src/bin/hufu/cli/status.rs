@@ -33,7 +33,7 @@ pub struct HolderArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum StatusCommand {
-    /// Import statuses from CSV (header: national_id,colour,as_of,last_negative_test,reason) or JSON Lines.
+    /// Import statuses from CSV (header: national_id,colour,as_of,last_negative_test,reason,legacy_code) or JSON Lines.
     Import {
         file: PathBuf,
         #[arg(long, value_enum)]

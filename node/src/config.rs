@@ -151,8 +151,9 @@ pub struct LimitsConfig {
     pub max_pending_resets: usize,
     /// TLS handshakes computed at once.
     pub max_handshakes: usize,
-    /// Connections from one address that may be before or in their
-    /// handshake at once.
+    /// Connections from one address that may be open without having sent
+    /// a byte yet (silent sockets); past their first byte, handshake permits
+    /// and places bound what connections cost.
     pub handshakes_per_source: usize,
     /// Milliseconds a new connection has to send its first byte.
     pub first_byte_timeout_ms: u64,
@@ -175,6 +176,14 @@ pub struct LimitsConfig {
     pub retry_pushback_ms: u64,
     /// Open connections at once; more are closed on accept.
     pub max_connections: usize,
+    /// Places for terminals' connections (`places`): when the
+    /// node's scheduling delay (how late its timers fire) passes this many
+    /// milliseconds, it stops reading its newest terminals' connections,
+    /// closes those paused for 2 s, and lets new ones wait unhandshaken;
+    /// it gives places back while the delay is low. 0 (the default): off.
+    /// Measured under `hufu bench surge` without a setting that helps at
+    /// every step (README, Surges), hence off.
+    pub scheduling_delay_target_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -196,6 +205,7 @@ impl Default for LimitsConfig {
             max_streams: 4096,
             retry_pushback_ms: 100,
             max_connections: 10_000,
+            scheduling_delay_target_ms: 0,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod metered;
 pub mod metrics;
 pub mod net;
 pub mod peers;
+pub mod places;
 pub mod preflight;
 pub mod replication;
 pub mod revocation;

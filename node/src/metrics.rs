@@ -36,6 +36,15 @@ pub struct Metrics {
     pub queued: Gauge,
     pub handshakes: Family<Vec<(&'static str, &'static str)>, Counter>,
     pub connections: Gauge,
+    /// Places for terminals' connections (`places`).
+    pub requests_arrived: Counter,
+    pub requests_cancelled: Counter,
+    pub caller_places: Gauge,
+    pub caller_places_held: Gauge,
+    pub caller_places_paused: Gauge,
+    pub caller_places_waiting: Gauge,
+    pub connections_taken_back: Counter,
+    pub scheduling_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub audit_conflicts: Gauge,
     pub audit_log_size: Gauge,
     pub audit_published_size: Gauge,
@@ -72,6 +81,54 @@ impl Metrics {
         let queued = Gauge::default();
         let handshakes = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
         let connections = Gauge::default();
+        let caller_places = Gauge::default();
+        let requests_arrived = Counter::default();
+        let requests_cancelled = Counter::default();
+        registry.register(
+            "requests_arrived",
+            "requests HTTP/2 handed to the node (streams its callers cancelled before that are not counted)",
+            requests_arrived.clone(),
+        );
+        registry.register(
+            "requests_cancelled",
+            "requests their callers cancelled before the node answered",
+            requests_cancelled.clone(),
+        );
+        let caller_places_held = Gauge::default();
+        let caller_places_paused = Gauge::default();
+        let caller_places_waiting = Gauge::default();
+        let connections_taken_back = Counter::default();
+        let scheduling_delay = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "caller_places",
+            "terminals' connections the node serves at once now: cut when its scheduling delay passes limits.scheduling_delay_target_ms",
+            caller_places.clone(),
+        );
+        registry.register(
+            "caller_places_held",
+            "terminals' connections being read now",
+            caller_places_held.clone(),
+        );
+        registry.register(
+            "caller_places_paused",
+            "terminals' connections the node has stopped reading for now (their calls wait in their sockets)",
+            caller_places_paused.clone(),
+        );
+        registry.register(
+            "caller_places_waiting",
+            "new connections waiting for a place before their handshake",
+            caller_places_waiting.clone(),
+        );
+        registry.register(
+            "connections_taken_back",
+            "terminals' connections closed after a long pause under overload",
+            connections_taken_back.clone(),
+        );
+        registry.register(
+            "scheduling_delay_seconds",
+            "how late the node's timers fire, mean over 100 ms: how long work waits for the CPU",
+            scheduling_delay.clone(),
+        );
         registry.register(
             "admission_queued",
             "calls waiting for admission now",
@@ -244,6 +301,14 @@ impl Metrics {
             queued,
             handshakes,
             connections,
+            requests_arrived,
+            requests_cancelled,
+            caller_places,
+            caller_places_held,
+            caller_places_paused,
+            caller_places_waiting,
+            connections_taken_back,
+            scheduling_delay,
             audit_conflicts,
             audit_log_size,
             audit_published_size,

@@ -4,22 +4,28 @@
 //! connections that carry the caller's verified identity.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::FutureExt;
 use hufu_certs::Identity;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use hufu_certs::Role;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
+
+use crate::places::{self, Place, PlaceConfig, Places};
 
 /// Who is on the other end of a connection, established by the TLS handshake.
 /// Tonic places it in every request's extensions.
@@ -37,6 +43,48 @@ pub struct PeerConn {
     info: PeerInfo,
     /// Counts against the node's connection limit while open.
     _slot: ConnSlot,
+    /// A terminal's place; the connection fails once the node takes it back.
+    place: Option<HeldPlace>,
+}
+
+/// A place and the wait for the node's closing its connection.
+struct HeldPlace {
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    place: Place,
+}
+
+impl HeldPlace {
+    fn new(place: Place) -> HeldPlace {
+        HeldPlace {
+            closed: Box::pin(place.seat.closed.clone().cancelled_owned()),
+            place,
+        }
+    }
+}
+
+impl PeerConn {
+    /// Err once the node has closed this connection (paused too long), so
+    /// that hyper drops it with its unread, stale calls.
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if let Some(held) = &mut self.place
+            && held.closed.as_mut().poll(cx).is_ready()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the node closed this connection under overload",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pending while the node has paused this connection: its caller's
+    /// calls wait unread in the socket.
+    fn poll_paused(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &self.place {
+            Some(held) => held.place.seat.poll_open(cx),
+            None => Poll::Ready(()),
+        }
+    }
 }
 
 impl Connected for PeerConn {
@@ -53,7 +101,10 @@ impl AsyncRead for PeerConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.poll_closed(cx)?;
+        std::task::ready!(this.poll_paused(cx));
+        Pin::new(&mut this.tls).poll_read(cx, buf)
     }
 }
 
@@ -63,7 +114,9 @@ impl AsyncWrite for PeerConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.poll_closed(cx)?;
+        Pin::new(&mut this.tls).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -79,7 +132,9 @@ impl AsyncWrite for PeerConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.poll_closed(cx)?;
+        Pin::new(&mut this.tls).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -94,16 +149,27 @@ pub struct DoorLimits {
     pub max_connections: usize,
     /// TLS handshakes computed at once.
     pub max_handshakes: usize,
-    /// Connections from one address that have not finished their handshake.
+    /// Connections from one address that have not yet sent their first byte.
     pub handshakes_per_source: usize,
     /// Time a new connection has to send its first byte.
     pub first_byte_timeout: Duration,
-    /// Time a connection has to finish its handshake.
+    /// Time a connection has to finish its handshake (and to wait for a
+    /// place before it).
     pub handshake_timeout: Duration,
+    /// Scheduling delay above which terminals' places are cut
+    /// (`places`); zero: no places.
+    pub scheduling_delay_target: Duration,
 }
 
-/// Connections per source address that are still before or in their
-/// handshake; a place is freed when the handshake ends either way.
+/// Places never fall below this many terminals' connections.
+const MIN_PLACES: usize = 16;
+/// While every place is taken, how often one waiting connection is let
+/// through to its handshake without a place: nodes, admins and auditors
+/// need none, and a handshake is the only way to learn who is calling.
+const TRICKLE: Duration = Duration::from_millis(500);
+
+/// Connections per source address that have not yet spoken; a place is
+/// freed at the first byte, or when the connection ends before it.
 #[derive(Clone, Default)]
 struct Sources(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>);
 
@@ -160,6 +226,39 @@ pub fn incoming(
     let permits = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let sources = Sources::default();
+    let place_door = (!limits.scheduling_delay_target.is_zero()).then(|| {
+        let door = Arc::new(PlaceDoor {
+            places: Places::new(PlaceConfig {
+                min: MIN_PLACES,
+                max: limits.max_connections,
+                target_lag: limits.scheduling_delay_target,
+            }),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            trickle: Notify::new(),
+        });
+        tokio::spawn(places::watch(
+            door.places.clone(),
+            door.waiting.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn({
+            let (door, stop) = (door.clone(), stop.clone());
+            async move {
+                let mut tick = tokio::time::interval(TRICKLE);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if door.waiting.load(Ordering::Relaxed) > 0 {
+                        door.trickle.notify_last();
+                    }
+                }
+            }
+        });
+        door
+    });
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -180,7 +279,7 @@ pub fn incoming(
                 tracing::warn!(%remote, "connection limit reached; connection dropped");
                 continue;
             };
-            let Some(place) = sources.enter(remote.ip(), limits.handshakes_per_source) else {
+            let Some(source) = sources.enter(remote.ip(), limits.handshakes_per_source) else {
                 metrics.handshake_failures.inc();
                 tracing::debug!(%remote, "too many connections in handshake from this address; dropped");
                 continue;
@@ -191,6 +290,7 @@ pub fn incoming(
             let metrics = metrics.clone();
             let permits = permits.clone();
             let limits = limits.clone();
+            let door = place_door.clone();
             tokio::spawn(async move {
                 let handshake = async {
                     // Nothing is computed for a socket until it speaks.
@@ -202,27 +302,34 @@ pub fn incoming(
                         Ok(_) => return Err("closed before its handshake".to_string()),
                         Err(_) => return Err("sent nothing before its deadline".to_string()),
                     }
+                    // A socket that spoke is no longer silent: from here the
+                    // handshake permits and the places bound what it costs.
+                    drop(source);
+                    let place = match &door {
+                        Some(door) => door.wait(&tcp).await?,
+                        None => None,
+                    };
                     let _permit = permits
                         .acquire()
                         .await
                         .map_err(|_| "node stopping".to_string())?;
                     let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
-                    Ok(tls)
+                    Ok((tls, place))
                 };
-                let tls = match tokio::time::timeout(limits.handshake_timeout, handshake).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(err)) => {
-                        metrics.handshake_failures.inc();
-                        tracing::info!(%remote, error = %err, "tls handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.handshake_failures.inc();
-                        tracing::info!(%remote, "tls handshake timed out");
-                        return;
-                    }
-                };
-                drop(place);
+                let (tls, place) =
+                    match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+                        Ok(Ok(done)) => done,
+                        Ok(Err(err)) => {
+                            metrics.handshake_failures.inc();
+                            tracing::info!(%remote, error = %err, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            metrics.handshake_failures.inc();
+                            tracing::info!(%remote, "tls handshake timed out");
+                            return;
+                        }
+                    };
                 let session = tls.get_ref().1;
                 let kind = match session.handshake_kind() {
                     Some(rustls::HandshakeKind::Resumed) => "resumed",
@@ -243,8 +350,19 @@ pub fn incoming(
                             hufu_certs::certificate_serial(&certs[0]).map_err(|e| e.to_string())?;
                         Ok((identity, serial))
                     });
+                let identity = identity.and_then(|(identity, serial)| {
+                    // Only terminals hold places; a terminal let through
+                    // without one (to learn who it was) is closed.
+                    if door.is_none() || identity.role != Role::Terminal {
+                        Ok((identity, serial, None))
+                    } else if let Some(place) = place {
+                        Ok((identity, serial, Some(HeldPlace::new(place))))
+                    } else {
+                        Err("no place for another terminal: the node is at capacity".to_string())
+                    }
+                });
                 match identity {
-                    Ok((identity, serial)) => {
+                    Ok((identity, serial, place)) => {
                         let info = PeerInfo {
                             identity: Arc::new(identity),
                             serial: serial.into(),
@@ -258,6 +376,7 @@ pub fn incoming(
                                 _permit: slot,
                                 metrics: metrics.clone(),
                             },
+                            place,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -270,6 +389,56 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Where new connections wait for a terminal's place, before their
+/// handshake costs the node anything.
+struct PlaceDoor {
+    places: Arc<Places>,
+    /// Connections waiting now.
+    waiting: Arc<AtomicUsize>,
+    /// Lets one waiting connection through without a place now and then.
+    trickle: Notify,
+}
+
+impl PlaceDoor {
+    /// A place for `tcp`, or `None` when the trickle lets it through to
+    /// learn who it is; Err if its caller gave up waiting.
+    async fn wait(&self, tcp: &TcpStream) -> Result<Option<Place>, String> {
+        let place = match self.places.try_take() {
+            Some(place) => Some(place),
+            None => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let _waiting = Decrement(&self.waiting);
+                loop {
+                    tokio::select! {
+                        _ = self.places.room() => {
+                            if let Some(place) = self.places.try_take() {
+                                break Some(place);
+                            }
+                        }
+                        _ = self.trickle.notified() => break None,
+                    }
+                }
+            }
+        };
+        // A caller that gave up while it waited has closed its socket: no
+        // handshake for it.
+        if let Some(Ok(ready)) = tcp.ready(Interest::READABLE).now_or_never()
+            && ready.is_read_closed()
+        {
+            return Err("closed while it waited for a place".to_string());
+        }
+        Ok(place)
+    }
+}
+
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A connection's place under the node's connection limit.

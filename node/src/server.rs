@@ -201,6 +201,7 @@ pub async fn start_on(
             handshakes_per_source: limits.handshakes_per_source,
             first_byte_timeout: Duration::from_millis(limits.first_byte_timeout_ms),
             handshake_timeout: Duration::from_secs(limits.handshake_timeout_secs),
+            scheduling_delay_target: Duration::from_millis(limits.scheduling_delay_target_ms),
         },
         stop.clone(),
         metrics.clone(),

@@ -95,6 +95,10 @@ pub struct Admission {
     buffered: Arc<Semaphore>,
     admitted: Family<Vec<(&'static str, &'static str)>, Counter>,
     shed: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Requests handed over by HTTP/2, and those their callers cancelled
+    /// before the node answered.
+    arrived: Counter,
+    cancelled: Counter,
     in_flight_gauge: Gauge,
     limit_gauge: Gauge,
     queued_gauge: Gauge,
@@ -118,6 +122,8 @@ impl Admission {
             config,
             standing,
             admitted: metrics.admitted.clone(),
+            arrived: metrics.requests_arrived.clone(),
+            cancelled: metrics.requests_cancelled.clone(),
             shed: metrics.shed.clone(),
             in_flight_gauge: metrics.in_flight.clone(),
             limit_gauge: metrics.admission_limit.clone(),
@@ -268,6 +274,33 @@ where
 
 async fn admit<S>(
     admission: Arc<Admission>,
+    inner: S,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, S::Error>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+{
+    admission.arrived.inc();
+    // Counts the call as cancelled unless it runs to its answer.
+    let mut answered = Unanswered(Some(admission.cancelled.clone()));
+    let response = admit_call(&admission, inner, request).await;
+    answered.0 = None;
+    response
+}
+
+/// Counts a call dropped before its answer: its caller cancelled it.
+struct Unanswered(Option<Counter>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(counter) = &self.0 {
+            counter.inc();
+        }
+    }
+}
+
+async fn admit_call<S>(
+    admission: &Arc<Admission>,
     mut inner: S,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, S::Error>

@@ -134,6 +134,8 @@ async fn bare_echo(
             handshakes_per_source: 10_000,
             first_byte_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            // The echo baseline is the bare stack: no places.
+            scheduling_delay_target: Duration::ZERO,
         },
         stop.clone(),
         hufu_node::metrics::Metrics::new(),

@@ -1,6 +1,8 @@
 //! A flood from many connections that never back off: the node keeps
 //! serving another province's feed and its own admin, and its memory
-//! returns to its level before the flood.
+//! returns to its level before the flood. With places for terminals'
+//! connections on, the node pauses and closes terminals under the flood,
+//! never its admin, and lets terminals back once it is over.
 
 mod common;
 
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use hufu_certs::{Province, Role};
 use hufu_node::local::LocalFederation;
+use hufu_proto::v1::admin_service_client::AdminServiceClient;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{Colour, LookupRequest, PutStatusRequest};
 
@@ -69,12 +72,7 @@ async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
     let (ok, refused) = flood(&fed, &holders, Duration::from_secs(3), async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut admin = fed.get(gd).admin().await.unwrap();
-        let mut input = common::sample_input(gd, 0, Colour::Red);
-        input.as_of = Some(hufu_node::status::timestamp(hufu_node::status::now_unix()));
-        admin
-            .put_status(PutStatusRequest {
-                status: Some(input),
-            })
+        write_red(&mut admin, gd, 0)
             .await
             .expect("admin served during the flood");
         let written = Instant::now();
@@ -113,6 +111,75 @@ async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
         "node rss {rss_first} KiB after one flood, {rss_second} KiB after two"
     );
     fed.get_mut(sn).stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn places_shut_terminals_out_under_a_flood_but_never_the_admin() {
+    let scratch = tempfile::tempdir().unwrap();
+    let gd = common::province(GD);
+    let mut fed = LocalFederation::init(scratch.path(), &[gd], |c| {
+        c.limits.max_in_flight = 8;
+        // A target any flood passes on a test machine.
+        c.limits.scheduling_delay_target_ms = 5;
+    })
+    .unwrap();
+    fed.start(gd).await.unwrap();
+    let holders = common::import_samples(fed.get(gd), 20).await;
+    let admin_during = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut admin = fed.get(gd).admin().await.unwrap();
+        let mut cut = false;
+        for n in 0..20 {
+            write_red(&mut admin, gd, n)
+                .await
+                .expect("the admin is served while terminals are shut out");
+            let metrics = common::metrics(fed.get(gd)).await;
+            cut |= gauge(&metrics, "hufu_caller_places_paused") > 0.0
+                || gauge(&metrics, "hufu_connections_taken_back_total") > 0.0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            cut,
+            "the flood never made the node pause or close a terminal"
+        );
+    };
+    let (ok, _) = flood(&fed, &holders, Duration::from_secs(4), admin_during).await;
+    assert!(ok > 0, "the node served nothing during the flood");
+    // The flood's connections are gone: a new terminal gets a place.
+    let mut terminal = fed.get(gd).terminal("after").await.unwrap();
+    let mut request = tonic::Request::new(LookupRequest {
+        issuer: GD.into(),
+        holder: holders[0].clone(),
+    });
+    request.set_timeout(Duration::from_secs(10));
+    terminal
+        .lookup(request)
+        .await
+        .expect("a terminal is served after the flood");
+}
+
+/// Sets sample holder `n` red, as of now.
+async fn write_red(
+    admin: &mut AdminServiceClient<tonic::transport::Channel>,
+    gd: Province,
+    n: u64,
+) -> Result<(), tonic::Status> {
+    let mut input = common::sample_input(gd, n, Colour::Red);
+    input.as_of = Some(hufu_node::status::timestamp(hufu_node::status::now_unix()));
+    admin
+        .put_status(PutStatusRequest {
+            status: Some(input),
+        })
+        .await
+        .map(drop)
+}
+
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.split(' ').next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// 200 terminal connections, each sending 40 lookups at once with a short

@@ -125,9 +125,12 @@ async fn places_shut_terminals_out_under_a_flood_but_never_the_admin() {
     .unwrap();
     fed.start(gd).await.unwrap();
     let holders = common::import_samples(fed.get(gd), 20).await;
+    // The admin's connection is open before the flood: a new connection
+    // waits for a place with the terminals' until a handshake tells who it
+    // is (at most one every 500 ms while places are full).
+    let mut admin = fed.get(gd).admin().await.unwrap();
     let admin_during = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut admin = fed.get(gd).admin().await.unwrap();
         let mut cut = false;
         for n in 0..20 {
             write_red(&mut admin, gd, n)

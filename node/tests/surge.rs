@@ -14,6 +14,10 @@ use hufu_proto::v1::admin_service_client::AdminServiceClient;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{Colour, LookupRequest, PutStatusRequest};
 
+/// The floods run one at a time: each test's figures (memory, whether the
+/// node fell behind) must be its own flood's.
+static ONE_FLOOD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const GD: &str = "440000";
 const SN: &str = "610000";
 
@@ -32,6 +36,7 @@ async fn colour_at(fed: &LocalFederation, at: Province, holder: &str) -> Option<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
+    let _alone = ONE_FLOOD.lock().await;
     let scratch = tempfile::tempdir().unwrap();
     let (gd, sn) = (common::province(GD), common::province(SN));
     let mut fed = LocalFederation::init(scratch.path(), &[gd, sn], |c| {
@@ -115,6 +120,7 @@ async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn places_shut_terminals_out_under_a_flood_but_never_the_admin() {
+    let _alone = ONE_FLOOD.lock().await;
     let scratch = tempfile::tempdir().unwrap();
     let gd = common::province(GD);
     let mut fed = LocalFederation::init(scratch.path(), &[gd], |c| {

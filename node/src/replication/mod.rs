@@ -13,6 +13,13 @@
 //! the same feed heads; keyring changes carry the new key (sealed) and the
 //! time of the change, so all publish the same JWKS.
 //!
+//! The feed's change numbers are not the stream's positions: the stream
+//! also carries key changes, and writes the rules drop (a stale or repeated
+//! record), none of which is a change of the hash-chained, gapless feed.
+//! Each replica numbers the changes it applies in stream order from the
+//! same rules, so all number them alike, and the position applied is kept
+//! beside the store to resume from.
+//!
 //! When JetStream cannot acknowledge (it lost its quorum, or this node
 //! cannot reach it), writes fail with `UNAVAILABLE` and a message saying
 //! so, and everything that only reads (lookups, verification, the feed,

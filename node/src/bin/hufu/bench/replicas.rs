@@ -42,6 +42,9 @@ pub async fn replicas(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
         "province {p}: {REPLICAS} node replicas, write log on a 3-server JetStream cluster ({version}), stream replicas 3\n"
     );
 
+    // Every replica follows the log before anything is measured: one write,
+    // seen everywhere.
+    warm_up(&fed).await?;
     let (written, visible) = writes(&fed, args, duration).await?;
     written.print("PutStatus, acknowledged", None);
     for (i, delays) in visible.iter().enumerate() {
@@ -92,6 +95,43 @@ pub async fn replicas(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     );
     single.stop().await?;
     fed.stop_all().await?;
+    Ok(())
+}
+
+/// Writes one status through node-1 and waits until every replica holds it.
+async fn warm_up(fed: &ReplicatedFederation) -> anyhow::Result<()> {
+    let first = fed.federation.get(fed.province());
+    let p = first.province;
+    let status = StatusInput {
+        subject: Some(status_input::Subject::NationalId(
+            sample::national_id(p, 999_999).as_str().to_owned(),
+        )),
+        colour: Colour::Green as i32,
+        as_of: Some(timestamp(now_unix() - 60)),
+        last_negative_test: None,
+        reason: 0,
+    };
+    let sequence = first
+        .admin()
+        .await?
+        .put_status(PutStatusRequest {
+            status: Some(status),
+        })
+        .await?
+        .into_inner()
+        .sequence;
+    let started = Instant::now();
+    for r in &fed.replicas {
+        let store = &r.node.as_ref().expect("running").state.store;
+        while store.tail(p).await?.sequence < sequence {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "replica {} did not follow the write log within 60s",
+                r.config.node_name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     Ok(())
 }
 

@@ -141,16 +141,24 @@ async fn keys_rotated_and_revoked_through_one_replica_change_at_every_replica() 
         .into_inner();
     assert_ne!(rotated.kid, rotated.previous_kid);
 
+    // The new key signs at every replica...
     for r in [first, &others[0], &others[1]] {
-        // The new key signs at every replica...
         let keyring_kid = eventually(CONVERGE_WITHIN, || async {
             let state = &r.node.as_ref().unwrap().state;
             let kid = state.codes.keyring.read().unwrap().active_kid().to_owned();
-            (kid == rotated.kid).then_some(kid)
+            // Published (to the verifier too) once the keyring has it.
+            let published = state
+                .codes
+                .own_published_keys()
+                .jwks_json
+                .contains(&rotated.kid);
+            (kid == rotated.kid && published).then_some(kid)
         })
         .await;
         assert_eq!(keyring_kid, rotated.kid);
-        // ...and a code it signed at one replica verifies at each.
+    }
+    // ...and a code it signed at one replica verifies at each.
+    for r in [first, &others[0], &others[1]] {
         let code = common::issue_code(r, 1).await;
         assert_eq!(code.kid, rotated.kid);
         for verifier in [first, &others[0], &others[1]] {

@@ -130,24 +130,6 @@ fn has(
         .collect()
 }
 
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for item in std::fs::read_dir(dir).unwrap() {
-        let path = item.unwrap().path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 /// A copy of a fetched directory, changed by `change`.
 fn tampered(good: &Path, name: &str, change: impl FnOnce(&mut Vec<String>)) -> PathBuf {
     let dir = good.parent().unwrap().join(name);
@@ -669,7 +651,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
     }
     let mut searched = Vec::new();
     for dir in fetched.values() {
-        searched.extend(files(dir));
+        searched.extend(common::files(dir));
         let decoded: String = entries(dir)
             .iter()
             .map(|e| String::from_utf8(e.encode().unwrap()).unwrap())
@@ -679,20 +661,20 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         }
     }
     for lp in [sn, gd, tj] {
-        searched.extend(files(&lp.config.path(&lp.config.data_dir)));
-        searched.extend(files(&lp.config.audit_dir()));
+        searched.extend(common::files(&lp.config.path(&lp.config.data_dir)));
+        searched.extend(common::files(&lp.config.audit_dir()));
     }
     let mut pseudonym_seen = false;
     for file in &searched {
         let bytes = std::fs::read(file).unwrap();
         for id in &ids {
             assert!(
-                !contains(&bytes, id.as_bytes()),
+                !common::contains(&bytes, id.as_bytes()),
                 "national id {id} found in {}",
                 file.display()
             );
         }
-        pseudonym_seen |= contains(&bytes, gd_holders[1].as_bytes());
+        pseudonym_seen |= common::contains(&bytes, gd_holders[1].as_bytes());
     }
     // The search does look at the data: the pseudonym is there.
     assert!(pseudonym_seen, "searched {searched:?}");

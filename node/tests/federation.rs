@@ -566,3 +566,38 @@ async fn a_node_restarts_in_process_at_once_after_shutdown() {
     }
     fed.stop_all().await.unwrap();
 }
+
+/// A province may list several endpoints (its replicas): while the first
+/// is down, the others replicate its feed from the next one. In a
+/// federation of two there is no member to relay through, so without
+/// fail-over the replica would never move.
+#[tokio::test]
+async fn a_feed_is_taken_from_the_next_endpoint_while_the_first_is_down() {
+    use hufu_node::federation::ops;
+    let scratch = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::init(scratch.path(), &[p(SN), p(GD)], |_| {}).unwrap();
+    let sn = fed.get(p(SN));
+    let genesis =
+        ops::read_note(&sn.config.path(&sn.config.trust_dir).join("v000001.note")).unwrap();
+    let real = genesis.list.member(p(GD)).unwrap().endpoints[0].clone();
+    // Port 1 on loopback: nothing listens, every dial is refused.
+    let change = ops::Proposal {
+        endpoints: vec![(p(GD), vec!["127.0.0.1:1".into(), real])],
+        ..Default::default()
+    };
+    let mut next = ops::propose(&genesis.list, change).unwrap();
+    for lp in &fed.provinces {
+        ops::sign(&lp.config, &mut next).unwrap();
+    }
+    for lp in &fed.provinces {
+        assert_eq!(ops::install(&lp.config, &next).unwrap(), 2);
+    }
+    fed.start_all().await.unwrap();
+    common::import_samples(fed.get(p(GD)), 5).await;
+    let replica = fed.get(p(SN)).node.as_ref().unwrap();
+    eventually(Duration::from_secs(15), || async {
+        (replica.state.store.tail(p(GD)).await.ok()?.sequence >= 5).then_some(())
+    })
+    .await;
+    fed.stop_all().await.unwrap();
+}

@@ -117,13 +117,13 @@ fn log_link(p: Province, event: Option<LinkEvent>, error: &str) {
 
 pub async fn run(state: Arc<Federation>, p: Province, stop: CancellationToken) {
     let mut backoff = Backoff::default();
-    let mut relay_turn = 0usize;
+    let mut turns = Turns::default();
     let mut link = Link::new(Instant::now());
     loop {
         if stop.is_cancelled() {
             return;
         }
-        let Some(source) = choose_source(&state, p, &mut relay_turn) else {
+        let Some(source) = choose_source(&state, p, &turns) else {
             // Nobody to ask (a federation of two with the other down).
             if sleep_or_stop(&stop, backoff.current()).await {
                 return;
@@ -131,7 +131,13 @@ pub async fn run(state: Arc<Federation>, p: Province, stop: CancellationToken) {
             backoff.grow();
             continue;
         };
-        let pause = match session(&state, p, &source, &stop, &mut link).await {
+        let ended = session(&state, p, &source, &stop, &mut link).await;
+        if !source.direct {
+            turns.relay = turns.relay.wrapping_add(1);
+        } else if ended.is_err() {
+            turns.direct = turns.direct.wrapping_add(1);
+        }
+        let pause = match ended {
             Ok(()) => backoff.reset(),
             Err(err) => {
                 if source.direct {
@@ -194,12 +200,11 @@ async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
     }
 }
 
-fn choose_source(state: &Federation, p: Province, relay_turn: &mut usize) -> Option<Source> {
+fn choose_source(state: &Federation, p: Province, turns: &Turns) -> Option<Source> {
     let membership = state.peers.members();
     let issuer = membership.member(p)?;
-    if state.peers.allows(p)
-        && let Some(endpoint) = issuer.endpoints.first()
-    {
+    if state.peers.allows(p) && !issuer.endpoints.is_empty() {
+        let endpoint = &issuer.endpoints[turns.direct % issuer.endpoints.len()];
         return Some(Source {
             province: p,
             endpoint: endpoint.clone(),
@@ -214,13 +219,23 @@ fn choose_source(state: &Federation, p: Province, relay_turn: &mut usize) -> Opt
     if relays.is_empty() {
         return None;
     }
-    *relay_turn = relay_turn.wrapping_add(1);
-    let relay = relays[*relay_turn % relays.len()];
+    let relay = relays[turns.relay % relays.len()];
+    let endpoint = &relay.endpoints[(turns.relay / relays.len()) % relay.endpoints.len()];
     Some(Source {
         province: relay.province,
-        endpoint: relay.endpoints[0].clone(),
+        endpoint: endpoint.clone(),
         direct: false,
     })
+}
+
+/// Which endpoint the next feed session asks: the issuer's endpoints in
+/// turn, moving on after a failed session (a province with several
+/// replicas lists them all, and one down must not stop its feed), and the
+/// relays' in turn, moving on after every relayed session.
+#[derive(Debug, Default)]
+struct Turns {
+    direct: usize,
+    relay: usize,
 }
 
 /// Why a feed session ended.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::replicas::{CONVERGE_WITHIN, PEER, replicated};
+use common::replicas::{CONVERGE_WITHIN, PEER, RECOVER_WITHIN, replicated};
 use common::{Serve, eventually, province, sample_input};
 use hufu_certs::Role;
 use hufu_node::local::LocalProvince;
@@ -251,7 +251,7 @@ async fn without_a_nats_quorum_writes_fail_unavailable_and_lookups_go_on() {
     fed.nats.start_server(0).unwrap();
     fed.nats.start_server(1).unwrap();
     fed.nats.wait_ready(Duration::from_secs(30)).await.unwrap();
-    eventually(CONVERGE_WITHIN, || async {
+    eventually(RECOVER_WITHIN, || async {
         put(&others[0], 2, Colour::Red).await.ok()
     })
     .await;
@@ -334,13 +334,13 @@ async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() 
     fed.nats.kill(0);
     let at_kill = acked_at_first();
     // The survivors keep taking writes.
-    eventually(CONVERGE_WITHIN, || async {
+    eventually(RECOVER_WITHIN, || async {
         (acked_at_first() >= at_kill + 20).then_some(())
     })
     .await;
     processes[0] = Serve::start(&fed.replica_configs[0], &logs.join("serve-0-again.log"));
     let at_restart = acked_at_first();
-    eventually(CONVERGE_WITHIN, || async {
+    eventually(RECOVER_WITHIN, || async {
         (acked_at_first() >= at_restart + 20).then_some(())
     })
     .await;

@@ -13,6 +13,13 @@ pub const PEER: &str = "110000";
 /// Polls for at most this long for replicas to converge.
 pub const CONVERGE_WITHIN: Duration = Duration::from_secs(20);
 
+/// Polls for at most this long for writes to resume after a NATS server or
+/// a replica was killed or came back: NATS elects new stream and meta
+/// leaders and clients reconnect with back-off, which on a busy machine can
+/// take longer than convergence. What such a step checks is that writes
+/// resume, not how fast.
+pub const RECOVER_WITHIN: Duration = Duration::from_secs(90);
+
 /// The NATS cluster, the federation (quick settings) and `replicas` nodes
 /// of the replicated province in all, none started; writes give up after
 /// 2 s, audit checkpoints every 200 ms. The scratch directory outlives the federation when dropped after it.

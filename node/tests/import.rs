@@ -268,6 +268,10 @@ async fn a_grpcio_client_streams_a_large_import() {
     // The last row is stored.
     let state = &node.province.node.as_ref().unwrap().state;
     assert_eq!(state.store.last_sequence().await, rows);
+    // Stopped as an operator would: storage flushed and closed by the
+    // node's shutdown, not dropped with the test's runtime.
+    let mut node = node;
+    node.province.stop().await.unwrap();
 }
 
 /// Runs `hufu status import FILE` against `node`.

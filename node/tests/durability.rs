@@ -62,19 +62,45 @@ async fn admin(
     panic!("node did not come up");
 }
 
+/// Guangdong's node directory, made by `init` for a `hufu serve` process
+/// (no metrics listener), with its admin's client certificate.
+struct Node {
+    p: hufu_certs::Province,
+    config: std::path::PathBuf,
+    target: Target,
+    cert: ClientCert,
+}
+
+impl Node {
+    fn init(scratch: &std::path::Path) -> Node {
+        let p = common::province("440000");
+        let dir = scratch.join("gd");
+        let mut opts = InitOptions::new(p);
+        opts.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        opts.metrics_listen = None;
+        let config = init_province(&dir, &opts).unwrap();
+        let ca = std::fs::read_to_string(dir.join("ca/ca.pem")).unwrap();
+        let target = Target::with_ca_pem(&opts.listen.to_string(), p, &ca).unwrap();
+        let cert =
+            ClientCert::load(&dir.join("admin/admin.pem"), &dir.join("admin/admin.key")).unwrap();
+        Node {
+            p,
+            config,
+            target,
+            cert,
+        }
+    }
+}
+
 #[tokio::test]
 async fn acknowledged_statuses_survive_kill_9() {
     let scratch = tempfile::tempdir().unwrap();
-    let p = common::province("440000");
-    let dir = scratch.path().join("gd");
-    let mut opts = InitOptions::new(p);
-    opts.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    opts.metrics_listen = None;
-    let config = init_province(&dir, &opts).unwrap();
-    let ca = std::fs::read_to_string(dir.join("ca/ca.pem")).unwrap();
-    let target = Target::with_ca_pem(&opts.listen.to_string(), p, &ca).unwrap();
-    let cert =
-        ClientCert::load(&dir.join("admin/admin.pem"), &dir.join("admin/admin.key")).unwrap();
+    let Node {
+        p,
+        config,
+        target,
+        cert,
+    } = Node::init(scratch.path());
 
     let mut child = serve(&config);
     let mut client = admin(&target, &cert).await;
@@ -359,16 +385,12 @@ async fn acknowledged_changes_keep_their_audit_entries_through_kill_9() {
 #[tokio::test]
 async fn an_import_cut_off_by_kill_9_says_so_and_runs_again_safely() {
     let scratch = tempfile::tempdir().unwrap();
-    let p = common::province("440000");
-    let dir = scratch.path().join("gd");
-    let mut opts = InitOptions::new(p);
-    opts.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    opts.metrics_listen = None;
-    let config = init_province(&dir, &opts).unwrap();
-    let ca = std::fs::read_to_string(dir.join("ca/ca.pem")).unwrap();
-    let target = Target::with_ca_pem(&opts.listen.to_string(), p, &ca).unwrap();
-    let cert =
-        ClientCert::load(&dir.join("admin/admin.pem"), &dir.join("admin/admin.key")).unwrap();
+    let Node {
+        p,
+        config,
+        target,
+        cert,
+    } = Node::init(scratch.path());
     let rows = 20_000u64;
     let id = |n| hufu_node::sample::national_id(p, n).as_str().to_owned();
     let mut csv = String::from("national_id,colour,as_of\n");

@@ -36,20 +36,7 @@ async fn import_reports_bad_rows_and_keeps_good_ones() {
     );
     let file = node.scratch.path().join("statuses.csv");
     std::fs::write(&file, csv).unwrap();
-    let config = node.province.dir.join("hufu.toml");
-    let addr = node.province.addr().unwrap().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        hufu()
-            .args(["status", "import"])
-            .arg(&file)
-            .arg("--config")
-            .arg(&config)
-            .args(["--endpoint", &addr])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = import_file(&node, file).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(

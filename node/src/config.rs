@@ -149,11 +149,13 @@ pub struct LimitsConfig {
     /// CVE-2023-44487). High enough that callers giving up at their
     /// deadline during a surge keep their connections.
     pub max_pending_resets: usize,
-    /// TLS handshakes computed at once.
+    /// TLS handshakes computing at once; a handshake waiting for its
+    /// caller's bytes holds none.
     pub max_handshakes: usize,
-    /// Connections from one address that may be open without having sent
-    /// a byte yet (silent sockets); past their first byte, handshake permits
-    /// and places bound what connections cost.
+    /// Connections from one address that may keep the node waiting on
+    /// their caller: not yet spoken (silent sockets) or stalled in their
+    /// handshake. More from that address are closed on accept; connections
+    /// waiting on the node (for a permit, a place) do not count.
     pub handshakes_per_source: usize,
     /// Milliseconds a new connection has to send its first byte.
     pub first_byte_timeout_ms: u64,

@@ -161,9 +161,10 @@ peer_concurrent_streams = 64
 # Streams a caller may cancel before the node took them up; beyond it the
 # connection is closed (HTTP/2 rapid-reset protection).
 max_pending_resets = 1024
-# TLS handshakes computed at once; connections from one address before or
-# in their handshake; the time a new connection has to send its first byte
-# (ms) and to finish its handshake (s).
+# TLS handshakes computing at once (one waiting for its caller's bytes holds
+# none); connections from one address that keep the node waiting (silent, or
+# stalled mid-handshake); the time a new connection has to send its first
+# byte (ms) and to finish its handshake (s).
 max_handshakes = 8
 handshakes_per_source = 64
 first_byte_timeout_ms = 2000

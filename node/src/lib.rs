@@ -16,6 +16,7 @@ pub mod config_check;
 pub mod console;
 pub mod error;
 pub mod federation;
+pub mod handshake;
 pub mod import;
 pub mod init;
 pub mod legacy;

@@ -3,10 +3,9 @@
 //! clients cannot stall the accept loop or exhaust memory), and hands tonic
 //! connections that carry the caller's verified identity.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
+use crate::handshake::{Paced, Sources};
 use crate::places::{self, Place, PlaceConfig, Places};
 
 /// Who is on the other end of a connection, established by the TLS handshake.
@@ -147,9 +147,11 @@ impl AsyncWrite for PeerConn {
 pub struct DoorLimits {
     /// Open connections at once; more are closed on accept.
     pub max_connections: usize,
-    /// TLS handshakes computed at once.
+    /// TLS handshakes computing at once (a handshake waiting on its
+    /// caller's bytes holds none).
     pub max_handshakes: usize,
-    /// Connections from one address that have not yet sent their first byte.
+    /// Connections from one address that keep the node waiting on their
+    /// caller: not yet spoken, or stalled in their handshake (`handshake`).
     pub handshakes_per_source: usize,
     /// Time a new connection has to send its first byte.
     pub first_byte_timeout: Duration,
@@ -168,53 +170,17 @@ const MIN_PLACES: usize = 16;
 /// need none, and a handshake is the only way to learn who is calling.
 const TRICKLE: Duration = Duration::from_millis(500);
 
-/// Connections per source address that have not yet spoken; a place is
-/// freed at the first byte, or when the connection ends before it.
-#[derive(Clone, Default)]
-struct Sources(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>);
-
-struct SourcePlace {
-    sources: Sources,
-    ip: IpAddr,
-}
-
-impl Sources {
-    fn enter(&self, ip: IpAddr, limit: usize) -> Option<SourcePlace> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= limit {
-            return None;
-        }
-        *n += 1;
-        Some(SourcePlace {
-            sources: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for SourcePlace {
-    fn drop(&mut self) {
-        let mut map = self.sources.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Accepts connections until `stop` is cancelled and yields those whose
 /// handshake succeeded. Failed handshakes are logged and counted, never
 /// surfaced to tonic (which would otherwise stop serving).
 ///
 /// A socket that has sent nothing costs a task and a buffer, not a
-/// handshake slot: it gets a short first-byte deadline, and one address may
-/// hold only a few sockets before or in their handshake, so silent or slow
-/// sockets cannot lock other clients out. Handshakes are computed a few at
-/// a time, so a wave of reconnects cannot crowd out calls on open
-/// connections.
+/// handshake permit: it gets a short first-byte deadline. A handshake holds
+/// a permit only while it computes, never while it waits for its caller's
+/// bytes, and one address may keep only a few connections waiting (silent
+/// or stalled mid-handshake), so silent or stalling sockets cannot lock
+/// other clients out. Handshakes are computed a few at a time, so a wave of
+/// reconnects cannot crowd out calls on open connections.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -289,6 +255,7 @@ pub fn incoming(
             let tx = tx.clone();
             let metrics = metrics.clone();
             let permits = permits.clone();
+            let sources = sources.clone();
             let limits = limits.clone();
             let door = place_door.clone();
             tokio::spawn(async move {
@@ -302,18 +269,17 @@ pub fn incoming(
                         Ok(_) => return Err("closed before its handshake".to_string()),
                         Err(_) => return Err("sent nothing before its deadline".to_string()),
                     }
-                    // A socket that spoke is no longer silent: from here the
-                    // handshake permits and the places bound what it costs.
+                    // A socket that spoke waits on the node now (for a
+                    // place, a permit): that counts against nobody.
                     drop(source);
                     let place = match &door {
                         Some(door) => door.wait(&tcp).await?,
                         None => None,
                     };
-                    let _permit = permits
-                        .acquire()
+                    let tls = Paced::new(acceptor.accept(tcp), permits, sources, remote.ip())
                         .await
-                        .map_err(|_| "node stopping".to_string())?;
-                    let tls = acceptor.accept(tcp).await.map_err(|e| e.to_string())?;
+                        .ok_or_else(|| "node stopping".to_string())?
+                        .map_err(|e| e.to_string())?;
                     Ok((tls, place))
                 };
                 let (tls, place) =

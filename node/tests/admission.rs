@@ -17,6 +17,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 
 fn in_flight(p: &LocalProvince) -> i64 {
     p.node.as_ref().unwrap().state.metrics.in_flight.get()
@@ -142,26 +144,35 @@ async fn long_lived_streams_have_a_budget_per_caller_and_take_no_serving_slot() 
     gd.start().await.unwrap();
     let holder = common::import_samples(&gd, 1).await.remove(0);
     let mut terminal = gd.terminal("gate").await.unwrap();
-    // An auditor opens health watches until refused.
+    // An auditor opens health watches on one connection and reflection
+    // streams on another until refused: the budget is its identity's,
+    // whatever the connection or the kind of stream.
     let channel = gd.channel(Role::Auditor, "audit-1").await.unwrap();
+    let second = gd.channel(Role::Auditor, "audit-1").await.unwrap();
     let mut watches = Vec::new();
+    let mut reflections = Vec::new();
     let mut refused = None;
-    for _ in 0..20 {
-        let mut health = HealthClient::new(channel.clone());
-        match health
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-        {
-            Ok(stream) => watches.push(stream.into_inner()),
-            Err(status) => {
-                refused = Some(status);
-                break;
-            }
+    for i in 0..20 {
+        let opened = if i % 2 == 0 {
+            HealthClient::new(channel.clone())
+                .watch(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|stream| watches.push(stream.into_inner()))
+        } else {
+            let (tx, rx) = mpsc::channel::<ServerReflectionRequest>(1);
+            ServerReflectionClient::new(second.clone())
+                .server_reflection_info(ReceiverStream::new(rx))
+                .await
+                .map(|stream| reflections.push((tx, stream.into_inner())))
+        };
+        if let Err(status) = opened {
+            refused = Some(status);
+            break;
         }
     }
-    assert_eq!(watches.len(), 4);
+    assert_eq!((watches.len(), reflections.len()), (2, 2));
     let refused = refused.expect("the fifth stream is refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
@@ -199,4 +210,6 @@ async fn long_lived_streams_have_a_budget_per_caller_and_take_no_serving_slot() 
         })
         .await
         .expect("a stream after one closed");
+    drop((watches, reflections));
+    gd.stop().await.unwrap();
 }

@@ -1,5 +1,5 @@
-//! Attacks on the front door: sockets that never speak cannot lock other
-//! clients out, and a request body is never read beyond the size limit, nor
+//! Attacks on the front door: sockets that never speak, or stop in the
+//! middle of their TLS handshake, cannot lock other clients out, and a request body is never read beyond the size limit, nor
 //! at all for a caller who may not call the method.
 
 mod common;
@@ -13,7 +13,7 @@ use hufu_node::init::{InitOptions, init_province};
 use hufu_node::local::LocalProvince;
 use hufu_proto::v1::LookupRequest;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// A TCP connection from `source` (any address in 127/8 is loopback) that
@@ -22,6 +22,28 @@ async fn silent_socket(source: Ipv4Addr, to: SocketAddr) -> tokio::net::TcpStrea
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
     socket.connect(to).await.unwrap()
+}
+
+/// Twelve new terminals connect from 127.0.0.1, one after another, and
+/// each is served within 3 s of starting to connect.
+async fn new_clients_are_served_at_once(gd: &LocalProvince, holder: &str) {
+    for i in 0..12 {
+        let served = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut terminal = gd.terminal(&format!("gate-{i}")).await.expect("connects");
+            terminal
+                .lookup(LookupRequest {
+                    issuer: "440000".into(),
+                    holder: holder.to_owned(),
+                })
+                .await
+                .expect("served during the attack");
+        })
+        .await;
+        assert!(
+            served.is_ok(),
+            "new client {i} waited over 3 s behind the attack"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,16 +61,7 @@ async fn silent_sockets_do_not_lock_other_clients_out() {
         silent.push(silent_socket(Ipv4Addr::new(127, 0, 0, 2), addr).await);
     }
     // New clients from elsewhere connect and are served while they wait.
-    for i in 0..12 {
-        let mut terminal = gd.terminal(&format!("gate-{i}")).await.expect("connects");
-        terminal
-            .lookup(LookupRequest {
-                issuer: "440000".into(),
-                holder: holder.clone(),
-            })
-            .await
-            .expect("served during the attack");
-    }
+    new_clients_are_served_at_once(&gd, &holder).await;
     // The node closes every silent socket soon after its first-byte deadline.
     let started = Instant::now();
     for mut socket in silent {
@@ -60,6 +73,68 @@ async fn silent_sockets_do_not_lock_other_clients_out() {
         );
     }
     assert!(started.elapsed() < Duration::from_secs(5));
+    gd.stop().await.unwrap();
+}
+
+/// The first flight of a TLS 1.3 client: a whole ClientHello.
+fn client_hello() -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut client =
+        rustls::ClientConnection::new(config.into(), "localhost".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
+}
+
+/// A connection from `source` that sends `bytes` (part of a handshake) and
+/// then nothing, never reading what the node answers.
+async fn stalled_socket(source: Ipv4Addr, to: SocketAddr, bytes: &[u8]) -> tokio::net::TcpStream {
+    let mut socket = silent_socket(source, to).await;
+    // The node may already have closed a connection over its address's
+    // limit: that is the defence, not a failure.
+    let _ = socket.write_all(bytes).await;
+    socket
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_stall_mid_handshake_do_not_lock_other_clients_out() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut gd = LocalProvince::init(scratch.path(), common::province("440000")).unwrap();
+    // Few enough connections that one address holding them all would lock
+    // everyone out; eight handshake permits, as by default.
+    gd.config.limits.max_connections = 300;
+    gd.config.limits.max_handshakes = 8;
+    gd.start().await.unwrap();
+    let addr = gd.addr().unwrap();
+    let holder = common::import_samples(&gd, 1).await.remove(0);
+    let hello = client_hello();
+    let half = &hello[..hello.len() / 2];
+
+    // From one address, 600 connections that stop in the middle of their
+    // ClientHello or right after it (the node answers, they never reply).
+    let mut stalled = Vec::new();
+    for i in 0..600 {
+        let bytes = if i % 2 == 0 { half } else { &hello[..] };
+        stalled.push(stalled_socket(Ipv4Addr::new(127, 0, 0, 2), addr, bytes).await);
+    }
+    // From eight more, sixteen each: under any one address's limit, more
+    // than the node's handshake permits.
+    for source in 3..11 {
+        for i in 0..16 {
+            let bytes = if i % 2 == 0 { half } else { &hello[..] };
+            stalled.push(stalled_socket(Ipv4Addr::new(127, 0, 0, source), addr, bytes).await);
+        }
+    }
+    // New clients connect and are served at once while every stalled
+    // handshake is still within its 10 s deadline.
+    new_clients_are_served_at_once(&gd, &holder).await;
+    drop(stalled);
+    gd.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

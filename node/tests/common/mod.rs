@@ -91,6 +91,45 @@ pub fn logs() {
         .try_init();
 }
 
+/// What the node logs on the calling thread while the returned guard lives
+/// (a current-thread test runtime runs the node there too), as text.
+pub fn capture_logs() -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(logs.clone())
+        .finish();
+    (logs.clone(), tracing::subscriber::set_default(subscriber))
+}
+
+/// Log text written so far, shared with the subscriber that writes it.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+    fn make_writer(&'a self) -> CapturedLogs {
+        self.clone()
+    }
+}
+
 /// The node's Prometheus text, fetched over plain HTTP from its metrics listener.
 pub async fn metrics(province: &LocalProvince) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -189,7 +189,7 @@ impl Store {
         }
         let mut batch = sled::Batch::default();
         let next = self.stage(self.own, *tail, changes, &mut batch)?;
-        self.write(batch).await?;
+        self.write(batch, changes.len()).await?;
         *tail = next;
         self.notify(self.own, next.sequence);
         Ok(next)

@@ -55,6 +55,7 @@ fn convert(old: &sled::Tree, tree: &sled::Tree) -> NodeResult<()> {
     let flush = |batch: &mut sled::Batch, pending: &mut usize, force: bool| {
         if *pending >= BATCH_KEYS || (force && *pending > 0) {
             tree.apply_batch(std::mem::take(batch))?;
+            super::reclaim(*pending);
             *pending = 0;
         }
         NodeResult::Ok(())

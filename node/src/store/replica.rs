@@ -192,7 +192,7 @@ impl Store {
             codec::key(HEAD_AT, p, &head.sequence.to_be_bytes()),
             head_bytes,
         );
-        self.write(b).await?;
+        self.write(b, fresh.len()).await?;
         self.notify(p, head.sequence);
         Ok(Applied {
             new_changes: new.len(),

@@ -168,7 +168,10 @@ pub struct LimitsConfig {
     pub max_queued: usize,
     /// Longest wait for admission of a call that carries no deadline, in ms.
     pub max_queue_wait_ms: u64,
-    /// Request bytes the node may be buffering at once, across callers.
+    /// Request bytes the node may be buffering at once, across callers;
+    /// one caller identity may hold an eighth of it (at least one message
+    /// of `max_message_bytes`), so requests a caller never finishes cannot
+    /// take it from the others.
     pub max_buffered_bytes: usize,
     /// Long-lived streams (feeds, health watches) one caller may hold open.
     pub streams_per_caller: usize,

@@ -178,7 +178,8 @@ max_in_flight = 0
 max_queued = 4096
 max_queue_wait_ms = 1000
 retry_pushback_ms = 100
-# Request bytes buffered at once across callers.
+# Request bytes buffered at once across callers; one caller identity may
+# hold an eighth of it (at least one message of max_message_bytes).
 max_buffered_bytes = 67108864
 # Long-lived streams (feeds, health watches) per caller identity, and in all.
 streams_per_caller = 64

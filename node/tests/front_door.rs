@@ -1,6 +1,8 @@
 //! Attacks on the front door: sockets that never speak, or stop in the
-//! middle of their TLS handshake, cannot lock other clients out, and a request body is never read beyond the size limit, nor
-//! at all for a caller who may not call the method.
+//! middle of their TLS handshake, cannot lock other clients out; a request
+//! body is never read beyond the size limit, nor at all for a caller who
+//! may not call the method; and requests one caller never finishes hold
+//! only its share of the node's buffer.
 
 mod common;
 
@@ -14,6 +16,8 @@ use hufu_node::local::LocalProvince;
 use hufu_proto::v1::LookupRequest;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 /// A TCP connection from `source` (any address in 127/8 is loopback) that
@@ -212,4 +216,63 @@ async fn huge_bodies_are_refused_before_they_are_read() {
         after < before + 48.0,
         "node peak memory {before:.0} MiB before, {after:.0} MiB after a gigabyte of bodies"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_one_caller_never_finishes_do_not_take_the_nodes_buffer() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut gd = LocalProvince::init(scratch.path(), common::province("440000")).unwrap();
+    gd.config.limits.max_buffered_bytes = 16 << 20;
+    gd.start().await.unwrap();
+    let holder = common::import_samples(&gd, 1).await.remove(0);
+    let mut terminal = gd.terminal("gate").await.unwrap();
+
+    // A stolen terminal certificate: on four connections, eight lookups
+    // each whose request is one message framed in exactly 2 MiB (under the
+    // limit) followed by nothing, the call never ended: 64 MiB offered,
+    // four times the node's budget for buffered request bytes, which eight
+    // of them fill to the byte.
+    let mallory = gd.client_cert(Role::Terminal, "mallory").unwrap();
+    let mut senders = Vec::new();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let channel = gd.channel_as(&mallory).await.unwrap();
+        for _ in 0..8 {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>(1);
+            tx.send(vec![0x0a; (2 << 20) - 5]).await.unwrap();
+            senders.push(tx);
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            calls.spawn(async move {
+                grpc.ready().await.unwrap();
+                grpc.client_streaming(
+                    tonic::Request::new(ReceiverStream::new(rx)),
+                    http::uri::PathAndQuery::from_static("/hufu.v1.StatusLookupService/Lookup"),
+                    common::raw::RawCodec,
+                )
+                .await
+                .map(|_| ())
+            });
+        }
+    }
+    // Everyone else is served all along, with the node's buffer to share.
+    for _ in 0..30 {
+        terminal
+            .lookup(LookupRequest {
+                issuer: "440000".into(),
+                holder: holder.clone(),
+            })
+            .await
+            .expect("a terminal served while another caller stalls its requests");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The caller that holds its share is told so.
+    let mut refused = 0;
+    while let Some(Ok(Err(status))) = calls.try_join_next() {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        refused += 1;
+    }
+    assert!(refused > 0, "no stalled call was refused");
+    drop(senders);
+    while calls.join_next().await.is_some() {}
+    gd.stop().await.unwrap();
 }

@@ -9,7 +9,8 @@
 //!    the in-flight limit, under a budget per caller identity, so that no
 //!    caller can take the node's capacity by holding streams open.
 //! 3. **Unary calls** are read up to the message size limit (and a node-wide
-//!    budget for bytes being buffered), then admitted through the
+//!    budget for bytes being buffered, of which one caller identity holds
+//!    at most an eighth), then admitted through the
 //!    [`queue`]: an adaptive concurrency limit ([`limit`]), a short wait
 //!    newest-first, and refusal the moment a call's `grpc-timeout` cannot be
 //!    met. Refusals are `RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms`.
@@ -31,7 +32,6 @@ use hufu_certs::Province;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 pub use limit::LimitBounds;
@@ -92,7 +92,7 @@ pub struct Admission {
     standing: Arc<crate::standing::Standing>,
     queue: Arc<queue::Queue>,
     streams: streams::StreamBudget,
-    buffered: Arc<Semaphore>,
+    buffered: streams::BufferBudget,
     admitted: Family<Vec<(&'static str, &'static str)>, Counter>,
     shed: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Requests handed over by HTTP/2, and those their callers cancelled
@@ -115,9 +115,10 @@ impl Admission {
         metrics.admission_limit.set(limit as i64);
         Arc::new(Admission {
             streams: streams::StreamBudget::new(config.streams_per_caller, config.max_streams),
-            buffered: Arc::new(Semaphore::new(
-                config.max_buffered_bytes.clamp(1, Semaphore::MAX_PERMITS),
-            )),
+            buffered: streams::BufferBudget::new(
+                config.max_buffered_bytes,
+                buffered_per_caller(&config),
+            ),
             queue,
             config,
             standing,
@@ -193,6 +194,16 @@ pub fn pushback(message: String, pushback_ms: u64) -> http::Response<Body> {
         http::HeaderValue::from(pushback_ms),
     );
     response
+}
+
+/// Request bytes one caller identity may have buffered across its calls:
+/// an eighth of the node's budget, and at least one message of the largest
+/// size, so that no caller (a stolen certificate among them) can take the
+/// budget from everyone else by never finishing its requests.
+fn buffered_per_caller(config: &AdmissionConfig) -> usize {
+    (config.max_buffered_bytes / 8)
+        .max(config.max_message_bytes.saturating_add(5))
+        .min(config.max_buffered_bytes)
 }
 
 /// The default limit for this machine: enough requests in flight to keep
@@ -354,6 +365,7 @@ where
                 body,
                 admission.config.max_message_bytes,
                 &admission.buffered,
+                &info.identity,
             )
             .await
             {

@@ -1,6 +1,7 @@
 //! What admission holds for a call while it runs: the budget of long-lived
 //! streams per caller identity, and the bytes of request messages being
-//! buffered, both bounded so that no caller can make the node's memory grow.
+//! buffered, both bounded in all and per caller identity, so that no caller
+//! can make the node's memory grow nor take what others need.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,55 +16,155 @@ use super::AdmissionConfig;
 
 type Body = tonic::body::Body;
 
+/// Amounts (streams, bytes) held per caller identity.
+#[derive(Clone, Default)]
+struct PerCaller(Arc<Mutex<HashMap<String, usize>>>);
+
+impl PerCaller {
+    /// Adds `n` to `caller`'s amount unless that would pass `limit`.
+    fn add(&self, caller: &str, n: usize, limit: usize) -> bool {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = held.get(caller).copied().unwrap_or(0);
+        if mine.saturating_add(n) > limit {
+            return false;
+        }
+        held.insert(caller.to_owned(), mine + n);
+        true
+    }
+
+    fn sub(&self, caller: &str, n: usize) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mine) = held.get_mut(caller) {
+            *mine = mine.saturating_sub(n);
+            if *mine == 0 {
+                held.remove(caller);
+            }
+        }
+    }
+}
+
+/// A caller's share of a [`PerCaller`] amount and of the node's total;
+/// both given back when dropped.
+struct Share {
+    per_caller: PerCaller,
+    caller: String,
+    amount: usize,
+    total: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.per_caller.sub(&self.caller, self.amount);
+    }
+}
+
 /// Long-lived streams open per caller identity, and in all.
 pub struct StreamBudget {
     per_caller: usize,
-    total: usize,
-    open: Arc<Mutex<(usize, HashMap<String, usize>)>>,
+    held: PerCaller,
+    total: Arc<Semaphore>,
 }
 
 /// One open long-lived stream; its place is freed when dropped.
 pub struct HeldStream {
-    open: Arc<Mutex<(usize, HashMap<String, usize>)>>,
-    caller: String,
-}
-
-impl Drop for HeldStream {
-    fn drop(&mut self) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.0 = open.0.saturating_sub(1);
-        if let Some(n) = open.1.get_mut(&self.caller) {
-            *n -= 1;
-            if *n == 0 {
-                open.1.remove(&self.caller);
-            }
-        }
-    }
+    _share: Share,
 }
 
 impl StreamBudget {
     pub fn new(per_caller: usize, total: usize) -> StreamBudget {
         StreamBudget {
             per_caller: per_caller.max(1),
-            total: total.max(1),
-            open: Arc::new(Mutex::new((0, HashMap::new()))),
+            held: PerCaller::default(),
+            total: Arc::new(Semaphore::new(total.clamp(1, Semaphore::MAX_PERMITS))),
         }
     }
 
     /// A place for one more stream of `caller`, if its budget allows.
     pub fn open(&self, caller: &Identity) -> Option<HeldStream> {
-        let key = caller.uri();
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let mine = open.1.get(&key).copied().unwrap_or(0);
-        if mine >= self.per_caller || open.0 >= self.total {
+        let caller = caller.uri();
+        let total = self.total.clone().try_acquire_owned().ok()?;
+        if !self.held.add(&caller, 1, self.per_caller) {
             return None;
         }
-        open.0 += 1;
-        *open.1.entry(key.clone()).or_insert(0) += 1;
         Some(HeldStream {
-            open: self.open.clone(),
-            caller: key,
+            _share: Share {
+                per_caller: self.held.clone(),
+                caller,
+                amount: 1,
+                total: Some(total),
+            },
         })
+    }
+}
+
+/// Request bytes being buffered, in all and per caller identity: one
+/// caller that never finishes its requests holds at most its share, and
+/// the rest stays for everyone else.
+pub struct BufferBudget {
+    per_caller: usize,
+    held: PerCaller,
+    total: Arc<Semaphore>,
+}
+
+/// The request bytes one call holds.
+pub struct Buffered(Share);
+
+impl BufferBudget {
+    pub fn new(total: usize, per_caller: usize) -> BufferBudget {
+        BufferBudget {
+            per_caller,
+            held: PerCaller::default(),
+            total: Arc::new(Semaphore::new(total.clamp(1, Semaphore::MAX_PERMITS))),
+        }
+    }
+
+    /// Nothing held yet, for a call of `caller`.
+    fn hold(&self, caller: &Identity) -> Buffered {
+        Buffered(Share {
+            per_caller: self.held.clone(),
+            caller: caller.uri(),
+            amount: 0,
+            total: None,
+        })
+    }
+}
+
+/// Whose limit more bytes would pass.
+enum Overflow {
+    Caller,
+    Node,
+}
+
+impl Buffered {
+    /// `n` more bytes, unless they would pass the caller's share or the
+    /// node's budget.
+    fn grow(&mut self, budget: &BufferBudget, n: usize) -> Result<(), Overflow> {
+        let share = &mut self.0;
+        if !budget.held.add(&share.caller, n, budget.per_caller) {
+            return Err(Overflow::Caller);
+        }
+        share.amount += n;
+        let permit = u32::try_from(n)
+            .ok()
+            .and_then(|n| budget.total.clone().try_acquire_many_owned(n).ok())
+            .ok_or(Overflow::Node)?;
+        match &mut share.total {
+            Some(held) => held.merge(permit),
+            None => share.total = Some(permit),
+        }
+        Ok(())
+    }
+
+    /// The refusal for `overflow`.
+    fn refusal(&self, budget: &BufferBudget, overflow: Overflow) -> http::Response<Body> {
+        let message = match overflow {
+            Overflow::Caller => format!(
+                "{} has too many request bytes in flight at this node (at most {} across its calls): let its calls finish first",
+                self.0.caller, budget.per_caller
+            ),
+            Overflow::Node => "node is buffering too many request bytes: retry shortly".to_owned(),
+        };
+        tonic::Status::resource_exhausted(message).into_http()
     }
 }
 
@@ -110,17 +211,19 @@ impl http_body::Body for HeldBody {
     }
 }
 
-/// Reads a unary request's body: at most one message of `max_message`
-/// bytes (plus gRPC's 5-byte prefix), each chunk counted against the node's
-/// budget of buffered bytes. Reading stops at the first byte over either.
+/// Reads a unary request's body from `caller`: at most one message of
+/// `max_message` bytes (plus gRPC's 5-byte prefix), each chunk counted
+/// against the caller's share and the node's budget of buffered bytes.
+/// Reading stops at the first byte over any of them.
 pub async fn collect(
     mut body: Body,
     max_message: usize,
-    budget: &Arc<Semaphore>,
-) -> Result<(Bytes, Option<OwnedSemaphorePermit>), http::Response<Body>> {
+    budget: &BufferBudget,
+    caller: &Identity,
+) -> Result<(Bytes, Buffered), http::Response<Body>> {
     let limit = max_message.saturating_add(5);
     let mut bytes = BytesMut::new();
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut held = budget.hold(caller);
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(frame) => frame,
@@ -135,18 +238,8 @@ pub async fn collect(
             ))
             .into_http());
         }
-        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        match budget.clone().try_acquire_many_owned(n) {
-            Ok(permit) => match &mut held {
-                Some(h) => h.merge(permit),
-                None => held = Some(permit),
-            },
-            Err(_) => {
-                return Err(tonic::Status::resource_exhausted(
-                    "node is buffering too many request bytes: retry shortly",
-                )
-                .into_http());
-            }
+        if let Err(overflow) = held.grow(budget, data.len()) {
+            return Err(held.refusal(budget, overflow));
         }
         if bytes.is_empty() {
             bytes = BytesMut::from(data);

@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod legacy;
+pub mod raw;
 pub mod replicas;
 
 use hufu_certs::Province;

@@ -28,6 +28,9 @@ pub enum Access {
     /// Offering a trust list: nodes of any member (gossip), and admins of
     /// this province (installing what they signed).
     TrustOffer,
+    /// What only replicas of one province share (a replica snapshot, with
+    /// the province's sealed keyring): nodes of this province.
+    Replica,
 }
 
 /// The verified identity of the caller of `request`.
@@ -81,6 +84,17 @@ pub fn authorize(
         (Access::Federation | Access::TrustOffer, Role::Node) => true,
         (Access::TrustOffer, Role::Admin) => local,
         (Access::Audit, Role::Auditor) => true,
+        (Access::Replica, Role::Node) if !local => {
+            return Err(NodeError::denied(
+                caller,
+                method,
+                &format!(
+                    "only nodes of this node's own province {own} ({}) may call it: it serves another replica of the province",
+                    own.name()
+                ),
+            ));
+        }
+        (Access::Replica, Role::Node) => true,
         _ => false,
     };
     if allowed {
@@ -94,6 +108,7 @@ pub fn authorize(
             Access::Federation => &[Role::Node],
             Access::TrustOffer => &[Role::Node, Role::Admin],
             Access::Audit => &[Role::Auditor],
+            Access::Replica => &[Role::Node],
         };
         Err(NodeError::role_denied(caller, method, roles))
     }
@@ -147,6 +162,9 @@ mod tests {
         assert!(!ok("440000", Role::Admin, Access::Lookup));
         assert!(ok("610000", Role::Auditor, Access::Audit));
         assert!(!ok("440000", Role::Admin, Access::Audit));
+        assert!(ok("440000", Role::Node, Access::Replica));
+        assert!(!ok("610000", Role::Node, Access::Replica));
+        assert!(!ok("440000", Role::Admin, Access::Replica));
         let err = authorize(gd, &id("440000", Role::Auditor), "Lookup", Access::Lookup)
             .unwrap_err()
             .to_string();

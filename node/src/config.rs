@@ -284,6 +284,17 @@ pub struct ReplicationConfig {
     pub tls_cert: Option<PathBuf>,
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Writes the stream keeps at most, the oldest dropped first (0: all).
+    /// A replica that falls behind what the stream still holds, or starts
+    /// empty after it dropped its first writes, catches up from another
+    /// replica's snapshot. Set when the stream is made.
+    #[serde(default)]
+    pub max_messages: u64,
+    /// Endpoints (`host:port`) of the province's other replicas that a
+    /// replica behind the stream takes a snapshot from, tried in order
+    /// before the province's endpoints in the trust list.
+    #[serde(default)]
+    pub snapshot_from: Vec<String>,
 }
 
 fn default_stream_replicas() -> usize {
@@ -307,6 +318,8 @@ impl ReplicationConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            max_messages: 0,
+            snapshot_from: Vec::new(),
         }
     }
 

@@ -246,6 +246,22 @@ impl Replica for NodeState {
         Ok(())
     }
 
+    async fn catch_up(
+        &self,
+        log: &WriteLog,
+        position: u64,
+        first_kept: u64,
+    ) -> anyhow::Result<u64> {
+        let parts = crate::replication::snapshot::Parts {
+            province: self.province,
+            store: &self.store,
+            codes: &self.codes,
+            peers: &self.peers,
+            log_key: self.log_signer.verifier_key(),
+        };
+        crate::replication::snapshot::catch_up(&parts, log, position, first_kept).await
+    }
+
     fn statuses_applied(&self, outcomes: &[PutOutcome]) {
         if let Some(sequence) = outcomes.iter().rev().find_map(|o| match o {
             PutOutcome::Applied { sequence } => Some(*sequence),

@@ -9,41 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::replicas::{CONVERGE_WITHIN, PEER, RECOVER_WITHIN, replicated};
-use common::{Serve, eventually, province, sample_input};
-use hufu_certs::Role;
-use hufu_node::local::LocalProvince;
-use hufu_node::store::{Store, StoredChange};
-use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
-use hufu_proto::v1::{
-    Colour, LookupRequest, PutStatusRequest, RotateKeyRequest, Verdict, VerifyRequest,
+use common::replicas::{
+    CONVERGE_WITHIN, PEER, RECOVER_WITHIN, own_changes, put, replicated, terminal,
 };
-use tonic::transport::Channel;
-
-fn own_changes(p: &LocalProvince) -> Vec<StoredChange> {
-    let store = &p.node.as_ref().unwrap().state.store;
-    store.changes(p.province, 0, u64::MAX, usize::MAX).unwrap()
-}
-
-/// A terminal of the province at replica `r`, its certificate issued by the
-/// CA in the first replica's directory (the others do not hold the CA key).
-async fn terminal(r: &LocalProvince, first: &LocalProvince) -> StatusLookupServiceClient<Channel> {
-    let cert = first.client_cert(Role::Terminal, "gate").unwrap();
-    StatusLookupServiceClient::new(r.channel_as(&cert).await.unwrap())
-}
-
-async fn put(p: &LocalProvince, n: u64, colour: Colour) -> Result<u64, tonic::Status> {
-    let mut admin = p
-        .admin()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let reply = admin
-        .put_status(PutStatusRequest {
-            status: Some(sample_input(p.province, n, colour)),
-        })
-        .await?;
-    Ok(reply.into_inner().sequence)
-}
+use common::{Serve, eventually, province};
+use hufu_node::local::LocalProvince;
+use hufu_node::store::Store;
+use hufu_proto::v1::{Colour, LookupRequest, RotateKeyRequest, Verdict, VerifyRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_through_different_replicas_are_applied_everywhere_in_one_order() {

@@ -221,6 +221,17 @@ impl Keyring {
         &self.records
     }
 
+    /// The PKCS#8 private key of `kid`, retired and revoked keys included:
+    /// what another replica of the province needs to hold this keyring.
+    pub fn private_key(&self, kid: &str) -> Result<Vec<u8>, CodeError> {
+        if !self.records.iter().any(|r| r.kid == kid) {
+            return Err(CodeError::UnknownKid {
+                kid: kid.to_owned(),
+            });
+        }
+        read_private_key(&self.dir.join(key_file(kid)))
+    }
+
     /// The directory holding the keys.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -92,6 +92,10 @@ pub fn method(path: &str) -> Method {
                 shape: Shape::LongLived,
                 ..unary(name, Access::Federation, Class::Federation)
             },
+            "GetReplicaSnapshot" => Method {
+                shape: Shape::LongLived,
+                ..unary(name, Access::Replica, Class::Federation)
+            },
             "OfferTrustList" => unary(name, Access::TrustOffer, Class::Federation),
             _ => unary(name, Access::Federation, Class::Federation),
         },
@@ -144,6 +148,7 @@ const STATIC_NAMES: &[&str] = &[
     "AddCheckpoint",
     "MatchHolder",
     "ResolveCode",
+    "GetReplicaSnapshot",
     "LinkCode",
     "UnlinkCode",
     "GetCheckpoints",

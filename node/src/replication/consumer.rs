@@ -6,6 +6,12 @@
 //! write itself: after a crash between the two, the last write is applied
 //! again, which changes nothing (a record identical to the stored one is
 //! unchanged, a key already in the keyring is not added twice).
+//!
+//! A replica whose next position is no longer in the stream (it starts
+//! empty after the stream's limit dropped its first writes, or it was
+//! stopped longer than the stream keeps writes) first installs a snapshot
+//! of another replica ([`super::snapshot`]), then follows the stream from
+//! the snapshot's position.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +38,15 @@ pub trait Replica: Send + Sync + 'static {
     fn revoke_key_at(&self, kid: &str, at: i64) -> Result<(), String>;
     /// Called with the outcomes of each status write applied.
     fn statuses_applied(&self, outcomes: &[PutOutcome]);
+    /// Installs another replica's snapshot taken at a stream position of at
+    /// least `first_kept - 1` (this replica is at `position`), and returns
+    /// that position.
+    fn catch_up(
+        &self,
+        log: &WriteLog,
+        position: u64,
+        first_kept: u64,
+    ) -> impl std::future::Future<Output = anyhow::Result<u64>> + Send;
 }
 
 const POSITION_TREE: &str = "replication";
@@ -92,6 +107,20 @@ async fn follow<R: Replica>(
     let mut position = applied_position(replica.store())?;
     log.applied.send_replace(position);
     let stream = log.stream().await.map_err(anyhow::Error::msg)?;
+    let (first_kept, last) = log.kept().await?;
+    if first_kept > position + 1 && last >= first_kept {
+        tracing::warn!(
+            position,
+            first_kept,
+            "this replica is behind what the province's write log keeps: installing another replica's snapshot"
+        );
+        // Held so that a snapshot served from here meanwhile waits.
+        let _applying = log.applying.lock().await;
+        position = replica.catch_up(log, position, first_kept).await?;
+        set_applied_position(replica.store(), position)?;
+        log.applied.send_replace(position);
+        tracing::info!(position, "installed a replica snapshot");
+    }
     let deliver_policy = match position {
         0 => DeliverPolicy::All,
         p => DeliverPolicy::ByStartSequence {
@@ -144,7 +173,7 @@ async fn follow<R: Replica>(
             let expected = batch.last().map_or(position, |m: &Logged| m.at) + 1;
             anyhow::ensure!(
                 at == expected,
-                "the write log continues at position {at} but this replica has applied only up to {}: it fell behind the stream's retention; restore its data directory from a copy of another replica's",
+                "the write log continues at position {at} but this replica has applied only up to {}: it fell behind the stream's retention, and catches up from another replica's snapshot",
                 expected - 1
             );
             let id = message
@@ -158,6 +187,8 @@ async fn follow<R: Replica>(
                 write: Write::decode_from(&message.payload),
             });
         }
+        // A snapshot is never taken halfway through a write.
+        let _applying = log.applying.lock().await;
         let mut rest = batch.as_slice();
         while !rest.is_empty() {
             let run = rest

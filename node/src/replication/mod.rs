@@ -33,6 +33,7 @@
 pub mod cluster;
 mod consumer;
 pub mod setup;
+pub mod snapshot;
 mod write;
 
 use std::collections::HashMap;
@@ -77,6 +78,13 @@ pub struct WriteLog {
     waiting: Mutex<HashMap<String, oneshot::Sender<Applied>>>,
     /// The stream position this node has applied up to.
     applied: watch::Sender<u64>,
+    /// Held while a write is applied and its position stored, so that a
+    /// snapshot sees the store, keyring and position of one moment.
+    applying: tokio::sync::Mutex<()>,
+    /// Writes the stream keeps at most (0: all).
+    max_messages: u64,
+    /// Replicas to take a snapshot from first.
+    snapshot_from: Vec<String>,
 }
 
 impl WriteLog {
@@ -145,6 +153,9 @@ impl WriteLog {
             seal: KeySeal::from_secret(&secret),
             waiting: Mutex::new(HashMap::new()),
             applied: watch::channel(0).0,
+            applying: tokio::sync::Mutex::new(()),
+            max_messages: config.max_messages,
+            snapshot_from: config.snapshot_from.clone(),
         })
     }
 
@@ -156,9 +167,12 @@ impl WriteLog {
                 subjects: vec![self.subject.clone()],
                 num_replicas: self.replicas,
                 storage: stream::StorageType::File,
-                // Everything is kept: a replica that starts empty replays
-                // the whole log. A retry of a write with the same id within
-                // this window is stored once.
+                // Everything is kept unless a limit is set: a replica that
+                // starts empty replays the whole log, or, behind what the
+                // log kept, takes a snapshot from another replica first. A
+                // retry of a write with the same id within this window is
+                // stored once.
+                max_messages: i64::try_from(self.max_messages).unwrap_or(i64::MAX),
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             })
@@ -173,12 +187,18 @@ impl WriteLog {
 
     /// The stream's last position (what every replica will reach).
     pub async fn last_position(&self) -> NodeResult<u64> {
+        Ok(self.kept().await?.1)
+    }
+
+    /// The first and last positions the stream still holds (the first is
+    /// above 1 once the stream's limit dropped its oldest writes).
+    pub async fn kept(&self) -> NodeResult<(u64, u64)> {
         let mut stream = self.stream().await.map_err(unavailable)?;
         let info = stream
             .info()
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        Ok(info.state.last_sequence)
+        Ok((info.state.first_sequence, info.state.last_sequence))
     }
 
     /// Stores own status records through the log: returns each record's

@@ -20,8 +20,9 @@ use hufu_federation::audit::{AnswerSource, EntryKind};
 use hufu_federation::holder::{HolderError, HolderId, NationalId};
 use hufu_proto::v1::federation_service_server;
 use hufu_proto::v1::{
-    FeedHead, GetTrustListRequest, GetTrustListResponse, MatchHolderRequest, MatchHolderResponse,
-    OfferTrustListRequest, OfferTrustListResponse, ResolveCodeRequest, ResolveCodeResponse,
+    FeedHead, GetReplicaSnapshotRequest, GetReplicaSnapshotResponse, GetTrustListRequest,
+    GetTrustListResponse, MatchHolderRequest, MatchHolderResponse, OfferTrustListRequest,
+    OfferTrustListResponse, ReplicaState, ResolveCodeRequest, ResolveCodeResponse, SnapshotPart,
     StatusChange, SubscribeChangesRequest, SubscribeChangesResponse,
 };
 use tokio::sync::mpsc;
@@ -34,6 +35,8 @@ use crate::error::{NodeError, NodeResult};
 use crate::federation::holder_match;
 use crate::legacy::LegacyCodes;
 use crate::net::PeerInfo;
+use crate::replication::WriteLog;
+use crate::replication::snapshot::CHUNK_CHANGES;
 use crate::state::NodeState;
 use crate::status::now_millis;
 
@@ -55,6 +58,7 @@ pub struct FederationService {
     stop: CancellationToken,
     tasks: TaskTracker,
     legacy: LegacyCodes,
+    write_log: Option<Arc<WriteLog>>,
 }
 
 impl FederationService {
@@ -75,6 +79,7 @@ impl FederationService {
             stop: state.stop.clone(),
             tasks: state.tasks.clone(),
             legacy: LegacyCodes::new(state),
+            write_log: state.write_log.clone(),
         }
     }
 
@@ -111,6 +116,84 @@ impl FederationService {
 }
 
 type FeedStream = Pin<Box<dyn Stream<Item = Result<SubscribeChangesResponse, Status>> + Send>>;
+type SnapshotStream =
+    Pin<Box<dyn Stream<Item = Result<GetReplicaSnapshotResponse, Status>> + Send>>;
+
+impl FederationService {
+    /// A snapshot of this province for another replica of it: the head,
+    /// stream position and keyring of one moment, then the changes after
+    /// `after` up to that head, in bounded messages.
+    async fn replica_snapshot(
+        &self,
+        req: GetReplicaSnapshotRequest,
+    ) -> NodeResult<mpsc::Receiver<Result<GetReplicaSnapshotResponse, Status>>> {
+        let p = Province::parse(&req.issuer)
+            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
+        if p != self.province {
+            return Err(NodeError::invalid_field(
+                "issuer",
+                format!("this node is a replica of {}, not of {p}", self.province),
+            ));
+        }
+        let log = self.write_log.as_ref().ok_or_else(|| {
+            NodeError::FailedPrecondition(
+                "this node does not share a write log with other replicas (no [replication] in its configuration): take a snapshot from a replica that does".into(),
+            )
+        })?;
+        let capture = log.capture(&self.store, &self.codes.keyring).await?;
+        let after = req.after_sequence;
+        let end = capture.tail.sequence;
+        if after > end {
+            return Err(NodeError::invalid_field(
+                "after_sequence",
+                format!(
+                    "the caller holds changes up to {after}, but this replica only up to {end}: a different history"
+                ),
+            ));
+        }
+        let head = own_head(self, end)
+            .await?
+            .ok_or_else(|| NodeError::Internal(format!("change {end} is not held")))?;
+        let (tx, rx) = mpsc::channel(2);
+        let store = self.store.clone();
+        let stop = self.stop.clone();
+        let province = self.province;
+        let mut first = Some(GetReplicaSnapshotResponse {
+            part: Some(SnapshotPart {
+                head: Some(head),
+                changes: vec![],
+            }),
+            replica: Some(ReplicaState {
+                stream_position: capture.position,
+                keys: capture.keys,
+            }),
+        });
+        self.tasks.spawn(async move {
+            let mut at = after;
+            while first.is_some() || at < end {
+                let changes = match store.changes(province, at, end, CHUNK_CHANGES) {
+                    Ok(changes) => changes,
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                };
+                at = changes.last().map_or(end, |(s, _, _)| *s);
+                let changes = changes
+                    .into_iter()
+                    .map(|(sequence, _, record)| StatusChange { sequence, record })
+                    .collect();
+                let mut message = first.take().unwrap_or_default();
+                message.part.get_or_insert_default().changes = changes;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    sent = tx.send(Ok(message)) => if sent.is_err() { return },
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
 
 /// Streams one province's feed to one subscriber until it goes away, or
 /// loses its standing (its province left the trust list, its certificate
@@ -354,6 +437,20 @@ impl federation_service_server::FederationService for FederationService {
         request: Request<MatchHolderRequest>,
     ) -> Result<Response<MatchHolderResponse>, Status> {
         Ok(Response::new(self.match_holder(request).await?))
+    }
+
+    type GetReplicaSnapshotStream = SnapshotStream;
+
+    async fn get_replica_snapshot(
+        &self,
+        request: Request<GetReplicaSnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let caller = caller(&request)?;
+        let rx = self.replica_snapshot(request.into_inner()).await?;
+        tracing::info!(%caller, "serving a replica snapshot");
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as SnapshotStream
+        ))
     }
 
     async fn resolve_code(

@@ -3,8 +3,14 @@
 
 use std::time::Duration;
 
+use hufu_certs::Role;
 use hufu_node::config::ReplicationConfig;
+use hufu_node::local::LocalProvince;
 use hufu_node::local::replicas::ReplicatedFederation;
+use hufu_node::store::StoredChange;
+use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
+use hufu_proto::v1::{Colour, PutStatusRequest};
+use tonic::transport::Channel;
 
 /// The replicated province and its peer.
 pub const REPLICATED: &str = "440000";
@@ -33,6 +39,16 @@ pub async fn replicated_declaring(
     replicas: usize,
     formats: &[hufu_federation::legacy::LegacyFormat],
 ) -> (tempfile::TempDir, ReplicatedFederation) {
+    replicated_with(replicas, formats, |_| {}).await
+}
+
+/// As [`replicated_declaring`], with `tune` adjusting the `[replication]`
+/// of every replica.
+pub async fn replicated_with(
+    replicas: usize,
+    formats: &[hufu_federation::legacy::LegacyFormat],
+    tune: impl Fn(&mut ReplicationConfig),
+) -> (tempfile::TempDir, ReplicatedFederation) {
     let scratch = tempfile::tempdir().unwrap();
     let provinces = [super::province(REPLICATED), super::province(PEER)];
     let fed = ReplicatedFederation::init_declaring(
@@ -43,6 +59,7 @@ pub async fn replicated_declaring(
         |servers| {
             let mut config = ReplicationConfig::new(servers);
             config.ack_timeout_ms = 2000;
+            tune(&mut config);
             config
         },
         |c| {
@@ -53,4 +70,34 @@ pub async fn replicated_declaring(
     .await
     .unwrap();
     (scratch, fed)
+}
+
+/// The replica's own province's change log, all of it.
+pub fn own_changes(p: &LocalProvince) -> Vec<StoredChange> {
+    let store = &p.node.as_ref().unwrap().state.store;
+    store.changes(p.province, 0, u64::MAX, usize::MAX).unwrap()
+}
+
+/// A terminal of the province at replica `r`, its certificate issued by the
+/// CA in the first replica's directory (the others do not hold the CA key).
+pub async fn terminal(
+    r: &LocalProvince,
+    first: &LocalProvince,
+) -> StatusLookupServiceClient<Channel> {
+    let cert = first.client_cert(Role::Terminal, "gate").unwrap();
+    StatusLookupServiceClient::new(r.channel_as(&cert).await.unwrap())
+}
+
+/// Puts sample holder `n` through replica `p`; returns its change number.
+pub async fn put(p: &LocalProvince, n: u64, colour: Colour) -> Result<u64, tonic::Status> {
+    let mut admin = p
+        .admin()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let reply = admin
+        .put_status(PutStatusRequest {
+            status: Some(super::sample_input(p.province, n, colour)),
+        })
+        .await?;
+    Ok(reply.into_inner().sequence)
 }

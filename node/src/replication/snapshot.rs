@@ -1,0 +1,278 @@
+//! Replica snapshots: how a replica that is behind what the province's
+//! write log still keeps catches up from another replica, then the log.
+//!
+//! A stream with a limit (`replication.max_messages`) drops its oldest
+//! writes. A replica whose next position is gone (it starts empty after
+//! the first writes were dropped, or was stopped for longer than the
+//! stream keeps writes) asks another replica of its province,
+//! `GetReplicaSnapshot` over the nodes' mutual TLS, for a snapshot of one
+//! moment between two writes ([`WriteLog::capture`]): the feed's changes
+//! after those it holds, up to a head signed with the province's log key;
+//! the stream position that state is at; and the code-signing keyring,
+//! each private key sealed with the province's key seal. Only nodes of the
+//! same province may ask (`Access::Replica`).
+//!
+//! The changes are applied through the change log's seam
+//! ([`Store::apply_own`]) as they arrive, a bounded message at a time,
+//! with the numbers the feed gave them: the replica's feed then numbers
+//! and chains exactly as the others'. A change that differs from one held
+//! is a fork and stops the install. Only when the changes end at the
+//! signed head, chain hash included, are the keyring and the stream
+//! position taken: a replica interrupted before then has the same
+//! position as before, finds the stream still ahead of it, and asks again
+//! (the changes it already holds are accepted as identical).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use hufu_federation::codes::{CodeAlg, Keyring};
+use hufu_proto::v1::federation_service_client::FederationServiceClient;
+use hufu_proto::v1::{GetReplicaSnapshotRequest, ReplicaKey};
+
+use super::WriteLog;
+use super::consumer::applied_position;
+use crate::codes::Codes;
+use crate::error::{NodeError, NodeResult};
+use crate::peers::PeerClient;
+use crate::store::{Store, Tail, head_of};
+use hufu_federation::feed::Change;
+
+/// Changes in one message of a snapshot at most (about 100 bytes each).
+pub const CHUNK_CHANGES: usize = 4096;
+
+/// How long a snapshot's next message may take to arrive.
+const MESSAGE_WITHIN: Duration = Duration::from_secs(30);
+
+/// What catching up uses of the node.
+pub struct Parts<'a> {
+    pub province: hufu_certs::Province,
+    pub store: &'a Store,
+    pub codes: &'a Codes,
+    pub peers: &'a PeerClient,
+    /// The province's log key, which signs its feed heads.
+    pub log_key: String,
+}
+
+/// What a snapshot holds besides the changes: taken in one moment.
+#[derive(Debug)]
+pub struct Capture {
+    /// The stream position applied.
+    pub position: u64,
+    /// The end of the province's change log.
+    pub tail: Tail,
+    /// The keyring, private keys sealed.
+    pub keys: Vec<ReplicaKey>,
+}
+
+impl WriteLog {
+    /// The store's change-log end, stream position and keyring of one
+    /// moment: between two writes applied from the log.
+    pub async fn capture(
+        &self,
+        store: &Store,
+        keyring: &std::sync::RwLock<Keyring>,
+    ) -> NodeResult<Capture> {
+        let _applying = self.applying.lock().await;
+        let position = applied_position(store)?;
+        let tail = store.tail(store.own_province()).await?;
+        let keyring = keyring.read().expect("keyring lock");
+        let mut keys = Vec::with_capacity(keyring.keys().len());
+        for record in keyring.keys() {
+            let pkcs8 = keyring
+                .private_key(&record.kid)
+                .map_err(|e| NodeError::Internal(format!("keyring: {e}")))?;
+            keys.push(ReplicaKey {
+                kid: record.kid.clone(),
+                algorithm: record.alg.to_string(),
+                created_at: record.created_at,
+                retired_at: record.retired_at.unwrap_or(0),
+                revoked_at: record.revoked_at.unwrap_or(0),
+                sealed_key: self.seal.seal(&pkcs8)?,
+            });
+        }
+        Ok(Capture {
+            position,
+            tail,
+            keys,
+        })
+    }
+
+    /// Endpoints to ask for a snapshot, in order: those configured, then
+    /// the province's in the trust list.
+    fn snapshot_sources(&self, state: &Parts<'_>) -> Vec<String> {
+        let mut sources = self.snapshot_from.clone();
+        if let Some(member) = state.peers.members().member(state.province) {
+            for endpoint in &member.endpoints {
+                if !sources.contains(endpoint) {
+                    sources.push(endpoint.clone());
+                }
+            }
+        }
+        sources
+    }
+}
+
+/// Installs a snapshot of another replica of `state`'s province, taken at
+/// a stream position of at least `first_kept - 1` (this replica is at
+/// `position`), and returns that position. Replicas are asked in turn.
+pub async fn catch_up(
+    state: &Parts<'_>,
+    log: &WriteLog,
+    position: u64,
+    first_kept: u64,
+) -> anyhow::Result<u64> {
+    let sources = log.snapshot_sources(state);
+    anyhow::ensure!(
+        !sources.is_empty(),
+        "this replica is at write log position {position}, but the log keeps only positions from {first_kept} on, and no other replica is known to take a snapshot from: list them in replication.snapshot_from or in the trust list's endpoints of {}",
+        state.province
+    );
+    let mut failures = Vec::new();
+    for endpoint in &sources {
+        match install_from(state, log, endpoint, first_kept).await {
+            Ok(at) => return Ok(at),
+            Err(err) => {
+                tracing::warn!(%endpoint, error = %format!("{err:#}"), "no replica snapshot from this endpoint");
+                failures.push(format!("{endpoint}: {err:#}"));
+            }
+        }
+    }
+    anyhow::bail!(
+        "this replica is at write log position {position}, but the log keeps only positions from {first_kept} on, and no other replica gave a snapshot to continue from ({}): start a replica that is up to date, or raise the stream's limit",
+        failures.join("; ")
+    )
+}
+
+/// Asks the replica at `endpoint` for a snapshot and installs it.
+async fn install_from(
+    state: &Parts<'_>,
+    log: &WriteLog,
+    endpoint: &str,
+    first_kept: u64,
+) -> anyhow::Result<u64> {
+    let own = state.province;
+    let tail = state.store.tail(own).await?;
+    let mut messages = state
+        .peers
+        .call_at(
+            own,
+            endpoint,
+            state.peers.deadline(),
+            "replica snapshot from",
+            |call| async move {
+                // No deadline on the stream itself: it lasts as long as the
+                // snapshot is large, each message within MESSAGE_WITHIN.
+                FederationServiceClient::new(call.channel)
+                    .get_replica_snapshot(GetReplicaSnapshotRequest {
+                        issuer: own.to_string(),
+                        after_sequence: tail.sequence,
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            },
+        )
+        .await?;
+    let first = next(&mut messages)
+        .await?
+        .context("the snapshot stream ended before it began")?;
+    let replica = first.replica.context("the snapshot has no replica state")?;
+    let part = first.part.unwrap_or_default();
+    let proto_head = part.head.as_ref().context("the snapshot has no head")?;
+    let head = head_of(proto_head)?;
+    anyhow::ensure!(
+        head.issuer == own,
+        "the snapshot is of province {}",
+        head.issuer
+    );
+    head.verify(&proto_head.signature, &state.log_key)?;
+    anyhow::ensure!(
+        replica.stream_position + 1 >= first_kept,
+        "that replica is at write log position {}, behind the log too",
+        replica.stream_position
+    );
+    anyhow::ensure!(
+        head.sequence >= tail.sequence,
+        "that replica's feed ends at change {}, before this replica's {}",
+        head.sequence,
+        tail.sequence
+    );
+
+    let mut changes = part.changes;
+    loop {
+        if !changes.is_empty() {
+            let batch: Vec<Change<'_>> = changes
+                .iter()
+                .map(|c| Change {
+                    sequence: c.sequence,
+                    record: &c.record,
+                })
+                .collect();
+            state.store.apply_own(&batch).await?;
+        }
+        match next(&mut messages).await? {
+            Some(message) => changes = message.part.unwrap_or_default().changes,
+            None => break,
+        }
+    }
+    let end = state.store.tail(own).await?;
+    anyhow::ensure!(
+        end.sequence == head.sequence && end.hash == head.chain_hash,
+        "the snapshot's changes end at change {} but its signed head is at {} (or the chain differs): the snapshot is refused, and another replica is asked",
+        end.sequence,
+        head.sequence
+    );
+    install_keys(state, log, &replica.keys)?;
+    Ok(replica.stream_position)
+}
+
+/// The next message of a snapshot, within [`MESSAGE_WITHIN`].
+async fn next<M>(messages: &mut tonic::Streaming<M>) -> anyhow::Result<Option<M>> {
+    match tokio::time::timeout(MESSAGE_WITHIN, messages.message()).await {
+        Err(_) => anyhow::bail!("no snapshot message within {MESSAGE_WITHIN:?}"),
+        Ok(message) => Ok(message?),
+    }
+}
+
+/// Makes this replica's keyring the one of the snapshot: its keys are
+/// rotated to and revoked in the snapshot's order, with its times, so that
+/// both keyrings hold the same records (this one's are a prefix of them).
+fn install_keys(state: &Parts<'_>, log: &WriteLog, keys: &[ReplicaKey]) -> anyhow::Result<()> {
+    let mut keyring = state.codes.keyring.write().expect("keyring lock");
+    for key in keys {
+        if keyring.keys().iter().any(|r| r.kid == key.kid) {
+            continue;
+        }
+        let alg: CodeAlg = key
+            .algorithm
+            .parse()
+            .map_err(|e| anyhow::anyhow!("snapshot key {}: {e}", key.kid))?;
+        let pkcs8 = log.seal.open(&key.sealed_key)?;
+        keyring.rotate_to(alg, &pkcs8, key.created_at)?;
+    }
+    for key in keys.iter().filter(|k| k.revoked_at != 0) {
+        keyring.revoke_at(&key.kid, key.revoked_at)?;
+    }
+    let held: Vec<_> = keyring
+        .keys()
+        .iter()
+        .map(|r| {
+            (
+                r.kid.as_str(),
+                r.created_at,
+                r.retired_at.unwrap_or(0),
+                r.revoked_at.unwrap_or(0),
+            )
+        })
+        .collect();
+    let given: Vec<_> = keys
+        .iter()
+        .map(|k| (k.kid.as_str(), k.created_at, k.retired_at, k.revoked_at))
+        .collect();
+    anyhow::ensure!(
+        held == given,
+        "this replica's code-signing keyring is not a part of the snapshot's: it holds {held:?}, the snapshot {given:?}; make the replica again with `hufu init --replica-of`"
+    );
+    drop(keyring);
+    state.codes.publish_own_keys();
+    Ok(())
+}

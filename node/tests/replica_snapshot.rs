@@ -1,0 +1,184 @@
+//! Replicas behind what the province's write log keeps: with a stream
+//! limited to a few writes (real nats-server processes), a new empty
+//! replica and one that was stopped while the stream moved on catch up from
+//! another replica's snapshot, then follow the stream, and end with the
+//! same feed (numbers and chain), statuses, keyring and answers as the
+//! others. Only nodes of the province itself get a replica snapshot.
+
+mod common;
+
+use common::replicas::{CONVERGE_WITHIN, PEER, own_changes, put, replicated_with, terminal};
+use common::{eventually, province};
+use hufu_node::local::LocalProvince;
+use hufu_proto::v1::federation_service_client::FederationServiceClient;
+use hufu_proto::v1::{
+    Colour, GetReplicaSnapshotRequest, LookupRequest, RotateKeyRequest, Verdict, VerifyRequest,
+};
+
+/// Writes the stream keeps in these tests.
+const KEPT: u64 = 8;
+
+fn state(r: &LocalProvince) -> &hufu_node::state::NodeState {
+    &r.node.as_ref().unwrap().state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_snapshot() {
+    let (_scratch, mut fed) = replicated_with(3, &[], |c| c.max_messages = KEPT).await;
+    fed.federation.start_all().await.unwrap();
+    let gd = fed.province();
+    fed.replicas[0].start().await.unwrap();
+    let first = fed.federation.get(gd);
+    for n in 0..4 {
+        put(first, n, Colour::Green).await.unwrap();
+    }
+    let second = &fed.replicas[0];
+    eventually(CONVERGE_WITHIN, || async {
+        (own_changes(second).len() == 4).then_some(())
+    })
+    .await;
+    fed.replicas[0].stop().await.unwrap();
+
+    // While the second replica is stopped: a key rotation and far more
+    // writes than the stream keeps.
+    let first = fed.federation.get(gd);
+    let rotated = first
+        .admin()
+        .await
+        .unwrap()
+        .rotate_key(RotateKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    for n in 4..34 {
+        put(first, n, common::colour_of(n)).await.unwrap();
+    }
+    let log = state(first).write_log.clone().unwrap();
+    let (first_kept, last) = log.kept().await.unwrap();
+    assert!(
+        first_kept > 5,
+        "the stream still holds position {first_kept}"
+    );
+    assert!(last - first_kept < KEPT, "{first_kept}..={last}");
+
+    // The stopped replica and a new, empty one start.
+    for r in &mut fed.replicas {
+        r.start().await.unwrap();
+    }
+    let first = fed.federation.get(gd);
+    let expected = own_changes(first);
+    assert_eq!(expected.len(), 34);
+    let head = state(first).store.tail(gd).await.unwrap();
+    for r in &fed.replicas {
+        eventually(CONVERGE_WITHIN, || async {
+            (own_changes(r) == expected).then_some(())
+        })
+        .await;
+        assert_eq!(state(r).store.tail(gd).await.unwrap(), head);
+        let kid = state(r)
+            .codes
+            .keyring
+            .read()
+            .unwrap()
+            .active_kid()
+            .to_owned();
+        assert_eq!(kid, rotated.kid);
+        assert_eq!(
+            state(r).codes.own_keys_digest(),
+            state(first).codes.own_keys_digest()
+        );
+        // The same answers: every holder's status, and a code signed with
+        // the rotated key at the first replica verifies here.
+        for n in 0..34 {
+            let reply = terminal(r, first)
+                .await
+                .lookup(LookupRequest {
+                    issuer: gd.to_string(),
+                    holder: common::pseudonym(first, n),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let colour = if n < 4 {
+                Colour::Green
+            } else {
+                common::colour_of(n)
+            };
+            assert_eq!(
+                reply.record.unwrap().colour,
+                colour as i32,
+                "holder {n} at {}",
+                r.config.node_name
+            );
+        }
+        let code = common::issue_code(first, 7).await;
+        assert_eq!(code.kid, rotated.kid);
+        let verdict = terminal(r, first)
+            .await
+            .verify(VerifyRequest {
+                token: code.token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(verdict.verdict(), Verdict::Valid, "{}", verdict.reason);
+    }
+
+    // Both follow the stream from the snapshot on: a write taken by the new
+    // replica is the feed's next change everywhere.
+    let third = &fed.replicas[1];
+    let sequence = put(third, 40, Colour::Red).await.unwrap();
+    assert_eq!(sequence, 35);
+    let expected = eventually(CONVERGE_WITHIN, || async {
+        Some(own_changes(first)).filter(|c| c.len() == 35)
+    })
+    .await;
+    for r in &fed.replicas {
+        eventually(CONVERGE_WITHIN, || async {
+            (own_changes(r) == expected).then_some(())
+        })
+        .await;
+    }
+    fed.stop_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_of_another_province_gets_no_replica_snapshot() {
+    let (_scratch, mut fed) = replicated_with(1, &[], |c| c.max_messages = KEPT).await;
+    fed.federation.start_all().await.unwrap();
+    let gd = fed.province();
+    let first = fed.federation.get(gd);
+    put(first, 1, Colour::Green).await.unwrap();
+    let endpoint = first.target().unwrap().endpoint;
+
+    // The peer province's node, with its own node certificate, over the
+    // same mutual TLS a replica uses.
+    let peer = fed.federation.get(province(PEER));
+    let asked = state(peer)
+        .peers
+        .call_at(
+            gd,
+            &endpoint,
+            std::time::Duration::from_secs(5),
+            "replica snapshot from",
+            |call| async move {
+                FederationServiceClient::new(call.channel)
+                    .get_replica_snapshot(GetReplicaSnapshotRequest {
+                        issuer: gd.to_string(),
+                        after_sequence: 0,
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            },
+        )
+        .await;
+    let refused = asked.err().and_then(|e| e.refusal().cloned()).unwrap();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("own province"),
+        "{}",
+        refused.message()
+    );
+    fed.stop_all().await.unwrap();
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hufu_certs::Province;
-use hufu_federation::codes::{CodeAlg, CodeVerifier, Keyring};
+use hufu_federation::codes::{CodeAlg, CodeError, CodeVerifier, Keyring};
 use hufu_federation::holder::{HolderId, HolderSecret, NationalId};
 
 use crate::config::NodeConfig;
@@ -43,7 +43,11 @@ pub fn open_keyring(config: &NodeConfig) -> anyhow::Result<Keyring> {
 pub struct Codes {
     province: Province,
     pub secret: HolderSecret,
+    /// Read by every code issued; changed only through
+    /// [`Codes::change_keyring`].
     pub keyring: RwLock<Keyring>,
+    /// Held while the keyring is changed: one change at a time.
+    changing: Mutex<()>,
     pub verifier: CodeVerifier,
     pub lifetime: Duration,
     /// Whose certificates are revoked: published with the keys.
@@ -69,6 +73,7 @@ impl Codes {
             province: config.province,
             secret,
             keyring: RwLock::new(keyring),
+            changing: Mutex::new(()),
             verifier,
             lifetime: config.code_lifetime(),
             standing,
@@ -101,6 +106,24 @@ impl Codes {
             revoked_serials,
             digest,
         });
+    }
+
+    /// Changes the keyring with `change` (a rotation, a revocation), then
+    /// publishes the keys. The change is made on a copy and swapped in:
+    /// generating a key and writing and syncing its files happen without
+    /// the lock that issuing a code takes, so a slow disk delays the change,
+    /// never the codes issued meanwhile. Blocking: call it on the blocking
+    /// pool.
+    pub fn change_keyring<T>(
+        &self,
+        change: impl FnOnce(&mut Keyring) -> Result<T, CodeError>,
+    ) -> Result<T, CodeError> {
+        let _one_at_a_time = self.changing.lock().expect("keyring change lock");
+        let mut copy = self.keyring.read().expect("keyring lock").clone();
+        let out = change(&mut copy)?;
+        *self.keyring.write().expect("keyring lock") = copy;
+        self.publish_own_keys();
+        Ok(out)
     }
 
     pub fn own_keys_digest(&self) -> [u8; 32] {
@@ -145,5 +168,69 @@ impl Codes {
             holder.as_bytes(),
         )
         .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn codes(dir: &std::path::Path) -> Arc<Codes> {
+        let province = Province::parse("440000").unwrap();
+        let keyring =
+            Keyring::open_or_create(&dir.join("keys"), CodeAlg::Es256, Duration::from_secs(600))
+                .unwrap();
+        Arc::new(Codes {
+            province,
+            secret: HolderSecret::new(&[7; 32]).unwrap(),
+            keyring: RwLock::new(keyring),
+            changing: Mutex::new(()),
+            verifier: CodeVerifier::new(Duration::from_secs(60), 16),
+            lifetime: Duration::from_secs(600),
+            standing: Standing::new(province),
+            published: Mutex::new(Arc::new(PublishedKeys::default())),
+        })
+    }
+
+    /// A keyring change held up on its way (a slow disk writing the key
+    /// files) does not hold up the reads that sign codes; they see the old
+    /// key until the change is complete, then the new one.
+    #[test]
+    fn codes_are_signed_while_the_keyring_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let codes = codes(dir.path());
+        let old = codes.keyring.read().unwrap().active_kid().to_owned();
+        let (entered, under_way) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let changer = std::thread::spawn({
+            let codes = codes.clone();
+            move || {
+                codes.change_keyring(|keyring| {
+                    entered.send(()).unwrap();
+                    released.recv().unwrap();
+                    keyring.rotate(CodeAlg::Es256)
+                })
+            }
+        });
+        under_way.recv().unwrap();
+        let (signed, signing) = mpsc::channel();
+        std::thread::spawn({
+            let codes = codes.clone();
+            move || {
+                let keyring = codes.keyring.read().unwrap();
+                signed.send(keyring.active_kid().to_owned()).unwrap();
+            }
+        });
+        let seen = signing
+            .recv_timeout(Duration::from_secs(5))
+            .expect("signing waited for the keyring change to finish");
+        assert_eq!(seen, old);
+        release.send(()).unwrap();
+        let new = changer.join().unwrap().unwrap();
+        assert_ne!(new, old);
+        assert_eq!(codes.keyring.read().unwrap().active_kid(), new);
+        assert!(codes.own_published_keys().jwks_json.contains(&new));
     }
 }

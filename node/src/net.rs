@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
 use crate::handshake::{Paced, Sources};
@@ -180,13 +181,16 @@ const TRICKLE: Duration = Duration::from_millis(500);
 /// bytes, and one address may keep only a few connections waiting (silent
 /// or stalled mid-handshake), so silent or stalling sockets cannot lock
 /// other clients out. Handshakes are computed a few at a time, so a wave of
-/// reconnects cannot crowd out calls on open connections.
+/// reconnects cannot crowd out calls on open connections. Its tasks (the
+/// accept loop, each handshake) are `tasks`'s, and end when `stop` is
+/// cancelled: shutdown waits for them.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     limits: DoorLimits,
     stop: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
+    tasks: &TaskTracker,
 ) -> ReceiverStream<Result<PeerConn, io::Error>> {
     let (tx, rx) = mpsc::channel(limits.max_handshakes.max(1));
     let permits = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
@@ -202,13 +206,13 @@ pub fn incoming(
             waiting: Arc::new(AtomicUsize::new(0)),
             trickle: Notify::new(),
         });
-        tokio::spawn(places::watch(
+        tasks.spawn(places::watch(
             door.places.clone(),
             door.waiting.clone(),
             metrics.clone(),
             stop.clone(),
         ));
-        tokio::spawn({
+        tasks.spawn({
             let (door, stop) = (door.clone(), stop.clone());
             async move {
                 let mut tick = tokio::time::interval(TRICKLE);
@@ -225,7 +229,8 @@ pub fn incoming(
         });
         door
     });
-    tokio::spawn(async move {
+    let handshakes = tasks.clone();
+    tasks.spawn(async move {
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -258,7 +263,8 @@ pub fn incoming(
             let sources = sources.clone();
             let limits = limits.clone();
             let door = place_door.clone();
-            tokio::spawn(async move {
+            let stop = stop.clone();
+            handshakes.spawn(async move {
                 let handshake = async {
                     // Nothing is computed for a socket until it speaks.
                     let mut first = [0u8; 1];
@@ -282,8 +288,12 @@ pub fn incoming(
                         .map_err(|e| e.to_string())?;
                     Ok((tls, place))
                 };
+                let finished = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    finished = tokio::time::timeout(limits.handshake_timeout, handshake) => finished,
+                };
                 let (tls, place) =
-                    match tokio::time::timeout(limits.handshake_timeout, handshake).await {
+                    match finished {
                         Ok(Ok(done)) => done,
                         Ok(Err(err)) => {
                             metrics.handshake_failures.inc();

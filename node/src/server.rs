@@ -205,6 +205,7 @@ pub async fn start_on(
         },
         stop.clone(),
         metrics.clone(),
+        &tasks,
     );
     // Every connection is watched for its caller's standing: refused now if
     // revoked or of a province that left, closed later if that happens.

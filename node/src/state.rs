@@ -224,26 +224,15 @@ impl Replica for NodeState {
     }
 
     fn rotate_key_to(&self, alg: CodeAlg, pkcs8: &[u8], at: i64) -> Result<String, String> {
-        let kid = self
-            .codes
-            .keyring
-            .write()
-            .expect("keyring lock")
-            .rotate_to(alg, pkcs8, at)
-            .map_err(|e| e.to_string())?;
-        self.codes.publish_own_keys();
-        Ok(kid)
+        self.codes
+            .change_keyring(|keyring| keyring.rotate_to(alg, pkcs8, at))
+            .map_err(|e| e.to_string())
     }
 
     fn revoke_key_at(&self, kid: &str, at: i64) -> Result<(), String> {
         self.codes
-            .keyring
-            .write()
-            .expect("keyring lock")
-            .revoke_at(kid, at)
-            .map_err(|e| e.to_string())?;
-        self.codes.publish_own_keys();
-        Ok(())
+            .change_keyring(|keyring| keyring.revoke_at(kid, at))
+            .map_err(|e| e.to_string())
     }
 
     async fn catch_up(

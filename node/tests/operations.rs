@@ -180,6 +180,37 @@ async fn gauges_say_what_is_on_disk_right_after_a_restart() {
     node.province.stop().await.unwrap();
 }
 
+/// A scraper's idle keep-alive connection to the console holds the node's
+/// state: shutdown closes it with the node's other tasks, so the storage is
+/// free for a restart at once.
+#[tokio::test]
+async fn an_idle_console_connection_does_not_outlive_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut node = common::start("440000").await;
+    let console = node.province.node.as_ref().unwrap().metrics_addr.unwrap();
+    let mut scraper = tokio::net::TcpStream::connect(console).await.unwrap();
+    scraper
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut status = [0u8; 15];
+    scraper.read_exact(&mut status).await.unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200 OK");
+
+    node.province.stop().await.unwrap();
+    node.province
+        .start()
+        .await
+        .expect("a restart at once: the console's connection let the storage go");
+    // The node closed the connection; it did not wait for the scraper.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), scraper.read_to_end(&mut rest))
+        .await
+        .expect("the console connection is closed")
+        .unwrap();
+    node.province.stop().await.unwrap();
+}
+
 /// A `hufu serve` process whose stderr is collected line by line.
 struct Served {
     child: tokio::process::Child,

@@ -73,7 +73,7 @@ struct Metadata {
 }
 
 /// The key that signs new codes.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct ActiveKey {
     kid: String,
     alg: CodeAlg,
@@ -83,8 +83,10 @@ struct ActiveKey {
 
 /// A province's code-signing keys; see the module docs for the life-cycle.
 /// Mutations take `&mut self`: a node wraps its keyring in a lock, since
-/// rotation is rare and signing is cheap.
-#[derive(Debug)]
+/// rotation is rare and signing is cheap. A mutation writes key files, so a
+/// node makes it on a clone and swaps the clone in: signing never waits on
+/// the disk.
+#[derive(Clone, Debug)]
 pub struct Keyring {
     dir: PathBuf,
     max_code_lifetime: Duration,

@@ -70,6 +70,7 @@ pub async fn serve(
         load: LoadHistory::default(),
     });
     tasks.spawn(sample(console.clone(), stop.clone()));
+    let connections = tasks.clone();
     tasks.spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {
@@ -79,19 +80,39 @@ pub async fn serve(
                     Err(_) => continue,
                 },
             };
-            let console = console.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let console = console.clone();
-                    async move { Ok::<_, Infallible>(console.respond(&req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
+            // Each connection holds the node's state (and so its storage):
+            // tracked and closed at shutdown, or a scraper's idle
+            // keep-alive connection would keep the storage locked.
+            connections.spawn(serve_connection(tcp, console.clone(), stop.clone()));
         }
     });
     Ok(addr)
+}
+
+/// How long a console request in flight may take to finish at shutdown.
+const CLOSING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves one HTTP/1.1 connection until its client closes it or the node
+/// stops.
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    console: Arc<Console>,
+    stop: CancellationToken,
+) {
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+        let console = console.clone();
+        async move { Ok::<_, Infallible>(console.respond(&req).await) }
+    });
+    let connection =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSING_GRACE, connection).await;
+        }
+    }
 }
 
 /// Every [`load::SAMPLE_EVERY`]: refresh the gauges that are read rather

@@ -498,18 +498,16 @@ impl AdminService {
 
     /// Rotates this node's own keyring; returns the new and previous kids.
     async fn rotate_here(&self, alg: CodeAlg) -> NodeResult<(String, String)> {
-        // Key generation and the key files' writes, under the keyring's
-        // lock: on the blocking pool, not the runtime's threads.
+        // Key generation and the key files' writes: on the blocking pool,
+        // and on a copy of the keyring, so codes are issued meanwhile.
         let codes = self.codes.clone();
         blocking(move || {
-            let mut keyring = codes.keyring.write().expect("keyring lock");
-            let previous = keyring.active_kid().to_owned();
-            let kid = keyring
-                .rotate(alg)
-                .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))?;
-            drop(keyring);
-            codes.publish_own_keys();
-            Ok((kid, previous))
+            codes
+                .change_keyring(|keyring| {
+                    let previous = keyring.active_kid().to_owned();
+                    Ok((keyring.rotate(alg)?, previous))
+                })
+                .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))
         })
         .await
     }
@@ -531,13 +529,8 @@ impl AdminService {
             let revoked = kid.clone();
             blocking(move || {
                 codes
-                    .keyring
-                    .write()
-                    .expect("keyring lock")
-                    .revoke(&revoked)
-                    .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
-                codes.publish_own_keys();
-                Ok(())
+                    .change_keyring(|keyring| keyring.revoke(&revoked))
+                    .map_err(|e| NodeError::FailedPrecondition(e.to_string()))
             })
             .await?;
         }

@@ -139,6 +139,8 @@ async fn bare_echo(
         },
         stop.clone(),
         hufu_node::metrics::Metrics::new(),
+        // The echo lives as long as the bench: its tasks need no joining.
+        &tokio_util::task::TaskTracker::new(),
     );
     let (_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(async move {

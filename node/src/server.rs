@@ -214,8 +214,12 @@ pub async fn start_on(
         Err(err) => Some(Err(err)),
     });
 
-    let admission =
-        admission::Admission::new(admission_config(config), state.standing.clone(), &metrics);
+    let admission = admission::Admission::new(
+        admission_config(config),
+        state.standing.clone(),
+        &metrics,
+        stop.clone(),
+    );
     let routes = tonic::service::Routes::builder()
         .add_service(health)
         .add_service(reflection)

@@ -1,8 +1,9 @@
 //! Admission control: calls over a class's share wait, newest first, and
 //! are refused with RESOURCE_EXHAUSTED and a retry push-back when their wait
 //! runs out, while other classes are served; long-lived streams have a
-//! budget per caller; authorization and the size limit apply before a
-//! request's body is read; the node's tasks and memory return to normal.
+//! budget per caller and end when the node stops; authorization and the
+//! size limit apply before a request's body is read; the node's tasks and
+//! memory return to normal.
 
 mod common;
 
@@ -210,6 +211,19 @@ async fn long_lived_streams_have_a_budget_per_caller_and_take_no_serving_slot() 
         })
         .await
         .expect("a stream after one closed");
-    drop((watches, reflections));
-    gd.stop().await.unwrap();
+
+    // Streams that last as long as their caller wants do not hold the
+    // node's shutdown: they end, UNAVAILABLE, when it stops.
+    let started = std::time::Instant::now();
+    gd.stop().await.expect("the node stops with streams open");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let ended = loop {
+        match watches[0].message().await {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let status = ended.expect_err("a health watch ended without a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    drop(reflections);
 }

@@ -33,6 +33,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 pub use limit::LimitBounds;
 pub use methods::{Method, Shape, method};
@@ -93,6 +94,8 @@ pub struct Admission {
     queue: Arc<queue::Queue>,
     streams: streams::StreamBudget,
     buffered: streams::BufferBudget,
+    /// Cancelled when the node stops.
+    stop: CancellationToken,
     admitted: Family<Vec<(&'static str, &'static str)>, Counter>,
     shed: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Requests handed over by HTTP/2, and those their callers cancelled
@@ -105,10 +108,13 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// Admission for a node that stops when `stop` is cancelled (its
+    /// long-lived streams end then).
     pub fn new(
         config: AdmissionConfig,
         standing: Arc<crate::standing::Standing>,
         metrics: &crate::metrics::Metrics,
+        stop: CancellationToken,
     ) -> Arc<Admission> {
         let queue = queue::Queue::new(config.queue);
         let (_, limit, _) = queue.snapshot();
@@ -122,6 +128,7 @@ impl Admission {
             queue,
             config,
             standing,
+            stop,
             admitted: metrics.admitted.clone(),
             arrived: metrics.requests_arrived.clone(),
             cancelled: metrics.requests_cancelled.clone(),
@@ -342,8 +349,13 @@ where
                 admission.count_shed(class, "streams");
                 return Ok(streams::refusal(&admission.config, &info.identity));
             };
+            // The caller's side ends at stop too, so that a handler
+            // reading it (reflection) lets the stream go.
+            let stop = admission.stop.clone();
+            let request =
+                request.map(|body| Body::new(streams::EndsAtStop::new(body, stop.clone())));
             let response = inner.call(request).await?;
-            Ok(response.map(|body| Body::new(streams::HeldBody::new(body, held))))
+            Ok(response.map(|body| Body::new(streams::HeldBody::new(body, held, stop))))
         }
         Shape::ClientStream => {
             let slot = match admission.queue.admit(class, deadline(&request)).await {

@@ -4,6 +4,8 @@
 //! can make the node's memory grow nor take what others need.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -11,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hufu_certs::Identity;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::AdmissionConfig;
 
@@ -179,35 +182,99 @@ pub fn refusal(config: &AdmissionConfig, caller: &Identity) -> http::Response<Bo
     )
 }
 
-/// A response body that keeps its stream's place until it ends.
+/// Whether the node has begun to stop, for a body to end then.
+struct Stopping(Pin<Box<WaitForCancellationFutureOwned>>);
+
+impl Stopping {
+    fn new(stop: CancellationToken) -> Stopping {
+        Stopping(Box::pin(stop.cancelled_owned()))
+    }
+
+    /// True once the node stops; wakes the caller's task then otherwise.
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        self.0.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// A response body that keeps its stream's place until it ends, and ends
+/// when the node stops: a stream that lasts as long as its caller wants
+/// (a health watch, reflection) must not hold the node's shutdown.
 pub struct HeldBody {
     inner: Body,
     _held: HeldStream,
+    stopping: Stopping,
+    ended: bool,
 }
 
 impl HeldBody {
-    pub fn new(inner: Body, held: HeldStream) -> HeldBody {
-        HeldBody { inner, _held: held }
+    pub fn new(inner: Body, held: HeldStream, stop: CancellationToken) -> HeldBody {
+        HeldBody {
+            inner,
+            _held: held,
+            stopping: Stopping::new(stop),
+            ended: false,
+        }
     }
 }
+
+type Frame = Option<Result<http_body::Frame<Bytes>, tonic::Status>>;
 
 impl http_body::Body for HeldBody {
     type Data = Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Frame> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if self.stopping.poll(cx) {
+            self.ended = true;
+            let status = tonic::Status::unavailable(
+                "node shutting down: call another node of the province, or this one after its restart",
+            );
+            let mut trailers = http::HeaderMap::new();
+            if status.add_header(&mut trailers).is_ok() {
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+            return Poll::Ready(None);
+        }
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        // After the stream's own trailers, nothing more may be sent.
+        if let Some(Ok(f)) = &frame
+            && f.is_trailers()
+        {
+            self.ended = true;
+        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request body that ends when the node stops.
+pub struct EndsAtStop(Body, Stopping);
+
+impl EndsAtStop {
+    pub fn new(inner: Body, stop: CancellationToken) -> EndsAtStop {
+        EndsAtStop(inner, Stopping::new(stop))
+    }
+}
+
+impl http_body::Body for EndsAtStop {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Frame> {
+        if self.1.poll(cx) {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.0).poll_frame(cx)
     }
 }
 

@@ -8,4 +8,5 @@ pub mod feed;
 pub mod holder;
 pub mod legacy;
 pub mod note;
+pub mod snapshot;
 pub mod trust;

@@ -338,12 +338,19 @@ pub struct StorageConfig {
     /// the store's cache whatever the volume imported or replicated; the
     /// default suits a node of 2 cores and a few GiB.
     pub cache_mib: u64,
+    /// Compact this province's change log behind this many seconds: of
+    /// older changes only each holder's latest stays, under a snapshot
+    /// statement signed with the log key, from which new members and
+    /// nodes that fell behind catch up. Never less than the longest code
+    /// lifetime; 0: never compact.
+    pub compact_after_secs: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             cache_mib: crate::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
+            compact_after_secs: 0,
         }
     }
 }

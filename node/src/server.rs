@@ -267,6 +267,23 @@ pub async fn start_on(
         stop.clone(),
     ));
 
+    if config.storage.compact_after_secs > 0 {
+        let lifetime = state
+            .codes
+            .keyring
+            .read()
+            .expect("keyring lock")
+            .max_code_lifetime();
+        let window = Duration::from_secs(config.storage.compact_after_secs)
+            .max(lifetime + hufu_federation::codes::RETIRED_KEY_GRACE);
+        tasks.spawn(crate::federation::snapshot::compact_periodically(
+            state.store.clone(),
+            state.log_signer.clone(),
+            window,
+            stop.clone(),
+        ));
+    }
+
     if let Some(log) = &state.write_log {
         tasks.spawn(crate::replication::run(
             state.clone(),

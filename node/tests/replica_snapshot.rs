@@ -3,13 +3,16 @@
 //! replica and one that was stopped while the stream moved on catch up from
 //! another replica's snapshot, then follow the stream, and end with the
 //! same feed (numbers and chain), statuses, keyring and answers as the
-//! others. Only nodes of the province itself get a replica snapshot.
+//! others, also when the replica asked compacted its change log. Only nodes
+//! of the province itself get a replica snapshot.
 
 mod common;
 
 use common::replicas::{CONVERGE_WITHIN, PEER, own_changes, put, replicated_with, terminal};
 use common::{eventually, province};
 use hufu_node::local::LocalProvince;
+use hufu_node::status::now_millis;
+use hufu_node::store::StoredChange;
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::{
     Colour, GetReplicaSnapshotRequest, LookupRequest, RotateKeyRequest, Verdict, VerifyRequest,
@@ -20,6 +23,28 @@ const KEPT: u64 = 8;
 
 fn state(r: &LocalProvince) -> &hufu_node::state::NodeState {
     &r.node.as_ref().unwrap().state
+}
+
+/// A replica's feed of its province: the compacted part's statement and
+/// kept changes, and the changes after it.
+type Feed = (
+    Option<hufu_proto::v1::FeedSnapshot>,
+    Vec<(u64, Vec<u8>)>,
+    Vec<StoredChange>,
+);
+
+fn feed(r: &LocalProvince) -> Feed {
+    let store = &state(r).store;
+    let base = store.base(r.province).unwrap();
+    let through = base.as_ref().map_or(0, |b| b.through());
+    let kept = base
+        .as_ref()
+        .map(|b| store.kept_changes(r.province, b, 0, usize::MAX).unwrap())
+        .unwrap_or_default();
+    let after = store
+        .changes(r.province, through, u64::MAX, usize::MAX)
+        .unwrap();
+    (base.map(|b| b.snapshot), kept, after)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -61,28 +86,42 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
     );
     assert!(last - first_kept < KEPT, "{first_kept}..={last}");
 
+    // The first replica compacts its change log up to change 30: the
+    // snapshots it gives begin with the compacted part.
+    assert_eq!(own_changes(first).len(), 34);
+    let signer = state(first).log_signer.clone();
+    assert!(
+        state(first)
+            .store
+            .compact_own(now_millis() + 1, &signer)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let expected = feed(first);
+    assert!(expected.0.is_some());
+
     // The stopped replica and a new, empty one start.
     for r in &mut fed.replicas {
         r.start().await.unwrap();
     }
     let first = fed.federation.get(gd);
-    let expected = own_changes(first);
-    assert_eq!(expected.len(), 34);
     let head = state(first).store.tail(gd).await.unwrap();
+    assert_eq!(head.sequence, 34);
     for r in &fed.replicas {
+        // The keyring is installed after the feed's changes.
         eventually(CONVERGE_WITHIN, || async {
-            (own_changes(r) == expected).then_some(())
+            let keyring = state(r)
+                .codes
+                .keyring
+                .read()
+                .unwrap()
+                .active_kid()
+                .to_owned();
+            (feed(r) == expected && keyring == rotated.kid).then_some(())
         })
         .await;
         assert_eq!(state(r).store.tail(gd).await.unwrap(), head);
-        let kid = state(r)
-            .codes
-            .keyring
-            .read()
-            .unwrap()
-            .active_kid()
-            .to_owned();
-        assert_eq!(kid, rotated.kid);
         assert_eq!(
             state(r).codes.own_keys_digest(),
             state(first).codes.own_keys_digest()
@@ -131,12 +170,12 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
     let sequence = put(third, 40, Colour::Red).await.unwrap();
     assert_eq!(sequence, 35);
     let expected = eventually(CONVERGE_WITHIN, || async {
-        Some(own_changes(first)).filter(|c| c.len() == 35)
+        Some(feed(first)).filter(|f| f.2.last().is_some_and(|c| c.0 == 35))
     })
     .await;
     for r in &fed.replicas {
         eventually(CONVERGE_WITHIN, || async {
-            (own_changes(r) == expected).then_some(())
+            (feed(r) == expected).then_some(())
         })
         .await;
     }

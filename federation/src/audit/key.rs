@@ -256,6 +256,16 @@ impl LogSigner {
         self.pair.sign(text.as_bytes()).as_ref().to_vec()
     }
 
+    /// Signs a compacted feed's snapshot statement (see
+    /// [`crate::snapshot`]), which starts with its own label too.
+    pub fn sign_feed_snapshot(&self, text: &str) -> Vec<u8> {
+        assert!(
+            text.starts_with(crate::snapshot::SNAPSHOT_LABEL),
+            "snapshot statement text must start with its label"
+        );
+        self.pair.sign(text.as_bytes()).as_ref().to_vec()
+    }
+
     /// The log's signature line over a checkpoint text.
     pub(crate) fn sign_checkpoint(&self, text: &str) -> NoteSignature {
         NoteSignature {

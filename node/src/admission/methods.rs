@@ -92,6 +92,10 @@ pub fn method(path: &str) -> Method {
                 shape: Shape::LongLived,
                 ..unary(name, Access::Federation, Class::Federation)
             },
+            "GetSnapshot" => Method {
+                shape: Shape::LongLived,
+                ..unary(name, Access::Federation, Class::Federation)
+            },
             "GetReplicaSnapshot" => Method {
                 shape: Shape::LongLived,
                 ..unary(name, Access::Replica, Class::Federation)
@@ -149,6 +153,7 @@ const STATIC_NAMES: &[&str] = &[
     "MatchHolder",
     "ResolveCode",
     "GetReplicaSnapshot",
+    "GetSnapshot",
     "LinkCode",
     "UnlinkCode",
     "GetCheckpoints",

@@ -12,6 +12,7 @@ mod gossip;
 pub mod holder_match;
 pub mod ops;
 pub mod replicator;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

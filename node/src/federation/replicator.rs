@@ -11,10 +11,10 @@ use hufu_certs::Province;
 use hufu_federation::codes::Jwks;
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
-use hufu_proto::v1::{GetJwksRequest, SubscribeChangesRequest};
+use hufu_proto::v1::{GetJwksRequest, GetSnapshotRequest, SubscribeChangesRequest};
 use tokio_util::sync::CancellationToken;
 
-use super::Federation;
+use super::{Federation, snapshot};
 use crate::peers::PeerError;
 
 /// Largest feed message accepted (a batch of a few thousand changes).
@@ -299,6 +299,9 @@ async fn session(
     let mut stream = match answer {
         Ok(stream) => stream.into_inner(),
         Err(PeerError::Stopped) => return Ok(()),
+        Err(err) if is_compacted(err.refusal()) => {
+            return install_snapshot(state, p, source, &log_key).await;
+        }
         Err(err) => return Err(SessionError::Call(err)),
     };
     // Heartbeats come about once a second: silence for longer means the
@@ -313,6 +316,9 @@ async fn session(
         };
         let batch = match next {
             Err(_) => return Err(SessionError::Feed(format!("silent for {idle:?}"))),
+            Ok(Err(status)) if is_compacted(Some(&status)) => {
+                return install_snapshot(state, p, source, &log_key).await;
+            }
             Ok(Err(status)) => return Err(SessionError::Feed(status.message().to_owned())),
             Ok(Ok(None)) => return Err(SessionError::Feed("feed ended".into())),
             Ok(Ok(Some(batch))) => batch,
@@ -350,6 +356,62 @@ async fn session(
             return Ok(());
         }
     }
+}
+
+/// Whether a feed was refused because the changes asked for are compacted.
+fn is_compacted(status: Option<&tonic::Status>) -> bool {
+    status.is_some_and(|s| s.code() == tonic::Code::OutOfRange)
+}
+
+/// Installs the snapshot of `p`'s compacted feed from `source`: the next
+/// session follows the feed from its end.
+async fn install_snapshot(
+    state: &Arc<Federation>,
+    p: Province,
+    source: &Source,
+    log_key: &str,
+) -> Result<(), SessionError> {
+    let feed = |e: anyhow::Error| SessionError::Feed(format!("snapshot of {p}: {e:#}"));
+    let after = state
+        .store
+        .tail(p)
+        .await
+        .map_err(|e| SessionError::Feed(e.to_string()))?
+        .sequence;
+    let deadline = state.peers.deadline() + crate::client::CONNECT_TIMEOUT;
+    let mut messages = state
+        .peers
+        .call_at(
+            source.province,
+            &source.endpoint,
+            deadline,
+            "feed snapshot from",
+            |call| async move {
+                FederationServiceClient::new(call.channel)
+                    .max_decoding_message_size(MAX_BATCH_BYTES)
+                    .get_snapshot(GetSnapshotRequest {
+                        issuer: p.to_string(),
+                        after_sequence: after,
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            },
+        )
+        .await
+        .map_err(SessionError::Call)?;
+    let first = snapshot::next_message(&mut messages)
+        .await
+        .map_err(feed)?
+        .ok_or_else(|| SessionError::Feed("the snapshot stream ended before it began".into()))?
+        .part
+        .unwrap_or_default();
+    let end = snapshot::install(&state.store, p, log_key, first, &mut messages, |m| {
+        m.part.unwrap_or_default()
+    })
+    .await
+    .map_err(feed)?;
+    tracing::info!(province = %p, from = %source.endpoint, sequence = end.sequence, "installed the snapshot of a compacted feed; following it from there");
+    Ok(())
 }
 
 /// Fetches `p`'s published keys from `p` when its head says they changed

@@ -74,7 +74,7 @@ pub fn applied_position(store: &Store) -> NodeResult<u64> {
     })
 }
 
-fn set_applied_position(store: &Store, position: u64) -> NodeResult<()> {
+pub(super) fn set_applied_position(store: &Store, position: u64) -> NodeResult<()> {
     let tree = store.db()?.open_tree(POSITION_TREE)?;
     tree.insert(POSITION_KEY, &position.to_be_bytes())?;
     Ok(())

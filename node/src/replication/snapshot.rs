@@ -12,17 +12,17 @@
 //! each private key sealed with the province's key seal. Only nodes of the
 //! same province may ask (`Access::Replica`).
 //!
-//! The changes are applied through the change log's seam
-//! ([`Store::apply_own`]) as they arrive, a bounded message at a time,
-//! with the numbers the feed gave them: the replica's feed then numbers
-//! and chains exactly as the others'. A change that differs from one held
+//! The snapshot's feed part has the format of a feed snapshot for other
+//! provinces ([`crate::federation::snapshot`]): when the replica asked is
+//! compacted past the caller, it begins with the compacted part, which
+//! replaces the caller's state. The changes are applied as they arrive, a
+//! bounded message at a time, with the numbers the feed gave them: the
+//! replica's feed then numbers and chains exactly as the others'. A change that differs from one held
 //! is a fork and stops the install. Only when the changes end at the
 //! signed head, chain hash included, are the keyring and the stream
 //! position taken: a replica interrupted before then has the same
 //! position as before, finds the stream still ahead of it, and asks again
 //! (the changes it already holds are accepted as identical).
-
-use std::time::Duration;
 
 use anyhow::Context;
 use hufu_federation::codes::{CodeAlg, Keyring};
@@ -30,18 +30,12 @@ use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::{GetReplicaSnapshotRequest, ReplicaKey};
 
 use super::WriteLog;
-use super::consumer::applied_position;
+use super::consumer::{applied_position, set_applied_position};
 use crate::codes::Codes;
 use crate::error::{NodeError, NodeResult};
+use crate::federation::snapshot::{self, next_message};
 use crate::peers::PeerClient;
-use crate::store::{Store, Tail, head_of};
-use hufu_federation::feed::Change;
-
-/// Changes in one message of a snapshot at most (about 100 bytes each).
-pub const CHUNK_CHANGES: usize = 4096;
-
-/// How long a snapshot's next message may take to arrive.
-const MESSAGE_WITHIN: Duration = Duration::from_secs(30);
+use crate::store::{Store, Tail};
 
 /// What catching up uses of the node.
 pub struct Parts<'a> {
@@ -172,88 +166,55 @@ async fn install_from(
             },
         )
         .await?;
-    let first = next(&mut messages)
+    let first = next_message(&mut messages)
         .await?
         .context("the snapshot stream ended before it began")?;
     let replica = first.replica.context("the snapshot has no replica state")?;
-    let part = first.part.unwrap_or_default();
-    let proto_head = part.head.as_ref().context("the snapshot has no head")?;
-    let head = head_of(proto_head)?;
-    anyhow::ensure!(
-        head.issuer == own,
-        "the snapshot is of province {}",
-        head.issuer
-    );
-    head.verify(&proto_head.signature, &state.log_key)?;
     anyhow::ensure!(
         replica.stream_position + 1 >= first_kept,
         "that replica is at write log position {}, behind the log too",
         replica.stream_position
     );
-    anyhow::ensure!(
-        head.sequence >= tail.sequence,
-        "that replica's feed ends at change {}, before this replica's {}",
-        head.sequence,
-        tail.sequence
-    );
-
-    let mut changes = part.changes;
-    loop {
-        if !changes.is_empty() {
-            let batch: Vec<Change<'_>> = changes
-                .iter()
-                .map(|c| Change {
-                    sequence: c.sequence,
-                    record: &c.record,
-                })
-                .collect();
-            state.store.apply_own(&batch).await?;
-        }
-        match next(&mut messages).await? {
-            Some(message) => changes = message.part.unwrap_or_default().changes,
-            None => break,
-        }
+    let part = first.part.unwrap_or_default();
+    if part.base.is_some() {
+        // This replica's state of the province is replaced: until the
+        // install ends, it holds no position in the log.
+        set_applied_position(state.store, 0)?;
     }
-    let end = state.store.tail(own).await?;
-    anyhow::ensure!(
-        end.sequence == head.sequence && end.hash == head.chain_hash,
-        "the snapshot's changes end at change {} but its signed head is at {} (or the chain differs): the snapshot is refused, and another replica is asked",
-        end.sequence,
-        head.sequence
-    );
+    snapshot::install(state.store, own, &state.log_key, part, &mut messages, |m| {
+        m.part.unwrap_or_default()
+    })
+    .await?;
     install_keys(state, log, &replica.keys)?;
     Ok(replica.stream_position)
-}
-
-/// The next message of a snapshot, within [`MESSAGE_WITHIN`].
-async fn next<M>(messages: &mut tonic::Streaming<M>) -> anyhow::Result<Option<M>> {
-    match tokio::time::timeout(MESSAGE_WITHIN, messages.message()).await {
-        Err(_) => anyhow::bail!("no snapshot message within {MESSAGE_WITHIN:?}"),
-        Ok(message) => Ok(message?),
-    }
 }
 
 /// Makes this replica's keyring the one of the snapshot: its keys are
 /// rotated to and revoked in the snapshot's order, with its times, so that
 /// both keyrings hold the same records (this one's are a prefix of them).
 fn install_keys(state: &Parts<'_>, log: &WriteLog, keys: &[ReplicaKey]) -> anyhow::Result<()> {
-    let mut keyring = state.codes.keyring.write().expect("keyring lock");
-    for key in keys {
-        if keyring.keys().iter().any(|r| r.kid == key.kid) {
-            continue;
-        }
+    let held: Vec<String> = {
+        let keyring = state.codes.keyring.read().expect("keyring lock");
+        keyring.keys().iter().map(|r| r.kid.clone()).collect()
+    };
+    let mut missing = Vec::new();
+    for key in keys.iter().filter(|k| !held.contains(&k.kid)) {
         let alg: CodeAlg = key
             .algorithm
             .parse()
             .map_err(|e| anyhow::anyhow!("snapshot key {}: {e}", key.kid))?;
-        let pkcs8 = log.seal.open(&key.sealed_key)?;
-        keyring.rotate_to(alg, &pkcs8, key.created_at)?;
+        missing.push((alg, log.seal.open(&key.sealed_key)?, key.created_at));
     }
-    for key in keys.iter().filter(|k| k.revoked_at != 0) {
-        keyring.revoke_at(&key.kid, key.revoked_at)?;
-    }
+    let keyring = state.codes.change_keyring(|keyring| {
+        for (alg, pkcs8, at) in &missing {
+            keyring.rotate_to(*alg, pkcs8, *at)?;
+        }
+        for key in keys.iter().filter(|k| k.revoked_at != 0) {
+            keyring.revoke_at(&key.kid, key.revoked_at)?;
+        }
+        Ok(keyring.keys().to_vec())
+    })?;
     let held: Vec<_> = keyring
-        .keys()
         .iter()
         .map(|r| {
             (
@@ -272,7 +233,5 @@ fn install_keys(state: &Parts<'_>, log: &WriteLog, keys: &[ReplicaKey]) -> anyho
         held == given,
         "this replica's code-signing keyring is not a part of the snapshot's: it holds {held:?}, the snapshot {given:?}; make the replica again with `hufu init --replica-of`"
     );
-    drop(keyring);
-    state.codes.publish_own_keys();
     Ok(())
 }

@@ -20,10 +20,11 @@ use hufu_federation::audit::{AnswerSource, EntryKind};
 use hufu_federation::holder::{HolderError, HolderId, NationalId};
 use hufu_proto::v1::federation_service_server;
 use hufu_proto::v1::{
-    FeedHead, GetReplicaSnapshotRequest, GetReplicaSnapshotResponse, GetTrustListRequest,
-    GetTrustListResponse, MatchHolderRequest, MatchHolderResponse, OfferTrustListRequest,
-    OfferTrustListResponse, ReplicaState, ResolveCodeRequest, ResolveCodeResponse, SnapshotPart,
-    StatusChange, SubscribeChangesRequest, SubscribeChangesResponse,
+    FeedHead, GetReplicaSnapshotRequest, GetReplicaSnapshotResponse, GetSnapshotRequest,
+    GetSnapshotResponse, GetTrustListRequest, GetTrustListResponse, MatchHolderRequest,
+    MatchHolderResponse, OfferTrustListRequest, OfferTrustListResponse, ReplicaState,
+    ResolveCodeRequest, ResolveCodeResponse, StatusChange, SubscribeChangesRequest,
+    SubscribeChangesResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,10 +34,10 @@ use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
 use crate::federation::holder_match;
+use crate::federation::snapshot;
 use crate::legacy::LegacyCodes;
 use crate::net::PeerInfo;
 use crate::replication::WriteLog;
-use crate::replication::snapshot::CHUNK_CHANGES;
 use crate::state::NodeState;
 use crate::status::now_millis;
 
@@ -118,6 +119,7 @@ impl FederationService {
 type FeedStream = Pin<Box<dyn Stream<Item = Result<SubscribeChangesResponse, Status>> + Send>>;
 type SnapshotStream =
     Pin<Box<dyn Stream<Item = Result<GetReplicaSnapshotResponse, Status>> + Send>>;
+type FeedSnapshotStream = Pin<Box<dyn Stream<Item = Result<GetSnapshotResponse, Status>> + Send>>;
 
 impl FederationService {
     /// A snapshot of this province for another replica of it: the head,
@@ -154,44 +156,58 @@ impl FederationService {
         let head = own_head(self, end)
             .await?
             .ok_or_else(|| NodeError::Internal(format!("change {end} is not held")))?;
-        let (tx, rx) = mpsc::channel(2);
-        let store = self.store.clone();
-        let stop = self.stop.clone();
-        let province = self.province;
-        let mut first = Some(GetReplicaSnapshotResponse {
-            part: Some(SnapshotPart {
-                head: Some(head),
-                changes: vec![],
-            }),
-            replica: Some(ReplicaState {
-                stream_position: capture.position,
-                keys: capture.keys,
-            }),
-        });
-        self.tasks.spawn(async move {
-            let mut at = after;
-            while first.is_some() || at < end {
-                let changes = match store.changes(province, at, end, CHUNK_CHANGES) {
-                    Ok(changes) => changes,
-                    Err(err) => {
-                        let _ = tx.send(Err(err.into())).await;
-                        return;
-                    }
-                };
-                at = changes.last().map_or(end, |(s, _, _)| *s);
-                let changes = changes
-                    .into_iter()
-                    .map(|(sequence, _, record)| StatusChange { sequence, record })
-                    .collect();
-                let mut message = first.take().unwrap_or_default();
-                message.part.get_or_insert_default().changes = changes;
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    sent = tx.send(Ok(message)) => if sent.is_err() { return },
-                }
-            }
-        });
-        Ok(rx)
+        let replica = ReplicaState {
+            stream_position: capture.position,
+            keys: capture.keys,
+        };
+        snapshot::spawn_parts(
+            self.store.clone(),
+            self.province,
+            after,
+            head,
+            &self.tasks,
+            self.stop.clone(),
+            move |part, first| GetReplicaSnapshotResponse {
+                part: Some(part),
+                replica: first.then(|| replica.clone()),
+            },
+        )
+    }
+
+    /// A snapshot of province `p`'s feed (own, or relayed): its compacted
+    /// part if the caller is behind it, then the changes up to the head
+    /// held here.
+    async fn feed_snapshot(
+        &self,
+        req: GetSnapshotRequest,
+    ) -> NodeResult<mpsc::Receiver<Result<GetSnapshotResponse, Status>>> {
+        let p = Province::parse(&req.issuer)
+            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
+        let head = if p == self.province {
+            let end = self.store.tail(p).await?.sequence;
+            own_head(self, end).await?
+        } else {
+            self.store.latest_head(p)?
+        }
+        .ok_or_else(|| NodeError::NotFound(format!("no replica of province {p} here")))?;
+        if req.after_sequence > head.sequence {
+            return Err(NodeError::invalid_field(
+                "after_sequence",
+                format!(
+                    "the caller holds changes of {p} up to {}, but this node only up to {}: a different history",
+                    req.after_sequence, head.sequence
+                ),
+            ));
+        }
+        snapshot::spawn_parts(
+            self.store.clone(),
+            p,
+            req.after_sequence,
+            head,
+            &self.tasks,
+            self.stop.clone(),
+            |part, _| GetSnapshotResponse { part: Some(part) },
+        )
     }
 }
 
@@ -274,12 +290,8 @@ async fn own_head(state: &FederationService, sequence: u64) -> NodeResult<Option
     let hash = if sequence == 0 {
         hufu_federation::feed::GENESIS_HASH
     } else {
-        match state
-            .store
-            .changes(state.province, sequence - 1, sequence, 1)?
-            .pop()
-        {
-            Some((_, hash, _)) => hash,
+        match state.store.held_hash(state.province, sequence) {
+            Some(hash) => hash,
             None => return Ok(None),
         }
     };
@@ -388,6 +400,11 @@ impl federation_service_server::FederationService for FederationService {
                 );
             }
         }
+        if let Some(base) = self.store.base(p)?
+            && req.after_sequence < base.through()
+        {
+            return Err(crate::store::Store::compacted(p, req.after_sequence, &base).into());
+        }
         tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
         let (tx, rx) = mpsc::channel(4);
         self.tasks.spawn(serve_feed(
@@ -450,6 +467,21 @@ impl federation_service_server::FederationService for FederationService {
         tracing::info!(%caller, "serving a replica snapshot");
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as SnapshotStream
+        ))
+    }
+
+    type GetSnapshotStream = FeedSnapshotStream;
+
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<FeedSnapshotStream>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        tracing::info!(%caller, province = %req.issuer, after = req.after_sequence, "serving a feed snapshot");
+        let rx = self.feed_snapshot(req).await?;
+        Ok(Response::new(
+            Box::pin(ReceiverStream::new(rx)) as FeedSnapshotStream
         ))
     }
 

@@ -44,7 +44,10 @@ impl Store {
                     hash: reader.hash(),
                 })
             }
-            None => Ok(GENESIS),
+            None => match self.base(p)? {
+                Some(base) => base.tail(),
+                None => Ok(GENESIS),
+            },
         }
     }
 
@@ -60,6 +63,11 @@ impl Store {
         let mut out = Vec::new();
         if after >= until || max == 0 {
             return Ok(out);
+        }
+        if let Some(base) = self.base(p)?
+            && after < base.through()
+        {
+            return Err(Store::compacted(p, after, &base));
         }
         let first = match self.block_at(p, after + 1)? {
             Some((first, _)) => first,
@@ -84,11 +92,15 @@ impl Store {
     }
 
     /// The chain hash after change `seq` of `p`, if held.
-    pub(super) fn held_hash(&self, p: Province, seq: u64) -> Option<[u8; 32]> {
+    pub fn held_hash(&self, p: Province, seq: u64) -> Option<[u8; 32]> {
         if seq == 0 {
             return Some(GENESIS.hash);
         }
-        let (first, block) = self.block_at(p, seq).ok()??;
+        let Some((first, block)) = self.block_at(p, seq).ok()? else {
+            // The end of the compacted part, if that is where `seq` is.
+            let base = self.base(p).ok()??;
+            return (base.through() == seq).then(|| base.tail().ok().map(|t| t.hash))?;
+        };
         let mut reader = BlockReader::new(p, first, &block).ok()?;
         reader.skip_through(seq - 1).ok()?;
         let change = reader.next_change().ok()??;
@@ -119,18 +131,8 @@ impl Store {
             }
             let (_, writer) = block
                 .get_or_insert_with(|| (change.sequence, BlockWriter::new(&next.hash, written_ms)));
-            if let Some(binding) = Binding::from_change_bytes(change.record) {
-                let binding = binding.map_err(|e| {
-                    FeedError::Malformed(format!("change {}: {e}", change.sequence))
-                })?;
-                writer.push(&codec::binding_entry(change.record));
-                binding.stage(p, batch);
-            } else {
-                let record = decode_status(p, change)?;
-                writer.push(&codec::entry(p, &record, change.record));
-                let key = codec::status_key(p, &record.holder).expect("holder checked");
-                batch.insert(key, codec::status_value(p, &record, change.record));
-            }
+            let entry = self.stage_effect(p, change, batch)?;
+            writer.push(&entry);
             next = Tail {
                 sequence: change.sequence,
                 hash: hufu_federation::feed::chain_next(&next.hash, change.sequence, change.record),
@@ -144,6 +146,26 @@ impl Store {
             batch.insert(codec::block_key(p, first), writer.into_bytes());
         }
         Ok(next)
+    }
+
+    /// Stages the effect of `change` of `p` on its statuses or bindings
+    /// into `batch`, and returns its change-log entry.
+    pub(super) fn stage_effect(
+        &self,
+        p: Province,
+        change: &Change<'_>,
+        batch: &mut sled::Batch,
+    ) -> Result<Vec<u8>, ApplyError> {
+        if let Some(binding) = Binding::from_change_bytes(change.record) {
+            let binding = binding
+                .map_err(|e| FeedError::Malformed(format!("change {}: {e}", change.sequence)))?;
+            binding.stage(p, batch);
+            return Ok(codec::binding_entry(change.record));
+        }
+        let record = decode_status(p, change)?;
+        let key = codec::status_key(p, &record.holder).expect("holder checked");
+        batch.insert(key, codec::status_value(p, &record, change.record));
+        Ok(codec::entry(p, &record, change.record))
     }
 
     /// **The seam where a change of this province enters the change log.**

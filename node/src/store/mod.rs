@@ -53,26 +53,12 @@
 //! enter through [`Store::apply_batch`], which checks the issuer's
 //! signature and chain and then stages the same blocks and statuses.
 //!
-//! ## Compaction (plan)
+//! ## Compaction
 //!
-//! Blocks older than a retention window (at least the code lifetime, so no
-//! still-valid code can need a dropped change) are rewritten so that only
-//! each holder's latest change stays, with the sequences they had. The
-//! issuer signs a snapshot statement of the compacted range (its end, the
-//! chain hash there, and a digest of the surviving changes in order), from
-//! which a new member or a fallen-behind replica catches up to exactly the
-//! issuer's state before following the feed from the snapshot's end.
-//!
-//! ## Memory
-//!
-//! sled keeps at most about `[storage] cache_mib` of pages in memory, but
-//! frees a replaced page only through crossbeam's epoch collector, a few
-//! bags at a time. Every write of many changes is therefore followed by
-//! passes of that collector in proportion to its size ([`reclaim`]);
-//! without them a replica catching up grew by about 3 KB a change. Batches
-//! themselves are bounded: an import's transactions of 1,000 rows, a
-//! feed's batches of `[federation] batch_changes`, applied one at a time
-//! as they arrive, the next one read only then.
+//! Blocks older than a retention window may be compacted ([`compact`]):
+//! only each holder's latest change stays, with its number, under the
+//! issuer's signed statement; a node behind the compacted part installs
+//! the feed's snapshot ([`install`]) and follows the feed after it.
 //!
 //! ## Durability and failures
 //!
@@ -105,7 +91,9 @@ use crate::error::{NodeError, NodeResult};
 
 pub mod binding;
 pub mod codec;
+pub mod compact;
 mod health;
+pub mod install;
 mod log;
 mod migrate;
 mod own;
@@ -225,6 +213,7 @@ impl Store {
     pub fn open_with_cache(path: &Path, own: Province, cache_bytes: u64) -> NodeResult<Store> {
         let open = Open::at(path, cache_bytes)?;
         migrate::from_v1(&open.db, &open.tree)?;
+        install::recover(&open.tree)?;
         let store = Store {
             path: path.to_owned(),
             cache_bytes,

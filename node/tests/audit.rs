@@ -676,6 +676,16 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         }
         pseudonym_seen |= common::contains(&bytes, gd_holders[1].as_bytes());
     }
+    // The nodes' audit logs keep their entries compressed: searched decoded.
+    for lp in [sn, gd, tj] {
+        for entry in common::audit_entries(lp).await {
+            let text = String::from_utf8(entry.encode().unwrap()).unwrap();
+            for id in &ids {
+                assert!(!text.contains(id.as_str()), "national id {id} in {text}");
+            }
+            pseudonym_seen |= text.contains(gd_holders[1].as_str());
+        }
+    }
     // The search does look at the data: the pseudonym is there.
     assert!(pseudonym_seen, "searched {searched:?}");
 }

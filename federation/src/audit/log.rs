@@ -5,7 +5,7 @@
 //!
 //! | key                       | value                                   |
 //! |---------------------------|-----------------------------------------|
-//! | `bundle/` u64 index       | a bundle: consecutive entries from that index, each as a u32 length and its canonical encoding |
+//! | `bundle/` u64 index       | a bundle: consecutive entries from that index, each as a u32 length and its canonical encoding; stored compressed (below) |
 //! | `hash/` u64 tile          | 128 stored hashes of 32 bytes, in order |
 //! | `meta/head`               | u64 size, then the 32-byte root         |
 //! | `meta/origin`             | the origin of the first checkpoint      |
@@ -16,6 +16,13 @@
 //! cost per entry is little more than encoding and hashing it. Bundles are
 //! contiguous: each starts where the one before ends, and the last ends at
 //! the head's size.
+//!
+//! A bundle is stored as the byte [`COMPRESSED`] and the bundle in zlib's
+//! format: entries of one batch repeat their kind, caller and province, so
+//! an import's `status_changed` entries take about 30 bytes each instead of
+//! about 250 (issue 17). A bundle written before starts with the zero byte
+//! of its first entry's length and is read as it is. Only storage changes:
+//! entries, their hashes and everything served or exported stay the same.
 //!
 //! Hashes use the stored-hash layout of Go's sumdb `tlog` (Crosby and
 //! Wallach): every complete subtree's hash is stored once, when its last
@@ -66,6 +73,11 @@ const TILE_HASHES: u64 = 128;
 /// inside a sled log segment rather than becoming a file of its own, and
 /// reading a few entries reads at most a few bundles.
 const BUNDLE_BYTES: usize = 64 * 1024;
+
+/// The first byte of a compressed bundle. An uncompressed one starts with
+/// its first entry's length, a big-endian u32 of at most 4 KiB (the longest
+/// entry decoded): a zero byte.
+const COMPRESSED: u8 = 1;
 
 /// How long the writer waits for more entries before writing a batch, unless
 /// a full batch, a full queue or a flush cuts it short. This is also how
@@ -314,7 +326,7 @@ impl AuditLog {
                     "the bundle at entry {at} follows one that ends at entry {next}"
                 )));
             }
-            for bytes in unbundle(at, &bundle)? {
+            for bytes in unbundle(at, &open_bundle(at, &bundle)?)? {
                 if (start..end).contains(&next) {
                     out.push((next, bytes.to_vec()));
                 }
@@ -662,7 +674,8 @@ impl Writer {
                 tlog_tiles::stored_hashes_for_record_hash(size, leaf, &pending).map_err(storage)?;
             pending.hashes.extend(hashes);
             if !bundle.is_empty() && bundle.len() + 4 + bytes.len() > BUNDLE_BYTES {
-                batch.insert(key(BUNDLE_PREFIX, bundle_at), std::mem::take(&mut bundle));
+                batch.insert(key(BUNDLE_PREFIX, bundle_at), compress(&bundle)?);
+                bundle.clear();
                 bundle_at = size;
             }
             let len = u32::try_from(bytes.len())
@@ -671,7 +684,7 @@ impl Writer {
             bundle.extend_from_slice(&bytes);
             size += 1;
         }
-        batch.insert(key(BUNDLE_PREFIX, bundle_at), bundle);
+        batch.insert(key(BUNDLE_PREFIX, bundle_at), compress(&bundle)?);
 
         // The new hashes extend the last, partial tile and fill new ones.
         let mut tile = self.tile.clone();
@@ -701,6 +714,36 @@ impl Writer {
 }
 
 /// The entries of the bundle stored at entry `at`, in order.
+/// A bundle as stored: [`COMPRESSED`], then the bundle in zlib's format.
+fn compress(bundle: &[u8]) -> Result<Vec<u8>, AuditError> {
+    use std::io::Write;
+    let mut out = vec![COMPRESSED];
+    // The fastest level: about 30 bytes an entry either way, and the
+    // writer keeps up with imports of 100,000 rows a second.
+    let mut z = flate2::write::ZlibEncoder::new(&mut out, flate2::Compression::fast());
+    z.write_all(bundle)
+        .and_then(|()| z.finish().map(drop))
+        .map_err(|e| AuditError::Storage(format!("compressing a bundle: {e}")))?;
+    Ok(out)
+}
+
+/// The bundle at entry `at` as stored, uncompressed.
+fn open_bundle(at: u64, stored: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, AuditError> {
+    use std::io::Read;
+    let Some((&COMPRESSED, z)) = stored.split_first() else {
+        return Ok(std::borrow::Cow::Borrowed(stored));
+    };
+    let mut bundle = Vec::with_capacity(BUNDLE_BYTES);
+    flate2::read::ZlibDecoder::new(z)
+        .read_to_end(&mut bundle)
+        .map_err(|e| {
+            damaged(format!(
+                "the bundle at entry {at} is cut short or altered ({e})"
+            ))
+        })?;
+    Ok(std::borrow::Cow::Owned(bundle))
+}
+
 fn unbundle(at: u64, mut bundle: &[u8]) -> Result<Vec<&[u8]>, AuditError> {
     let mut out = Vec::new();
     while !bundle.is_empty() {
@@ -896,6 +939,36 @@ mod tests {
             .unwrap();
         let err = log.entries(at, at + 1).unwrap_err();
         assert!(err.to_string().contains("cut short"), "{err}");
+    }
+
+    #[test]
+    fn bundles_are_stored_compressed_and_those_written_uncompressed_before_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("audit").unwrap();
+        let log = AuditLog::open(tree.clone()).unwrap();
+        let n = 500;
+        for i in 0..n {
+            log.append(entry(i)).unwrap();
+        }
+        log.flush().unwrap();
+        let expected: Vec<_> = (0..n).map(|i| (i, entry(i).encode().unwrap())).collect();
+        let raw: usize = expected.iter().map(|(_, e)| 4 + e.len()).sum();
+        let stored: usize = bundles(&tree).iter().map(|&(_, len)| len).sum();
+        assert!(stored * 4 < raw, "{stored} bytes stored for {raw}");
+
+        // Bundles as the previous version wrote them: uncompressed.
+        for (at, _) in bundles(&tree) {
+            let bundle = tree.get(key(BUNDLE_PREFIX, at)).unwrap().unwrap();
+            assert_eq!(bundle[0], COMPRESSED);
+            let plain = open_bundle(at, &bundle).unwrap().into_owned();
+            assert_eq!(plain[0], 0);
+            tree.insert(key(BUNDLE_PREFIX, at), plain).unwrap();
+        }
+        assert_eq!(log.entries(0, n).unwrap(), expected);
+        drop(log);
+        let reopened = AuditLog::open(tree).unwrap();
+        assert_eq!(reopened.entries(0, n).unwrap(), expected);
     }
 
     #[test]

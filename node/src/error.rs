@@ -1,5 +1,9 @@
-//! One error type for the node's services, mapped to gRPC status codes in one
-//! place so callers see consistent codes and lowercase, actionable messages.
+//! The error type of the node's components (store, replicas, standing,
+//! legacy codes), with its gRPC status codes, and the two statuses every
+//! service's error shares: invalid input in a named field, and an internal
+//! failure behind a log reference. Each service's own error type, converted
+//! to a status in one place, is in [`crate::services::error`]; callers see
+//! consistent codes and lowercase, actionable messages.
 //!
 //! Where a caller can act on a refusal programmatically, the status also
 //! carries `google.rpc` rich error details (`grpc-status-details-bin`): a
@@ -107,15 +111,11 @@ impl NodeError {
 impl From<NodeError> for tonic::Status {
     fn from(err: NodeError) -> tonic::Status {
         use tonic::Code;
-        if let NodeError::InvalidField { field, description } = &err {
-            return tonic::Status::with_error_details(
-                Code::InvalidArgument,
-                err.to_string(),
-                ErrorDetails::with_bad_request_violation(field, description),
-            );
-        }
         let code = match &err {
-            NodeError::InvalidArgument(_) | NodeError::InvalidField { .. } => Code::InvalidArgument,
+            NodeError::InvalidField { field, description } => {
+                return field_status(field, description.clone());
+            }
+            NodeError::InvalidArgument(_) => Code::InvalidArgument,
             NodeError::HolderNotFound { .. } | NodeError::NotFound(_) => Code::NotFound,
             NodeError::PermissionDenied { .. } => Code::PermissionDenied,
             NodeError::Unauthenticated => Code::Unauthenticated,
@@ -126,18 +126,32 @@ impl From<NodeError> for tonic::Status {
             NodeError::Storage(_)
             | NodeError::Transaction(_)
             | NodeError::Corrupt(_)
-            | NodeError::Internal(_) => {
-                let reference = correlation_id();
-                tracing::error!(%reference, error = %err, "internal error");
-                return tonic::Status::with_error_details(
-                    Code::Internal,
-                    internal_message(&reference),
-                    ErrorDetails::with_request_info(reference, ""),
-                );
-            }
+            | NodeError::Internal(_) => return internal_status(&err),
         };
         tonic::Status::new(code, err.to_string())
     }
+}
+
+/// `INVALID_ARGUMENT` for the request field `field` (its path in the request
+/// message), named in a `BadRequest` detail; `description` is the message.
+pub fn field_status(field: &str, description: String) -> tonic::Status {
+    tonic::Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        description.clone(),
+        ErrorDetails::with_bad_request_violation(field, description),
+    )
+}
+
+/// `INTERNAL` for a failure of this node: `detail` goes to the log under a
+/// fresh reference, the caller gets a generic message with the reference.
+pub fn internal_status(detail: &dyn std::fmt::Display) -> tonic::Status {
+    let reference = correlation_id();
+    tracing::error!(%reference, error = %detail, "internal error");
+    tonic::Status::with_error_details(
+        tonic::Code::Internal,
+        internal_message(&reference),
+        ErrorDetails::with_request_info(reference, ""),
+    )
 }
 
 impl NodeError {
@@ -145,17 +159,6 @@ impl NodeError {
     /// any service runs.
     pub fn into_http(self) -> http::Response<tonic::body::Body> {
         tonic::Status::from(self).into_http()
-    }
-}
-
-/// A position the audit log does not hold is the caller's to fix; anything
-/// else the log refuses is this node's failure.
-impl From<hufu_federation::audit::AuditError> for NodeError {
-    fn from(err: hufu_federation::audit::AuditError) -> NodeError {
-        match err {
-            hufu_federation::audit::AuditError::OutOfRange(msg) => NodeError::OutOfRange(msg),
-            other => NodeError::Internal(format!("audit log: {other}")),
-        }
     }
 }
 
@@ -189,20 +192,5 @@ mod tests {
         assert!(status.message().contains("reference "), "{status:?}");
         let invalid = tonic::Status::from(NodeError::invalid("holder id is not base32"));
         assert_eq!(invalid.message(), "holder id is not base32");
-    }
-
-    #[test]
-    fn audit_log_errors_keep_their_kind() {
-        use hufu_federation::audit::AuditError;
-        let past = tonic::Status::from(NodeError::from(AuditError::OutOfRange(
-            "index 9 past the end of the log (size 3)".into(),
-        )));
-        assert_eq!(past.code(), tonic::Code::OutOfRange);
-        assert_eq!(past.message(), "index 9 past the end of the log (size 3)");
-        let closed = tonic::Status::from(NodeError::from(AuditError::Closed(
-            "writer stopped at /srv/hufu/audit".into(),
-        )));
-        assert_eq!(closed.code(), tonic::Code::Internal);
-        assert!(!closed.message().contains("/srv/hufu"), "{closed:?}");
     }
 }

@@ -7,7 +7,9 @@
 //!    method is refused with `PERMISSION_DENIED` and its body is never read.
 //! 2. **Long-lived streams** (feeds, health watches, reflection) are outside
 //!    the in-flight limit, under a budget per caller identity, so that no
-//!    caller can take the node's capacity by holding streams open.
+//!    caller can take the node's capacity by holding streams open. The
+//!    caller's standing is decided again before each message of such a
+//!    stream, which ends when the caller loses it.
 //! 3. **Unary calls** are read up to the message size limit (and a node-wide
 //!    budget for bytes being buffered, of which one caller identity holds
 //!    at most an eighth), then admitted through the
@@ -355,7 +357,17 @@ where
             let request =
                 request.map(|body| Body::new(streams::EndsAtStop::new(body, stop.clone())));
             let response = inner.call(request).await?;
-            Ok(response.map(|body| Body::new(streams::HeldBody::new(body, held, stop))))
+            let standing = admission.standing.clone();
+            Ok(response.map(|body| {
+                Body::new(streams::HeldBody::new(
+                    body,
+                    held,
+                    stop,
+                    standing,
+                    info,
+                    method.name,
+                ))
+            }))
         }
         Shape::ClientStream => {
             let slot = match admission.queue.admit(class, deadline(&request)).await {

@@ -16,6 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::AdmissionConfig;
+use crate::net::PeerInfo;
+use crate::standing::Standing;
 
 type Body = tonic::body::Body;
 
@@ -196,24 +198,62 @@ impl Stopping {
     }
 }
 
-/// A response body that keeps its stream's place until it ends, and ends
-/// when the node stops: a stream that lasts as long as its caller wants
-/// (a health watch, reflection) must not hold the node's shutdown.
+/// A long-lived response body that keeps its stream's place until it ends,
+/// and ends it early with a status:
+/// - when the node stops (`UNAVAILABLE`): a stream that lasts as long as its
+///   caller wants (a health watch, reflection) must not hold the node's
+///   shutdown;
+/// - when its caller loses its standing (`PERMISSION_DENIED`): before each
+///   message, the caller's standing is decided again, since its province
+///   may have left the trust list, or its certificate been revoked, since
+///   the stream opened.
 pub struct HeldBody {
     inner: Body,
     _held: HeldStream,
     stopping: Stopping,
+    standing: Arc<Standing>,
+    caller: PeerInfo,
+    method: &'static str,
     ended: bool,
 }
 
 impl HeldBody {
-    pub fn new(inner: Body, held: HeldStream, stop: CancellationToken) -> HeldBody {
+    pub fn new(
+        inner: Body,
+        held: HeldStream,
+        stop: CancellationToken,
+        standing: Arc<Standing>,
+        caller: PeerInfo,
+        method: &'static str,
+    ) -> HeldBody {
         HeldBody {
             inner,
             _held: held,
             stopping: Stopping::new(stop),
+            standing,
+            caller,
+            method,
             ended: false,
         }
+    }
+
+    /// The status ending the stream of a caller no longer in good standing,
+    /// if it is not.
+    fn refused(&self) -> Option<tonic::Status> {
+        let err = crate::auth::in_good_standing(&self.standing, &self.caller, self.method).err()?;
+        tracing::info!(caller = %self.caller.identity, method = self.method, "stream ended: caller no longer in good standing");
+        Some(err.into())
+    }
+
+    /// Ends the stream with `status` in its trailers (or without, should
+    /// the status not fit in headers).
+    fn end(&mut self, status: tonic::Status) -> Poll<Frame> {
+        self.ended = true;
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_ok() {
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+        Poll::Ready(None)
     }
 }
 
@@ -228,22 +268,20 @@ impl http_body::Body for HeldBody {
             return Poll::Ready(None);
         }
         if self.stopping.poll(cx) {
-            self.ended = true;
-            let status = tonic::Status::unavailable(
+            return self.end(tonic::Status::unavailable(
                 "node shutting down: call another node of the province, or this one after its restart",
-            );
-            let mut trailers = http::HeaderMap::new();
-            if status.add_header(&mut trailers).is_ok() {
-                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
-            }
-            return Poll::Ready(None);
+            ));
         }
         let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        // After the stream's own trailers, nothing more may be sent.
-        if let Some(Ok(f)) = &frame
-            && f.is_trailers()
-        {
-            self.ended = true;
+        match &frame {
+            Some(Ok(f)) if f.is_data() => {
+                if let Some(status) = self.refused() {
+                    return self.end(status);
+                }
+            }
+            // After the stream's own trailers, nothing more may be sent.
+            Some(Ok(f)) if f.is_trailers() => self.ended = true,
+            _ => {}
         }
         Poll::Ready(frame)
     }

@@ -5,15 +5,39 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hufu_certs::Identity;
+use hufu_certs::{Identity, Province};
 use hufu_federation::audit::EntryKind;
-use hufu_federation::trust::SignedTrustList;
+use hufu_federation::trust::{SignedTrustList, TrustError};
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::{GetTrustListRequest, OfferTrustListRequest};
 use tokio_util::sync::CancellationToken;
 
 use super::Federation;
-use crate::error::{NodeError, NodeResult};
+
+/// Why an offered trust list was not put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustOfferError {
+    /// The offered note is not a signed trust list.
+    #[error("{0}")]
+    Note(#[source] TrustError),
+    #[error("this node has no trust list yet: install a genesis with `hufu federation install`")]
+    NoTrustList,
+    /// A newer version without this province: leaving the federation is
+    /// an admin's decision, not gossip's.
+    #[error(
+        "trust list v{version} does not include this province ({own}); refusing to leave the federation by gossip"
+    )]
+    LeavesFederation { version: u64, own: Province },
+    /// The list does not follow from the one in force (signatures,
+    /// threshold, version).
+    #[error("{0}")]
+    Refused(#[source] TrustError),
+    #[error("trust list task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The list is in force but this node could not apply it everywhere.
+    #[error("{0:#}")]
+    Enforce(anyhow::Error),
+}
 
 impl Federation {
     /// Applies a signed trust list offered by `from`, a peer or an admin
@@ -23,21 +47,17 @@ impl Federation {
         self: &Arc<Self>,
         note: &str,
         from: &Identity,
-    ) -> NodeResult<bool> {
-        let signed = SignedTrustList::parse(note)
-            .map_err(|e| NodeError::invalid_field("note", e.to_string()))?;
+    ) -> Result<bool, TrustOfferError> {
+        let signed = SignedTrustList::parse(note).map_err(TrustOfferError::Note)?;
         let mut trust = self.trust.lock().await;
         let Some(store) = trust.as_mut() else {
-            return Err(NodeError::FailedPrecondition(
-                "this node has no trust list yet: install a genesis with `hufu federation install`"
-                    .into(),
-            ));
+            return Err(TrustOfferError::NoTrustList);
         };
         if signed.list.member(self.province).is_none() && signed.list.version > store.version() {
-            return Err(NodeError::FailedPrecondition(format!(
-                "trust list v{} does not include this province ({}); refusing to leave the federation by gossip",
-                signed.list.version, self.province
-            )));
+            return Err(TrustOfferError::LeavesFederation {
+                version: signed.list.version,
+                own: self.province,
+            });
         }
         // Checking signatures and writing the list's file: on the blocking
         // pool, with the store lent to it while this task holds the lock.
@@ -47,16 +67,15 @@ impl Federation {
             let applied = lent.apply(offered);
             (lent, applied)
         })
-        .await
-        .map_err(|e| NodeError::Internal(format!("trust list task: {e}")))?;
+        .await?;
         *trust = Some(lent);
         let applied = applied.map_err(|e| {
             self.metrics.trust_refused.inc();
-            NodeError::FailedPrecondition(e.to_string())
+            TrustOfferError::Refused(e)
         })?;
         if applied {
             self.enforce(&signed.list)
-                .map_err(|e| NodeError::Internal(e.to_string()))?;
+                .map_err(TrustOfferError::Enforce)?;
             self.metrics.trust_version.set(signed.list.version as i64);
             tracing::info!(version = signed.list.version, "trust list applied");
             let list = &signed.list;

@@ -9,6 +9,8 @@
 //! proposals and installing, for the `hufu federation` commands.
 
 mod gossip;
+
+pub use gossip::TrustOfferError;
 pub mod holder_match;
 pub mod ops;
 pub mod replicator;

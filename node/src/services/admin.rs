@@ -28,6 +28,7 @@ use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
 use crate::legacy;
+use crate::services::error::{AdminError, ImportCause};
 use crate::state::NodeState;
 use crate::status::{format_time, now_unix, reason_name, seconds, timestamp};
 use crate::store::PutOutcome;
@@ -218,7 +219,7 @@ impl AdminService {
     async fn put_status(
         &self,
         request: Request<PutStatusRequest>,
-    ) -> NodeResult<PutStatusResponse> {
+    ) -> Result<PutStatusResponse, AdminError> {
         let caller = caller(&request)?;
         let input = request
             .into_inner()
@@ -239,9 +240,10 @@ impl AdminService {
                 return Err(NodeError::FailedPrecondition(format!(
                     "stored status is newer (as_of {}); send a later as_of to change it",
                     format_time(*stored_as_of)
-                )));
+                ))
+                .into());
             }
-            None => return Err(NodeError::Internal("no outcome for one write".into())),
+            None => return Err(NodeError::Internal("no outcome for one write".into()).into()),
         };
         tracing::info!(holder = %record.holder, sequence, "status set");
         Ok(PutStatusResponse {
@@ -253,7 +255,7 @@ impl AdminService {
     async fn import(
         &self,
         request: Request<Streaming<ImportStatusesRequest>>,
-    ) -> NodeResult<ImportStatusesResponse> {
+    ) -> Result<ImportStatusesResponse, AdminError> {
         let caller = caller(&request)?;
         let mut rows = request.into_inner();
         let now = now_unix();
@@ -268,7 +270,7 @@ impl AdminService {
             while let Some(row) = rows.next().await {
                 let row = match row {
                     Ok(row) => row,
-                    Err(s) => return (rejections, Err(format!("import stream: {}", s.message()))),
+                    Err(s) => return (rejections, Err(ImportCause::Stream(s))),
                 };
                 let Some(input) = row.status else {
                     rejections.push(row.line, "empty row".into());
@@ -303,7 +305,7 @@ impl AdminService {
                     .store_chunk(&caller, &mut chunk, &mut accepted, &mut stale)
                     .await
                 {
-                    return (accepted, stale, Err(e.to_string()));
+                    return (accepted, stale, Err(ImportCause::Store(e)));
                 }
             }
             (accepted, stale, Ok(()))
@@ -312,10 +314,8 @@ impl AdminService {
         // Whatever ends the import early, the rows stored so far stay
         // stored and durable; the error says how many, so the operator
         // knows that running the same file again is safe.
-        if let Err(why) = stored.and(read) {
-            return Err(NodeError::Unavailable(format!(
-                "import stopped after {accepted} rows were stored durably: {why}; running the same import again is safe (rows already stored count as unchanged)"
-            )));
+        if let Err(cause) = stored.and(read) {
+            return Err(AdminError::ImportStopped { accepted, cause });
         }
         rejections.extend(stale);
         let mut rejected = rejections.listed;
@@ -398,22 +398,21 @@ impl AdminService {
         })
     }
 
-    fn issue_code(&self, request: Request<IssueCodeRequest>) -> NodeResult<IssueCodeResponse> {
+    fn issue_code(
+        &self,
+        request: Request<IssueCodeRequest>,
+    ) -> Result<IssueCodeResponse, AdminError> {
         caller(&request)?;
         let req = request.get_ref();
         // The display data is worked out here and signed into the code; the
         // name and id themselves go no further than this function.
         let masked_name = match req.name.trim() {
             "" => None,
-            name => Some(
-                display::mask_name(name)
-                    .map_err(|e| NodeError::invalid_field("name", e.to_string()))?,
-            ),
+            name => Some(display::mask_name(name).map_err(AdminError::Name)?),
         };
         let (holder, masked_id) = match &req.subject {
             Some(issue_code_request::Subject::NationalId(id)) => {
-                let id = NationalId::parse(id)
-                    .map_err(|e| NodeError::invalid_field("national_id", e.to_string()))?;
+                let id = NationalId::parse(id).map_err(AdminError::NationalId)?;
                 (
                     self.codes.secret.pseudonym(&id),
                     Some(display::mask_national_id(&id)),
@@ -454,9 +453,7 @@ impl AdminService {
             hi: masked_id,
         };
         let keyring = self.codes.keyring.read().expect("keyring lock");
-        let token = keyring
-            .sign(&claims)
-            .map_err(|e| NodeError::Internal(format!("signing: {e}")))?;
+        let token = keyring.sign(&claims).map_err(AdminError::Signing)?;
         Ok(IssueCodeResponse {
             token,
             kid: keyring.active_kid().to_owned(),
@@ -465,12 +462,15 @@ impl AdminService {
         })
     }
 
-    async fn rotate(&self, request: Request<RotateKeyRequest>) -> NodeResult<RotateKeyResponse> {
+    async fn rotate(
+        &self,
+        request: Request<RotateKeyRequest>,
+    ) -> Result<RotateKeyResponse, AdminError> {
         let caller = caller(&request)?;
         let alg = request.get_ref().algorithm.trim();
         let alg: CodeAlg = if alg.is_empty() { "es256" } else { alg }
             .parse()
-            .map_err(|e| NodeError::invalid_field("algorithm", format!("{e}")))?;
+            .map_err(AdminError::Algorithm)?;
         let (kid, previous) = match &self.write_log {
             Some(log) => {
                 let previous = self.active_kid();
@@ -497,7 +497,7 @@ impl AdminService {
     }
 
     /// Rotates this node's own keyring; returns the new and previous kids.
-    async fn rotate_here(&self, alg: CodeAlg) -> NodeResult<(String, String)> {
+    async fn rotate_here(&self, alg: CodeAlg) -> Result<(String, String), AdminError> {
         // Key generation and the key files' writes: on the blocking pool,
         // and on a copy of the keyring, so codes are issued meanwhile.
         let codes = self.codes.clone();
@@ -507,12 +507,15 @@ impl AdminService {
                     let previous = keyring.active_kid().to_owned();
                     Ok((keyring.rotate(alg)?, previous))
                 })
-                .map_err(|e| NodeError::Internal(format!("rotating keys: {e}")))
+                .map_err(AdminError::Rotation)
         })
         .await
     }
 
-    async fn revoke(&self, request: Request<RevokeKeyRequest>) -> NodeResult<RevokeKeyResponse> {
+    async fn revoke(
+        &self,
+        request: Request<RevokeKeyRequest>,
+    ) -> Result<RevokeKeyResponse, AdminError> {
         let caller = caller(&request)?;
         let kid = request.into_inner().kid;
         if let Some(log) = &self.write_log {
@@ -522,7 +525,7 @@ impl AdminService {
                 .read()
                 .expect("keyring lock")
                 .check_revocable(&kid)
-                .map_err(|e| NodeError::FailedPrecondition(e.to_string()))?;
+                .map_err(AdminError::Revocation)?;
             log.revoke_key(&kid).await?;
         } else {
             let codes = self.codes.clone();
@@ -530,7 +533,7 @@ impl AdminService {
             blocking(move || {
                 codes
                     .change_keyring(|keyring| keyring.revoke(&revoked))
-                    .map_err(|e| NodeError::FailedPrecondition(e.to_string()))
+                    .map_err(AdminError::Revocation)
             })
             .await?;
         }
@@ -547,11 +550,9 @@ impl AdminService {
 
 /// Runs `work` (disk, key generation) on the blocking pool.
 async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> NodeResult<T> + Send + 'static,
-) -> NodeResult<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| NodeError::Internal(format!("blocking task: {e}")))?
+    work: impl FnOnce() -> Result<T, AdminError> + Send + 'static,
+) -> Result<T, AdminError> {
+    tokio::task::spawn_blocking(work).await?
 }
 
 #[tonic::async_trait]

@@ -9,7 +9,7 @@ use hufu_federation::audit::LogSigner;
 use std::sync::Arc;
 
 use hufu_certs::Role;
-use hufu_federation::audit::{SignedCheckpoint, TreeHash, WitnessError};
+use hufu_federation::audit::{AuditError, SignedCheckpoint, TreeHash, WitnessError};
 use hufu_proto::v1::{
     AddCheckpointRequest, AddCheckpointResponse, AuditLogEntry, GetCheckpointsRequest,
     GetCheckpointsResponse, GetConsistencyProofRequest, GetConsistencyProofResponse,
@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::caller;
 use crate::error::NodeError;
+use crate::services::error::{AuditServiceError, WitnessServiceError};
 use crate::state::NodeState;
 
 /// Most checkpoints one `GetCheckpoints` returns.
@@ -57,10 +58,10 @@ impl audit_service_server::AuditService for AuditService {
     ) -> Result<Response<GetCheckpointsResponse>, Status> {
         caller(&request)?;
         let after = request.into_inner().after_size;
-        let log = self.audit.log().map_err(NodeError::from)?;
+        let log = self.audit.log().map_err(AuditServiceError::from)?;
         let mut checkpoints: Vec<String> = log
             .published()
-            .map_err(NodeError::from)?
+            .map_err(AuditServiceError::from)?
             .into_iter()
             .filter(|cp| cp.checkpoint().size > after)
             .take(MAX_CHECKPOINTS + 1)
@@ -70,7 +71,7 @@ impl audit_service_server::AuditService for AuditService {
         checkpoints.truncate(MAX_CHECKPOINTS);
         Ok(Response::new(GetCheckpointsResponse {
             origin: self.log_signer.origin().to_owned(),
-            log_size: log.size().map_err(NodeError::from)?,
+            log_size: log.size().map_err(AuditServiceError::from)?,
             checkpoints,
             more,
         }))
@@ -87,7 +88,7 @@ impl audit_service_server::AuditService for AuditService {
             .audit
             .log()
             .and_then(|log| log.entries(req.start, end))
-            .map_err(NodeError::from)?
+            .map_err(AuditServiceError::from)?
             .into_iter()
             .map(|(index, entry)| AuditLogEntry { index, entry })
             .collect();
@@ -104,7 +105,7 @@ impl audit_service_server::AuditService for AuditService {
             .audit
             .log()
             .and_then(|log| log.inclusion_proof(req.index, req.tree_size))
-            .map_err(NodeError::from)?;
+            .map_err(AuditServiceError::from)?;
         Ok(Response::new(GetInclusionProofResponse {
             hashes: proof(hashes),
         }))
@@ -120,7 +121,7 @@ impl audit_service_server::AuditService for AuditService {
             .audit
             .log()
             .and_then(|log| log.consistency_proof(req.old_size, req.new_size))
-            .map_err(NodeError::from)?;
+            .map_err(AuditServiceError::from)?;
         Ok(Response::new(GetConsistencyProofResponse {
             hashes: proof(hashes),
         }))
@@ -147,7 +148,7 @@ impl WitnessService {
     async fn add_checkpoint(
         &self,
         request: Request<AddCheckpointRequest>,
-    ) -> Result<AddCheckpointResponse, Status> {
+    ) -> Result<AddCheckpointResponse, WitnessServiceError> {
         let caller = caller(&request)?;
         let membership = self.peers.members();
         let denied = |why: String| NodeError::denied(&caller, "AddCheckpoint", &why);
@@ -160,12 +161,12 @@ impl WitnessService {
             .into());
         }
         let req = request.into_inner();
-        let offered = SignedCheckpoint::parse(&req.checkpoint)
-            .map_err(|e| NodeError::invalid_field("checkpoint", e.to_string()))?;
+        let offered =
+            SignedCheckpoint::parse(&req.checkpoint).map_err(WitnessServiceError::Checkpoint)?;
         let origin = offered
             .checkpoint()
             .province()
-            .map_err(|e| NodeError::invalid_field("checkpoint", e.to_string()))?;
+            .map_err(WitnessServiceError::Checkpoint)?;
         if origin != caller.province || caller.role != Role::Node {
             return Err(denied(format!(
                 "the checkpoint is of {}, a log of province {origin}: a node may only have its own province's log witnessed",
@@ -186,14 +187,7 @@ impl WitnessService {
         let proof = req
             .proof
             .iter()
-            .map(|h| {
-                TreeHash::from_slice(h).ok_or_else(|| {
-                    NodeError::invalid_field(
-                        "proof",
-                        format!("a proof hash has {} bytes, not 32", h.len()),
-                    )
-                })
-            })
+            .map(|h| TreeHash::from_slice(h).ok_or(WitnessServiceError::ProofHash(h.len())))
             .collect::<Result<Vec<_>, _>>()?;
 
         // The witness flushes its state before cosigning: off the runtime.
@@ -201,13 +195,9 @@ impl WitnessService {
         let note = req.checkpoint;
         let old_size = req.old_size;
         let result = tokio::task::spawn_blocking(move || {
-            audit
-                .witness()
-                .map_err(|e| WitnessError::Storage(e.to_string()))?
-                .witness(&note, &log_key, old_size, &proof)
+            Ok::<_, AuditError>(audit.witness()?.witness(&note, &log_key, old_size, &proof))
         })
-        .await
-        .map_err(|e| NodeError::Internal(format!("witness task: {e}")))?;
+        .await??;
 
         let outcome = match result {
             Ok(cosignature) => add_checkpoint_response::Outcome::Cosignature(cosignature.line()),
@@ -228,22 +218,13 @@ impl WitnessService {
                     error = %err,
                     "AUDIT LOG CONFLICT: a province signed two checkpoints that cannot both be true; cosignature refused, evidence kept in this node's witness tree"
                 );
-                return Err(
-                    NodeError::FailedPrecondition(format!("refused to cosign: {err}")).into(),
-                );
+                return Err(WitnessServiceError::Conflict(err));
             }
-            Err(err) => {
-                return Err(match err {
-                    WitnessError::OwnLog { .. } | WitnessError::BadLogSignature { .. } => {
-                        denied(err.to_string())
-                    }
-                    WitnessError::Malformed(_) | WitnessError::LogKey(_) => {
-                        NodeError::invalid(err.to_string())
-                    }
-                    WitnessError::Rollback { .. } => NodeError::FailedPrecondition(err.to_string()),
-                    _ => NodeError::Internal(err.to_string()),
-                }
-                .into());
+            Err(source) => {
+                return Err(WitnessServiceError::Refused {
+                    caller: caller.uri(),
+                    source,
+                });
             }
         };
         Ok(AddCheckpointResponse {

@@ -6,7 +6,6 @@ use crate::codes::Codes;
 use crate::federation::Federation;
 use crate::metrics::Metrics;
 use crate::peers::PeerClient;
-use crate::standing::Standing;
 use crate::store::Store;
 use hufu_federation::audit::LogSigner;
 use std::pin::Pin;
@@ -17,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use futures::Stream;
 use hufu_certs::Province;
 use hufu_federation::audit::{AnswerSource, EntryKind};
-use hufu_federation::holder::{HolderError, HolderId, NationalId};
+use hufu_federation::holder::{HolderId, NationalId};
 use hufu_proto::v1::federation_service_server;
 use hufu_proto::v1::{
     FeedHead, GetReplicaSnapshotRequest, GetReplicaSnapshotResponse, GetSnapshotRequest,
@@ -36,8 +35,8 @@ use crate::error::{NodeError, NodeResult};
 use crate::federation::holder_match;
 use crate::federation::snapshot;
 use crate::legacy::LegacyCodes;
-use crate::net::PeerInfo;
 use crate::replication::WriteLog;
+use crate::services::error::FederationServiceError;
 use crate::state::NodeState;
 use crate::status::now_millis;
 
@@ -49,7 +48,6 @@ pub struct FederationService {
     store: Arc<Store>,
     codes: Arc<Codes>,
     audit: Arc<NodeAudit>,
-    standing: Arc<Standing>,
     peers: Arc<PeerClient>,
     federation: Arc<Federation>,
     metrics: Arc<Metrics>,
@@ -70,7 +68,6 @@ impl FederationService {
             store: state.store.clone(),
             codes: state.codes.clone(),
             audit: state.audit.clone(),
-            standing: state.standing.clone(),
             peers: state.peers.clone(),
             federation: state.federation.clone(),
             metrics: state.metrics.clone(),
@@ -90,16 +87,11 @@ impl FederationService {
     async fn match_holder(
         &self,
         request: Request<MatchHolderRequest>,
-    ) -> NodeResult<MatchHolderResponse> {
+    ) -> Result<MatchHolderResponse, FederationServiceError> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        let holder: HolderId = req
-            .holder
-            .parse()
-            .map_err(|e: HolderError| NodeError::invalid_field("holder", e.to_string()))?;
-        let id = NationalId::parse(&req.national_id).map_err(|e| {
-            NodeError::invalid_field("national_id", format!("{e}: re-read the identity card"))
-        })?;
+        let holder: HolderId = req.holder.parse().map_err(FederationServiceError::Holder)?;
+        let id = NationalId::parse(&req.national_id).map_err(FederationServiceError::NationalId)?;
         let matches = self.codes.is_own_holder(&id, holder.as_str());
         if caller.province != self.province {
             self.audit
@@ -128,14 +120,15 @@ impl FederationService {
     async fn replica_snapshot(
         &self,
         req: GetReplicaSnapshotRequest,
-    ) -> NodeResult<mpsc::Receiver<Result<GetReplicaSnapshotResponse, Status>>> {
-        let p = Province::parse(&req.issuer)
-            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
+    ) -> Result<mpsc::Receiver<Result<GetReplicaSnapshotResponse, Status>>, FederationServiceError>
+    {
+        let p = Province::parse(&req.issuer).map_err(FederationServiceError::Issuer)?;
         if p != self.province {
             return Err(NodeError::invalid_field(
                 "issuer",
                 format!("this node is a replica of {}, not of {p}", self.province),
-            ));
+            )
+            .into());
         }
         let log = self.write_log.as_ref().ok_or_else(|| {
             NodeError::FailedPrecondition(
@@ -151,7 +144,8 @@ impl FederationService {
                 format!(
                     "the caller holds changes up to {after}, but this replica only up to {end}: a different history"
                 ),
-            ));
+            )
+            .into());
         }
         let head = own_head(self, end)
             .await?
@@ -160,7 +154,7 @@ impl FederationService {
             stream_position: capture.position,
             keys: capture.keys,
         };
-        snapshot::spawn_parts(
+        Ok(snapshot::spawn_parts(
             self.store.clone(),
             self.province,
             after,
@@ -171,7 +165,7 @@ impl FederationService {
                 part: Some(part),
                 replica: first.then(|| replica.clone()),
             },
-        )
+        )?)
     }
 
     /// A snapshot of province `p`'s feed (own, or relayed): its compacted
@@ -180,9 +174,8 @@ impl FederationService {
     async fn feed_snapshot(
         &self,
         req: GetSnapshotRequest,
-    ) -> NodeResult<mpsc::Receiver<Result<GetSnapshotResponse, Status>>> {
-        let p = Province::parse(&req.issuer)
-            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
+    ) -> Result<mpsc::Receiver<Result<GetSnapshotResponse, Status>>, FederationServiceError> {
+        let p = Province::parse(&req.issuer).map_err(FederationServiceError::Issuer)?;
         let head = if p == self.province {
             let end = self.store.tail(p).await?.sequence;
             own_head(self, end).await?
@@ -197,9 +190,10 @@ impl FederationService {
                     "the caller holds changes of {p} up to {}, but this node only up to {}: a different history",
                     req.after_sequence, head.sequence
                 ),
-            ));
+            )
+            .into());
         }
-        snapshot::spawn_parts(
+        Ok(snapshot::spawn_parts(
             self.store.clone(),
             p,
             req.after_sequence,
@@ -207,16 +201,14 @@ impl FederationService {
             &self.tasks,
             self.stop.clone(),
             |part, _| GetSnapshotResponse { part: Some(part) },
-        )
+        )?)
     }
 }
 
-/// Streams one province's feed to one subscriber until it goes away, or
-/// loses its standing (its province left the trust list, its certificate
-/// was revoked): nothing more is sent to it from then on.
+/// Streams one province's feed to one subscriber until it goes away. (The
+/// admission layer ends the stream when the subscriber loses its standing.)
 async fn serve_feed(
     state: FederationService,
-    subscriber: PeerInfo,
     p: Province,
     mut after: u64,
     tx: mpsc::Sender<Result<SubscribeChangesResponse, Status>>,
@@ -227,17 +219,10 @@ async fn serve_feed(
     let mut heartbeat = tokio::time::interval(state.federation.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if let Err(err) =
-            crate::auth::in_good_standing(&state.standing, &subscriber, "SubscribeChanges")
-        {
-            tracing::info!(subscriber = %subscriber.identity, "feed stream ended: subscriber no longer in good standing");
-            let _ = tx.send(Err(err.into())).await;
-            return;
-        }
         let batch = if own {
             own_batch(&state, after, max).await
         } else {
-            relay_batch(&state, p, after)
+            relay_batch(&state, p, after).map_err(FederationServiceError::from)
         };
         let batch = match batch {
             Ok(b) => b,
@@ -318,17 +303,15 @@ async fn own_batch(
     state: &FederationService,
     after: u64,
     max: usize,
-) -> NodeResult<Option<SubscribeChangesResponse>> {
+) -> Result<Option<SubscribeChangesResponse>, FederationServiceError> {
     let tail = state.store.tail(state.province).await?;
     if tail.sequence <= after {
         if tail.sequence < after {
-            return Err(NodeError::invalid_field(
-                "after_sequence",
-                format!(
-                    "subscriber is at change {after}, but province {} has only {}: a different history",
-                    state.province, tail.sequence
-                ),
-            ));
+            return Err(FederationServiceError::AheadOfFeed {
+                after,
+                province: state.province,
+                tail: tail.sequence,
+            });
         }
         return Ok(None);
     }
@@ -382,10 +365,8 @@ impl federation_service_server::FederationService for FederationService {
         request: Request<SubscribeChangesRequest>,
     ) -> Result<Response<FeedStream>, Status> {
         let caller = caller(&request)?;
-        let subscriber = crate::auth::peer(&request)?.clone();
         let req = request.into_inner();
-        let p = Province::parse(&req.issuer)
-            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
+        let p = Province::parse(&req.issuer).map_err(FederationServiceError::Issuer)?;
         if p != self.province {
             if self.peers.members().member(p).is_none() {
                 return Err(NodeError::NotFound(format!(
@@ -407,13 +388,8 @@ impl federation_service_server::FederationService for FederationService {
         }
         tracing::debug!(%caller, province = %p, after = req.after_sequence, "feed subscriber");
         let (tx, rx) = mpsc::channel(4);
-        self.tasks.spawn(serve_feed(
-            self.clone(),
-            subscriber,
-            p,
-            req.after_sequence,
-            tx,
-        ));
+        self.tasks
+            .spawn(serve_feed(self.clone(), p, req.after_sequence, tx));
         Ok(Response::new(
             Box::pin(ReceiverStream::new(rx)) as FeedStream
         ))
@@ -442,7 +418,11 @@ impl federation_service_server::FederationService for FederationService {
         // Peers gossip; this province's admins install what they signed.
         let caller = caller(&request)?;
         let note = request.into_inner().note;
-        let applied = self.federation.offer_trust_list(&note, &caller).await?;
+        let applied = self
+            .federation
+            .offer_trust_list(&note, &caller)
+            .await
+            .map_err(FederationServiceError::from)?;
         Ok(Response::new(OfferTrustListResponse {
             applied,
             version: self.peers.members().version(),

@@ -31,6 +31,7 @@ use crate::error::{NodeError, NodeResult};
 use crate::legacy::LegacyCodes;
 use crate::legacy::verify::LegacyCode;
 use crate::peers::PeerError;
+use crate::services::error::LookupError;
 use crate::state::NodeState;
 use crate::status::{now_millis, now_unix, seconds, timestamp};
 
@@ -76,9 +77,8 @@ impl LookupService {
     }
 
     /// The province asked about: this node's own, or a federation member.
-    fn issuer(&self, issuer: &str) -> NodeResult<Province> {
-        let asked = Province::parse(issuer)
-            .map_err(|e| NodeError::invalid_field("issuer", e.to_string()))?;
+    fn issuer(&self, issuer: &str) -> Result<Province, LookupError> {
+        let asked = Province::parse(issuer).map_err(LookupError::Issuer)?;
         if asked == self.province {
             return Ok(asked);
         }
@@ -86,16 +86,17 @@ impl LookupService {
         if membership.member(asked).is_some() {
             return Ok(asked);
         }
-        match membership.list {
-            None => Err(NodeError::WrongProvince {
+        Err(match membership.list {
+            None => NodeError::WrongProvince {
                 asked,
                 own: self.province,
-            }),
-            Some(_) => Err(NodeError::NotFound(format!(
+            },
+            Some(_) => NodeError::NotFound(format!(
                 "province {asked} is not a member of the federation (trust list v{})",
                 membership.version()
-            ))),
+            )),
         }
+        .into())
     }
 
     /// Whether a call by `caller` about province `p` crosses provinces, and
@@ -158,16 +159,11 @@ impl LookupService {
         }
     }
 
-    async fn lookup(&self, request: Request<LookupRequest>) -> NodeResult<LookupResponse> {
+    async fn lookup(&self, request: Request<LookupRequest>) -> Result<LookupResponse, LookupError> {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let issuer = self.issuer(&req.issuer)?;
-        let holder: HolderId =
-            req.holder
-                .parse()
-                .map_err(|e: hufu_federation::holder::HolderError| {
-                    NodeError::invalid_field("holder", e.to_string())
-                })?;
+        let holder: HolderId = req.holder.parse().map_err(LookupError::Holder)?;
         let (record, provenance) = self.answer(&caller, issuer, holder.as_str()).await?;
         if self.cross_province(&caller, issuer) {
             self.audit
@@ -196,17 +192,11 @@ impl LookupService {
     async fn batch_lookup(
         &self,
         request: Request<BatchLookupRequest>,
-    ) -> NodeResult<BatchLookupResponse> {
+    ) -> Result<BatchLookupResponse, LookupError> {
         let caller = caller(&request)?;
         let req = request.into_inner();
         if req.holders.len() > MAX_BATCH {
-            return Err(NodeError::invalid_field(
-                "holders",
-                format!(
-                    "batch of {} holders exceeds the limit of {MAX_BATCH}; split it into several calls",
-                    req.holders.len()
-                ),
-            ));
+            return Err(LookupError::BatchTooLarge(req.holders.len()));
         }
         let p = self.issuer(&req.issuer)?;
         // One freshness decision for the whole batch: a batch is answered
@@ -260,8 +250,7 @@ impl LookupService {
             }
             Ok::<_, NodeError>(entries)
         })
-        .await
-        .map_err(|e| NodeError::Internal(format!("batch lookup task: {e}")))??;
+        .await??;
         if self.cross_province(&caller, p) {
             self.audit_batch(&caller, p, &entries, provenance.source)
                 .await;
@@ -350,7 +339,7 @@ impl LookupService {
         result
     }
 
-    async fn verify(&self, request: Request<VerifyRequest>) -> NodeResult<VerifyResponse> {
+    async fn verify(&self, request: Request<VerifyRequest>) -> Result<VerifyResponse, LookupError> {
         let caller = caller(&request)?;
         let req = request.into_inner();
         // The national id read from a card is checked first, so that a
@@ -358,12 +347,7 @@ impl LookupService {
         // lives only in this call.
         let national_id = match req.national_id.trim() {
             "" => None,
-            id => Some(NationalId::parse(id).map_err(|e| {
-                NodeError::invalid_field(
-                    "national_id",
-                    format!("national_id: {e}: read the identity card again"),
-                )
-            })?),
+            id => Some(NationalId::parse(id).map_err(LookupError::NationalId)?),
         };
         // Hufu's own code, or a member's legacy code, or neither.
         let legacy = match self.peers.members().formats.scan(&req.token) {
@@ -385,14 +369,14 @@ impl LookupService {
             }
         };
         if let Some(code) = legacy {
-            return crate::legacy::verify::verify(
+            return Ok(crate::legacy::verify::verify(
                 &self.legacy,
                 &caller,
                 code,
                 req.policy.as_ref(),
                 national_id.as_ref(),
             )
-            .await;
+            .await?);
         }
         let now = now_unix();
         let code = match codes::qr::from_scanned(&req.token)
@@ -504,7 +488,7 @@ impl LookupService {
             .await;
     }
 
-    fn jwks(&self, request: Request<GetJwksRequest>) -> NodeResult<GetJwksResponse> {
+    fn jwks(&self, request: Request<GetJwksRequest>) -> Result<GetJwksResponse, LookupError> {
         caller(&request)?;
         let req = request.into_inner();
         if !req.province.is_empty() {
@@ -520,8 +504,7 @@ impl LookupService {
                     ))
                 })?;
                 return Ok(GetJwksResponse {
-                    jwks_json: serde_json::to_string(&jwks)
-                        .map_err(|e| NodeError::Internal(format!("jwks: {e}")))?,
+                    jwks_json: serde_json::to_string(&jwks)?,
                     revoked_kids,
                     revoked_serials: self.standing.revoked(p),
                 });

@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod audit;
+pub mod error;
 pub mod federation;
 pub mod lookup;

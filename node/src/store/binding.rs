@@ -6,8 +6,6 @@
 //! Own bindings enter the change log through the same seam as statuses
 //! ([`Store::prepare_bindings`], then [`PendingPut::commit`]).
 
-use std::collections::HashMap;
-
 use data_encoding::BASE32_NOPAD;
 use hufu_certs::Province;
 use hufu_federation::holder::HolderId;
@@ -122,37 +120,20 @@ impl Store {
     /// [`prepare`](Self::prepare) does for statuses: what must be durable
     /// first (the audit entries) can be.
     pub async fn prepare_bindings(&self, bindings: &[Binding]) -> NodeResult<PendingPut<'_>> {
-        if !self.writable() {
-            return Err(Self::refused());
-        }
-        let tail = self.own_writer.lock().await;
-        let mut sequence = tail.sequence;
-        let mut changes = Vec::new();
-        let mut outcomes = Vec::with_capacity(bindings.len());
-        // A code may repeat within a call: later ones are compared with
-        // earlier ones, not with the disk.
-        let mut pending: HashMap<CodeHash, Option<&str>> = HashMap::new();
-        for binding in bindings {
-            let holder = binding.holder.as_ref().map(HolderId::as_str);
-            let held = match pending.get(&binding.hash) {
-                Some(h) => h.map(str::to_owned),
-                None => self.binding(self.own, &binding.hash)?,
-            };
-            if held.as_deref() == holder {
-                outcomes.push(PutOutcome::Unchanged);
-                continue;
-            }
-            sequence += 1;
-            changes.push((sequence, binding.to_change_bytes()));
-            pending.insert(binding.hash, holder);
-            outcomes.push(PutOutcome::Applied { sequence });
-        }
-        Ok(PendingPut {
-            store: self,
-            tail,
-            changes,
-            outcomes,
-        })
+        self.stage_own(
+            bindings,
+            |binding| binding.hash,
+            |binding, earlier| {
+                let held = match earlier {
+                    Some(e) => e.holder.as_ref().map(|h| h.as_str().to_owned()),
+                    None => self.binding(self.own, &binding.hash)?,
+                };
+                let holder = binding.holder.as_ref().map(HolderId::as_str);
+                Ok((held.as_deref() == holder).then_some(PutOutcome::Unchanged))
+            },
+            Binding::to_change_bytes,
+        )
+        .await
     }
 }
 

@@ -3,6 +3,7 @@
 //! once what must be durable first (its audit entry) is.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use hufu_federation::feed::Change;
 use hufu_proto::v1::StatusRecord;
@@ -34,36 +35,57 @@ impl Store {
     /// outcome and holds the change log until [`PendingPut::commit`], so
     /// that what must be durable before the change (its audit entry) can be.
     pub async fn prepare(&self, records: &[StatusRecord]) -> NodeResult<PendingPut<'_>> {
+        self.stage_own(
+            records,
+            |record| record.holder.as_str(),
+            |record, earlier| {
+                let stored = match earlier {
+                    Some(r) => Some(r.clone()),
+                    None => self.get(self.own, &record.holder)?,
+                };
+                Ok(match stored {
+                    Some(stored) if stored == *record => Some(PutOutcome::Unchanged),
+                    Some(stored) if !supersedes(record, &stored) => Some(PutOutcome::Stale {
+                        stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
+                    }),
+                    _ => None,
+                })
+            },
+            |record| record.encode_to_vec(),
+        )
+        .await
+    }
+
+    /// Numbers the `items` that change something as this province's next
+    /// changes and holds the change log until [`PendingPut::commit`].
+    /// `kept` says what an item leaves as it is (`Unchanged`, `Stale`), or
+    /// None for a change, given the item of the same `key` earlier in the
+    /// call if any: items may repeat within a call, and later ones are
+    /// compared with earlier ones, not with the disk.
+    pub(super) async fn stage_own<'a, T, K: Eq + Hash>(
+        &self,
+        items: &'a [T],
+        key: impl Fn(&'a T) -> K,
+        kept: impl Fn(&'a T, Option<&'a T>) -> NodeResult<Option<PutOutcome>>,
+        encode: impl Fn(&'a T) -> Vec<u8>,
+    ) -> NodeResult<PendingPut<'_>> {
         if !self.writable() {
             return Err(Self::refused());
         }
         let tail = self.own_writer.lock().await;
         let mut sequence = tail.sequence;
         let mut changes = Vec::new();
-        let mut outcomes = Vec::with_capacity(records.len());
-        // Records of one holder may repeat within a call: later ones must be
-        // compared with earlier ones, not with the disk.
-        let mut pending: HashMap<&str, &StatusRecord> = HashMap::new();
-        for record in records {
-            let stored = match pending.get(record.holder.as_str()) {
-                Some(r) => Some((*r).clone()),
-                None => self.get(self.own, &record.holder)?,
-            };
-            if let Some(stored) = stored {
-                if stored == *record {
-                    outcomes.push(PutOutcome::Unchanged);
-                    continue;
-                }
-                if !supersedes(record, &stored) {
-                    outcomes.push(PutOutcome::Stale {
-                        stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
-                    });
-                    continue;
-                }
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut pending: HashMap<K, &'a T> = HashMap::new();
+        for item in items {
+            let key = key(item);
+            if let Some(outcome) = kept(item, pending.get(&key).copied())? {
+                outcomes.push(outcome);
+                continue;
             }
             sequence += 1;
-            changes.push((sequence, record.encode_to_vec()));
-            pending.insert(&record.holder, record);
+            changes.push((sequence, encode(item)));
+            pending.insert(key, item);
             outcomes.push(PutOutcome::Applied { sequence });
         }
         Ok(PendingPut {

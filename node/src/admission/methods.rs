@@ -214,6 +214,70 @@ mod tests {
         assert_eq!((m.access, m.shape), (None, Shape::LongLived));
     }
 
+    /// The whole table, method by method: who may call it, its class for a
+    /// terminal (or admin, auditor) and for another province's node, and its
+    /// shape. A change to any row of DESIGN.md's rules shows up here.
+    #[test]
+    fn every_method_path_is_classified() {
+        use Access::*;
+        use Class::{Bulk, Federation as Fed, Serving};
+        use Shape::*;
+        let lookup = status_lookup_service_server::SERVICE_NAME;
+        let admin = admin_service_server::SERVICE_NAME;
+        let federation = federation_service_server::SERVICE_NAME;
+        let witness = witness_service_server::SERVICE_NAME;
+        let audit = audit_service_server::SERVICE_NAME;
+        let health = "grpc.health.v1.Health";
+        let reflection = "grpc.reflection.v1.ServerReflection";
+        /// service, method, access, class (terminal), class (node), shape
+        type Row<'a> = (&'a str, &'a str, Option<Access>, Class, Class, Shape);
+        #[rustfmt::skip]
+        let table: &[Row] = &[
+            (lookup, "Lookup", Some(Lookup), Serving, Fed, Unary),
+            (lookup, "BatchLookup", Some(Lookup), Serving, Fed, Unary),
+            (lookup, "Verify", Some(Verify), Serving, Fed, Unary),
+            (lookup, "GetJwks", Some(PublicKeys), Serving, Fed, Unary),
+            (admin, "PutStatus", Some(Admin), Bulk, Bulk, Unary),
+            (admin, "ImportStatuses", Some(Admin), Bulk, Bulk, ClientStream),
+            (admin, "GetStatus", Some(Admin), Bulk, Bulk, Unary),
+            (admin, "IssueCode", Some(Admin), Bulk, Bulk, Unary),
+            (admin, "RotateKey", Some(Admin), Bulk, Bulk, Unary),
+            (admin, "RevokeKey", Some(Admin), Bulk, Bulk, Unary),
+            (admin, "LinkCode", Some(Admin), Bulk, Bulk, Unary),
+            (admin, "UnlinkCode", Some(Admin), Bulk, Bulk, Unary),
+            (federation, "SubscribeChanges", Some(Federation), Fed, Fed, LongLived),
+            (federation, "GetSnapshot", Some(Federation), Fed, Fed, LongLived),
+            (federation, "GetReplicaSnapshot", Some(Replica), Fed, Fed, LongLived),
+            (federation, "GetTrustList", Some(Federation), Fed, Fed, Unary),
+            (federation, "OfferTrustList", Some(TrustOffer), Fed, Fed, Unary),
+            (federation, "MatchHolder", Some(Federation), Fed, Fed, Unary),
+            (federation, "ResolveCode", Some(Federation), Fed, Fed, Unary),
+            (witness, "AddCheckpoint", Some(Federation), Fed, Fed, Unary),
+            (audit, "GetCheckpoints", Some(Audit), Bulk, Bulk, Unary),
+            (audit, "GetEntries", Some(Audit), Bulk, Bulk, Unary),
+            (audit, "GetInclusionProof", Some(Audit), Bulk, Bulk, Unary),
+            (audit, "GetConsistencyProof", Some(Audit), Bulk, Bulk, Unary),
+            (health, "Check", None, Serving, Fed, Unary),
+            (health, "Watch", None, Serving, Fed, LongLived),
+            (reflection, "ServerReflectionInfo", None, Bulk, Bulk, LongLived),
+            ("no.such.Service", "Lookup", None, Serving, Fed, Unary),
+        ];
+        for (service, name, access, terminal, node, shape) in table {
+            let m = method(&format!("/{service}/{name}"));
+            let row = format!("{service}/{name}");
+            assert_eq!(m.name, *name, "{row}");
+            assert_eq!(m.access, *access, "{row}");
+            assert_eq!(m.class_for(&id(Role::Terminal)), *terminal, "{row}");
+            assert_eq!(m.class_for(&id(Role::Node)), *node, "{row}");
+            assert_eq!(m.shape, *shape, "{row}");
+        }
+        // Every name the table knows has its row above.
+        for name in STATIC_NAMES {
+            assert!(table.iter().any(|row| row.1 == *name), "{name} has no row");
+        }
+        assert_eq!(method("/garbage").name, "unknown method");
+    }
+
     #[test]
     fn a_new_method_of_a_service_takes_the_services_rules() {
         let m = method(&format!(

@@ -31,9 +31,18 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The checkpoint text: origin, size and base64 root, each on its own
-    /// line.
-    pub fn text(&self) -> String {
-        format!("{}\n{}\n{}\n", self.origin, self.size, self.root)
+    /// line, as `tlog_tiles` writes it (with no extension lines). Refused
+    /// when C2SP would not accept it: an empty origin.
+    pub fn text(&self) -> Result<String, AuditError> {
+        let checkpoint = tlog_tiles::Checkpoint::new(&self.origin, self.size, self.root.into(), "")
+            .map_err(|_| {
+                AuditError::MalformedCheckpoint(format!(
+                    "origin {:?} cannot be a checkpoint's first line",
+                    self.origin
+                ))
+            })?;
+        String::from_utf8(checkpoint.to_bytes())
+            .map_err(|e| AuditError::MalformedCheckpoint(format!("checkpoint text: {e}")))
     }
 
     /// Parses a checkpoint text, refusing extension lines.
@@ -86,7 +95,7 @@ impl SignedCheckpoint {
                 signer: signer.origin().to_owned(),
             });
         }
-        let mut note = Note::new(checkpoint.text())?;
+        let mut note = Note::new(checkpoint.text()?)?;
         note.add_signature(signer.sign_checkpoint(note.text()))?;
         Ok(SignedCheckpoint { checkpoint, note })
     }

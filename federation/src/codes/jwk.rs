@@ -4,7 +4,6 @@
 //! The types are Hufu's own rather than `jsonwebtoken::jwk` so that the
 //! published JSON is exactly `{kty, crv, x, y, kid, alg, use}` and nothing else.
 
-use aws_lc_rs::digest;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ED25519, ParsedPublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -94,32 +93,56 @@ impl Jwk {
     }
 
     /// RFC 7638 thumbprint: SHA-256 over the required members in
-    /// lexicographic order with no whitespace, base64url without padding.
+    /// lexicographic order with no whitespace, base64url without padding,
+    /// as `jsonwebtoken` computes it.
     pub fn thumbprint(&self) -> Result<String, CodeError> {
-        // Members are base64url or fixed names, so no JSON escaping is needed;
-        // anything else is refused rather than hashed in a non-canonical form.
+        use jsonwebtoken::jwk::{
+            AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
+            EllipticCurveKeyType, OctetKeyPairParameters, OctetKeyPairType, ThumbprintHash,
+        };
+        // `jsonwebtoken` writes the members into the hashed JSON unescaped:
+        // anything but base64url is refused rather than hashed in a
+        // non-canonical form.
         let canonical = |s: &str| {
             s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
-        let mut fields = [&self.kty, &self.crv, &self.x]
+        if ![&self.x]
             .into_iter()
-            .chain(self.y.as_ref());
-        if !fields.all(|f| canonical(f)) {
+            .chain(self.y.as_ref())
+            .all(|f| canonical(f))
+        {
             return Err(self.invalid("members must be base64url"));
         }
-        let json = match (self.kty.as_str(), &self.y) {
-            ("EC", Some(y)) => format!(
-                r#"{{"crv":"{}","kty":"EC","x":"{}","y":"{}"}}"#,
-                self.crv, self.x, y
-            ),
-            ("OKP", None) => format!(r#"{{"crv":"{}","kty":"OKP","x":"{}"}}"#, self.crv, self.x),
-            ("EC", None) => return Err(self.invalid("an EC key needs y")),
-            ("OKP", Some(_)) => return Err(self.invalid("an OKP key has no y")),
-            (kty, _) => return Err(self.invalid(&format!("kty {kty:?} is not EC or OKP"))),
+        let algorithm = match (self.kty.as_str(), self.crv.as_str(), &self.y) {
+            ("EC", "P-256", Some(y)) => {
+                AlgorithmParameters::EllipticCurve(EllipticCurveKeyParameters {
+                    key_type: EllipticCurveKeyType::EC,
+                    curve: EllipticCurve::P256,
+                    x: self.x.clone(),
+                    y: y.clone(),
+                })
+            }
+            ("OKP", "Ed25519", None) => AlgorithmParameters::OctetKeyPair(OctetKeyPairParameters {
+                key_type: OctetKeyPairType::OctetKeyPair,
+                curve: EllipticCurve::Ed25519,
+                x: self.x.clone(),
+            }),
+            ("EC", _, None) => return Err(self.invalid("an EC key needs y")),
+            ("OKP", _, Some(_)) => return Err(self.invalid("an OKP key has no y")),
+            ("EC" | "OKP", crv, _) => {
+                return Err(
+                    self.invalid(&format!("crv {crv:?} is not P-256 (EC) or Ed25519 (OKP)"))
+                );
+            }
+            (kty, _, _) => return Err(self.invalid(&format!("kty {kty:?} is not EC or OKP"))),
         };
-        let hash = digest::digest(&digest::SHA256, json.as_bytes());
-        Ok(URL_SAFE_NO_PAD.encode(hash.as_ref()))
+        jsonwebtoken::jwk::Jwk {
+            common: CommonParameters::default(),
+            algorithm,
+        }
+        .thumbprint(ThumbprintHash::SHA256)
+        .map_err(|e| self.invalid(&format!("thumbprint: {e}")))
     }
 
     /// Checks this is a well-formed Hufu signing key whose kid is its

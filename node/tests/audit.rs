@@ -9,6 +9,7 @@ mod common;
 
 use common::eventually;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -165,17 +166,17 @@ fn named_entries(message: &str) -> (u64, u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
-    let scratch = tempfile::tempdir().unwrap();
-    let fed = federation(scratch.path()).await;
+/// The cross-province calls whose entries the tests below look for. A TJ
+/// checkpoint terminal (gate-7) verifies holder 1's GD code, from TJ's
+/// replica once it answers, and a forged one; a SN desk (desk-3) looks GD
+/// holders 0, 2, 3 and 4 up, which SN asks GD about; GD's admin sets holder
+/// 5's status and rotates its key. Returns GD's six holders.
+async fn make_audited_calls(fed: &LocalFederation) -> Vec<String> {
     let (sn, gd, tj) = (fed.get(p(SN)), fed.get(p(GD)), fed.get(p(TJ)));
     let gd_holders = common::import_samples(gd, 6).await;
     // Checkpoints between the steps, so that verification can name entries.
     published_all(gd).await;
 
-    // A TJ checkpoint terminal verifies GD codes, until TJ's replica of GD
-    // answers.
     let token = issue(gd, 1).await;
     let mut gate = tj.terminal("gate-7").await.unwrap();
     let verified = eventually(Duration::from_secs(10), || {
@@ -212,9 +213,9 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .into_inner();
     assert_ne!(refused.verdict, Verdict::Valid as i32);
 
-    // A SN desk looks GD holders up: SN asks GD (its replicas are never
-    // fresh enough), one by one and in a batch. Until SN's circuit to GD
-    // is closed, SN answers from its replica instead: ask again then.
+    // SN's replicas are never fresh enough, so SN asks GD, one by one and
+    // in a batch. Until SN's circuit to GD is closed, SN answers from its
+    // replica instead: ask again then.
     let desk = sn.terminal("desk-3").await.unwrap();
     eventually(Duration::from_secs(10), || {
         let mut desk = desk.clone();
@@ -250,7 +251,6 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
     })
     .await;
 
-    // GD's admin changes a status (by national id) and rotates its key.
     let mut admin = gd.admin().await.unwrap();
     admin
         .put_status(PutStatusRequest {
@@ -265,14 +265,28 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         })
         .await
         .unwrap();
+    gd_holders
+}
 
-    // Every log is checkpointed, cosigned and published.
-    let mut sizes = std::collections::HashMap::new();
-    for lp in [sn, gd, tj] {
+/// What an auditor of Tianjin fetched with the real binary.
+struct Fetched {
+    /// The trust list the auditor holds: the one Tianjin installed.
+    trust_note: String,
+    /// Each province's fetched log directory.
+    dirs: HashMap<Province, PathBuf>,
+    /// Each province's log size when fetched.
+    sizes: HashMap<Province, u64>,
+}
+
+/// Waits until every log is checkpointed, cosigned and published, then has
+/// an auditor of Tianjin (alice) fetch each node's log with `hufu audit fetch`.
+async fn fetch_all(scratch: &Path, fed: &LocalFederation) -> Fetched {
+    let provinces = [fed.get(p(SN)), fed.get(p(GD)), fed.get(p(TJ))];
+    let mut sizes = HashMap::new();
+    for lp in provinces {
         sizes.insert(lp.province, published_all(lp).await);
     }
-
-    // An auditor of Tianjin fetches each node's log with the real binary.
+    let tj = fed.get(p(TJ));
     let (code, _, err) = hufu(&[
         "certs",
         "issue",
@@ -287,11 +301,9 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
     assert_eq!(code, 0, "{err}");
     let cert = s(&tj.dir.join("auditor/alice.pem"));
     let key = s(&tj.dir.join("auditor/alice.key"));
-    // The trust list the auditor holds: the one Tianjin installed.
-    let trust_note = s(&tj.dir.join("trust/v000001.note"));
-    let mut fetched = std::collections::HashMap::new();
-    for lp in [sn, gd, tj] {
-        let out = scratch.path().join(format!("fetched-{}", lp.province));
+    let mut dirs = HashMap::new();
+    for lp in provinces {
+        let out = scratch.join(format!("fetched-{}", lp.province));
         let config = s(&lp.dir.join("hufu.toml"));
         let (code, stdout, stderr) = hufu(&[
             "audit",
@@ -314,24 +326,183 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
             )),
             "{stdout}"
         );
+        dirs.insert(lp.province, out);
+    }
+    Fetched {
+        trust_note: s(&tj.dir.join("trust/v000001.note")),
+        dirs,
+        sizes,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_log_verifies_offline_and_holds_the_cross_province_calls() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut fed = federation(scratch.path()).await;
+    let gd_holders = make_audited_calls(&fed).await;
+    let fetched = fetch_all(scratch.path(), &fed).await;
+
+    for (province, dir) in &fetched.dirs {
         let (code, stdout, stderr) =
-            hufu(&["audit", "verify", &s(&out), "--trust", &trust_note]).await;
-        assert_eq!(code, 0, "verify {}: {stdout}{stderr}", lp.province);
+            hufu(&["audit", "verify", &s(dir), "--trust", &fetched.trust_note]).await;
+        assert_eq!(code, 0, "verify {province}: {stdout}{stderr}");
         assert!(
             stdout.contains(&format!(
-                "hufu.audit/{}/node-1: {} entries and",
-                lp.province, sizes[&lp.province]
+                "hufu.audit/{province}/node-1: {} entries and",
+                fetched.sizes[province]
             )) && !stdout.contains("cosigned by at least 0"),
             "{stdout}"
         );
-        fetched.insert(lp.province, out);
     }
-    // The audit API's proofs check against what it publishes.
-    let alice = hufu_node::client::ClientCert::load(
-        &tj.dir.join("auditor/alice.pem"),
-        &tj.dir.join("auditor/alice.key"),
-    )
-    .unwrap();
+    // A trust directory works too: its chain is checked from the genesis.
+    let tj = fed.get(p(TJ));
+    let (code, _, stderr) = hufu(&[
+        "audit",
+        "verify",
+        &s(&fetched.dirs[&p(GD)]),
+        "--trust",
+        &s(&tj.dir.join("trust")),
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+
+    // The entries are the calls made. At TJ: the verify of holder 1's GD
+    // code by gate-7, from the replica; found by the auditor's query.
+    let tj_dir = &fetched.dirs[&p(TJ)];
+    let gate_uri = "spiffe://hufu/province/120000/terminal/gate-7";
+    let (code, stdout, stderr) = hufu(&[
+        "audit",
+        "export",
+        &s(tj_dir),
+        "--format",
+        "jsonl",
+        "--holder",
+        &gd_holders[1],
+        "--kind",
+        "verify_served",
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!rows.is_empty(), "no verify of {} at TJ", gd_holders[1]);
+    assert!(rows.iter().all(|r| r["holder"] == gd_holders[1].as_str()));
+    let replica_row = rows
+        .iter()
+        .find(|r| r["source"] == "replica" && r["answer"] == "yellow")
+        .unwrap_or_else(|| panic!("no replica answer among {rows:?}"));
+    assert_eq!(replica_row["caller"], gate_uri);
+    assert_eq!(replica_row["province"], GD);
+    assert_eq!(replica_row["kind"], "verify_served");
+    assert!(
+        rows.iter()
+            .any(|r| r["answer"] == "bad_signature" && r["source"].is_null()),
+        "{rows:?}"
+    );
+    let (code, stdout, _) = hufu(&[
+        "audit",
+        "query",
+        &s(tj_dir),
+        "--caller",
+        "terminal/gate-7",
+        "--province",
+        GD,
+        "--holder",
+        &gd_holders[1],
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        stdout.lines().count() >= 2
+            && stdout
+                .lines()
+                .all(|l| l.contains(gate_uri) && l.contains("\tverify_served\t")),
+        "{stdout}"
+    );
+    let (code, stdout, _) = hufu(&[
+        "audit",
+        "export",
+        &s(tj_dir),
+        "--format",
+        "csv",
+        "--kind",
+        "lookup_served",
+        "--caller",
+        "nobody",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout.trim(),
+        "index,time,time_utc,kind,caller,province,holder,answer,source,detail"
+    );
+    // TJ's own terminal verifies are not cross-province: nothing else there
+    // but GD's codes.
+    assert!(
+        entries(tj_dir)
+            .iter()
+            .all(|e| e.province == p(GD) && e.caller.uri() == gate_uri)
+    );
+
+    // At SN: desk-3's lookups, served and made; at GD: SN's node asking.
+    let sn_entries = entries(&fetched.dirs[&p(SN)]);
+    let desk_uri = "spiffe://hufu/province/610000/terminal/desk-3";
+    let sn_node = "spiffe://hufu/province/610000/node/node-1";
+    for n in [0, 2, 4] {
+        let holder = &gd_holders[n];
+        let colour = hufu_node::status::colour_name(common::colour_of(n as u64));
+        for kind in [EntryKind::LookupServed, EntryKind::LookupMade] {
+            let found = has(&sn_entries, kind, desk_uri, GD, holder);
+            assert!(
+                found.iter().any(|e| e.answer.as_deref() == Some(colour)
+                    && e.source == Some(AnswerSource::Authoritative)),
+                "{kind:?} of {holder} at SN: {found:?}"
+            );
+        }
+    }
+    let gd_entries = entries(&fetched.dirs[&p(GD)]);
+    for holder in [&gd_holders[0], &gd_holders[3]] {
+        let found = has(&gd_entries, EntryKind::LookupServed, sn_node, GD, holder);
+        assert!(
+            !found.is_empty(),
+            "lookup of {holder} at GD: {gd_entries:?}"
+        );
+    }
+    // At GD: the admin's changes (six imported, one set) and the rotation.
+    let gd_admin = "spiffe://hufu/province/440000/admin/admin";
+    for (n, holder) in gd_holders.iter().enumerate() {
+        let changes = has(&gd_entries, EntryKind::StatusChanged, gd_admin, GD, holder);
+        let expected = if n == 5 { 2 } else { 1 };
+        assert_eq!(changes.len(), expected, "status changes of holder {n}");
+        assert_eq!(
+            changes[0].answer.as_deref(),
+            Some(hufu_node::status::colour_name(common::colour_of(n as u64)))
+        );
+    }
+    assert_eq!(
+        gd_entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::KeyRotated && e.caller.uri() == gd_admin)
+            .count(),
+        1
+    );
+    fed.stop_all().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_api_proves_what_it_publishes() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut fed = federation(scratch.path()).await;
+    let (gd, tj) = (fed.get(p(GD)), fed.get(p(TJ)));
+    // Three published checkpoints at least: one per batch of changes.
+    for n in 0..3 {
+        common::import_samples(gd, 2 * (n + 1)).await;
+        published_all(gd).await;
+    }
+    let size = published_all(gd).await;
+    let alice = tj.client_cert(Role::Auditor, "alice").unwrap();
     let mut api = AuditServiceClient::new(gd.channel_as(&alice).await.unwrap());
     let published = api
         .get_checkpoints(GetCheckpointsRequest { after_size: 0 })
@@ -382,7 +553,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .unwrap()
         .into_inner()
         .entries;
-    assert_eq!(page.len() as u64, sizes[&p(GD)] - 2);
+    assert_eq!(page.len() as u64, size - 2);
     assert_eq!(page[0].index, 2);
     let inclusion = api
         .get_inclusion_proof(GetInclusionProofRequest {
@@ -408,144 +579,19 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    fed.stop_all().await.unwrap();
+}
 
-    // A trust directory works too: its chain is checked from the genesis.
-    let (code, _, stderr) = hufu(&[
-        "audit",
-        "verify",
-        &s(&fetched[&p(GD)]),
-        "--trust",
-        &s(&tj.dir.join("trust")),
-    ])
-    .await;
-    assert_eq!(code, 0, "{stderr}");
-
-    // The entries are the calls made. At TJ: the verify of holder 1's GD
-    // code by gate-7, from the replica; found by the auditor's query.
-    let gate_uri = "spiffe://hufu/province/120000/terminal/gate-7";
-    let (code, stdout, stderr) = hufu(&[
-        "audit",
-        "export",
-        &s(&fetched[&p(TJ)]),
-        "--format",
-        "jsonl",
-        "--holder",
-        &gd_holders[1],
-        "--kind",
-        "verify_served",
-    ])
-    .await;
-    assert_eq!(code, 0, "{stderr}");
-    let rows: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(!rows.is_empty(), "no verify of {} at TJ", gd_holders[1]);
-    assert!(rows.iter().all(|r| r["holder"] == gd_holders[1].as_str()));
-    let replica_row = rows
-        .iter()
-        .find(|r| r["source"] == "replica" && r["answer"] == "yellow")
-        .unwrap_or_else(|| panic!("no replica answer among {rows:?}"));
-    assert_eq!(replica_row["caller"], gate_uri);
-    assert_eq!(replica_row["province"], GD);
-    assert_eq!(replica_row["kind"], "verify_served");
-    assert!(
-        rows.iter()
-            .any(|r| r["answer"] == "bad_signature" && r["source"].is_null()),
-        "{rows:?}"
-    );
-    let (code, stdout, _) = hufu(&[
-        "audit",
-        "query",
-        &s(&fetched[&p(TJ)]),
-        "--caller",
-        "terminal/gate-7",
-        "--province",
-        GD,
-        "--holder",
-        &gd_holders[1],
-    ])
-    .await;
-    assert_eq!(code, 0);
-    assert!(
-        stdout.lines().count() >= 2
-            && stdout
-                .lines()
-                .all(|l| l.contains(gate_uri) && l.contains("\tverify_served\t")),
-        "{stdout}"
-    );
-    let (code, stdout, _) = hufu(&[
-        "audit",
-        "export",
-        &s(&fetched[&p(TJ)]),
-        "--format",
-        "csv",
-        "--kind",
-        "lookup_served",
-        "--caller",
-        "nobody",
-    ])
-    .await;
-    assert_eq!(code, 0);
-    assert_eq!(
-        stdout.trim(),
-        "index,time,time_utc,kind,caller,province,holder,answer,source,detail"
-    );
-
-    // At SN: desk-3's lookups, served and made; at GD: SN's node asking.
-    let sn_entries = entries(&fetched[&p(SN)]);
-    let desk_uri = "spiffe://hufu/province/610000/terminal/desk-3";
-    let sn_node = "spiffe://hufu/province/610000/node/node-1";
-    for n in [0, 2, 4] {
-        let holder = &gd_holders[n];
-        let colour = hufu_node::status::colour_name(common::colour_of(n as u64));
-        for kind in [EntryKind::LookupServed, EntryKind::LookupMade] {
-            let found = has(&sn_entries, kind, desk_uri, GD, holder);
-            assert!(
-                found.iter().any(|e| e.answer.as_deref() == Some(colour)
-                    && e.source == Some(AnswerSource::Authoritative)),
-                "{kind:?} of {holder} at SN: {found:?}"
-            );
-        }
-    }
-    let gd_entries = entries(&fetched[&p(GD)]);
-    for holder in [&gd_holders[0], &gd_holders[3]] {
-        let found = has(&gd_entries, EntryKind::LookupServed, sn_node, GD, holder);
-        assert!(
-            !found.is_empty(),
-            "lookup of {holder} at GD: {gd_entries:?}"
-        );
-    }
-    // At GD: the admin's changes (six imported, one set) and the rotation.
-    let gd_admin = "spiffe://hufu/province/440000/admin/admin";
-    for (n, holder) in gd_holders.iter().enumerate() {
-        let changes = has(&gd_entries, EntryKind::StatusChanged, gd_admin, GD, holder);
-        let expected = if n == 5 { 2 } else { 1 };
-        assert_eq!(changes.len(), expected, "status changes of holder {n}");
-        assert_eq!(
-            changes[0].answer.as_deref(),
-            Some(hufu_node::status::colour_name(common::colour_of(n as u64)))
-        );
-    }
-    assert_eq!(
-        gd_entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::KeyRotated && e.caller.uri() == gd_admin)
-            .count(),
-        1
-    );
-    // TJ's own terminal verifies are not cross-province: nothing else there
-    // but GD's codes.
-    assert!(
-        entries(&fetched[&p(TJ)])
-            .iter()
-            .all(|e| e.province == p(GD) && e.caller.uri() == gate_uri)
-    );
-
-    // Tampering is caught, and the failure says where.
-    let gd_dir = &fetched[&p(GD)];
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampering_with_a_fetched_log_is_caught_and_named() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut fed = federation(scratch.path()).await;
+    make_audited_calls(&fed).await;
+    let fetched = fetch_all(scratch.path(), &fed).await;
+    let gd_dir = &fetched.dirs[&p(GD)];
+    let gd_entries = entries(gd_dir);
     let verify_fails = |dir: PathBuf| {
-        let trust_note = trust_note.clone();
+        let trust_note = fetched.trust_note.clone();
         async move {
             let (code, stdout, stderr) =
                 hufu(&["audit", "verify", &s(&dir), "--trust", &trust_note]).await;
@@ -636,21 +682,29 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         err.contains("checkpoint 1: 0 valid cosignatures, quorum is 1"),
         "{err}"
     );
+    fed.stop_all().await.unwrap();
+}
 
-    // No national id anywhere: not in what the auditor fetched (raw or
-    // decoded), not in any node's database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_national_id_reaches_a_log_or_a_database() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut fed = federation(scratch.path()).await;
+    let gd_holders = make_audited_calls(&fed).await;
+    let fetched = fetch_all(scratch.path(), &fed).await;
+    let provinces = [fed.get(p(SN)), fed.get(p(GD)), fed.get(p(TJ))];
     let ids: Vec<String> = (0..6)
         .map(|n| hufu_node::sample::national_id(p(GD), n).as_str().to_owned())
         .collect();
-    for lp in [sn, gd, tj] {
+    for lp in provinces {
         let flushed = state(lp).clone();
         tokio::task::spawn_blocking(move || flushed.audit.log().unwrap().flush().unwrap())
             .await
             .unwrap();
         state(lp).store.flush().await.unwrap();
     }
+    // Not in what the auditor fetched, raw or decoded.
     let mut searched = Vec::new();
-    for dir in fetched.values() {
+    for dir in fetched.dirs.values() {
         searched.extend(common::files(dir));
         let decoded: String = entries(dir)
             .iter()
@@ -660,7 +714,8 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
             assert!(!decoded.contains(id.as_str()), "{id} in {}", dir.display());
         }
     }
-    for lp in [sn, gd, tj] {
+    // Not in any node's database or audit log.
+    for lp in provinces {
         searched.extend(common::files(&lp.config.path(&lp.config.data_dir)));
         searched.extend(common::files(&lp.config.audit_dir()));
     }
@@ -677,7 +732,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
         pseudonym_seen |= common::contains(&bytes, gd_holders[1].as_bytes());
     }
     // The nodes' audit logs keep their entries compressed: searched decoded.
-    for lp in [sn, gd, tj] {
+    for lp in provinces {
         for entry in common::audit_entries(lp).await {
             let text = String::from_utf8(entry.encode().unwrap()).unwrap();
             for id in &ids {
@@ -688,6 +743,7 @@ async fn cross_province_events_are_audited_witnessed_and_verified_offline() {
     }
     // The search does look at the data: the pseudonym is there.
     assert!(pseudonym_seen, "searched {searched:?}");
+    fed.stop_all().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

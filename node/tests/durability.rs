@@ -13,14 +13,6 @@ use hufu_proto::v1::{
     Colour, GetStatusRequest, ImportStatusesRequest, PutStatusRequest, get_status_request,
 };
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The `hufu serve` process; killed if the test fails, so none is left behind.
 struct Serve(Child);
 
@@ -76,7 +68,10 @@ impl Node {
         let p = common::province("440000");
         let dir = scratch.join("gd");
         let mut opts = InitOptions::new(p);
-        opts.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // The node is a `hufu serve` process (so that it can be killed),
+        // which binds its port itself: one picked free just before.
+        let port = hufu_node::local::free_port().unwrap();
+        opts.listen = format!("127.0.0.1:{port}").parse().unwrap();
         opts.metrics_listen = None;
         let config = init_province(&dir, &opts).unwrap();
         let ca = std::fs::read_to_string(dir.join("ca/ca.pem")).unwrap();

@@ -39,7 +39,8 @@ async fn config_check_finds_what_serve_would_trip_over() {
     let gd = LocalProvince::init(scratch.path(), common::province("440000")).unwrap();
     let sn = LocalProvince::init(scratch.path(), common::province("610000")).unwrap();
     let path = gd.dir.join("hufu.toml");
-    // Fixed free ports, as an operator's config has.
+    // A fixed port, as an operator's config has: the check binds it itself,
+    // so it is picked free just before.
     let mut config = gd.config.clone();
     config.listen = format!("127.0.0.1:{}", hufu_node::local::free_port().unwrap())
         .parse()

@@ -256,7 +256,9 @@ async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() 
     let (scratch, mut fed) = replicated(3).await;
     fed.federation.start_all().await.unwrap();
     let logs = scratch.path().to_owned();
-    // Replicas 2 and 3 are `hufu serve` processes, so that one can be killed.
+    // Replicas 2 and 3 are `hufu serve` processes, so that one can be killed:
+    // each binds its configured port itself, released just before.
+    fed.release_listeners();
     let mut processes: Vec<Serve> = fed
         .replica_configs
         .iter()

@@ -177,7 +177,11 @@ pub struct LocalFederation {
     reserved: std::collections::HashMap<Province, std::net::TcpListener>,
 }
 
-/// A free loopback port (bound and released; fine for local use).
+/// A free loopback port, bound and released: only for a port that another
+/// process must bind itself (a `hufu serve` child, chromedriver), or that
+/// must have nothing listening. A node started in this process takes a
+/// listener bound beforehand instead (see [`LocalFederation`]), since
+/// another process could take a released port before the node binds it.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use hufu_certs::Province;
 
-use super::{LocalFederation, LocalProvince, free_port};
+use super::{LocalFederation, LocalProvince};
 use crate::config::{NodeConfig, ReplicationConfig};
 use crate::replication::cluster::NatsCluster;
 use crate::replication::setup::{ReplicaOptions, init_replica};
@@ -26,6 +26,11 @@ pub struct ReplicatedFederation {
     pub replica_configs: Vec<PathBuf>,
     /// The write log's servers; killed when dropped, after the nodes stop.
     pub nats: NatsCluster,
+    /// Each replica's listener, bound at `init` and held until the replica
+    /// first starts in this process, so that no other process can take its
+    /// port meanwhile. A replica run as a `hufu serve` process binds its
+    /// port itself: [`release_listeners`](Self::release_listeners) first.
+    reserved: Vec<Option<std::net::TcpListener>>,
 }
 
 impl ReplicatedFederation {
@@ -67,10 +72,12 @@ impl ReplicatedFederation {
         let first = federation.get(replicated);
         let mut replica_configs = Vec::new();
         let mut local = Vec::new();
+        let mut reserved = Vec::new();
         for n in 2..=replicas {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             let opts = ReplicaOptions {
                 node_name: format!("node-{n}"),
-                listen: format!("127.0.0.1:{}", free_port()?).parse()?,
+                listen: listener.local_addr()?,
                 metrics_listen: Some("127.0.0.1:0".parse()?),
                 hosts: vec![],
             };
@@ -88,20 +95,30 @@ impl ReplicatedFederation {
                 node: None,
             });
             replica_configs.push(path);
+            reserved.push(Some(listener));
         }
         Ok(ReplicatedFederation {
             federation,
             replicas: local,
             replica_configs,
             nats,
+            reserved,
         })
+    }
+
+    /// Lets go of the replicas' reserved listeners, for replicas about to
+    /// run as `hufu serve` processes from [`replica_configs`](Self::replica_configs):
+    /// each binds its configured port itself, right after.
+    pub fn release_listeners(&mut self) {
+        self.reserved.clear();
     }
 
     /// Starts every province's node and every replica.
     pub async fn start_all(&mut self) -> anyhow::Result<()> {
         self.federation.start_all().await?;
-        for r in &mut self.replicas {
-            r.start().await?;
+        for (n, r) in self.replicas.iter_mut().enumerate() {
+            let listener = self.reserved.get_mut(n).and_then(Option::take);
+            r.start_with(listener).await?;
         }
         Ok(())
     }

@@ -43,6 +43,7 @@ impl Browser {
     /// Starts chromedriver on a free loopback port and a fresh headless
     /// Chromium profile.
     pub async fn start() -> Browser {
+        // chromedriver binds its port itself: one picked free just before.
         let port = hufu_node::local::free_port().unwrap();
         let driver = tokio::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))

@@ -57,12 +57,24 @@ pub fn init_province(dir: &Path, opts: &InitOptions) -> anyhow::Result<PathBuf> 
     hufu_certs::write_private_file(&dir.join(CA_KEY), ca.key_pem().as_bytes())?;
 
     let node = Identity::new(p, Role::Node, &opts.node_name)?;
+    // The commands run on the node's host dial `client.endpoint`: localhost
+    // when the node listens on all addresses, else its listen address. The
+    // certificate names that host too, whatever `--host` names for callers
+    // elsewhere, or those commands would fail their TLS handshake.
+    let (endpoint_host, endpoint) = if opts.listen.ip().is_unspecified() {
+        (
+            "localhost".to_owned(),
+            format!("localhost:{}", opts.listen.port()),
+        )
+    } else {
+        (opts.listen.ip().to_string(), opts.listen.to_string())
+    };
     let mut hosts = opts.hosts.clone();
     if hosts.is_empty() {
         hosts = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-        if !opts.listen.ip().is_unspecified() && !opts.listen.ip().is_loopback() {
-            hosts.push(opts.listen.ip().to_string());
-        }
+    }
+    if !hosts.contains(&endpoint_host) {
+        hosts.push(endpoint_host);
     }
     ca.issue(&node, &LeafOptions::for_node(&hosts))?
         .write(&dir.join("node/node.pem"), &dir.join("node/node.key"))?;
@@ -87,11 +99,6 @@ pub fn init_province(dir: &Path, opts: &InitOptions) -> anyhow::Result<PathBuf> 
         std::time::Duration::from_secs(codes.lifetime_secs),
     )?;
 
-    let endpoint = if opts.listen.ip().is_unspecified() {
-        format!("localhost:{}", opts.listen.port())
-    } else {
-        opts.listen.to_string()
-    };
     let metrics = match opts.metrics_listen {
         Some(addr) => format!("metrics_listen = \"{addr}\""),
         None => "# metrics_listen = \"127.0.0.1:9464\"".into(),

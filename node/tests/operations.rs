@@ -118,6 +118,48 @@ async fn config_check_finds_what_serve_would_trip_over() {
     assert!(stdout.contains("ok   limits can serve"), "{stdout}");
 }
 
+/// The README's first step: a node for a public name, listening on all
+/// addresses. The commands on its own host dial localhost, so its
+/// certificate names localhost too and `config check` passes.
+#[tokio::test]
+async fn a_node_initialised_for_its_public_name_passes_config_check() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("gd");
+    let free = || hufu_node::local::free_port().unwrap();
+    let out = hufu()
+        .args(["init", "--province", "440000", "--dir"])
+        .arg(&dir)
+        .args(["--listen", &format!("0.0.0.0:{}", free())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free())])
+        .args(["--host", "gd-node-1.example.cn"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = hufu()
+        .args(["config", "check", "--config"])
+        .arg(dir.join("hufu.toml"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    // Named for callers elsewhere and for the commands on its own host.
+    let der = rustls::pki_types::pem::PemObject::from_pem_file(dir.join("node/node.pem"))
+        .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
+        .unwrap();
+    for name in ["gd-node-1.example.cn", "localhost"] {
+        assert!(
+            der.windows(name.len()).any(|w| w == name.as_bytes()),
+            "the node certificate does not name {name}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn federation_install_refuses_while_the_node_runs() {
     let scratch = tempfile::tempdir().unwrap();

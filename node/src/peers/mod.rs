@@ -447,6 +447,28 @@ mod tests {
         assert!(view.last_error.is_some() && view.last_error_ms.is_some());
     }
 
+    /// A peer that ran out of time, or whose connection broke, did not
+    /// refuse: another endpoint may answer, and the checkpoint task says
+    /// its witness was not reached rather than that it refused.
+    #[test]
+    fn running_out_of_time_is_not_a_refusal() {
+        for status in [
+            tonic::Status::deadline_exceeded("deadline has elapsed"),
+            tonic::Status::cancelled("Timeout expired"),
+            tonic::Status::unavailable("connection reset"),
+            tonic::Status::resource_exhausted("shed"),
+        ] {
+            assert!(is_unreachable(&status), "{status:?}");
+        }
+        for status in [
+            tonic::Status::failed_precondition("not a consistent extension"),
+            tonic::Status::permission_denied("not a member"),
+            tonic::Status::invalid_argument("bad checkpoint"),
+        ] {
+            assert!(!is_unreachable(&status), "{status:?}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_open_breaker_refuses_calls_until_its_pause_has_passed() {
         let peers = client();

@@ -144,15 +144,16 @@ impl Codes {
     ) -> NodeResult<HolderId> {
         match (national_id, holder) {
             (Some(id), _) => {
-                let id = NationalId::parse(id)
-                    .map_err(|e| NodeError::invalid_field("national_id", e.to_string()))?;
+                let id = NationalId::parse(id).map_err(|source| NodeError::BadHolder {
+                    field: "national_id",
+                    source,
+                })?;
                 Ok(self.secret.pseudonym(&id))
             }
-            (None, Some(h)) => h
-                .parse()
-                .map_err(|e: hufu_federation::holder::HolderError| {
-                    NodeError::invalid_field("holder", e.to_string())
-                }),
+            (None, Some(h)) => h.parse().map_err(|source| NodeError::BadHolder {
+                field: "holder",
+                source,
+            }),
             (None, None) => Err(NodeError::invalid_field(
                 "national_id",
                 "name the holder: national_id or holder is required",

@@ -2,7 +2,7 @@
 //! legacy codes), with its gRPC status codes, and the two statuses every
 //! service's error shares: invalid input in a named field, and an internal
 //! failure behind a log reference. Each service's own error type, converted
-//! to a status in one place, is in [`crate::services::error`]; callers see
+//! to a status in one place, is in `services/error.rs`; callers see
 //! consistent codes and lowercase, actionable messages.
 //!
 //! Where a caller can act on a refusal programmatically, the status also
@@ -28,6 +28,13 @@ pub enum NodeError {
     /// message (`status.national_id`).
     #[error("{description}")]
     InvalidField { field: String, description: String },
+    /// A holder named in the request field `field` (a national id or a
+    /// pseudonym) that does not parse.
+    #[error("{source}")]
+    BadHolder {
+        field: &'static str,
+        source: hufu_federation::holder::HolderError,
+    },
     #[error("no status for holder {holder} in province {issuer}")]
     HolderNotFound { issuer: Province, holder: String },
     #[error("{0}")]
@@ -81,6 +88,10 @@ impl NodeError {
                 field: format!("{parent}.{field}"),
                 description,
             },
+            NodeError::BadHolder { field, source } => NodeError::InvalidField {
+                field: format!("{parent}.{field}"),
+                description: source.to_string(),
+            },
             other => other,
         }
     }
@@ -115,6 +126,7 @@ impl From<NodeError> for tonic::Status {
             NodeError::InvalidField { field, description } => {
                 return field_status(field, description.clone());
             }
+            NodeError::BadHolder { field, .. } => return field_status(field, err.to_string()),
             NodeError::InvalidArgument(_) => Code::InvalidArgument,
             NodeError::HolderNotFound { .. } | NodeError::NotFound(_) => Code::NotFound,
             NodeError::PermissionDenied { .. } => Code::PermissionDenied,

@@ -52,7 +52,7 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
     let (_scratch, mut fed) = replicated_with(3, &[], |c| c.max_messages = KEPT).await;
     fed.federation.start_all().await.unwrap();
     let gd = fed.province();
-    fed.replicas[0].start().await.unwrap();
+    fed.start_replica(0).await.unwrap();
     let first = fed.federation.get(gd);
     for n in 0..4 {
         put(first, n, Colour::Green).await.unwrap();
@@ -102,8 +102,8 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
     assert!(expected.0.is_some());
 
     // The stopped replica and a new, empty one start.
-    for r in &mut fed.replicas {
-        r.start().await.unwrap();
+    for n in 0..2 {
+        fed.start_replica(n).await.unwrap();
     }
     let first = fed.federation.get(gd);
     let head = state(first).store.tail(gd).await.unwrap();

@@ -123,6 +123,14 @@ impl ReplicatedFederation {
         Ok(())
     }
 
+    /// Starts replica `n` of `replicas` (again), on its reserved listener
+    /// the first time.
+    pub async fn start_replica(&mut self, n: usize) -> anyhow::Result<()> {
+        let listener = self.reserved.get_mut(n).and_then(Option::take);
+        self.replicas[n].start_with(listener).await?;
+        Ok(())
+    }
+
     /// Stops every node (the NATS servers stop when this is dropped).
     pub async fn stop_all(&mut self) -> anyhow::Result<()> {
         for r in &mut self.replicas {

@@ -64,15 +64,26 @@ impl NatsCluster {
     /// Starts `size` servers under `dir` and waits until JetStream answers
     /// at each.
     pub async fn start(dir: &Path, size: usize) -> anyhow::Result<NatsCluster> {
+        NatsCluster::start_with_user(dir, size, None).await
+    }
+
+    /// As [`start`](Self::start), the servers accepting only clients that
+    /// give `user` (name, password).
+    pub async fn start_with_user(
+        dir: &Path,
+        size: usize,
+        user: Option<(&str, &str)>,
+    ) -> anyhow::Result<NatsCluster> {
         anyhow::ensure!(size >= 1, "a cluster needs at least one server");
         nats_server_version().with_context(missing_nats_server)?;
         let mut last = None;
         for attempt in 0..3 {
-            let mut cluster = NatsCluster::configure(&dir.join(format!("try-{attempt}")), size)?;
+            let mut cluster =
+                NatsCluster::configure(&dir.join(format!("try-{attempt}")), size, user)?;
             for i in 0..size {
                 cluster.start_server(i)?;
             }
-            match cluster.wait_ready(READY_WITHIN).await {
+            match cluster.wait_ready_as(READY_WITHIN, user).await {
                 Ok(()) => return Ok(cluster),
                 Err(err) => last = Some(err),
             }
@@ -83,7 +94,11 @@ impl NatsCluster {
     }
 
     /// Picks ports and writes each server's configuration.
-    fn configure(dir: &Path, size: usize) -> anyhow::Result<NatsCluster> {
+    fn configure(
+        dir: &Path,
+        size: usize,
+        user: Option<(&str, &str)>,
+    ) -> anyhow::Result<NatsCluster> {
         // All ports are held at once so that no two are the same.
         let held = (0..size * 2)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
@@ -102,8 +117,15 @@ impl NatsCluster {
             let home = dir.join(format!("n{}", i + 1));
             std::fs::create_dir_all(&home)
                 .with_context(|| format!("cannot create {}", home.display()))?;
+            let authorization = match user {
+                // The user in an account of its own, with JetStream.
+                Some((name, password)) => format!(
+                    "accounts {{\n  HUFU {{\n    jetstream: enabled\n    users: [{{ user: \"{name}\", password: \"{password}\" }}]\n  }}\n}}\n"
+                ),
+                None => String::new(),
+            };
             let text = format!(
-                "server_name: \"hufu-n{n}\"\nlisten: \"127.0.0.1:{client}\"\njetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\ncluster {{\n  name: \"hufu\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
+                "server_name: \"hufu-n{n}\"\nlisten: \"127.0.0.1:{client}\"\n{authorization}jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\ncluster {{\n  name: \"hufu\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
                 n = i + 1,
                 client = ports[i],
                 store = home.join("jetstream").display(),
@@ -161,6 +183,14 @@ impl NatsCluster {
     /// Waits until every running server answers a JetStream request (the
     /// cluster has a meta leader).
     pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        self.wait_ready_as(within, None).await
+    }
+
+    async fn wait_ready_as(
+        &mut self,
+        within: Duration,
+        user: Option<(&str, &str)>,
+    ) -> anyhow::Result<()> {
         let start = Instant::now();
         for i in 0..self.servers.len() {
             if self.servers[i].child.is_none() {
@@ -174,7 +204,7 @@ impl NatsCluster {
                     let log = std::fs::read_to_string(&self.servers[i].log).unwrap_or_default();
                     anyhow::bail!("NATS server {url} exited ({status}): {}", tail(&log));
                 }
-                if jetstream_answers(&url).await {
+                if jetstream_answers(&url, user).await {
                     break;
                 }
                 anyhow::ensure!(
@@ -191,9 +221,13 @@ impl NatsCluster {
 /// Whether `url` answers a JetStream account request without an error.
 /// Raw JSON: the client's typed account info expects fields that servers
 /// older than 2.10 do not send.
-async fn jetstream_answers(url: &str) -> bool {
+async fn jetstream_answers(url: &str, user: Option<(&str, &str)>) -> bool {
     let attempt = async {
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some((name, password)) = user {
+            options = options.user_and_password(name.into(), password.into());
+        }
+        let client = options
             .connection_timeout(Duration::from_millis(500))
             .connect(url)
             .await

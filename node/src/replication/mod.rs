@@ -85,6 +85,9 @@ pub struct WriteLog {
     max_messages: u64,
     /// Replicas to take a snapshot from first.
     snapshot_from: Vec<String>,
+    /// Why the last connection attempt to NATS failed, until one succeeds
+    /// (refused credentials, TLS), for the message of a refused write.
+    connection_error: std::sync::Arc<Mutex<Option<String>>>,
 }
 
 impl WriteLog {
@@ -110,10 +113,24 @@ impl WriteLog {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let connection_error = std::sync::Arc::new(Mutex::new(None));
+        let seen = connection_error.clone();
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("hufu {} {}", node.province, node.node_name))
             .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(2));
+            .connection_timeout(Duration::from_secs(2))
+            .event_callback(move |event| {
+                let seen = seen.clone();
+                async move {
+                    let mut seen = seen.lock().expect("connection error lock");
+                    match event {
+                        async_nats::Event::Connected => *seen = None,
+                        async_nats::Event::ClientError(e) => *seen = Some(e.to_string()),
+                        async_nats::Event::ServerError(e) => *seen = Some(e.to_string()),
+                        _ => {}
+                    }
+                }
+            });
         if let Some(user) = &config.user {
             let file = config.password_file.as_ref().with_context(|| {
                 "replication.user is set without replication.password_file: name the file holding the password"
@@ -156,6 +173,7 @@ impl WriteLog {
             applying: tokio::sync::Mutex::new(()),
             max_messages: config.max_messages,
             snapshot_from: config.snapshot_from.clone(),
+            connection_error,
         })
     }
 
@@ -294,10 +312,23 @@ impl WriteLog {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let refused = |why: String| {
-            NodeError::Unavailable(format!(
-                "the province's write log (NATS JetStream stream {}) did not take the write: {why}; nothing was stored. Writes need a quorum of the NATS servers: bring them back, then send the write again (lookups go on meanwhile)",
-                self.stream
-            ))
+            let connection = self
+                .connection_error
+                .lock()
+                .expect("connection error lock")
+                .clone();
+            match connection {
+                Some(e) if e.contains("authorization") || e.contains("TLS") => {
+                    NodeError::Unavailable(format!(
+                        "the province's write log (NATS JetStream stream {}) did not take the write: this node cannot connect to NATS ({e}); nothing was stored. Check replication.user and replication.password_file (or its TLS settings) against the NATS servers' configuration, then restart this node",
+                        self.stream
+                    ))
+                }
+                _ => NodeError::Unavailable(format!(
+                    "the province's write log (NATS JetStream stream {}) did not take the write: {why}; nothing was stored. Writes need a quorum of the NATS servers: bring them back, then send the write again (lookups go on meanwhile)",
+                    self.stream
+                )),
+            }
         };
         let payload: bytes::Bytes = write.encode_to_vec().into();
         let mut created = false;

@@ -286,6 +286,7 @@ async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry(
         .collect();
     let mut pseudonym_seen = false;
     let pseudonym = common::pseudonym(fed.get(p(GD)), 0);
+    let pseudonym_bytes = hufu_node::store::codec::holder_bytes(&pseudonym).unwrap();
     for file in &searched {
         let bytes = std::fs::read(file).unwrap();
         for (what, secret) in secrets {
@@ -295,9 +296,11 @@ async fn no_national_id_or_full_name_in_any_stored_byte_log_line_or_audit_entry(
                 file.display()
             );
         }
-        pseudonym_seen |= common::contains(&bytes, pseudonym.as_bytes());
+        pseudonym_seen |= common::contains(&bytes, &pseudonym_bytes);
     }
-    // The search does look at the data: the pseudonym is there.
+    // The search does look at the data: the holder's status is there, keyed
+    // by the pseudonym's 16 bytes. (The audit logs keep their entries
+    // compressed: those are searched decoded, above.)
     assert!(pseudonym_seen, "searched {searched:?}");
 
     // Not in any log line, at debug level.

@@ -60,6 +60,23 @@ impl Store {
         until: u64,
         max: usize,
     ) -> NodeResult<Vec<StoredChange>> {
+        let read = self.read_changes(p, after, until, max);
+        // Reading pages blocks in and out of sled's cache, which frees them
+        // through the same collector as writes: a feed served to a replica
+        // catching up reads the whole log.
+        if let Ok(changes) = &read {
+            super::reclaim(changes.len());
+        }
+        read
+    }
+
+    fn read_changes(
+        &self,
+        p: Province,
+        after: u64,
+        until: u64,
+        max: usize,
+    ) -> NodeResult<Vec<StoredChange>> {
         let mut out = Vec::new();
         if after >= until || max == 0 {
             return Ok(out);

@@ -88,6 +88,8 @@ impl Store {
             pending.insert(key, item);
             outcomes.push(PutOutcome::Applied { sequence });
         }
+        // Each lookup above may have paged a leaf in and another out.
+        super::reclaim(items.len());
         Ok(PendingPut {
             store: self,
             tail,

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
 use hufu_node::local::LocalProvince;
-use hufu_proto::v1::{Colour, GetStatusRequest, PutStatusRequest, get_status_request};
+use hufu_proto::v1::{
+    Colour, GetStatusRequest, ImportStatusesRequest, PutStatusRequest, get_status_request,
+};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -167,6 +169,24 @@ async fn a_full_disk_refuses_writes_invisibly_and_the_node_recovers_by_itself() 
             "acknowledged holder {n} lost"
         );
     }
+    // An import on the full disk ends, refused, saying what it stored:
+    // the node does not wait forever to read the rest of it.
+    let rows: Vec<ImportStatusesRequest> = (0..5_000u64)
+        .map(|i| ImportStatusesRequest {
+            line: i + 1,
+            status: Some(common::sample_input(p, 1_000_000 + i, Colour::Red)),
+            legacy_code: String::new(),
+        })
+        .collect();
+    let mut admin = province.admin().await.unwrap();
+    let import = admin.import_statuses(tokio_stream::iter(rows));
+    let err = tokio::time::timeout(Duration::from_secs(30), import)
+        .await
+        .expect("an import on a full disk ends")
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("import stopped after"), "{err}");
+
     // Still full: refused again, quickly, and still not visible.
     let again = next;
     next += 1;

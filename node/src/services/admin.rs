@@ -263,7 +263,7 @@ impl AdminService {
         // chunk while the one before is written, so a client is never left
         // waiting on a full flow-control window for two disk syncs. At most
         // two chunks are held.
-        let (chunks, mut to_store) = tokio::sync::mpsc::channel::<Vec<ImportRow>>(1);
+        let (chunks, to_store) = tokio::sync::mpsc::channel::<Vec<ImportRow>>(1);
         let read = async move {
             let mut rejections = Rejections::default();
             let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
@@ -298,6 +298,10 @@ impl AdminService {
             (rejections, Ok(()))
         };
         let store = async {
+            // Owned here, so that storing stopped (a full disk) closes the
+            // channel and the reading half stops too, instead of waiting
+            // forever for room in it.
+            let mut to_store = to_store;
             let mut accepted = 0;
             let mut stale = Rejections::default();
             while let Some(mut chunk) = to_store.recv().await {

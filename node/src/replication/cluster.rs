@@ -60,11 +60,45 @@ pub struct NatsCluster {
     servers: Vec<Server>,
 }
 
+/// Mutual TLS for the servers' client port: the servers present `cert`
+/// (signed by `ca`) and admit only clients whose certificate `ca` signed.
+/// `client_cert` and `client_key` are what the cluster itself uses to see
+/// that JetStream answers. All are PEM files.
+#[derive(Clone, Debug)]
+pub struct NatsTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// What a client must show to the servers.
+#[derive(Clone, Copy, Default)]
+struct Access<'a> {
+    user: Option<(&'a str, &'a str)>,
+    tls: Option<&'a NatsTls>,
+}
+
 impl NatsCluster {
     /// Starts `size` servers under `dir` and waits until JetStream answers
     /// at each.
     pub async fn start(dir: &Path, size: usize) -> anyhow::Result<NatsCluster> {
-        NatsCluster::start_with_user(dir, size, None).await
+        NatsCluster::start_as(dir, size, Access::default()).await
+    }
+
+    /// As [`start`](Self::start), the servers' client port speaking only
+    /// mutual TLS as `tls` says.
+    pub async fn start_with_tls(
+        dir: &Path,
+        size: usize,
+        tls: &NatsTls,
+    ) -> anyhow::Result<NatsCluster> {
+        let access = Access {
+            user: None,
+            tls: Some(tls),
+        };
+        NatsCluster::start_as(dir, size, access).await
     }
 
     /// As [`start`](Self::start), the servers accepting only clients that
@@ -74,16 +108,20 @@ impl NatsCluster {
         size: usize,
         user: Option<(&str, &str)>,
     ) -> anyhow::Result<NatsCluster> {
+        NatsCluster::start_as(dir, size, Access { user, tls: None }).await
+    }
+
+    async fn start_as(dir: &Path, size: usize, access: Access<'_>) -> anyhow::Result<NatsCluster> {
         anyhow::ensure!(size >= 1, "a cluster needs at least one server");
         nats_server_version().with_context(missing_nats_server)?;
         let mut last = None;
         for attempt in 0..3 {
             let mut cluster =
-                NatsCluster::configure(&dir.join(format!("try-{attempt}")), size, user)?;
+                NatsCluster::configure(&dir.join(format!("try-{attempt}")), size, access)?;
             for i in 0..size {
                 cluster.start_server(i)?;
             }
-            match cluster.wait_ready_as(READY_WITHIN, user).await {
+            match cluster.wait_ready_as(READY_WITHIN, access).await {
                 Ok(()) => return Ok(cluster),
                 Err(err) => last = Some(err),
             }
@@ -94,11 +132,7 @@ impl NatsCluster {
     }
 
     /// Picks ports and writes each server's configuration.
-    fn configure(
-        dir: &Path,
-        size: usize,
-        user: Option<(&str, &str)>,
-    ) -> anyhow::Result<NatsCluster> {
+    fn configure(dir: &Path, size: usize, access: Access<'_>) -> anyhow::Result<NatsCluster> {
         // All ports are held at once so that no two are the same.
         let held = (0..size * 2)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
@@ -117,19 +151,37 @@ impl NatsCluster {
             let home = dir.join(format!("n{}", i + 1));
             std::fs::create_dir_all(&home)
                 .with_context(|| format!("cannot create {}", home.display()))?;
-            let authorization = match user {
+            let mut authorization = match access.user {
                 // The user in an account of its own, with JetStream.
                 Some((name, password)) => format!(
                     "accounts {{\n  HUFU {{\n    jetstream: enabled\n    users: [{{ user: \"{name}\", password: \"{password}\" }}]\n  }}\n}}\n"
                 ),
                 None => String::new(),
             };
+            if let Some(tls) = access.tls {
+                // The client port only; routes between servers stay plain.
+                authorization.push_str(&format!(
+                    "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 2\n}}\n",
+                    tls.cert.display(),
+                    tls.key.display(),
+                    tls.ca.display(),
+                ));
+            }
+            // One server is a standalone JetStream server: with a cluster
+            // block it would wait for routes that never come.
+            let cluster = if size > 1 {
+                format!(
+                    "cluster {{\n  name: \"hufu\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
+                    route = ports[size + i],
+                )
+            } else {
+                String::new()
+            };
             let text = format!(
-                "server_name: \"hufu-n{n}\"\nlisten: \"127.0.0.1:{client}\"\n{authorization}jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\ncluster {{\n  name: \"hufu\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
+                "server_name: \"hufu-n{n}\"\nlisten: \"127.0.0.1:{client}\"\n{authorization}jetstream {{\n  store_dir: \"{store}\"\n  max_memory_store: 64MB\n  max_file_store: 1GB\n}}\n{cluster}",
                 n = i + 1,
                 client = ports[i],
                 store = home.join("jetstream").display(),
-                route = ports[size + i],
             );
             let config = home.join("nats.conf");
             std::fs::write(&config, text)?;
@@ -183,14 +235,10 @@ impl NatsCluster {
     /// Waits until every running server answers a JetStream request (the
     /// cluster has a meta leader).
     pub async fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
-        self.wait_ready_as(within, None).await
+        self.wait_ready_as(within, Access::default()).await
     }
 
-    async fn wait_ready_as(
-        &mut self,
-        within: Duration,
-        user: Option<(&str, &str)>,
-    ) -> anyhow::Result<()> {
+    async fn wait_ready_as(&mut self, within: Duration, access: Access<'_>) -> anyhow::Result<()> {
         let start = Instant::now();
         for i in 0..self.servers.len() {
             if self.servers[i].child.is_none() {
@@ -204,7 +252,7 @@ impl NatsCluster {
                     let log = std::fs::read_to_string(&self.servers[i].log).unwrap_or_default();
                     anyhow::bail!("NATS server {url} exited ({status}): {}", tail(&log));
                 }
-                if jetstream_answers(&url, user).await {
+                if jetstream_answers(&url, access).await {
                     break;
                 }
                 anyhow::ensure!(
@@ -221,11 +269,17 @@ impl NatsCluster {
 /// Whether `url` answers a JetStream account request without an error.
 /// Raw JSON: the client's typed account info expects fields that servers
 /// older than 2.10 do not send.
-async fn jetstream_answers(url: &str, user: Option<(&str, &str)>) -> bool {
+async fn jetstream_answers(url: &str, access: Access<'_>) -> bool {
     let attempt = async {
         let mut options = async_nats::ConnectOptions::new();
-        if let Some((name, password)) = user {
+        if let Some((name, password)) = access.user {
             options = options.user_and_password(name.into(), password.into());
+        }
+        if let Some(tls) = access.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone())
+                .add_client_certificate(tls.client_cert.clone(), tls.client_key.clone());
         }
         let client = options
             .connection_timeout(Duration::from_millis(500))

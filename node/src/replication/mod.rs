@@ -88,6 +88,9 @@ pub struct WriteLog {
     /// Why the last connection attempt to NATS failed, until one succeeds
     /// (refused credentials, TLS), for the message of a refused write.
     connection_error: std::sync::Arc<Mutex<Option<String>>>,
+    /// The settings that decide whether NATS admits this node, named when
+    /// it cannot connect.
+    access_settings: String,
 }
 
 impl WriteLog {
@@ -152,6 +155,7 @@ impl WriteLog {
                 "replication.tls_cert and replication.tls_key go together: set both or neither"
             ),
         }
+        let access_settings = access_settings(config);
         let client = options
             .connect(addrs)
             .await
@@ -174,6 +178,7 @@ impl WriteLog {
             max_messages: config.max_messages,
             snapshot_from: config.snapshot_from.clone(),
             connection_error,
+            access_settings,
         })
     }
 
@@ -317,11 +322,21 @@ impl WriteLog {
                 .lock()
                 .expect("connection error lock")
                 .clone();
+            // A TLS handshake the server refuses (no client certificate,
+            // one from another CA) reaches the client as an I/O error on
+            // the TLS stream: with TLS configured, any failure to connect
+            // while not connected is reported as a connection failure.
+            let not_connected = self.jetstream.client().connection_state()
+                != async_nats::connection::State::Connected;
             match connection {
-                Some(e) if e.contains("authorization") || e.contains("TLS") => {
+                Some(e)
+                    if e.contains("authorization")
+                        || e.contains("TLS")
+                        || (not_connected && self.access_settings.contains("tls")) =>
+                {
                     NodeError::Unavailable(format!(
-                        "the province's write log (NATS JetStream stream {}) did not take the write: this node cannot connect to NATS ({e}); nothing was stored. Check replication.user and replication.password_file (or its TLS settings) against the NATS servers' configuration, then restart this node",
-                        self.stream
+                        "the province's write log (NATS JetStream stream {}) did not take the write: this node cannot connect to NATS ({e}); nothing was stored. Check replication.servers and {} against the NATS servers' configuration, then restart this node",
+                        self.stream, self.access_settings
                     ))
                 }
                 _ => NodeError::Unavailable(format!(
@@ -401,4 +416,21 @@ fn message_id() -> NodeResult<String> {
         .fill(&mut bytes)
         .map_err(|_| NodeError::Internal("no randomness for a write id".into()))?;
     Ok(data_encoding::HEXLOWER.encode(&bytes))
+}
+
+/// The `[replication]` settings that decide whether NATS admits a node,
+/// for the message of a node that cannot connect.
+fn access_settings(config: &ReplicationConfig) -> String {
+    let mut settings = Vec::new();
+    if config.user.is_some() {
+        settings.push("replication.user and replication.password_file");
+    }
+    if config.tls_ca.is_some() || config.tls_cert.is_some() {
+        settings.push("replication.tls_ca, replication.tls_cert and replication.tls_key");
+    }
+    if settings.is_empty() {
+        "the credentials or TLS settings in [replication]".to_owned()
+    } else {
+        settings.join(", and ")
+    }
 }

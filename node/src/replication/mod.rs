@@ -91,6 +91,8 @@ pub struct WriteLog {
     /// The settings that decide whether NATS admits this node, named when
     /// it cannot connect.
     access_settings: String,
+    /// Whether TLS to NATS is configured.
+    tls: bool,
 }
 
 impl WriteLog {
@@ -179,6 +181,7 @@ impl WriteLog {
             snapshot_from: config.snapshot_from.clone(),
             connection_error,
             access_settings,
+            tls: config.tls_ca.is_some() || config.tls_cert.is_some(),
         })
     }
 
@@ -332,7 +335,7 @@ impl WriteLog {
                 Some(e)
                     if e.contains("authorization")
                         || e.contains("TLS")
-                        || (not_connected && self.access_settings.contains("tls")) =>
+                        || (not_connected && self.tls) =>
                 {
                     NodeError::Unavailable(format!(
                         "the province's write log (NATS JetStream stream {}) did not take the write: this node cannot connect to NATS ({e}); nothing was stored. Check replication.servers and {} against the NATS servers' configuration, then restart this node",

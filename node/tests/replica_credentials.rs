@@ -7,11 +7,11 @@
 mod common;
 
 use common::province;
-use common::replicas::put;
+use common::replicas::{colour_of, put};
 use hufu_node::config::ReplicationConfig;
 use hufu_node::local::LocalProvince;
 use hufu_node::replication::cluster::NatsCluster;
-use hufu_proto::v1::{Colour, LookupRequest};
+use hufu_proto::v1::Colour;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_writes_with_its_nats_password_and_says_so_when_it_is_refused() {
@@ -44,18 +44,7 @@ async fn a_replica_writes_with_its_nats_password_and_says_so_when_it_is_refused(
         assert!(refused.message().contains(words), "{}", refused.message());
     }
     // What it holds is still answered.
-    let reply = gd
-        .terminal("gate")
-        .await
-        .unwrap()
-        .lookup(LookupRequest {
-            issuer: "440000".into(),
-            holder: common::pseudonym(&gd, 1),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.record.unwrap().colour, Colour::Green as i32);
+    assert_eq!(colour_of(&gd, 1).await, Colour::Green as i32);
     gd.stop().await.unwrap();
     drop(nats);
 }

@@ -14,12 +14,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::province;
-use common::replicas::put;
+use common::replicas::{colour_of, put};
 use hufu_certs::{CertificateAuthority, Identity, LeafOptions, Role};
 use hufu_node::config::ReplicationConfig;
 use hufu_node::local::LocalProvince;
 use hufu_node::replication::cluster::{NatsCluster, NatsTls};
-use hufu_proto::v1::{Colour, LookupRequest};
+use hufu_proto::v1::Colour;
 
 /// Writes a certificate and key for `name` issued by `ca` under `dir`,
 /// valid for 127.0.0.1 (what the NATS server is dialled as).
@@ -32,22 +32,6 @@ fn issue(ca: &CertificateAuthority, dir: &Path, name: &str) -> (PathBuf, PathBuf
     );
     issued.write(&cert, &key).unwrap();
     (cert, key)
-}
-
-/// The province's colour for holder `n`, as a terminal sees it.
-async fn colour_of(gd: &LocalProvince, n: u64) -> i32 {
-    let reply = gd
-        .terminal("gate")
-        .await
-        .unwrap()
-        .lookup(LookupRequest {
-            issuer: "440000".into(),
-            holder: common::pseudonym(gd, n),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    reply.record.unwrap().colour
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -89,6 +89,22 @@ pub async fn terminal(
     StatusLookupServiceClient::new(r.channel_as(&cert).await.unwrap())
 }
 
+/// The colour of `p`'s own holder `n`, as a terminal of `p` looks it up.
+pub async fn colour_of(p: &LocalProvince, n: u64) -> i32 {
+    let reply = p
+        .terminal("gate")
+        .await
+        .unwrap()
+        .lookup(hufu_proto::v1::LookupRequest {
+            issuer: p.province.to_string(),
+            holder: super::pseudonym(p, n),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    reply.record.unwrap().colour
+}
+
 /// Puts sample holder `n` through replica `p`; returns its change number.
 pub async fn put(p: &LocalProvince, n: u64, colour: Colour) -> Result<u64, tonic::Status> {
     let mut admin = p

@@ -62,14 +62,24 @@ impl Head {
 
     /// Checks `signature` against the issuer's log key from the trust list.
     pub fn verify(&self, signature: &[u8], log_key: &str) -> Result<(), FeedError> {
-        let key = VerifierKey::parse(log_key).map_err(|e| FeedError::Key(e.to_string()))?;
-        UnparsedPublicKey::new(&ED25519, key.public_key())
-            .verify(self.text().as_bytes(), signature)
-            .map_err(|_| FeedError::BadSignature {
-                issuer: self.issuer,
-                sequence: self.sequence,
-            })
+        verify_signed_text(&self.text(), signature, log_key, self.issuer, self.sequence)
     }
+}
+
+/// Checks `signature` over `text` (a head or another statement of
+/// `issuer`'s feed, about change `sequence`) with the issuer's log key from
+/// the trust list.
+pub(crate) fn verify_signed_text(
+    text: &str,
+    signature: &[u8],
+    log_key: &str,
+    issuer: Province,
+    sequence: u64,
+) -> Result<(), FeedError> {
+    let key = VerifierKey::parse(log_key).map_err(|e| FeedError::Key(e.to_string()))?;
+    UnparsedPublicKey::new(&ED25519, key.public_key())
+        .verify(text.as_bytes(), signature)
+        .map_err(|_| FeedError::BadSignature { issuer, sequence })
 }
 
 /// Digest of what a province publishes with its keys (JWKS JSON, revoked

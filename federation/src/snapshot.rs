@@ -24,14 +24,12 @@
 //! the snapshot to a new member or a node that fell behind.
 
 use aws_lc_rs::digest::{Context, SHA256};
-use aws_lc_rs::signature::{ED25519, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hufu_certs::Province;
 
 use crate::audit::LogSigner;
-use crate::feed::FeedError;
-use crate::note::VerifierKey;
+use crate::feed::{FeedError, verify_signed_text};
 
 /// First line of every snapshot statement: domain separation from feed
 /// heads, checkpoints and cosignatures made with the same key.
@@ -68,13 +66,7 @@ impl SnapshotStatement {
 
     /// Checks `signature` against the issuer's log key from the trust list.
     pub fn verify(&self, signature: &[u8], log_key: &str) -> Result<(), FeedError> {
-        let key = VerifierKey::parse(log_key).map_err(|e| FeedError::Key(e.to_string()))?;
-        UnparsedPublicKey::new(&ED25519, key.public_key())
-            .verify(self.text().as_bytes(), signature)
-            .map_err(|_| FeedError::BadSignature {
-                issuer: self.issuer,
-                sequence: self.through,
-            })
+        verify_signed_text(&self.text(), signature, log_key, self.issuer, self.through)
     }
 }
 

@@ -377,13 +377,7 @@ async fn pyjwt_verifies_a_code_from_the_jwks_served_over_get_jwks() {
     let mut terminal = province.terminal("gate-1").await.unwrap();
     // Two published keys, so PyJWT must pick the right one by kid.
     let old = issue(province, 1).await;
-    province
-        .admin()
-        .await
-        .unwrap()
-        .rotate_key(RotateKeyRequest::default())
-        .await
-        .unwrap();
+    common::rotate_key(province).await;
     let issued = issue(province, 0).await;
     let (reply, kids) = jwks(&mut terminal).await;
     assert_eq!(kids, [issued.kid.clone(), old.kid.clone()]);

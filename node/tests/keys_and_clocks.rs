@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use hufu_node::local::LocalProvince;
 use hufu_proto::v1::{
-    GetJwksRequest, LookupRequest, Policy, RevokeKeyRequest, RotateKeyRequest, Source, Verdict,
-    VerifyRequest,
+    GetJwksRequest, LookupRequest, Policy, RevokeKeyRequest, Source, Verdict, VerifyRequest,
 };
 
 const SN: &str = "610000";
@@ -91,12 +90,7 @@ async fn get_jwks_for_another_province_answers_with_the_keys_verify_uses() {
     // Guangdong rotates, then revokes the key its older code was signed with.
     let old = common::issue_code(gd, 0).await;
     let mut admin = gd.admin().await.unwrap();
-    let new_kid = admin
-        .rotate_key(RotateKeyRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .kid;
+    let new_kid = common::rotate_key(gd).await.kid;
     let new = common::issue_code(gd, 1).await;
     assert_eq!(new.kid, new_kid);
     admin

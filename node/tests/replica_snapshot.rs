@@ -14,9 +14,7 @@ use hufu_node::local::LocalProvince;
 use hufu_node::status::now_millis;
 use hufu_node::store::StoredChange;
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
-use hufu_proto::v1::{
-    Colour, GetReplicaSnapshotRequest, LookupRequest, RotateKeyRequest, Verdict, VerifyRequest,
-};
+use hufu_proto::v1::{Colour, GetReplicaSnapshotRequest, LookupRequest, Verdict, VerifyRequest};
 
 /// Writes the stream keeps in these tests.
 const KEPT: u64 = 8;
@@ -67,14 +65,7 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
     // While the second replica is stopped: a key rotation and far more
     // writes than the stream keeps.
     let first = fed.federation.get(gd);
-    let rotated = first
-        .admin()
-        .await
-        .unwrap()
-        .rotate_key(RotateKeyRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated = common::rotate_key(first).await;
     for n in 4..34 {
         put(first, n, common::colour_of(n)).await.unwrap();
     }

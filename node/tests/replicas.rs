@@ -15,7 +15,7 @@ use common::replicas::{
 use common::{Serve, eventually, province};
 use hufu_node::local::LocalProvince;
 use hufu_node::store::Store;
-use hufu_proto::v1::{Colour, LookupRequest, RotateKeyRequest, Verdict, VerifyRequest};
+use hufu_proto::v1::{Colour, LookupRequest, Verdict, VerifyRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_through_different_replicas_are_applied_everywhere_in_one_order() {
@@ -103,14 +103,7 @@ async fn keys_rotated_and_revoked_through_one_replica_change_at_every_replica() 
     put(first, 1, Colour::Green).await.unwrap();
     let before = common::issue_code(first, 1).await;
 
-    let rotated = others[0]
-        .admin()
-        .await
-        .unwrap()
-        .rotate_key(RotateKeyRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let rotated = common::rotate_key(&others[0]).await;
     assert_ne!(rotated.kid, rotated.previous_kid);
 
     // The new key signs at every replica...

@@ -262,12 +262,7 @@ async fn session(
         .member(p)
         .map(|m| m.log_key.clone())
         .ok_or_else(|| SessionError::Feed(format!("{p} left the federation")))?;
-    let after = state
-        .store
-        .tail(p)
-        .await
-        .map_err(|e| SessionError::Feed(e.to_string()))?
-        .sequence;
+    let after = held_through(state, p).await?;
     // The first call on a channel also connects it (TCP and TLS): when a
     // federation starts, every node connects to every other at once, and
     // a subscription refused for taking longer than a lookup would only
@@ -358,6 +353,17 @@ async fn session(
     }
 }
 
+/// The last of `p`'s changes this node holds: a feed or a snapshot is asked
+/// for from the next one.
+async fn held_through(state: &Federation, p: Province) -> Result<u64, SessionError> {
+    let tail = state
+        .store
+        .tail(p)
+        .await
+        .map_err(|e| SessionError::Feed(e.to_string()))?;
+    Ok(tail.sequence)
+}
+
 /// Whether a feed was refused because the changes asked for are compacted.
 fn is_compacted(status: Option<&tonic::Status>) -> bool {
     status.is_some_and(|s| s.code() == tonic::Code::OutOfRange)
@@ -372,12 +378,7 @@ async fn install_snapshot(
     log_key: &str,
 ) -> Result<(), SessionError> {
     let feed = |e: anyhow::Error| SessionError::Feed(format!("snapshot of {p}: {e:#}"));
-    let after = state
-        .store
-        .tail(p)
-        .await
-        .map_err(|e| SessionError::Feed(e.to_string()))?
-        .sequence;
+    let after = held_through(state, p).await?;
     let deadline = state.peers.deadline() + crate::client::CONNECT_TIMEOUT;
     let mut messages = state
         .peers

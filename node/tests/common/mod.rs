@@ -216,6 +216,18 @@ pub fn quick(c: &mut hufu_node::config::NodeConfig) {
     c.federation.gossip_secs = 1;
 }
 
+/// Rotates `province`'s code-signing key through its admin.
+pub async fn rotate_key(province: &LocalProvince) -> hufu_proto::v1::RotateKeyResponse {
+    province
+        .admin()
+        .await
+        .unwrap()
+        .rotate_key(hufu_proto::v1::RotateKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Issues a code at `province` for its `n`th sample holder.
 pub async fn issue_code(province: &LocalProvince, n: u64) -> hufu_proto::v1::IssueCodeResponse {
     issue_code_named(province, n, "").await

@@ -6,8 +6,9 @@
 //! | key                       | value                                   |
 //! |---------------------------|-----------------------------------------|
 //! | `bundle/` u64 index       | a bundle: consecutive entries from that index, each as a u32 length and its canonical encoding; stored compressed (below) |
-//! | `hash/` u64 tile          | 128 stored hashes of 32 bytes, in order |
+//! | `tile/` u64 tile          | 128 stored hashes of 32 bytes, in order: those of subtrees of 64 entries and more ([`hashes`](super::hashes)) |
 //! | `meta/head`               | u64 size, then the 32-byte root         |
+//! | `meta/hashes`             | the lowest level of subtree whose hash is stored (6) |
 //! | `meta/origin`             | the origin of the first checkpoint      |
 //! | `checkpoint/` u64 size    | a published checkpoint, as a signed note|
 //!
@@ -25,10 +26,11 @@
 //! entries, their hashes and everything served or exported stay the same.
 //!
 //! Hashes use the stored-hash layout of Go's sumdb `tlog` (Crosby and
-//! Wallach): every complete subtree's hash is stored once, when its last
+//! Wallach): every complete subtree's hash is computed once, when its last
 //! leaf arrives, and never changes. A root or proof for any size then reads
-//! O(log n) of them. Stored hash `i` is at byte `32 × (i mod 128)` of tile
-//! `i / 128`; only the last tile is ever rewritten, to extend it.
+//! O(log n) of them. Only those of subtrees of 64 entries and more are
+//! stored; the lower ones are recomputed from the entries when a proof
+//! needs them ([`hashes`](super::hashes), issue 17).
 //!
 //! Each batch of entries, their hash tiles and the new head go in one atomic
 //! sled batch, so the head never names entries or hashes that are not there.
@@ -54,19 +56,15 @@ use tlog_tiles::{Hash, HashReader};
 
 use super::checkpoint::{Checkpoint, SignedCheckpoint};
 use super::dir::DirWriter;
+use super::hashes::{self, Stored};
 use super::proof::EMPTY_ROOT;
 use super::{AuditEntry, AuditError, LogSigner, TreeHash};
 use crate::trust::TrustList;
 
 const BUNDLE_PREFIX: &[u8] = b"bundle/";
-const HASH_PREFIX: &[u8] = b"hash/";
 const CHECKPOINT_PREFIX: &[u8] = b"checkpoint/";
 const HEAD_KEY: &[u8] = b"meta/head";
 const ORIGIN_KEY: &[u8] = b"meta/origin";
-
-/// Hashes per hash tile: 4 KiB values, so a batch writes a few tiles rather
-/// than one key per hash.
-const TILE_HASHES: u64 = 128;
 
 /// Largest bundle, in bytes (one entry longer than this is a bundle of its
 /// own): a batch past it is stored as several bundles, so each stays well
@@ -175,6 +173,7 @@ impl AuditLog {
     /// Opens the log kept in `tree` with `config`.
     pub fn open_with(tree: sled::Tree, config: BatchConfig) -> Result<AuditLog, AuditError> {
         let size = read_head(&tree)?.0;
+        hashes::upgrade(&tree, size)?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             room: Condvar::new(),
@@ -292,7 +291,7 @@ impl AuditLog {
     /// The root hash of the first `size` entries.
     pub fn root_at(&self, size: u64) -> Result<TreeHash, AuditError> {
         self.check_size(size)?;
-        Ok(tlog_tiles::tree_hash(size, &Stored(&self.tree))
+        Ok(tlog_tiles::tree_hash(size, &Stored::new(&self.tree))
             .map_err(storage)?
             .into())
     }
@@ -300,46 +299,7 @@ impl AuditLog {
     /// Entries `start..end` (clamped to the size), as index and canonical
     /// encoding.
     pub fn entries(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
-        let end = end.min(self.size()?);
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        // The bundle holding `start` is the last one keyed at or before it.
-        let first = match self
-            .tree
-            .range(key(BUNDLE_PREFIX, 0)..=key(BUNDLE_PREFIX, start))
-            .next_back()
-        {
-            Some(item) => index_of(&item?.0)?,
-            None => return Err(damaged(format!("no bundle holds entry {start}"))),
-        };
-        let mut out = Vec::with_capacity((end - start) as usize);
-        let mut next = first;
-        for item in self
-            .tree
-            .range(key(BUNDLE_PREFIX, first)..key(BUNDLE_PREFIX, end))
-        {
-            let (k, bundle) = item?;
-            let at = index_of(&k)?;
-            if at != next {
-                return Err(damaged(format!(
-                    "the bundle at entry {at} follows one that ends at entry {next}"
-                )));
-            }
-            for bytes in unbundle(at, &open_bundle(at, &bundle)?)? {
-                if (start..end).contains(&next) {
-                    out.push((next, bytes.to_vec()));
-                }
-                next += 1;
-            }
-        }
-        if next < end {
-            return Err(damaged(format!(
-                "entries {next} to {} are missing",
-                end - 1
-            )));
-        }
-        Ok(out)
+        read_entries(&self.tree, start, end.min(self.size()?))
     }
 
     /// The proof that entry `index` is in the tree of `tree_size` entries.
@@ -350,8 +310,8 @@ impl AuditLog {
                 "entry {index} is not in the tree of size {tree_size}: ask for a larger tree"
             )));
         }
-        let proof =
-            tlog_tiles::prove_record(tree_size, index, &Stored(&self.tree)).map_err(storage)?;
+        let proof = tlog_tiles::prove_record(tree_size, index, &Stored::new(&self.tree))
+            .map_err(storage)?;
         Ok(proof.into_iter().map(TreeHash::from).collect())
     }
 
@@ -371,8 +331,8 @@ impl AuditLog {
         if old_size == 0 {
             return Ok(Vec::new());
         }
-        let proof =
-            tlog_tiles::prove_tree(new_size, old_size, &Stored(&self.tree)).map_err(storage)?;
+        let proof = tlog_tiles::prove_tree(new_size, old_size, &Stored::new(&self.tree))
+            .map_err(storage)?;
         Ok(proof.into_iter().map(TreeHash::from).collect())
     }
 
@@ -530,33 +490,16 @@ struct Writer {
     /// The hashes of the maximal complete subtrees of the log, by stored
     /// index: all an append reads, kept here so appends never read sled.
     frontier: BTreeMap<u64, Hash>,
-    /// The last hash tile, as stored, while it is partial (else empty): each
-    /// batch extends it.
+    /// The last tile of hashes kept, as stored, while it is partial (else
+    /// empty): each batch extends it.
     tile: Vec<u8>,
 }
 
 impl Writer {
     fn open(tree: sled::Tree, size: u64) -> Result<Writer, AuditError> {
         let indexes = tlog_tiles::sub_tree_index(0, size, Vec::new());
-        let hashes = Stored(&tree).read_hashes(&indexes).map_err(storage)?;
-        let stored = tlog_tiles::stored_hash_count(size);
-        let tile = match stored % TILE_HASHES {
-            0 => Vec::new(),
-            filled => {
-                let mut tile = tree
-                    .get(key(HASH_PREFIX, stored / TILE_HASHES))?
-                    .map(|v| v.to_vec())
-                    .unwrap_or_default();
-                if tile.len() < filled as usize * 32 {
-                    return Err(damaged(format!(
-                        "hash tile {} is shorter than the log's size says",
-                        stored / TILE_HASHES
-                    )));
-                }
-                tile.truncate(filled as usize * 32);
-                tile
-            }
-        };
+        let hashes = Stored::new(&tree).read_hashes(&indexes).map_err(storage)?;
+        let tile = hashes::last_tile(&tree, size)?;
         Ok(Writer {
             tree,
             size,
@@ -666,12 +609,14 @@ impl Writer {
         let mut bundle = Vec::with_capacity(BUNDLE_BYTES.min(entries.len() * 512));
         let mut bundle_at = size;
         let mut bytes = Vec::with_capacity(512);
+        let mut kept = Vec::new();
         for entry in entries {
             bytes.clear();
             entry.encode_into(&mut bytes)?;
             let leaf = tlog_tiles::record_hash(&bytes);
             let hashes =
                 tlog_tiles::stored_hashes_for_record_hash(size, leaf, &pending).map_err(storage)?;
+            kept.extend_from_slice(hashes::kept_of(&hashes));
             pending.hashes.extend(hashes);
             if !bundle.is_empty() && bundle.len() + 4 + bytes.len() > BUNDLE_BYTES {
                 batch.insert(key(BUNDLE_PREFIX, bundle_at), compress(&bundle)?);
@@ -686,20 +631,9 @@ impl Writer {
         }
         batch.insert(key(BUNDLE_PREFIX, bundle_at), compress(&bundle)?);
 
-        // The new hashes extend the last, partial tile and fill new ones.
+        // The hashes kept extend the last, partial tile and fill new ones.
         let mut tile = self.tile.clone();
-        let mut tile_index = pending.base / TILE_HASHES;
-        for hash in &pending.hashes {
-            tile.extend_from_slice(&hash.0);
-            if tile.len() == TILE_HASHES as usize * 32 {
-                batch.insert(key(HASH_PREFIX, tile_index), tile.as_slice());
-                tile.clear();
-                tile_index += 1;
-            }
-        }
-        if !tile.is_empty() {
-            batch.insert(key(HASH_PREFIX, tile_index), tile.as_slice());
-        }
+        hashes::stage(&mut batch, &mut tile, hashes::kept_count(self.size), &kept);
 
         let root = tlog_tiles::tree_hash(size, &pending).map_err(storage)?;
         batch.insert(HEAD_KEY, head_bytes(size, root.into()));
@@ -711,6 +645,49 @@ impl Writer {
         self.tile = tile;
         Ok(())
     }
+}
+
+/// Entries `start..end` of the log in `tree`, all of which must be there.
+pub(super) fn read_entries(
+    tree: &sled::Tree,
+    start: u64,
+    end: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+    if start >= end {
+        return Ok(Vec::new());
+    }
+    // The bundle holding `start` is the last one keyed at or before it.
+    let first = match tree
+        .range(key(BUNDLE_PREFIX, 0)..=key(BUNDLE_PREFIX, start))
+        .next_back()
+    {
+        Some(item) => index_of(&item?.0)?,
+        None => return Err(damaged(format!("no bundle holds entry {start}"))),
+    };
+    let mut out = Vec::with_capacity((end - start) as usize);
+    let mut next = first;
+    for item in tree.range(key(BUNDLE_PREFIX, first)..key(BUNDLE_PREFIX, end)) {
+        let (k, bundle) = item?;
+        let at = index_of(&k)?;
+        if at != next {
+            return Err(damaged(format!(
+                "the bundle at entry {at} follows one that ends at entry {next}"
+            )));
+        }
+        for bytes in unbundle(at, &open_bundle(at, &bundle)?)? {
+            if (start..end).contains(&next) {
+                out.push((next, bytes.to_vec()));
+            }
+            next += 1;
+        }
+    }
+    if next < end {
+        return Err(damaged(format!(
+            "entries {next} to {} are missing",
+            end - 1
+        )));
+    }
+    Ok(out)
 }
 
 /// The entries of the bundle stored at entry `at`, in order.
@@ -768,41 +745,6 @@ fn damaged(what: String) -> AuditError {
     AuditError::Storage(format!("the audit log in sled is damaged: {what}"))
 }
 
-/// Reads stored hashes from the tree's hash tiles.
-struct Stored<'a>(&'a sled::Tree);
-
-impl HashReader for Stored<'_> {
-    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
-        // Proofs ask for neighbouring hashes: keep the last tile read.
-        let mut cached: Option<(u64, sled::IVec)> = None;
-        indexes
-            .iter()
-            .map(|&i| {
-                let tile_index = i / TILE_HASHES;
-                let tile = match &cached {
-                    Some((t, tile)) if *t == tile_index => tile.clone(),
-                    _ => {
-                        let tile = self
-                            .0
-                            .get(key(HASH_PREFIX, tile_index))
-                            .map_err(|e| tlog_tiles::Error::InvalidInput(e.to_string()))?
-                            .unwrap_or_default();
-                        cached = Some((tile_index, tile.clone()));
-                        tile
-                    }
-                };
-                let at = (i % TILE_HASHES) as usize * 32;
-                tile.get(at..at + 32)
-                    .and_then(TreeHash::from_slice)
-                    .map(Hash::from)
-                    .ok_or_else(|| {
-                        tlog_tiles::Error::InvalidInput(format!("stored hash {i} is missing"))
-                    })
-            })
-            .collect()
-    }
-}
-
 /// The frontier plus the hashes of the batch being written.
 struct Pending<'a> {
     frontier: &'a BTreeMap<u64, Hash>,
@@ -851,7 +793,7 @@ fn head_bytes(size: u64, root: TreeHash) -> Vec<u8> {
     v
 }
 
-fn read_head(tree: &sled::Tree) -> Result<(u64, TreeHash), AuditError> {
+pub(super) fn read_head(tree: &sled::Tree) -> Result<(u64, TreeHash), AuditError> {
     match tree.get(HEAD_KEY)? {
         None => Ok((0, EMPTY_ROOT)),
         Some(v) if v.len() == 40 => {

@@ -26,6 +26,7 @@
 mod checkpoint;
 mod dir;
 mod entry;
+mod hashes;
 mod key;
 mod log;
 mod proof;

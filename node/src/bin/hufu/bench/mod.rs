@@ -6,6 +6,7 @@
 //! noisy.
 
 mod audit;
+mod footprint;
 mod legacy;
 mod replicas;
 mod scale;

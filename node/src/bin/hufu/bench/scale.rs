@@ -18,6 +18,7 @@ use hufu_node::local::{LocalFederation, LocalProvince, free_port};
 use hufu_node::sample;
 use hufu_proto::v1::LookupRequest;
 
+use super::footprint::Footprint;
 use super::{BenchArgs, verify_call};
 use crate::loadgen::{clients, closed_loop, issue_tokens};
 use crate::surge::confine::{Confined, Confinement, usage};
@@ -38,6 +39,10 @@ struct Figures {
     replica_peak_mib: f64,
     lookup_rate: f64,
     verify_rate: f64,
+    /// Where the bytes went, read once both nodes have stopped.
+    issuer_data: Footprint,
+    issuer_audit: Footprint,
+    replica_data: Footprint,
 }
 
 pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result<()> {
@@ -77,6 +82,13 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
     row("Verify at the replica, calls/s", &|f| {
         format!("{:.0}", f.verify_rate)
     });
+    println!(
+        "\nwhere the bytes go at {} holders (keys and values as sled holds them):",
+        big.holders
+    );
+    big.issuer_data.print("issuer data", big.holders);
+    big.issuer_audit.print("issuer audit log", big.holders);
+    big.replica_data.print("replica data", big.holders);
     let national = 1_400_000_000f64;
     println!(
         "\nprojected to {national:.1e} holders per node (every node replicates every member): replica {:.0} GiB; a province of 127 million at its issuer {:.0} GiB data and {:.0} GiB audit log",
@@ -88,7 +100,7 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
 }
 
 /// Bytes under `dir`, as allocated on disk.
-fn disk_bytes(dir: &Path) -> u64 {
+pub fn disk_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     let mut stack = vec![dir.to_owned()];
@@ -267,6 +279,12 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         verify_call(tokens, at_replica, false),
     )
     .await;
+    let (issuer_peak_mib, replica_peak_mib) = (
+        usage(issuer.pid()).peak_rss_mib,
+        usage(replica.pid()).peak_rss_mib,
+    );
+    // Stopped, so that their databases can be opened here.
+    drop((issuer, replica));
     let figures = Figures {
         holders: n,
         import_rate: n as f64 / import_secs,
@@ -274,11 +292,13 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         issuer_bytes,
         audit_bytes,
         replica_bytes,
-        issuer_peak_mib: usage(issuer.pid()).peak_rss_mib,
-        replica_peak_mib: usage(replica.pid()).peak_rss_mib,
+        issuer_peak_mib,
+        replica_peak_mib,
         lookup_rate: lookup.rate(),
         verify_rate: verify.rate(),
+        issuer_data: Footprint::of(&config.path(&config.data_dir))?,
+        issuer_audit: Footprint::of(&config.audit_dir())?,
+        replica_data: Footprint::of(&replica_config.path(&replica_config.data_dir))?,
     };
-    drop((issuer, replica));
     Ok(figures)
 }

@@ -16,6 +16,9 @@ const GD: &str = "440000";
 const BJ: &str = "110000";
 const SX: &str = "610000";
 const WITHIN: Duration = Duration::from_secs(20);
+/// Holders imported first: enough for the statuses to fill many buckets,
+/// which split as they grow.
+const IMPORTED: u64 = 1000;
 
 /// Puts sample holder `n` at `p` as of now (later than any earlier write
 /// or code of the holder).
@@ -43,6 +46,7 @@ async fn a_new_member_and_a_fallen_behind_one_reach_the_issuers_state_from_a_com
     let gd = province(GD);
     fed.start(gd).await.unwrap();
     fed.start(province(BJ)).await.unwrap();
+    common::import_samples(fed.get(gd), IMPORTED).await;
     for n in 0..10 {
         put(fed.get(gd), n, Colour::Green).await;
     }
@@ -50,7 +54,7 @@ async fn a_new_member_and_a_fallen_behind_one_reach_the_issuers_state_from_a_com
     let code = issue_code(fed.get(gd), 5).await;
     eventually(WITHIN, || async {
         let held = store(fed.get(province(BJ))).tail(gd).await.unwrap();
-        (held.sequence == 10).then_some(())
+        (held.sequence == IMPORTED + 10).then_some(())
     })
     .await;
     fed.get_mut(province(BJ)).stop().await.unwrap();
@@ -72,14 +76,15 @@ async fn a_new_member_and_a_fallen_behind_one_reach_the_issuers_state_from_a_com
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(through, 18);
-    // One change per holder stays: each holder's latest.
+    assert_eq!(through, IMPORTED + 18);
+    // One change per holder stays: each holder's latest (all of them
+    // imported, some changed since).
     let base = store(issuer).base(gd).unwrap().unwrap();
-    assert_eq!(base.snapshot.kept, 14);
+    assert_eq!(base.snapshot.kept, IMPORTED);
     let kept = store(issuer)
         .kept_changes(gd, &base, 0, usize::MAX)
         .unwrap();
-    assert_eq!(kept.len(), 14);
+    assert_eq!(kept.len() as u64, IMPORTED);
     for (_, bytes) in &kept {
         let record = StatusRecord::decode(bytes.as_slice()).unwrap();
         let current = store(issuer).get(gd, &record.holder).unwrap();
@@ -95,14 +100,14 @@ async fn a_new_member_and_a_fallen_behind_one_reach_the_issuers_state_from_a_com
     fed.start(province(SX)).await.unwrap();
     let issuer = fed.get(gd);
     let head = store(issuer).tail(gd).await.unwrap();
-    assert_eq!(head.sequence, 20);
+    assert_eq!(head.sequence, IMPORTED + 20);
     for member in [BJ, SX] {
         let m = fed.get(province(member));
         eventually(WITHIN, || async {
             (store(m).tail(gd).await.unwrap() == head).then_some(())
         })
         .await;
-        for n in (0..14).chain([20]) {
+        for n in 0..IMPORTED {
             let holder = common::pseudonym(issuer, n);
             assert_eq!(
                 store(m).get(gd, &holder).unwrap(),

@@ -35,9 +35,13 @@ async fn internal_error_text_never_reaches_the_caller() {
         .unwrap()
         .open_tree(hufu_node::store::TREE)
         .unwrap();
-    let key = hufu_node::store::status_key(gd.province, &holders[0]).unwrap();
+    use hufu_node::store::{bucket, codec};
+    let holder = codec::holder_bytes(&holders[0]).unwrap();
+    let (low, stored) = bucket::find(&tree, gd.province, &holder).unwrap().unwrap();
     // A verbatim record whose protobuf bytes do not decode.
-    tree.insert(key, &[2, 0xff, 0xff, 0xff, 0x0f][..]).unwrap();
+    let damaged = bucket::with_status(&stored, &holder, vec![2, 0xff, 0xff, 0xff, 0x0f]).unwrap();
+    tree.insert(bucket::bucket_key(gd.province, &low), damaged)
+        .unwrap();
 
     let mut terminal = gd.terminal("gate").await.unwrap();
     let status = terminal

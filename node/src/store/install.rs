@@ -16,6 +16,7 @@ use hufu_federation::snapshot::{KeptDigest, SnapshotStatement};
 use hufu_proto::v1::{FeedHead, FeedSnapshot};
 use prost::Message;
 
+use super::bucket::{BUCKET, Staged};
 use super::codec::{self, BINDING, CHANGES, HEAD_AT, LATEST_HEAD, STATUS};
 use super::compact::{BASE, Base, KEPT, KeptWriter};
 use super::{ApplyError, GENESIS, Store, Tail};
@@ -24,8 +25,18 @@ use crate::error::NodeResult;
 /// Key kind of the marker of an install in progress.
 pub const INSTALLING: u8 = b'I';
 
-/// Kinds of key that make up a province's feed state here.
-const FEED_STATE: [u8; 7] = [STATUS, BINDING, CHANGES, KEPT, BASE, HEAD_AT, LATEST_HEAD];
+/// Kinds of key that make up a province's feed state here (`S`: statuses
+/// of the format before buckets).
+const FEED_STATE: [u8; 8] = [
+    BUCKET,
+    STATUS,
+    BINDING,
+    CHANGES,
+    KEPT,
+    BASE,
+    HEAD_AT,
+    LATEST_HEAD,
+];
 
 /// Keys removed in one batch while wiping.
 const WIPE_BATCH: usize = 4096;
@@ -128,16 +139,17 @@ impl Store {
 impl Installing<'_> {
     /// Takes kept changes of the compacted part, in order.
     pub fn kept(&mut self, changes: &[Change<'_>]) -> Result<(), ApplyError> {
-        let mut batch = sled::Batch::default();
+        let tree = self.store.tree()?;
+        let mut staged = Staged::default();
         for change in changes {
             self.digest.add(change.sequence, change.record)?;
-            let entry = self.store.stage_effect(self.p, change, &mut batch)?;
+            let entry = super::log::stage_effect(&tree, self.p, change, &mut staged)?;
             self.writer.push(change.sequence, &entry);
             if self.writer.is_full() {
-                self.writer.stage(self.p, 1, &mut batch);
+                self.writer.stage(self.p, 1, &mut staged.batch);
             }
         }
-        self.store.apply(batch)?;
+        self.store.apply(staged.finish())?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
 use super::binding::Binding;
+use super::bucket::Staged;
 use super::codec::{self, BlockReader, BlockWriter, CHANGES};
 use super::{ApplyError, BLOCK_CHANGES, GENESIS, Store, StoredChange, Tail};
 use crate::error::{NodeError, NodeResult};
@@ -136,6 +137,8 @@ impl Store {
         batch: &mut sled::Batch,
     ) -> Result<Tail, ApplyError> {
         let written_ms = crate::status::now_millis();
+        let tree = self.tree()?;
+        let mut staged = Staged::on(std::mem::take(batch));
         let mut next = tail;
         let mut block: Option<(u64, BlockWriter)> = None;
         for change in changes {
@@ -148,7 +151,7 @@ impl Store {
             }
             let (_, writer) = block
                 .get_or_insert_with(|| (change.sequence, BlockWriter::new(&next.hash, written_ms)));
-            let entry = self.stage_effect(p, change, batch)?;
+            let entry = stage_effect(&tree, p, change, &mut staged)?;
             writer.push(&entry);
             next = Tail {
                 sequence: change.sequence,
@@ -156,33 +159,18 @@ impl Store {
             };
             if writer.count() >= BLOCK_CHANGES {
                 let (first, full) = block.take().expect("just used");
-                batch.insert(codec::block_key(p, first), full.into_bytes());
+                staged
+                    .batch
+                    .insert(codec::block_key(p, first), full.into_bytes());
             }
         }
         if let Some((first, writer)) = block {
-            batch.insert(codec::block_key(p, first), writer.into_bytes());
+            staged
+                .batch
+                .insert(codec::block_key(p, first), writer.into_bytes());
         }
+        *batch = staged.finish();
         Ok(next)
-    }
-
-    /// Stages the effect of `change` of `p` on its statuses or bindings
-    /// into `batch`, and returns its change-log entry.
-    pub(super) fn stage_effect(
-        &self,
-        p: Province,
-        change: &Change<'_>,
-        batch: &mut sled::Batch,
-    ) -> Result<Vec<u8>, ApplyError> {
-        if let Some(binding) = Binding::from_change_bytes(change.record) {
-            let binding = binding
-                .map_err(|e| FeedError::Malformed(format!("change {}: {e}", change.sequence)))?;
-            binding.stage(p, batch);
-            return Ok(codec::binding_entry(change.record));
-        }
-        let record = decode_status(p, change)?;
-        let key = codec::status_key(p, &record.holder).expect("holder checked");
-        batch.insert(key, codec::status_value(p, &record, change.record));
-        Ok(codec::entry(p, &record, change.record))
     }
 
     /// **The seam where a change of this province enters the change log.**
@@ -242,6 +230,27 @@ impl Store {
             .filter(|(s, _, _)| *s == seq)
             .map(|(_, _, bytes)| bytes))
     }
+}
+
+/// Stages the effect of `change` of `p` (in `tree`) on its statuses or
+/// bindings, and returns its change-log entry.
+pub(super) fn stage_effect(
+    tree: &sled::Tree,
+    p: Province,
+    change: &Change<'_>,
+    staged: &mut Staged,
+) -> Result<Vec<u8>, ApplyError> {
+    if let Some(binding) = Binding::from_change_bytes(change.record) {
+        let binding = binding
+            .map_err(|e| FeedError::Malformed(format!("change {}: {e}", change.sequence)))?;
+        binding.stage(p, &mut staged.batch);
+        return Ok(codec::binding_entry(change.record));
+    }
+    let record = decode_status(p, change)?;
+    let holder = codec::holder_bytes(&record.holder).expect("holder checked");
+    let value = codec::status_value(p, &record, change.record);
+    staged.put_status(tree, p, holder, value)?;
+    Ok(codec::entry(p, &record, change.record))
 }
 
 /// A change's status record, checked to belong to `p`'s feed.

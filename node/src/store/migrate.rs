@@ -1,8 +1,15 @@
-//! Converting a store of the first format (tree `provinces`: one key per
-//! change holding its chain hash and record, holders as text) to the
-//! current one, when a node opens it. The old tree is dropped only once
-//! everything is converted and flushed; a conversion cut short by a crash
-//! starts over at the next start and writes the same keys again.
+//! Converting a store of an earlier format to the current one, when a node
+//! opens it:
+//!
+//! - the first format (tree `provinces`: one key per change holding its
+//!   chain hash and record, holders as text) to format 2. The old tree is
+//!   dropped only once everything is converted and flushed; a conversion
+//!   cut short by a crash starts over at the next start and writes the
+//!   same keys again;
+//! - statuses under a key each (`S` province holder) to buckets
+//!   ([`super::bucket`]). Each sled batch buckets the next statuses in
+//!   order and removes their keys, so a conversion cut short goes on
+//!   from where it stopped.
 
 use hufu_certs::Province;
 use hufu_federation::feed::{self, GENESIS_HASH};
@@ -10,6 +17,7 @@ use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
 use super::BLOCK_CHANGES;
+use super::bucket::{self, Holder};
 use super::codec::{self, BlockWriter, CHANGES, STATUS};
 use crate::error::{NodeError, NodeResult};
 
@@ -46,6 +54,54 @@ pub(super) fn from_v1(db: &sled::Db, tree: &sled::Tree) -> NodeResult<()> {
     drop(old);
     db.drop_tree(V1_TREE)?;
     db.flush()?;
+    Ok(())
+}
+
+/// Moves the statuses kept under a key each into buckets, if there are any.
+pub(super) fn to_buckets(tree: &sled::Tree) -> NodeResult<()> {
+    let mut converted = 0;
+    loop {
+        let keys: Vec<(sled::IVec, sled::IVec)> = tree
+            .scan_prefix([STATUS])
+            .take(BATCH_KEYS)
+            .collect::<Result<_, _>>()?;
+        if keys.is_empty() {
+            break;
+        }
+        if converted == 0 {
+            tracing::info!("converting the store's statuses to buckets");
+        }
+        let mut batch = sled::Batch::default();
+        let mut rest = keys.as_slice();
+        while let Some((k, _)) = rest.first() {
+            let p = province_of(k)?;
+            let ends = rest
+                .iter()
+                .position(|(k, _)| province_of(k).ok() != Some(p))
+                .unwrap_or(rest.len());
+            let (of_p, after) = rest.split_at(ends);
+            let statuses = of_p
+                .iter()
+                .map(|(k, v)| {
+                    let holder: Holder =
+                        k.get(5..).and_then(|h| h.try_into().ok()).ok_or_else(|| {
+                            NodeError::Internal("a status key without a holder".into())
+                        })?;
+                    batch.remove(k);
+                    Ok((holder, v.to_vec()))
+                })
+                .collect::<NodeResult<Vec<_>>>()?;
+            bucket::bucket_sorted(&mut batch, p, &statuses, !bucket::any(tree, p)?);
+            rest = after;
+        }
+        tree.apply_batch(batch)?;
+        super::reclaim(keys.len());
+        converted += keys.len();
+    }
+    if converted > 0 {
+        tree.flush()?;
+        tracing::info!(statuses = converted, "the store's statuses are in buckets");
+    }
     Ok(())
 }
 
@@ -130,6 +186,90 @@ fn convert(old: &sled::Tree, tree: &sled::Tree) -> NodeResult<()> {
 mod tests {
     use super::*;
     use crate::store::Store;
+
+    #[tokio::test]
+    async fn statuses_kept_under_a_key_each_are_moved_into_buckets_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gd, bj) = (
+            Province::parse("440000").unwrap(),
+            Province::parse("110000").unwrap(),
+        );
+        let secret = hufu_federation::holder::HolderSecret::new(&[7; 32]).unwrap();
+        let mut written = vec![];
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree(super::super::TREE).unwrap();
+            for (p, n) in [(gd, 500u64), (bj, 3)] {
+                for i in 0..n {
+                    let holder = secret.pseudonym(&crate::sample::national_id(p, i));
+                    let record = StatusRecord {
+                        issuer: p.to_string(),
+                        holder: holder.to_string(),
+                        colour: 1 + (i % 3) as i32,
+                        as_of: Some(crate::status::timestamp(1_600_000_000 + i as i64)),
+                        last_negative_test: None,
+                        reason: (i % 2) as i32,
+                    };
+                    let bytes = record.encode_to_vec();
+                    let key = codec::status_key(p, &record.holder).unwrap();
+                    tree.insert(key, codec::status_value(p, &record, &bytes))
+                        .unwrap();
+                    written.push((p, record));
+                }
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), gd).unwrap();
+        for (p, record) in &written {
+            assert_eq!(
+                store.get(*p, &record.holder).unwrap().as_ref(),
+                Some(record)
+            );
+        }
+        let tree = store.tree().unwrap();
+        assert_eq!(tree.scan_prefix([STATUS]).count(), 0);
+        let buckets = tree.scan_prefix([bucket::BUCKET]).count();
+        assert!(
+            (500 / 32..=500 / 16 + 2).contains(&buckets),
+            "{buckets} buckets"
+        );
+        // Written on, the buckets split and keep every status.
+        let mut tail = store.own_writer.lock().await;
+        let records: Vec<Vec<u8>> = (500..900)
+            .map(|i| {
+                let holder = secret.pseudonym(&crate::sample::national_id(gd, i));
+                StatusRecord {
+                    issuer: gd.to_string(),
+                    holder: holder.to_string(),
+                    colour: 1,
+                    as_of: Some(crate::status::timestamp(1_600_000_000)),
+                    last_negative_test: None,
+                    reason: 0,
+                }
+                .encode_to_vec()
+            })
+            .collect();
+        let changes: Vec<_> = records
+            .iter()
+            .enumerate()
+            .map(|(i, record)| hufu_federation::feed::Change {
+                sequence: i as u64 + 1,
+                record,
+            })
+            .collect();
+        store.append_own(&mut tail, &changes).await.unwrap();
+        drop(tail);
+        for (p, record) in &written {
+            assert_eq!(
+                store.get(*p, &record.holder).unwrap().as_ref(),
+                Some(record)
+            );
+        }
+        for bytes in &records {
+            let record = StatusRecord::decode(bytes.as_slice()).unwrap();
+            assert_eq!(store.get(gd, &record.holder).unwrap(), Some(record));
+        }
+    }
 
     #[tokio::test]
     async fn a_store_of_the_first_format_opens_with_the_same_state_and_chain() {

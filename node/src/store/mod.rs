@@ -8,7 +8,7 @@
 //!
 //! | key                          | value                                   |
 //! |------------------------------|-----------------------------------------|
-//! | `S` province holder (16 bytes) | the holder's current status, compact (below) |
+//! | `U` province low holder (16 bytes) | a bucket: the current statuses of up to 32 holders from `low` on, sorted ([`bucket`]) |
 //! | `C` province first-sequence  | a block of the change log (below)       |
 //! | `H` province sequence        | signed `FeedHead` ending a batch (replicas, for relaying) |
 //! | `L` province                 | newest signed `FeedHead` (replicas)     |
@@ -102,6 +102,7 @@ use tokio::sync::{Notify, watch};
 use crate::error::{NodeError, NodeResult};
 
 pub mod binding;
+pub mod bucket;
 pub mod codec;
 pub mod compact;
 mod health;
@@ -111,7 +112,6 @@ mod migrate;
 mod own;
 mod replica;
 
-pub use codec::status_key;
 pub use own::{PendingPut, PutOutcome};
 pub use replica::head_of;
 
@@ -225,6 +225,7 @@ impl Store {
     pub fn open_with_cache(path: &Path, own: Province, cache_bytes: u64) -> NodeResult<Store> {
         let open = Open::at(path, cache_bytes)?;
         migrate::from_v1(&open.db, &open.tree)?;
+        migrate::to_buckets(&open.tree)?;
         install::recover(&open.tree)?;
         let store = Store {
             path: path.to_owned(),
@@ -267,11 +268,14 @@ impl Store {
 
     /// A holder's current record in province `p` (own or replica).
     pub fn get(&self, p: Province, holder: &str) -> NodeResult<Option<StatusRecord>> {
-        let Some(key) = codec::status_key(p, holder) else {
+        let Some(h) = codec::holder_bytes(holder) else {
             return Ok(None);
         };
-        match self.tree()?.get(key)? {
-            Some(bytes) => Ok(Some(codec::read_status(p, holder, &bytes)?)),
+        let Some((_, bucket)) = bucket::find(&self.tree()?, p, &h)? else {
+            return Ok(None);
+        };
+        match bucket::status_in(&bucket, &h)? {
+            Some(value) => Ok(Some(codec::read_status(p, holder, value)?)),
             None => Ok(None),
         }
     }

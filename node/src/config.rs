@@ -181,13 +181,13 @@ pub struct LimitsConfig {
     pub retry_pushback_ms: u64,
     /// Open connections at once; more are closed on accept.
     pub max_connections: usize,
-    /// Places for terminals' connections (`places`): when the
-    /// node's scheduling delay (how late its timers fire) passes this many
-    /// milliseconds, it stops reading its newest terminals' connections,
-    /// closes those paused for 2 s, and lets new ones wait unhandshaken;
-    /// it gives places back while the delay is low. 0 (the default): off.
-    /// Measured under `hufu bench surge` without a setting that helps at
-    /// every step (README, Surges), hence off.
+    /// Places for terminals' connections (`places`): when the node's
+    /// scheduling delay (how late its timers fire, the least of ten probes
+    /// in 100 ms) passes this many milliseconds, it stops reading its newest
+    /// busy terminals' connections, closes a paused one once its caller has
+    /// sent about ten calls into it unread, and lets new ones wait
+    /// unhandshaken; it gives places back, paused connections first, while
+    /// the delay is low. 0: off.
     pub scheduling_delay_target_ms: u64,
 }
 
@@ -210,7 +210,7 @@ impl Default for LimitsConfig {
             max_streams: 4096,
             retry_pushback_ms: 100,
             max_connections: 10_000,
-            scheduling_delay_target_ms: 0,
+            scheduling_delay_target_ms: 50,
         }
     }
 }

@@ -101,7 +101,7 @@ impl Metrics {
         let scheduling_delay = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "caller_places",
-            "terminals' connections the node serves at once now: cut when its scheduling delay passes limits.scheduling_delay_target_ms",
+            "busy terminals' connections the node reads at once now: cut when its scheduling delay passes limits.scheduling_delay_target_ms",
             caller_places.clone(),
         );
         registry.register(
@@ -121,12 +121,12 @@ impl Metrics {
         );
         registry.register(
             "connections_taken_back",
-            "terminals' connections closed after a long pause under overload",
+            "paused terminals' connections closed under overload once their callers had sent more into them unread than a reconnection costs",
             connections_taken_back.clone(),
         );
         registry.register(
             "scheduling_delay_seconds",
-            "how late the node's timers fire, mean over 100 ms: how long work waits for the CPU",
+            "how late the node's timers fire, the least of the probes in 100 ms: how long work queues for the CPU",
             scheduling_delay.clone(),
         );
         registry.register(

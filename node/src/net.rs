@@ -105,7 +105,12 @@ impl AsyncRead for PeerConn {
         let this = self.get_mut();
         this.poll_closed(cx)?;
         std::task::ready!(this.poll_paused(cx));
-        Pin::new(&mut this.tls).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.tls).poll_read(cx, buf);
+        if let Some(held) = &this.place {
+            held.place.seat.note_read(buf.filled().len() - before);
+        }
+        read
     }
 }
 

@@ -399,6 +399,10 @@ where
                     return Ok(refusal);
                 }
             };
+            // One turn of the scheduler before any work: a caller that gave
+            // up has sent its RST_STREAM right behind the call, and hyper
+            // drops a call whose stream was reset only while it waits.
+            tokio::task::yield_now().await;
             let slot = match admission.queue.admit(class, deadline).await {
                 Ok(slot) => slot,
                 Err(why) => return Ok(admission.refusal(class, why)),

@@ -1,0 +1,489 @@
+//! Places for callers' connections: under a surge the node serves fewer
+//! terminals well instead of every terminal badly.
+//!
+//! A caller that never backs off keeps its connection's streams full; when
+//! its calls expire it cancels them, and every cancellation frees a stream
+//! for its next (already stale) call. So whatever a stream limit holds back
+//! still reaches the node, one stale call at a time, and the node spends
+//! itself reading, decrypting and cancelling calls nobody will wait for.
+//! Waiting costs the node nothing only where it does not look: in sockets
+//! it does not read, in callers that have no connection, and in the
+//! kernel's queue of connections not yet accepted.
+//!
+//! So terminals' connections hold a *place*, and the number of busy
+//! connections the node reads follows how late its own work runs (its
+//! scheduling delay). When the delay passes its target, the newest busy
+//! connections are *paused*, more of them the later the node runs: the node
+//! stops reading them, and their calls wait in their sockets. Idle
+//! connections are never paused: that would relieve nothing. A pause is
+//! cheap to undo while its caller sends little, so places come back first
+//! to paused connections while the delay is low. But a caller that never
+//! backs off keeps sending into its paused connection, and once that unread
+//! backlog would cost more to read than a reconnection, the connection is
+//! closed, its stale calls dropped unread, and its caller's reconnection
+//! waits unhandshaken until the node has room for new connections again.
+//! Nodes, admins and auditors need no place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::task::AtomicWaker;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How places are sized.
+#[derive(Clone, Copy, Debug)]
+pub struct PlaceConfig {
+    /// Places never fall below this.
+    pub min: usize,
+    /// Places at most (and at start).
+    pub max: usize,
+    /// Scheduling delay above which places are cut; zero: places off.
+    pub target_lag: Duration,
+}
+
+/// After a cut, how long the node waits before judging again: the work
+/// queued before the cut takes a moment to drain.
+const COOL_DOWN: Duration = Duration::from_millis(300);
+/// Share of places kept at a cut when the delay is just above its target;
+/// the further above, the deeper the cut, down to [`DEEPEST_CUT`].
+const CUT: f64 = 0.9;
+/// Share of places kept at a cut however late the node runs: a surge of
+/// ten times its capacity is cut to its size in a few readings.
+const DEEPEST_CUT: f64 = 0.5;
+/// Growth per reading while the node keeps up, and while it is nearly idle.
+const GROWTH: f64 = 1.1;
+const FAST_GROWTH: f64 = 1.3;
+/// How long after a cut new connections may be let in: each costs a full
+/// handshake, so the node does not let in connections it may have to shut
+/// out again at once.
+const SETTLE: Duration = Duration::from_secs(1);
+/// A paused connection is closed once its caller has sent about this many
+/// bytes into it unread (at the rate it sent before its pause): a caller
+/// that never backs off keeps sending, every call it gives up on is
+/// followed by the next, and reading that backlog would cost the node more
+/// than its caller's reconnection (about ten calls' worth; a full
+/// handshake costs the node about as much). A quiet caller's connection
+/// stays paused for long and is resumed cheaply; a busy one is closed within
+/// a second, its stale calls dropped unread.
+const BACKLOG_LIMIT: f64 = 1500.0;
+/// A connection paused this long is closed whatever its caller's rate.
+const PAUSE_LIMIT: Duration = Duration::from_secs(30);
+/// A connection whose caller sends less than this (bytes a second) is idle:
+/// pausing it would relieve nothing.
+const BUSY_BYTES_PER_SEC: f64 = 64.0;
+
+/// What the node lets a connection with a place do now.
+pub struct Seat {
+    paused: AtomicBool,
+    resumed: AtomicWaker,
+    /// Bytes read from the connection, ever: how busy its caller is.
+    read: AtomicU64,
+    /// Cancelled when the node closes the connection.
+    pub closed: CancellationToken,
+}
+
+impl Seat {
+    fn new() -> Arc<Seat> {
+        Arc::new(Seat {
+            paused: AtomicBool::new(false),
+            resumed: AtomicWaker::new(),
+            read: AtomicU64::new(0),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    /// Ready while the connection may be read; while it is paused, Pending
+    /// until it is resumed.
+    pub fn poll_open(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.paused.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.resumed.register(cx.waker());
+        if self.paused.load(Ordering::Acquire) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// Counts `bytes` read from the connection.
+    pub fn note_read(&self, bytes: usize) {
+        self.read.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::Release);
+        self.resumed.wake();
+    }
+}
+
+/// A seat as the places see it: how fast its caller sends.
+struct Held {
+    seat: Arc<Seat>,
+    /// The seat's bytes read at the last reading.
+    seen: u64,
+    /// Bytes a second its caller sent, averaged over recent readings.
+    rate: f64,
+}
+
+impl Held {
+    fn new(seat: Arc<Seat>) -> Held {
+        Held {
+            seat,
+            seen: 0,
+            rate: 0.0,
+        }
+    }
+
+    /// Whether its caller sends enough to be worth pausing: an idle
+    /// connection costs nothing, and pausing it would relieve nothing.
+    fn busy(&self) -> bool {
+        self.rate >= BUSY_BYTES_PER_SEC
+    }
+}
+
+pub struct Places {
+    inner: Mutex<Inner>,
+    room: Notify,
+    config: PlaceConfig,
+    /// Connections closed after a long pause, ever.
+    closed: AtomicUsize,
+}
+
+struct Inner {
+    /// Busy connections the node reads at once.
+    limit: f64,
+    /// Connections being read, by when they took their place: the newest
+    /// is paused first.
+    serving: BTreeMap<u64, Held>,
+    /// Of `serving`, those busy at the last reading (and new ones).
+    busy: usize,
+    /// Paused connections by when paused (the newest resumed first), with
+    /// their ids and the instant of the pause.
+    paused: BTreeMap<u64, (u64, Instant, Held)>,
+    /// Pause order of each paused id.
+    pause_of: HashMap<u64, u64>,
+    next: u64,
+    last_cut: Option<Instant>,
+    last_reading: Option<Instant>,
+}
+
+/// A terminal connection's place; dropping it (the connection closed)
+/// frees the place.
+pub struct Place {
+    places: Arc<Places>,
+    id: u64,
+    pub seat: Arc<Seat>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut inner = self.places.lock();
+        match inner.serving.remove(&self.id) {
+            Some(held) => {
+                if held.busy() || held.seen == 0 {
+                    inner.busy = inner.busy.saturating_sub(1);
+                }
+            }
+            None => {
+                if let Some(order) = inner.pause_of.remove(&self.id) {
+                    inner.paused.remove(&order);
+                }
+            }
+        }
+        if inner.has_room() {
+            // The newest waiter is the one most likely still there.
+            self.places.room.notify_last();
+        }
+    }
+}
+
+impl Inner {
+    fn limit(&self) -> usize {
+        self.limit.round() as usize
+    }
+
+    /// Whether a new connection may take a place now.
+    fn has_room(&self) -> bool {
+        self.busy < self.limit() && self.paused.is_empty()
+    }
+
+    /// Updates every serving connection's rate from its bytes read since
+    /// the last reading, and recounts the busy ones.
+    fn measure(&mut self, now: Instant) {
+        let elapsed = self
+            .last_reading
+            .map(|at| now.saturating_duration_since(at).as_secs_f64());
+        self.last_reading = Some(now);
+        let Some(elapsed) = elapsed.filter(|e| *e > 0.0) else {
+            return;
+        };
+        let mut busy = 0;
+        for held in self.serving.values_mut() {
+            let read = held.seat.read.load(Ordering::Relaxed);
+            let rate = read.saturating_sub(held.seen) as f64 / elapsed;
+            // A new connection's first reading is its rate; then an average
+            // over a few readings, so that one quiet moment is not idleness.
+            held.rate = if held.seen == 0 {
+                rate
+            } else {
+                0.5 * held.rate + 0.5 * rate
+            };
+            held.seen = read.max(1);
+            busy += usize::from(held.busy());
+        }
+        self.busy = busy;
+    }
+
+    /// Pauses the newest busy connection; false if none is left.
+    fn pause_newest_busy(&mut self, now: Instant) -> bool {
+        let Some(id) = self
+            .serving
+            .iter()
+            .rev()
+            .find(|(_, held)| held.busy())
+            .map(|(id, _)| *id)
+        else {
+            return false;
+        };
+        let Some(held) = self.serving.remove(&id) else {
+            return false;
+        };
+        held.seat.pause();
+        let order = self.next;
+        self.next += 1;
+        self.pause_of.insert(id, order);
+        self.paused.insert(order, (id, now, held));
+        self.busy = self.busy.saturating_sub(1);
+        true
+    }
+
+    fn resume_newest(&mut self) -> bool {
+        let Some((_, (id, _, held))) = self.paused.pop_last() else {
+            return false;
+        };
+        self.pause_of.remove(&id);
+        held.seat.resume();
+        self.busy += 1;
+        self.serving.insert(id, held);
+        true
+    }
+
+    /// Closes the paused connections whose unread calls would now cost more
+    /// to read than their callers' reconnections: by how fast each caller
+    /// sent before its pause, and how long it has been paused.
+    fn close_stale(&mut self, now: Instant) -> usize {
+        let stale: Vec<u64> = self
+            .paused
+            .iter()
+            .filter(|(_, (_, since, held))| {
+                let paused = now.saturating_duration_since(*since);
+                paused >= PAUSE_LIMIT || held.rate * paused.as_secs_f64() >= BACKLOG_LIMIT
+            })
+            .map(|(order, _)| *order)
+            .collect();
+        for order in &stale {
+            if let Some((id, _, held)) = self.paused.remove(order) {
+                self.pause_of.remove(&id);
+                held.seat.closed.cancel();
+            }
+        }
+        stale.len()
+    }
+}
+
+impl Places {
+    pub fn new(config: PlaceConfig) -> Arc<Places> {
+        let config = PlaceConfig {
+            min: config.min.max(1),
+            max: config.max.max(config.min.max(1)),
+            ..config
+        };
+        Arc::new(Places {
+            inner: Mutex::new(Inner {
+                limit: config.max as f64,
+                serving: BTreeMap::new(),
+                busy: 0,
+                paused: BTreeMap::new(),
+                pause_of: HashMap::new(),
+                next: 0,
+                last_cut: None,
+                last_reading: None,
+            }),
+            room: Notify::new(),
+            config,
+            closed: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether places are in force at all.
+    pub fn enabled(&self) -> bool {
+        !self.config.target_lag.is_zero()
+    }
+
+    /// Connections closed after a long pause since the node started.
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// (serving, paused, limit) now.
+    pub fn snapshot(&self) -> (usize, usize, usize) {
+        let inner = self.lock();
+        (inner.serving.len(), inner.paused.len(), inner.limit())
+    }
+
+    /// A place for a new connection, if one is free and no paused
+    /// connection is waiting to be resumed. A new connection counts as busy
+    /// until its first reading says otherwise.
+    pub fn try_take(self: &Arc<Self>) -> Option<Place> {
+        let mut inner = self.lock();
+        if !inner.has_room() {
+            return None;
+        }
+        let id = inner.next;
+        inner.next += 1;
+        let seat = Seat::new();
+        inner.serving.insert(id, Held::new(seat.clone()));
+        inner.busy += 1;
+        Some(Place {
+            places: self.clone(),
+            id,
+            seat,
+        })
+    }
+
+    /// Waits until a place may be free (another waiter may take it first).
+    pub async fn room(&self) {
+        let notified = self.room.notified();
+        {
+            if self.lock().has_room() {
+                return;
+            }
+        }
+        notified.await;
+    }
+
+    /// One reading of the node's scheduling delay, with `waiting` new
+    /// connections waiting for a place: closes connections paused too long,
+    /// then cuts places (pausing the newest connections) or gives them back
+    /// (resuming the most recently paused first, then letting new ones in).
+    pub fn observe(&self, now: Instant, lag: Duration, waiting: usize) {
+        let target = self.config.target_lag;
+        if target.is_zero() {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.measure(now);
+        let closed = inner.close_stale(now);
+        self.closed.fetch_add(closed, Ordering::Relaxed);
+        let since_cut = inner.last_cut.map(|at| now.saturating_duration_since(at));
+        if since_cut.is_some_and(|d| d < COOL_DOWN) {
+            return;
+        }
+        if lag > target {
+            // Cut from the connections busy now (not from a limit set while
+            // fewer callers were sending), in proportion to how late the
+            // node runs.
+            let base = inner.busy as f64;
+            let keep = (target.as_secs_f64() / lag.as_secs_f64()).clamp(DEEPEST_CUT, CUT);
+            inner.limit = (base * keep).max(self.config.min as f64);
+            inner.last_cut = Some(now);
+            while inner.busy > inner.limit() && inner.pause_newest_busy(now) {}
+            return;
+        }
+        if lag < target / 2 {
+            // The node keeps up with every connection busy now.
+            inner.limit = inner.limit.max(inner.busy as f64);
+        }
+        let admit_new = waiting > 0 && lag < target / 5 && since_cut.is_none_or(|d| d >= SETTLE);
+        if lag >= target / 2 || (inner.paused.is_empty() && !admit_new) {
+            return;
+        }
+        let growth = if lag < target / 5 {
+            FAST_GROWTH
+        } else {
+            GROWTH
+        };
+        let grown = (inner.limit * growth).max(inner.limit + 1.0);
+        inner.limit = grown.min(self.config.max as f64);
+        while inner.busy < inner.limit() && inner.resume_newest() {}
+        if !admit_new || !inner.paused.is_empty() {
+            return;
+        }
+        let free = inner.limit().saturating_sub(inner.busy);
+        drop(inner);
+        // One wake-up per new place, not a stampede of every waiter.
+        for _ in 0..free.min(waiting) {
+            self.room.notify_last();
+        }
+    }
+}
+
+/// How often the node measures its scheduling delay, and the shortest
+/// span of measurements that makes one reading.
+const PROBE: Duration = Duration::from_millis(10);
+const READING: Duration = Duration::from_millis(100);
+
+/// Measures the node's scheduling delay (how late a 10 ms timer fires: how
+/// long every task waits for the CPU) and feeds it to `places` every 100
+/// ms, until `stop`.
+///
+/// A reading is the *least* delay of its probes: a node held to a CPU
+/// quota is stopped for most of every quota period, and a probe that falls
+/// in such a gap is late even when nothing waits; only when every probe of
+/// a reading is late do tasks queue for the CPU (as CoDel judges a queue by
+/// its minimum delay over an interval). A node that runs so late that one
+/// probe takes longer than a reading gets a reading per probe: places must
+/// follow an overload within its first moments.
+pub async fn watch(
+    places: Arc<Places>,
+    waiting: Arc<AtomicUsize>,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: CancellationToken,
+) {
+    let mut least = Duration::MAX;
+    let mut since = Instant::now();
+    let mut closed = 0;
+    loop {
+        let asked = Instant::now();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PROBE) => {}
+        }
+        least = least.min(asked.elapsed().saturating_sub(PROBE));
+        if since.elapsed() < READING {
+            continue;
+        }
+        let lag = least;
+        let waiters = waiting.load(Ordering::Relaxed);
+        places.observe(Instant::now(), lag, waiters);
+        let (serving, paused, limit) = places.snapshot();
+        metrics.scheduling_delay.set(lag.as_secs_f64());
+        metrics.caller_places.set(limit as i64);
+        metrics.caller_places_held.set(serving as i64);
+        metrics.caller_places_paused.set(paused as i64);
+        metrics.caller_places_waiting.set(waiters as i64);
+        let now_closed = places.closed();
+        metrics
+            .connections_taken_back
+            .inc_by((now_closed - closed) as u64);
+        closed = now_closed;
+        (least, since) = (Duration::MAX, Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+//! The places' rules, on a clock the tests move by hand.
+
+use super::*;
+
+fn places(max: usize) -> Arc<Places> {
+    Places::new(PlaceConfig {
+        min: 2,
+        max,
+        target_lag: Duration::from_millis(20),
+    })
+}
+
+const CALM: Duration = Duration::from_millis(1);
+/// Five times the target: the deepest cut, to half.
+const LATE: Duration = Duration::from_millis(100);
+/// Just above the target: a cut of a tenth.
+const A_LITTLE_LATE: Duration = Duration::from_millis(21);
+
+fn open(place: &Place) -> bool {
+    let waker = futures::task::noop_waker();
+    place
+        .seat
+        .poll_open(&mut Context::from_waker(&waker))
+        .is_ready()
+}
+
+fn take(p: &Arc<Places>, n: usize) -> Vec<Place> {
+    (0..n)
+        .map(|_| p.try_take().expect("a free place"))
+        .collect()
+}
+
+/// One reading's worth of time in which every connection of `busy` sends
+/// `bytes_per_sec` (the others nothing).
+async fn send(p: &Arc<Places>, busy: &[Place], bytes_per_sec: usize) {
+    if p.lock().last_reading.is_none() {
+        p.observe(Instant::now(), CALM, 0);
+    }
+    tokio::time::advance(READING).await;
+    for place in busy {
+        place.seat.note_read(bytes_per_sec / 10);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_newest_busy_connections_are_paused_when_the_node_runs_late() {
+    let p = places(100);
+    let held = take(&p, 10);
+    // The two newest are idle: pausing them would relieve nothing.
+    send(&p, &held[..8], 10_000).await;
+    p.observe(Instant::now(), LATE, 0);
+    // Cut to half of the 8 busy, not of the limit of 100.
+    assert_eq!(p.snapshot(), (6, 4, 4));
+    let open_now: Vec<bool> = held.iter().map(open).collect();
+    assert_eq!(
+        open_now,
+        [vec![true; 4], vec![false; 4], vec![true; 2]].concat()
+    );
+    assert!(p.try_take().is_none(), "no new place while some are paused");
+    // A closed connection frees its place, paused or not.
+    drop(held);
+    assert_eq!(p.snapshot(), (0, 0, 4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cut_is_deeper_the_later_the_node_runs() {
+    let p = places(1000);
+    let held = take(&p, 100);
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), A_LITTLE_LATE, 0);
+    assert_eq!(p.snapshot().2, 90);
+    tokio::time::advance(COOL_DOWN).await;
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot().2, 45);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_connection_is_resumed_before_new_ones_are_let_in() {
+    let p = places(100);
+    let held = take(&p, 20);
+    // Callers that send slowly: pausing them is cheap, and undone first.
+    send(&p, &held, 1_000).await;
+    p.observe(Instant::now(), A_LITTLE_LATE, 0);
+    assert_eq!(p.snapshot(), (18, 2, 18));
+    let resumed = tokio::spawn({
+        let seat = held[18].seat.clone();
+        futures::future::poll_fn(move |cx| seat.poll_open(cx))
+    });
+    tokio::time::advance(COOL_DOWN).await;
+    send(&p, &held, 1_000).await;
+    p.observe(Instant::now(), CALM, 5);
+    // 18 * 1.3: both resumed, the newest paused first; nobody new yet.
+    assert_eq!(p.snapshot(), (20, 0, 23));
+    assert!(held.iter().all(open));
+    resumed.await.unwrap();
+    drop(held);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_connection_is_closed_once_its_unread_backlog_passes_a_reconnections_cost() {
+    let p = places(100);
+    let held = take(&p, 10);
+    p.observe(Instant::now(), CALM, 0);
+    tokio::time::advance(READING).await;
+    // In one reading: the newest sends fast, the one before it slowly
+    // (200 bytes a second, still busy), the others fast.
+    for (i, place) in held.iter().enumerate() {
+        place.seat.note_read(if i == 8 { 20 } else { 1_000 });
+    }
+    p.observe(Instant::now(), LATE, 0);
+    assert!(!open(&held[9]) && !open(&held[8]));
+    // The fast caller has sent its backlog's worth unread within a second;
+    // the slow one may wait far longer.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert!(held[9].seat.closed.is_cancelled());
+    assert!(!held[8].seat.closed.is_cancelled());
+    tokio::time::advance(PAUSE_LIMIT).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert!(held[8].seat.closed.is_cancelled(), "but not forever");
+    assert!(!held[0].seat.closed.is_cancelled(), "the served stay open");
+    assert!(p.closed() >= 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_waits_for_the_queued_work_to_drain_before_the_next() {
+    let p = places(1000);
+    let held = take(&p, 100);
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot().2, 50);
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot().2, 50, "still cooling down");
+    tokio::time::advance(COOL_DOWN).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot().2, 25);
+}
+
+#[tokio::test(start_paused = true)]
+async fn places_never_fall_below_the_minimum() {
+    let p = places(100);
+    let held = take(&p, 3);
+    for _ in 0..10 {
+        send(&p, &held, 10_000).await;
+        tokio::time::advance(COOL_DOWN).await;
+        p.observe(Instant::now(), LATE, 0);
+    }
+    assert_eq!(p.snapshot().2, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn new_connections_are_let_in_only_while_they_wait_and_the_node_has_headroom() {
+    let p = places(100);
+    let held = take(&p, 20);
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), A_LITTLE_LATE, 0);
+    drop(held);
+    assert_eq!(p.snapshot(), (0, 0, 18));
+    tokio::time::advance(COOL_DOWN).await;
+    let held = take(&p, 18);
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), CALM, 1);
+    assert_eq!(p.snapshot().2, 18, "too soon after a cut");
+    tokio::time::advance(SETTLE).await;
+    p.observe(Instant::now(), CALM, 0);
+    assert_eq!(p.snapshot().2, 18, "nobody waits");
+    p.observe(Instant::now(), Duration::from_millis(5), 1);
+    assert_eq!(p.snapshot().2, 18, "the node is near its target");
+    // As the front door waits: a wake-up is a chance, not a promise.
+    let waiter = tokio::spawn({
+        let p = p.clone();
+        async move {
+            loop {
+                p.room().await;
+                if let Some(place) = p.try_take() {
+                    return place;
+                }
+            }
+        }
+    });
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished());
+    p.observe(Instant::now(), CALM, 1);
+    assert_eq!(p.snapshot().2, 23);
+    let _new = waiter.await.expect("a waiter takes a new place");
+    for _ in 0..100 {
+        p.observe(Instant::now(), CALM, 1);
+    }
+    assert_eq!(p.snapshot().2, 100, "up to the maximum");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_target_places_are_off() {
+    let p = Places::new(PlaceConfig {
+        min: 1,
+        max: 10,
+        target_lag: Duration::ZERO,
+    });
+    let held = take(&p, 10);
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot(), (10, 0, 10));
+    assert!(!p.enabled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_that_start_sending_while_the_node_keeps_up_are_not_cut_for_an_old_limit() {
+    let p = places(1000);
+    let held = take(&p, 100);
+    // A few callers overload the node; then all of them send, calmly.
+    send(&p, &held[..10], 3_000).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot(), (95, 5, 5));
+    tokio::time::advance(COOL_DOWN).await;
+    send(&p, &held, 1_000).await;
+    p.observe(Instant::now(), CALM, 0);
+    assert!(held.iter().all(open), "the paused are resumed");
+    assert!(p.snapshot().2 >= 100, "the limit follows the busy callers");
+    // A slight overload now cuts a tenth of them, not all but five.
+    tokio::time::advance(COOL_DOWN).await;
+    send(&p, &held, 1_000).await;
+    p.observe(Instant::now(), A_LITTLE_LATE, 0);
+    assert_eq!(p.snapshot(), (90, 10, 90));
+}

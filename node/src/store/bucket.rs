@@ -3,12 +3,12 @@
 //!
 //! sled keeps in memory a page-table entry and bookkeeping for every page
 //! of a tree, paged out or not, and splits a leaf page past 16 keys: with a
-//! key per holder that was about 170 bytes of memory a holder (359 MiB for
+//! key per holder that was about 180 bytes of memory a holder (350 MiB for
 //! 2,000,000 holders in a standalone sled program writing the store's keys,
-//! so 1.7 GiB at 10,000,000). With buckets of 16 to 32 holders, a sled key
-//! and a page stand for 20 to 30 times more holders (122 MiB for the same
-//! 2,000,000 in that program), and the memory of a node no longer grows
-//! past its caches with the holders it keeps.
+//! so about 1.7 GiB at 10,000,000). With buckets of 16 to 32 holders, a
+//! sled key and a page stand for 20 to 30 times more holders (125 MiB for
+//! the same 2,000,000 in that program; a replica of 10,000,000 peaked at
+//! 425 MiB in `hufu bench scale`).
 //!
 //! # Format
 //!

@@ -155,7 +155,7 @@ pub struct Places {
     inner: Mutex<Inner>,
     room: Notify,
     config: PlaceConfig,
-    /// Connections closed after a long pause, ever.
+    /// Paused connections closed, ever.
     closed: AtomicUsize,
 }
 
@@ -244,27 +244,29 @@ impl Inner {
         self.busy = busy;
     }
 
-    /// Pauses the newest busy connection; false if none is left.
-    fn pause_newest_busy(&mut self, now: Instant) -> bool {
-        let Some(id) = self
+    /// Pauses the newest busy connections until no more than the limit
+    /// are busy (in one pass: a cut may pause hundreds).
+    fn pause_newest_busy(&mut self, now: Instant) {
+        let excess = self.busy.saturating_sub(self.limit());
+        let newest: Vec<u64> = self
             .serving
             .iter()
             .rev()
-            .find(|(_, held)| held.busy())
+            .filter(|(_, held)| held.busy())
+            .take(excess)
             .map(|(id, _)| *id)
-        else {
-            return false;
-        };
-        let Some(held) = self.serving.remove(&id) else {
-            return false;
-        };
-        held.seat.pause();
-        let order = self.next;
-        self.next += 1;
-        self.pause_of.insert(id, order);
-        self.paused.insert(order, (id, now, held));
-        self.busy = self.busy.saturating_sub(1);
-        true
+            .collect();
+        for id in newest {
+            let Some(held) = self.serving.remove(&id) else {
+                continue;
+            };
+            held.seat.pause();
+            let order = self.next;
+            self.next += 1;
+            self.pause_of.insert(id, order);
+            self.paused.insert(order, (id, now, held));
+            self.busy = self.busy.saturating_sub(1);
+        }
     }
 
     fn resume_newest(&mut self) -> bool {
@@ -334,7 +336,7 @@ impl Places {
         !self.config.target_lag.is_zero()
     }
 
-    /// Connections closed after a long pause since the node started.
+    /// Paused connections closed since the node started.
     pub fn closed(&self) -> usize {
         self.closed.load(Ordering::Relaxed)
     }
@@ -401,7 +403,7 @@ impl Places {
             let keep = (target.as_secs_f64() / lag.as_secs_f64()).clamp(DEEPEST_CUT, CUT);
             inner.limit = (base * keep).max(self.config.min as f64);
             inner.last_cut = Some(now);
-            while inner.busy > inner.limit() && inner.pause_newest_busy(now) {}
+            inner.pause_newest_busy(now);
             return;
         }
         if lag < target / 2 {

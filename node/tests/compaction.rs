@@ -8,7 +8,7 @@ mod common;
 use common::{eventually, issue_code, province, quick_federation, sample_input};
 use hufu_node::local::LocalProvince;
 use hufu_node::status::{now_millis, now_unix, timestamp};
-use hufu_proto::v1::{Colour, PutStatusRequest, StatusRecord, Verdict, VerifyRequest};
+use hufu_proto::v1::{Colour, PutStatusRequest, StatusRecord, Verdict};
 use prost::Message;
 use std::time::Duration;
 
@@ -119,17 +119,7 @@ async fn a_new_member_and_a_fallen_behind_one_reach_the_issuers_state_from_a_com
         // The code of holder 5 (still valid) is answered with the red
         // status its compacted change holds, not the green it was signed
         // with.
-        let reply = m
-            .terminal("gate")
-            .await
-            .unwrap()
-            .verify(VerifyRequest {
-                token: code.token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let reply = common::verify(m, &code.token).await;
         assert_eq!(
             reply.verdict(),
             Verdict::Valid,

@@ -7,7 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::legacy::{self, GD, SN, TJ, code, code_id, link, unlink, url_code, verify};
+use common::legacy::{self, GD, SN, TJ, code, code_id, link, unlink, url_code};
+use common::{verify, verify_as};
 use hufu_federation::audit::EntryKind;
 use hufu_federation::legacy::CodeHash;
 use hufu_node::local::{LocalFederation, LocalProvince};
@@ -492,7 +493,7 @@ async fn a_code_linked_through_one_replica_verifies_at_every_replica_and_peer() 
     let peer = fed.federation.get(p(PEER));
     for (at, ca) in [(first, first), (second, first), (peer, peer)] {
         let r = common::eventually(CONVERGE_WITHIN, || async {
-            let r = legacy::verify_as(at, ca, &url_code(9)).await;
+            let r = verify_as(at, ca, &url_code(9)).await;
             (r.verdict == Verdict::Valid as i32).then_some(r)
         })
         .await;
@@ -506,7 +507,7 @@ async fn a_code_linked_through_one_replica_verifies_at_every_replica_and_peer() 
     assert!(unlink(first, &code(9)).await.sequence > linked.sequence);
     for at in [first, second] {
         common::eventually(CONVERGE_WITHIN, || async {
-            let r = legacy::verify_as(at, first, &code(9)).await;
+            let r = verify_as(at, first, &code(9)).await;
             (r.verdict == Verdict::UnknownCode as i32).then_some(())
         })
         .await;

@@ -14,7 +14,7 @@ use hufu_node::local::LocalProvince;
 use hufu_node::status::now_millis;
 use hufu_node::store::StoredChange;
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
-use hufu_proto::v1::{Colour, GetReplicaSnapshotRequest, LookupRequest, Verdict, VerifyRequest};
+use hufu_proto::v1::{Colour, GetReplicaSnapshotRequest, LookupRequest, Verdict};
 
 /// Writes the stream keeps in these tests.
 const KEPT: u64 = 8;
@@ -143,15 +143,7 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
         }
         let code = common::issue_code(first, 7).await;
         assert_eq!(code.kid, rotated.kid);
-        let verdict = terminal(r, first)
-            .await
-            .verify(VerifyRequest {
-                token: code.token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let verdict = common::verify_as(r, first, &code.token).await;
         assert_eq!(verdict.verdict(), Verdict::Valid, "{}", verdict.reason);
     }
 

@@ -15,7 +15,7 @@ use common::replicas::{
 use common::{Serve, eventually, province};
 use hufu_node::local::LocalProvince;
 use hufu_node::store::Store;
-use hufu_proto::v1::{Colour, LookupRequest, Verdict, VerifyRequest};
+use hufu_proto::v1::{Colour, LookupRequest, Verdict};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_through_different_replicas_are_applied_everywhere_in_one_order() {
@@ -127,15 +127,7 @@ async fn keys_rotated_and_revoked_through_one_replica_change_at_every_replica() 
         let code = common::issue_code(r, 1).await;
         assert_eq!(code.kid, rotated.kid);
         for verifier in [first, &others[0], &others[1]] {
-            let reply = terminal(verifier, first)
-                .await
-                .verify(VerifyRequest {
-                    token: code.token.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let reply = common::verify_as(verifier, first, &code.token).await;
             assert_eq!(reply.verdict(), Verdict::Valid, "{}", reply.reason);
         }
     }
@@ -152,15 +144,7 @@ async fn keys_rotated_and_revoked_through_one_replica_change_at_every_replica() 
         .unwrap();
     for verifier in [first, &others[0], &others[1]] {
         eventually(CONVERGE_WITHIN, || async {
-            let reply = terminal(verifier, first)
-                .await
-                .verify(VerifyRequest {
-                    token: before.token.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let reply = common::verify_as(verifier, first, &before.token).await;
             (reply.verdict() != Verdict::Valid).then_some(())
         })
         .await;

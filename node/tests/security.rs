@@ -400,7 +400,7 @@ async fn codes_with_crit_or_issued_in_the_future_are_refused() {
     };
     let (header, claims) = (decode(parts[0]), decode(parts[1]));
     let verdict = |token: String| async move {
-        let reply = common::legacy::verify(gd, &token).await;
+        let reply = common::verify(gd, &token).await;
         (reply.verdict(), reply.reason)
     };
     // Re-signed unchanged, the code verifies: only what is changed below

@@ -3,10 +3,8 @@
 
 use hufu_federation::legacy::LegacyFormat;
 use hufu_node::local::{LocalFederation, LocalProvince};
-use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use hufu_proto::v1::{
-    LinkCodeRequest, LinkCodeResponse, UnlinkCodeRequest, UnlinkCodeResponse, VerifyRequest,
-    VerifyResponse, link_code_request,
+    LinkCodeRequest, LinkCodeResponse, UnlinkCodeRequest, UnlinkCodeResponse, link_code_request,
 };
 
 pub const GD: &str = "440000";
@@ -83,25 +81,6 @@ pub async fn unlink(issuer: &LocalProvince, code: &str) -> UnlinkCodeResponse {
         .await
         .unwrap()
         .unlink_code(UnlinkCodeRequest { code: code.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// `Verify` of `text` by a terminal of `at`.
-pub async fn verify(at: &LocalProvince, text: &str) -> VerifyResponse {
-    verify_as(at, at, text).await
-}
-
-/// `Verify` of `text` at `at` by a terminal whose certificate the CA in
-/// `ca`'s directory issued (a further replica of a province holds no CA key).
-pub async fn verify_as(at: &LocalProvince, ca: &LocalProvince, text: &str) -> VerifyResponse {
-    let cert = ca.client_cert(hufu_certs::Role::Terminal, "gate").unwrap();
-    StatusLookupServiceClient::new(at.channel_as(&cert).await.unwrap())
-        .verify(VerifyRequest {
-            token: text.into(),
-            ..Default::default()
-        })
         .await
         .unwrap()
         .into_inner()

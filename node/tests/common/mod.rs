@@ -394,3 +394,28 @@ pub async fn grpcio(
     );
     serde_json::from_slice(&output.stdout).unwrap()
 }
+
+/// `Verify` of `text` by a terminal of `at`.
+pub async fn verify(at: &LocalProvince, text: &str) -> hufu_proto::v1::VerifyResponse {
+    verify_as(at, at, text).await
+}
+
+/// `Verify` of `text` at `at` by a terminal whose certificate the CA in
+/// `ca`'s directory issued (a further replica of a province holds no CA key).
+pub async fn verify_as(
+    at: &LocalProvince,
+    ca: &LocalProvince,
+    text: &str,
+) -> hufu_proto::v1::VerifyResponse {
+    let cert = ca.client_cert(hufu_certs::Role::Terminal, "gate").unwrap();
+    hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient::new(
+        at.channel_as(&cert).await.unwrap(),
+    )
+    .verify(hufu_proto::v1::VerifyRequest {
+        token: text.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}

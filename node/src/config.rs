@@ -183,11 +183,11 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Places for terminals' connections (`places`): when the node's
     /// scheduling delay (how late its timers fire, the least of ten probes
-    /// in 100 ms) passes this many milliseconds, it stops reading its newest
-    /// busy terminals' connections, closes a paused one once its caller has
-    /// sent about ten calls into it unread, and lets new ones wait
-    /// unhandshaken; it gives places back, paused connections first, while
-    /// the delay is low. 0: off.
+    /// in 100 ms) passes this many milliseconds, it pauses its newest busy
+    /// terminals' connections (an HTTP/2 stream limit of zero: their calls
+    /// wait in their callers) and lets new ones wait unhandshaken; it gives
+    /// places back, paused connections first, while the delay is low.
+    /// 0: off.
     pub scheduling_delay_target_ms: u64,
 }
 

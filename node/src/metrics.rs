@@ -101,17 +101,17 @@ impl Metrics {
         let scheduling_delay = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "caller_places",
-            "busy terminals' connections the node reads at once now: cut when its scheduling delay passes limits.scheduling_delay_target_ms",
+            "busy terminals' connections the node serves at once now: cut when its scheduling delay passes limits.scheduling_delay_target_ms",
             caller_places.clone(),
         );
         registry.register(
             "caller_places_held",
-            "terminals' connections being read now",
+            "terminals' connections being served now",
             caller_places_held.clone(),
         );
         registry.register(
             "caller_places_paused",
-            "terminals' connections the node has stopped reading for now (their calls wait in their sockets)",
+            "terminals' connections paused now: their callers may open no stream (HTTP/2 stream limit 0), so their calls wait in their own processes",
             caller_places_paused.clone(),
         );
         registry.register(
@@ -121,7 +121,7 @@ impl Metrics {
         );
         registry.register(
             "connections_taken_back",
-            "paused terminals' connections closed under overload once their callers had sent more into them unread than a reconnection costs",
+            "terminals' connections closed because their callers opened streams beyond the limit the node had set",
             connections_taken_back.clone(),
         );
         registry.register(

@@ -3,7 +3,6 @@
 //! clients cannot stall the accept loop or exhaust memory), and hands tonic
 //! connections that carry the caller's verified identity.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,11 +20,12 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
 use crate::handshake::{Paced, Sources};
+use crate::places::wire::StreamLimit;
 use crate::places::{self, Place, PlaceConfig, Places};
 
 /// Who is on the other end of a connection, established by the TLS handshake.
@@ -43,47 +43,66 @@ pub struct PeerConn {
     tls: TlsStream<TcpStream>,
     info: PeerInfo,
     /// Counts against the node's connection limit while open.
-    _slot: ConnSlot,
-    /// A terminal's place; the connection fails once the node takes it back.
+    slot: ConnSlot,
+    /// A terminal's place, and its stream limit on the wire.
     place: Option<HeldPlace>,
 }
 
-/// A place and the wait for the node's closing its connection.
+/// A place and the frames that carry its stream limit to the caller.
 struct HeldPlace {
-    closed: Pin<Box<WaitForCancellationFutureOwned>>,
     place: Place,
+    wire: StreamLimit,
+    /// Bytes written to TLS since its last flush, by the node and not by
+    /// hyper (which flushes its own).
+    unflushed: bool,
+    /// What the caller sent, its frames filtered, before hyper reads it.
+    inbox: Inbox,
 }
 
-impl HeldPlace {
-    fn new(place: Place) -> HeldPlace {
-        HeldPlace {
-            closed: Box::pin(place.seat.closed.clone().cancelled_owned()),
-            place,
-        }
-    }
+/// Bytes read from a terminal and not yet given to hyper: `start..end` of
+/// `bytes`. Filtering needs whole frame headers, whatever room hyper's
+/// buffer has left.
+struct Inbox {
+    bytes: Box<[u8]>,
+    start: usize,
+    end: usize,
 }
+
+/// Bytes read from a terminal's connection at once: many calls' worth.
+const INBOX: usize = 4096;
 
 impl PeerConn {
-    /// Err once the node has closed this connection (paused too long), so
-    /// that hyper drops it with its unread, stale calls.
-    fn poll_closed(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if let Some(held) = &mut self.place
-            && held.closed.as_mut().poll(cx).is_ready()
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "the node closed this connection under overload",
-            ));
+    /// Writes the node's SETTINGS frame, if the place's stream limit has
+    /// changed and hyper stands between two frames: Ready once nothing of
+    /// it is left to write before hyper's next byte.
+    fn poll_limit(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(held) = &mut self.place else {
+            return Poll::Ready(Ok(()));
+        };
+        let wanted = held.place.seat.poll_streams(cx);
+        loop {
+            let frame = held.wire.to_add(wanted);
+            if frame.is_empty() {
+                break;
+            }
+            let n = std::task::ready!(Pin::new(&mut self.tls).poll_write(cx, frame))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            held.wire.added(n);
+            held.unflushed = true;
         }
-        Ok(())
+        if held.unflushed {
+            std::task::ready!(Pin::new(&mut self.tls).poll_flush(cx))?;
+            held.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 
-    /// Pending while the node has paused this connection: its caller's
-    /// calls wait unread in the socket.
-    fn poll_paused(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match &self.place {
-            Some(held) => held.place.seat.poll_open(cx),
-            None => Poll::Ready(()),
+    /// Notes what hyper wrote, to find its frames' boundaries.
+    fn wrote(&mut self, bytes: &[u8]) {
+        if let Some(held) = &mut self.place {
+            held.wire.wrote(bytes);
         }
     }
 }
@@ -103,14 +122,51 @@ impl AsyncRead for PeerConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.poll_closed(cx)?;
-        std::task::ready!(this.poll_paused(cx));
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.tls).poll_read(cx, buf);
-        if let Some(held) = &this.place {
-            held.place.seat.note_read(buf.filled().len() - before);
+        // A changed limit goes out even while hyper has nothing to write; a
+        // socket too full for it now must not stop reading.
+        if let Poll::Ready(Err(err)) = this.poll_limit(cx) {
+            return Poll::Ready(Err(err));
         }
-        read
+        let Some(held) = &mut this.place else {
+            return Pin::new(&mut this.tls).poll_read(cx, buf);
+        };
+        loop {
+            if held.inbox.start < held.inbox.end {
+                let n = buf.remaining().min(held.inbox.end - held.inbox.start);
+                let from = held.inbox.start;
+                buf.put_slice(&held.inbox.bytes[from..from + n]);
+                held.inbox.start += n;
+                return Poll::Ready(Ok(()));
+            }
+            // The start of a frame header held back last time goes first.
+            let before = held.wire.held().len();
+            held.inbox.bytes[..before].copy_from_slice(held.wire.held());
+            let mut read = ReadBuf::new(&mut held.inbox.bytes[before..]);
+            std::task::ready!(Pin::new(&mut this.tls).poll_read(cx, &mut read))?;
+            let got = read.filled().len();
+            if got == 0 {
+                if before == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                // The caller closed its side: hyper sees whatever it sent,
+                // however cut short.
+                held.wire.release_held();
+                (held.inbox.start, held.inbox.end) = (0, before);
+                continue;
+            }
+            held.place.seat.note_read(got);
+            let kept = held
+                .wire
+                .read(&mut held.inbox.bytes[..before + got])
+                .map_err(|_| {
+                    this.slot.metrics.connections_taken_back.inc();
+                    io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "the caller opened streams beyond the limit the node set",
+                    )
+                })?;
+            (held.inbox.start, held.inbox.end) = (0, kept);
+        }
     }
 }
 
@@ -121,12 +177,16 @@ impl AsyncWrite for PeerConn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.poll_closed(cx)?;
-        Pin::new(&mut this.tls).poll_write(cx, buf)
+        std::task::ready!(this.poll_limit(cx))?;
+        let n = std::task::ready!(Pin::new(&mut this.tls).poll_write(cx, buf))?;
+        this.wrote(&buf[..n]);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.poll_limit(cx))?;
+        Pin::new(&mut this.tls).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -139,8 +199,18 @@ impl AsyncWrite for PeerConn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.poll_closed(cx)?;
-        Pin::new(&mut this.tls).poll_write_vectored(cx, bufs)
+        std::task::ready!(this.poll_limit(cx))?;
+        let n = std::task::ready!(Pin::new(&mut this.tls).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for slice in bufs {
+            let part = left.min(slice.len());
+            this.wrote(&slice[..part]);
+            left -= part;
+            if left == 0 {
+                break;
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -167,6 +237,9 @@ pub struct DoorLimits {
     /// Scheduling delay above which terminals' places are cut
     /// (`places`); zero: no places.
     pub scheduling_delay_target: Duration,
+    /// Streams a terminal may open at once on its connection
+    /// (`max_concurrent_streams`): what a paused connection gets back.
+    pub caller_streams: u32,
 }
 
 /// Places never fall below this many terminals' connections.
@@ -207,6 +280,7 @@ pub fn incoming(
                 min: MIN_PLACES,
                 max: limits.max_connections,
                 target_lag: limits.scheduling_delay_target,
+                streams: limits.caller_streams,
             }),
             waiting: Arc::new(AtomicUsize::new(0)),
             trickle: Notify::new(),
@@ -337,7 +411,20 @@ pub fn incoming(
                     if door.is_none() || identity.role != Role::Terminal {
                         Ok((identity, serial, None))
                     } else if let Some(place) = place {
-                        Ok((identity, serial, Some(HeldPlace::new(place))))
+                        Ok((
+                            identity,
+                            serial,
+                            Some(HeldPlace {
+                                place,
+                                wire: StreamLimit::new(limits.caller_streams),
+                                unflushed: false,
+                                inbox: Inbox {
+                                    bytes: vec![0; INBOX].into_boxed_slice(),
+                                    start: 0,
+                                    end: 0,
+                                },
+                            }),
+                        ))
                     } else {
                         Err("no place for another terminal: the node is at capacity".to_string())
                     }
@@ -353,7 +440,7 @@ pub fn incoming(
                         let conn = PeerConn {
                             tls,
                             info,
-                            _slot: ConnSlot {
+                            slot: ConnSlot {
                                 _permit: slot,
                                 metrics: metrics.clone(),
                             },

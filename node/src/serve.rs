@@ -150,6 +150,6 @@ async fn serve_connection<S: Handler, C: Connection>(
         }
     };
     if let Err(err) = result {
-        tracing::debug!(remote = %info.remote, caller = %info.identity.uri(), error = %err, "connection ended");
+        tracing::debug!(remote = %info.remote, caller = %info.identity.uri(), error = ?err, "connection ended");
     }
 }

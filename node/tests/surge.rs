@@ -74,7 +74,7 @@ async fn a_flood_leaves_feeds_and_admin_served_and_memory_bounded() {
     let rss_before = common::memory_kib(node.pid(), "VmRSS");
     // The first flood has an admin write go through, and reach the other
     // province through the feed, while it lasts.
-    let (ok, refused) = flood(&fed, &holders, Duration::from_secs(3), async {
+    let (ok, refused, _) = flood(&fed, &holders, Duration::from_secs(3), async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut admin = fed.get(gd).admin().await.unwrap();
         write_red(&mut admin, gd, 0)
@@ -153,8 +153,57 @@ async fn places_shut_terminals_out_under_a_flood_but_never_the_admin() {
             "the flood never made the node pause or close a terminal"
         );
     };
-    let (ok, _) = flood(&fed, &holders, Duration::from_secs(4), admin_during).await;
+    let (ok, _, crowd) = flood(&fed, &holders, Duration::from_secs(4), admin_during).await;
     assert!(ok > 0, "the node served nothing during the flood");
+    // A pause closed nothing: the crowd (tonic clients, which honour an
+    // HTTP/2 stream limit of zero) kept its connections. Once the node
+    // has given every place back, each terminal served during the flood
+    // (so one that held a place) is served again on its connection, without
+    // a new handshake. (A terminal that arrived while places were cut was
+    // shut out after its handshake, and may connect again.)
+    let metrics = common::metrics(fed.get(gd)).await;
+    assert_eq!(gauge(&metrics, "hufu_connections_taken_back_total"), 0.0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gauge(
+        &common::metrics(fed.get(gd)).await,
+        "hufu_caller_places_paused",
+    ) > 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "paused terminals were never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let handshakes = counter(
+        &common::metrics(fed.get(gd)).await,
+        "hufu_tls_handshakes_total",
+    );
+    let served: Vec<_> = crowd
+        .into_iter()
+        .filter(|(_, ok)| *ok > 0)
+        .map(|(client, _)| client)
+        .collect();
+    assert!(!served.is_empty());
+    let calls = served.into_iter().map(|mut client| {
+        let mut request = tonic::Request::new(LookupRequest {
+            issuer: GD.into(),
+            holder: holders[0].clone(),
+        });
+        request.set_timeout(Duration::from_secs(20));
+        async move { client.lookup(request).await }
+    });
+    for answer in futures::future::join_all(calls).await {
+        answer.expect("a paused terminal is served again on its connection");
+    }
+    assert_eq!(
+        counter(
+            &common::metrics(fed.get(gd)).await,
+            "hufu_tls_handshakes_total"
+        ),
+        handshakes,
+        "no terminal that held a place had to connect again"
+    );
     // The flood's connections are gone: a new terminal gets a place.
     let mut terminal = fed.get(gd).terminal("after").await.unwrap();
     let mut request = tonic::Request::new(LookupRequest {
@@ -184,6 +233,15 @@ async fn write_red(
         .map(drop)
 }
 
+/// A counter's total over its labels.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn gauge(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
@@ -194,13 +252,18 @@ fn gauge(metrics: &str, name: &str) -> f64 {
 
 /// 200 terminal connections, each sending 40 lookups at once with a short
 /// deadline, again and again for `duration`, never backing off, while
-/// `meanwhile` runs; (answered, refused or late).
+/// `meanwhile` runs; (answered, refused or late, each connection with the
+/// calls answered on it).
 async fn flood(
     fed: &LocalFederation,
     holders: &[String],
     duration: Duration,
     meanwhile: impl std::future::Future<Output = ()>,
-) -> (u64, u64) {
+) -> (
+    u64,
+    u64,
+    Vec<(StatusLookupServiceClient<tonic::transport::Channel>, u64)>,
+) {
     let gd = common::province(GD);
     let cert = fed.get(gd).client_cert(Role::Terminal, "crowd").unwrap();
     let mut conns = Vec::new();
@@ -233,15 +296,16 @@ async fn flood(
                     }
                 }
             }
-            outcomes
+            (client, outcomes)
         });
     }
     meanwhile.await;
-    let (mut ok, mut refused) = (0, 0);
+    let (mut ok, mut refused, mut conns) = (0, 0, Vec::new());
     while let Some(r) = crowd.join_next().await {
-        let (o, f) = r.unwrap();
+        let (client, (o, f)) = r.unwrap();
         ok += o;
         refused += f;
+        conns.push((client, o));
     }
-    (ok, refused)
+    (ok, refused, conns)
 }

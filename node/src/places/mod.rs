@@ -6,34 +6,36 @@
 //! for its next (already stale) call. So whatever a stream limit holds back
 //! still reaches the node, one stale call at a time, and the node spends
 //! itself reading, decrypting and cancelling calls nobody will wait for.
-//! Waiting costs the node nothing only where it does not look: in sockets
-//! it does not read, in callers that have no connection, and in the
-//! kernel's queue of connections not yet accepted.
+//! Waiting costs the node nothing only where it does not look: in callers
+//! that may not open a stream, in callers that have no connection, and in
+//! the kernel's queue of connections not yet accepted.
 //!
 //! So terminals' connections hold a *place*, and the number of busy
-//! connections the node reads follows how late its own work runs (its
+//! connections the node serves follows how late its own work runs (its
 //! scheduling delay). When the delay passes its target, the newest busy
 //! connections are *paused*, more of them the later the node runs: the node
-//! stops reading them, and their calls wait in their sockets. Idle
-//! connections are never paused: that would relieve nothing. A pause is
-//! cheap to undo while its caller sends little, so places come back first
-//! to paused connections while the delay is low. But a caller that never
-//! backs off keeps sending into its paused connection, and once that unread
-//! backlog would cost more to read than a reconnection, the connection is
-//! closed, its stale calls dropped unread, and its caller's reconnection
-//! waits unhandshaken until the node has room for new connections again.
-//! Nodes, admins and auditors need no place.
+//! tells their callers that they may open no new stream (an HTTP/2 stream
+//! limit of zero, [`wire`]), the calls they have open finish, and their next
+//! calls wait in their own processes. Idle connections are never paused:
+//! that would relieve nothing. A pause closes nothing and leaves nothing
+//! unread, so undoing it costs one frame: places come back first to paused
+//! connections, the most recently paused first, then to new connections,
+//! whose handshakes wait until the node has room for them. A caller that
+//! opens streams its limit does not allow is closed. Nodes, admins and
+//! auditors need no place.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::Duration;
 
 use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+pub mod wire;
 
 /// How places are sized.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +46,9 @@ pub struct PlaceConfig {
     pub max: usize,
     /// Scheduling delay above which places are cut; zero: places off.
     pub target_lag: Duration,
+    /// Streams a terminal may open at once on a connection that is not
+    /// paused (`limits.max_concurrent_streams`).
+    pub streams: u32,
 }
 
 /// After a cut, how long the node waits before judging again: the work
@@ -62,53 +67,42 @@ const FAST_GROWTH: f64 = 1.3;
 /// handshake, so the node does not let in connections it may have to shut
 /// out again at once.
 const SETTLE: Duration = Duration::from_secs(1);
-/// A paused connection is closed once its caller has sent about this many
-/// bytes into it unread (at the rate it sent before its pause): a caller
-/// that never backs off keeps sending, every call it gives up on is
-/// followed by the next, and reading that backlog would cost the node more
-/// than its caller's reconnection (about ten calls' worth; a full
-/// handshake costs the node about as much). A quiet caller's connection
-/// stays paused for long and is resumed cheaply; a busy one is closed within
-/// a second, its stale calls dropped unread.
-const BACKLOG_LIMIT: f64 = 1500.0;
-/// A connection paused this long is closed whatever its caller's rate.
-const PAUSE_LIMIT: Duration = Duration::from_secs(30);
 /// A connection whose caller sends less than this (bytes a second) is idle:
 /// pausing it would relieve nothing.
 const BUSY_BYTES_PER_SEC: f64 = 64.0;
 
 /// What the node lets a connection with a place do now.
 pub struct Seat {
-    paused: AtomicBool,
-    resumed: AtomicWaker,
+    /// Streams its caller may open at once: zero while paused.
+    streams: AtomicU32,
+    /// The connection's task, woken when `streams` changes.
+    changed: AtomicWaker,
     /// Bytes read from the connection, ever: how busy its caller is.
     read: AtomicU64,
-    /// Cancelled when the node closes the connection.
-    pub closed: CancellationToken,
+    /// Streams when not paused.
+    open_streams: u32,
 }
 
 impl Seat {
-    fn new() -> Arc<Seat> {
+    fn new(open_streams: u32) -> Arc<Seat> {
         Arc::new(Seat {
-            paused: AtomicBool::new(false),
-            resumed: AtomicWaker::new(),
+            streams: AtomicU32::new(open_streams),
+            changed: AtomicWaker::new(),
             read: AtomicU64::new(0),
-            closed: CancellationToken::new(),
+            open_streams,
         })
     }
 
-    /// Ready while the connection may be read; while it is paused, Pending
-    /// until it is resumed.
-    pub fn poll_open(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.paused.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        self.resumed.register(cx.waker());
-        if self.paused.load(Ordering::Acquire) {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
+    /// The stream limit its caller is to have now; `cx` is woken when it
+    /// changes.
+    pub fn poll_streams(&self, cx: &mut Context<'_>) -> u32 {
+        self.changed.register(cx.waker());
+        self.streams.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection is paused.
+    pub fn paused(&self) -> bool {
+        self.streams.load(Ordering::Acquire) == 0
     }
 
     /// Counts `bytes` read from the connection.
@@ -117,12 +111,13 @@ impl Seat {
     }
 
     fn pause(&self) {
-        self.paused.store(true, Ordering::Release);
+        self.streams.store(0, Ordering::Release);
+        self.changed.wake();
     }
 
     fn resume(&self) {
-        self.paused.store(false, Ordering::Release);
-        self.resumed.wake();
+        self.streams.store(self.open_streams, Ordering::Release);
+        self.changed.wake();
     }
 }
 
@@ -155,8 +150,6 @@ pub struct Places {
     inner: Mutex<Inner>,
     room: Notify,
     config: PlaceConfig,
-    /// Paused connections closed, ever.
-    closed: AtomicUsize,
 }
 
 struct Inner {
@@ -168,8 +161,8 @@ struct Inner {
     /// Of `serving`, those busy at the last reading (and new ones).
     busy: usize,
     /// Paused connections by when paused (the newest resumed first), with
-    /// their ids and the instant of the pause.
-    paused: BTreeMap<u64, (u64, Instant, Held)>,
+    /// their ids.
+    paused: BTreeMap<u64, (u64, Held)>,
     /// Pause order of each paused id.
     pause_of: HashMap<u64, u64>,
     next: u64,
@@ -246,7 +239,7 @@ impl Inner {
 
     /// Pauses the newest busy connections until no more than the limit
     /// are busy (in one pass: a cut may pause hundreds).
-    fn pause_newest_busy(&mut self, now: Instant) {
+    fn pause_newest_busy(&mut self) {
         let excess = self.busy.saturating_sub(self.limit());
         let newest: Vec<u64> = self
             .serving
@@ -264,13 +257,13 @@ impl Inner {
             let order = self.next;
             self.next += 1;
             self.pause_of.insert(id, order);
-            self.paused.insert(order, (id, now, held));
+            self.paused.insert(order, (id, held));
             self.busy = self.busy.saturating_sub(1);
         }
     }
 
     fn resume_newest(&mut self) -> bool {
-        let Some((_, (id, _, held))) = self.paused.pop_last() else {
+        let Some((_, (id, held))) = self.paused.pop_last() else {
             return false;
         };
         self.pause_of.remove(&id);
@@ -278,28 +271,6 @@ impl Inner {
         self.busy += 1;
         self.serving.insert(id, held);
         true
-    }
-
-    /// Closes the paused connections whose unread calls would now cost more
-    /// to read than their callers' reconnections: by how fast each caller
-    /// sent before its pause, and how long it has been paused.
-    fn close_stale(&mut self, now: Instant) -> usize {
-        let stale: Vec<u64> = self
-            .paused
-            .iter()
-            .filter(|(_, (_, since, held))| {
-                let paused = now.saturating_duration_since(*since);
-                paused >= PAUSE_LIMIT || held.rate * paused.as_secs_f64() >= BACKLOG_LIMIT
-            })
-            .map(|(order, _)| *order)
-            .collect();
-        for order in &stale {
-            if let Some((id, _, held)) = self.paused.remove(order) {
-                self.pause_of.remove(&id);
-                held.seat.closed.cancel();
-            }
-        }
-        stale.len()
     }
 }
 
@@ -323,7 +294,6 @@ impl Places {
             }),
             room: Notify::new(),
             config,
-            closed: AtomicUsize::new(0),
         })
     }
 
@@ -334,11 +304,6 @@ impl Places {
     /// Whether places are in force at all.
     pub fn enabled(&self) -> bool {
         !self.config.target_lag.is_zero()
-    }
-
-    /// Paused connections closed since the node started.
-    pub fn closed(&self) -> usize {
-        self.closed.load(Ordering::Relaxed)
     }
 
     /// (serving, paused, limit) now.
@@ -357,7 +322,7 @@ impl Places {
         }
         let id = inner.next;
         inner.next += 1;
-        let seat = Seat::new();
+        let seat = Seat::new(self.config.streams);
         inner.serving.insert(id, Held::new(seat.clone()));
         inner.busy += 1;
         Some(Place {
@@ -379,8 +344,7 @@ impl Places {
     }
 
     /// One reading of the node's scheduling delay, with `waiting` new
-    /// connections waiting for a place: closes connections paused too long,
-    /// then cuts places (pausing the newest connections) or gives them back
+    /// connections waiting for a place: cuts places (pausing the newest connections) or gives them back
     /// (resuming the most recently paused first, then letting new ones in).
     pub fn observe(&self, now: Instant, lag: Duration, waiting: usize) {
         let target = self.config.target_lag;
@@ -389,8 +353,6 @@ impl Places {
         }
         let mut inner = self.lock();
         inner.measure(now);
-        let closed = inner.close_stale(now);
-        self.closed.fetch_add(closed, Ordering::Relaxed);
         let since_cut = inner.last_cut.map(|at| now.saturating_duration_since(at));
         if since_cut.is_some_and(|d| d < COOL_DOWN) {
             return;
@@ -403,7 +365,7 @@ impl Places {
             let keep = (target.as_secs_f64() / lag.as_secs_f64()).clamp(DEEPEST_CUT, CUT);
             inner.limit = (base * keep).max(self.config.min as f64);
             inner.last_cut = Some(now);
-            inner.pause_newest_busy(now);
+            inner.pause_newest_busy();
             return;
         }
         if lag < target / 2 {
@@ -458,7 +420,6 @@ pub async fn watch(
 ) {
     let mut least = Duration::MAX;
     let mut since = Instant::now();
-    let mut closed = 0;
     loop {
         let asked = Instant::now();
         tokio::select! {
@@ -478,11 +439,6 @@ pub async fn watch(
         metrics.caller_places_held.set(serving as i64);
         metrics.caller_places_paused.set(paused as i64);
         metrics.caller_places_waiting.set(waiters as i64);
-        let now_closed = places.closed();
-        metrics
-            .connections_taken_back
-            .inc_by((now_closed - closed) as u64);
-        closed = now_closed;
         (least, since) = (Duration::MAX, Instant::now());
     }
 }

@@ -137,6 +137,7 @@ async fn bare_echo(
             handshake_timeout: Duration::from_secs(10),
             // The echo baseline is the bare stack: no places.
             scheduling_delay_target: Duration::ZERO,
+            caller_streams: config_streams(),
         },
         stop.clone(),
         hufu_node::metrics::Metrics::new(),

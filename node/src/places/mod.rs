@@ -61,8 +61,11 @@ const CUT: f64 = 0.9;
 /// ten times its capacity is cut to its size in a few readings.
 const DEEPEST_CUT: f64 = 0.5;
 /// Growth per reading while the node keeps up, and while it is nearly idle.
-const GROWTH: f64 = 1.1;
-const FAST_GROWTH: f64 = 1.3;
+/// Slow: a paused caller given its streams back sends at once every call
+/// it queued meanwhile (up to its deadline's worth), so places given back
+/// too fast would bring the surge straight back.
+const GROWTH: f64 = 1.02;
+const FAST_GROWTH: f64 = 1.1;
 /// How long after a cut new connections may be let in: each costs a full
 /// handshake, so the node does not let in connections it may have to shut
 /// out again at once.

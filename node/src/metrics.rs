@@ -151,7 +151,7 @@ impl Metrics {
         );
         registry.register(
             "shed",
-            "requests refused by admission control, by class and reason (queue_full, waited, deadline, streams, body)",
+            "requests refused by admission control, by class and reason (queue_full, waited, expired, deadline, streams, body)",
             shed.clone(),
         );
         registry.register("in_flight", "requests being handled now", in_flight.clone());

@@ -103,11 +103,6 @@ impl Seat {
         self.streams.load(Ordering::Acquire)
     }
 
-    /// Whether the connection is paused.
-    pub fn paused(&self) -> bool {
-        self.streams.load(Ordering::Acquire) == 0
-    }
-
     /// Counts `bytes` read from the connection.
     pub fn note_read(&self, bytes: usize) {
         self.read.fetch_add(bytes as u64, Ordering::Relaxed);

@@ -39,6 +39,11 @@ pub struct Iter {
     pub(super) lo: Bound<IVec>,
     pub(super) cached_node: Option<(PageId, Node)>,
     pub(super) going_forward: bool,
+    /// Whether a step has been taken. (Hufu's patch: the first step
+    /// answers from the page in the cache without copying it; a copy is
+    /// kept for the steps after it only once a second step is taken, so
+    /// that `range(..).next_back()` used as a lookup copies no page.)
+    pub(super) stepped: bool,
 }
 
 impl Iter {
@@ -92,6 +97,11 @@ impl Iter {
         } else {
             let view =
                 iter_try!(self.tree.view_for_key(self.low_key(), &guard));
+            if !std::mem::replace(&mut self.stepped, true) {
+                if let Some(found) = self.first_step(&view, true) {
+                    return found;
+                }
+            }
             (view.pid, view.deref().clone())
         };
 
@@ -147,6 +157,55 @@ impl Iter {
     }
 }
 
+impl Iter {
+    /// The first step, answered from `node` as the cache holds it when the
+    /// item sought is in it (None: take the general path, which copies the
+    /// node). The same checks and moves as the general path's first turn.
+    fn first_step(
+        &mut self,
+        node: &Node,
+        forward: bool,
+    ) -> Option<Option<<Self as Iterator>::Item>> {
+        if self.bounds_collapsed() {
+            return Some(None);
+        }
+        let (key, value) = if forward {
+            if !node.contains_upper_bound(&self.lo)
+                || !node.contains_lower_bound(&self.lo, true)
+            {
+                return None;
+            }
+            let found = node.successor(&self.lo)?;
+            self.lo = Bound::Excluded(found.0.clone());
+            found
+        } else {
+            if !node.contains_upper_bound(&self.hi)
+                || !node.contains_lower_bound(&self.hi, false)
+            {
+                return None;
+            }
+            let found = node.predecessor(&self.hi)?;
+            self.hi = Bound::Excluded(found.0.clone());
+            found
+        };
+        self.going_forward = forward;
+        let within = if forward {
+            match self.hi {
+                Bound::Unbounded => true,
+                Bound::Included(ref h) => *h >= key,
+                Bound::Excluded(ref h) => *h > key,
+            }
+        } else {
+            match self.lo {
+                Bound::Unbounded => true,
+                Bound::Included(ref l) => *l <= key,
+                Bound::Excluded(ref l) => *l < key,
+            }
+        };
+        Some(if within { Some(Ok((key, value))) } else { None })
+    }
+}
+
 impl Iterator for Iter {
     type Item = Result<(IVec, IVec)>;
 
@@ -174,6 +233,11 @@ impl DoubleEndedIterator for Iter {
         } else {
             let view =
                 iter_try!(self.tree.view_for_key(self.high_key(), &guard));
+            if !std::mem::replace(&mut self.stepped, true) {
+                if let Some(found) = self.first_step(&view, false) {
+                    return found;
+                }
+            }
             (view.pid, view.deref().clone())
         };
 

@@ -489,15 +489,21 @@ impl Page {
         self.cache_infos.iter().map(|ci| ci.log_size).sum()
     }
 
-    /// What the page costs the cache: its node's bytes in memory, or its
-    /// size in the log if larger. (Hufu's patch: the log size alone
-    /// counts a page stored as a blob as the few bytes of its pointer.)
+    /// What the page costs the cache: its size in the log, or for a page
+    /// stored as a blob its node's bytes in memory if larger. (Hufu's
+    /// patch: the log size alone counts a page stored as a blob as the few
+    /// bytes of its pointer. Only such pages are measured in memory: that
+    /// walks every key, and this runs at every access of a page.)
     pub(crate) fn cache_size(&self) -> u64 {
+        let log_size = self.log_size();
+        if !self.cache_infos.iter().any(|ci| ci.pointer.is_blob()) {
+            return log_size;
+        }
         let in_memory = match self.update.as_deref() {
             Some(Update::Node(node)) => node.rss(),
             _ => 0,
         };
-        self.log_size().max(in_memory)
+        log_size.max(in_memory)
     }
 
     fn ts(&self) -> u64 {

@@ -689,6 +689,7 @@ impl SegmentAccountant {
         assert!(!self.free.contains(&lid), "double-free of a segment occurred");
 
         self.free.insert(lid);
+        self.punch_hole(lid);
 
         // remove the old ordering from our list
         if let Segment::Free(Free { previous_lsn: Some(last_lsn) }) =
@@ -1075,6 +1076,39 @@ impl SegmentAccountant {
             })
             .collect()
     }
+
+    /// Gives a free segment's disk space back to the file system. (Hufu's
+    /// patch: a segment freed below the file's end stayed allocated until
+    /// it was reused, so the file kept its high-water mark on disk.) Done
+    /// here, before the segment can be handed out again, so that it never
+    /// races a write to it; a free segment is never read (its zeroed
+    /// header fails its check at recovery, as an unwritten one does).
+    /// Where the file system cannot punch holes the space stays allocated,
+    /// as before.
+    #[cfg(target_os = "linux")]
+    fn punch_hole(&self, lid: LogOffset) {
+        use std::os::unix::io::AsRawFd;
+        let fd = self.config.file.as_raw_fd();
+        #[allow(unsafe_code)]
+        let ret = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                lid as libc::off_t,
+                self.config.segment_size as libc::off_t,
+            )
+        };
+        if ret != 0 {
+            debug!(
+                "could not free the space of segment {}: {}",
+                lid,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn punch_hole(&self, _lid: LogOffset) {}
 
     // truncate the file to the desired length
     fn truncate(&mut self, at: LogOffset) -> Result<()> {

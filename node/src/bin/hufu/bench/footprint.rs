@@ -20,12 +20,27 @@ pub struct Part {
 pub struct Footprint {
     pub parts: BTreeMap<(String, String), Part>,
     pub disk_bytes: u64,
+    /// Allocated bytes by kind of file: sled's log (`db`), the values and
+    /// pages it keeps in files of their own (`blobs`), its snapshots of the
+    /// page table (`snap.*`), and the rest.
+    pub files: BTreeMap<&'static str, u64>,
 }
 
 impl Footprint {
     /// Reads the sled database at `dir`, which no process may hold open.
     pub fn of(dir: &Path) -> anyhow::Result<Footprint> {
         let disk_bytes = super::scale::disk_bytes(dir);
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let file = match name.as_str() {
+                "db" => "log",
+                "blobs" => "blobs",
+                n if n.starts_with("snap.") => "snapshot",
+                _ => "other",
+            };
+            *files.entry(file).or_default() += super::scale::disk_bytes_of(&entry.path());
+        }
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(64 << 20)
@@ -43,7 +58,11 @@ impl Footprint {
                 part.value_bytes += v.len() as u64;
             }
         }
-        Ok(Footprint { parts, disk_bytes })
+        Ok(Footprint {
+            parts,
+            disk_bytes,
+            files,
+        })
     }
 
     /// Prints the parts per holder of `holders`, then what sled adds.
@@ -76,6 +95,12 @@ impl Footprint {
             per(logical),
             per(self.disk_bytes.saturating_sub(logical))
         );
+        let files: Vec<String> = self
+            .files
+            .iter()
+            .map(|(file, bytes)| format!("{file} {:.1}", per(*bytes)))
+            .collect();
+        println!("  files, bytes/holder: {}", files.join(", "));
     }
 }
 

@@ -101,23 +101,20 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
 
 /// Bytes under `dir`, as allocated on disk.
 pub fn disk_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries.flatten().map(|e| disk_bytes_of(&e.path())).sum()
+}
+
+/// Bytes of the file or directory at `path`, as allocated on disk.
+pub fn disk_bytes_of(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                total += meta.blocks() * 512;
-            }
-        }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => disk_bytes(path),
+        Ok(meta) => meta.blocks() * 512,
+        Err(_) => 0,
     }
-    total
 }
 
 /// Writes `n` rows of province `p` as an operator's CSV file.

@@ -27,7 +27,7 @@
 //! Writes of one sled batch gather their buckets in [`Staged`], so that a
 //! bucket touched by many changes of the batch is read and written once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hufu_certs::Province;
 use prost::encoding::{decode_varint, encode_varint};
@@ -109,40 +109,100 @@ fn next_entry(bytes: &[u8]) -> NodeResult<(&Holder, &[u8], &[u8])> {
     Ok((holder, value, after))
 }
 
-/// A bucket's entries, sorted by holder.
+/// A bucket's entries, sorted by holder, kept encoded as stored: a change
+/// splices its entry in place rather than decoding the bucket into an
+/// allocation per holder (import and replication stage a bucket per change).
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Bucket {
-    entries: Vec<(Holder, Vec<u8>)>,
+    bytes: Vec<u8>,
+    /// Where each entry starts in `bytes`, in order.
+    starts: Vec<usize>,
 }
 
 impl Bucket {
-    fn decode(mut bytes: &[u8]) -> NodeResult<Bucket> {
-        let mut entries = Vec::with_capacity(BUCKET_HOLDERS + 1);
-        while !bytes.is_empty() {
-            let (h, value, after) = next_entry(bytes)?;
-            entries.push((*h, value.to_vec()));
-            bytes = after;
+    /// The stored `bytes`, every entry checked.
+    fn decode(bytes: &[u8]) -> NodeResult<Bucket> {
+        let mut starts = Vec::with_capacity(BUCKET_HOLDERS + 1);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            starts.push(bytes.len() - rest.len());
+            rest = next_entry(rest)?.2;
         }
-        Ok(Bucket { entries })
+        Ok(Bucket {
+            bytes: bytes.to_vec(),
+            starts,
+        })
     }
 
-    fn encode(entries: &[(Holder, Vec<u8>)]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(entries.len() * (HOLDER_BYTES + 14));
-        for (h, value) in entries {
-            out.extend_from_slice(h);
-            encode_varint(value.len() as u64, &mut out);
-            out.extend_from_slice(value);
-        }
-        out
+    fn len(&self) -> usize {
+        self.starts.len()
     }
 
-    fn put(&mut self, holder: Holder, value: Vec<u8>) {
-        match self.entries.binary_search_by(|(h, _)| h.cmp(&holder)) {
-            Ok(i) => self.entries[i].1 = value,
-            Err(i) => self.entries.insert(i, (holder, value)),
+    fn holder(&self, i: usize) -> Holder {
+        self.bytes[self.starts[i]..][..HOLDER_BYTES]
+            .try_into()
+            .expect("checked when decoded")
+    }
+
+    /// Where entry `i` ends.
+    fn end(&self, i: usize) -> usize {
+        self.starts.get(i + 1).copied().unwrap_or(self.bytes.len())
+    }
+
+    fn put(&mut self, holder: Holder, value: &[u8]) {
+        let mut entry = Vec::with_capacity(HOLDER_BYTES + 1 + value.len());
+        entry.extend_from_slice(&holder);
+        encode_varint(value.len() as u64, &mut entry);
+        entry.extend_from_slice(value);
+        let bytes = &self.bytes;
+        match self
+            .starts
+            .binary_search_by(|&s| bytes[s..s + HOLDER_BYTES].cmp(&holder[..]))
+        {
+            Ok(i) => {
+                let (start, end) = (self.starts[i], self.end(i));
+                self.bytes.splice(start..end, entry.iter().copied());
+                let grown = entry.len() as isize - (end - start) as isize;
+                for s in &mut self.starts[i + 1..] {
+                    *s = (*s as isize + grown) as usize;
+                }
+            }
+            Err(i) => {
+                let at = self.starts.get(i).copied().unwrap_or(self.bytes.len());
+                self.bytes.splice(at..at, entry.iter().copied());
+                for s in &mut self.starts[i..] {
+                    *s += entry.len();
+                }
+                self.starts.insert(i, at);
+            }
         }
+    }
+
+    /// The bucket in parts of at most [`BUCKET_HOLDERS`], as even as can
+    /// be: each part's first holder and bytes.
+    fn parts(&self) -> Vec<(Option<Holder>, &[u8])> {
+        if self.len() <= BUCKET_HOLDERS {
+            return vec![(self.starts.first().map(|_| self.holder(0)), &self.bytes[..])];
+        }
+        let per = self.len().div_ceil(self.len().div_ceil(BUCKET_HOLDERS));
+        (0..self.len())
+            .step_by(per)
+            .map(|first| {
+                let last = (first + per).min(self.len()) - 1;
+                (
+                    Some(self.holder(first)),
+                    &self.bytes[self.starts[first]..self.end(last)],
+                )
+            })
+            .collect()
     }
 }
+
+/// Buckets already read for the holders about to be written, as each
+/// holder's bucket's `low` and stored bytes: an import reads every row's
+/// stored status before it decides to write it, and the write finds the
+/// bucket here instead of looking it up again.
+pub type Found = HashMap<Holder, (Holder, sled::IVec)>;
 
 /// The writes of one sled batch: the batch, and the buckets of statuses it
 /// changes, gathered until [`finish`](Staged::finish).
@@ -150,14 +210,24 @@ impl Bucket {
 pub struct Staged {
     pub batch: sled::Batch,
     buckets: BTreeMap<(Province, Holder), Bucket>,
+    /// Buckets read for this batch's holders, in the province being
+    /// written, while its writer was held (so still as stored).
+    found: Found,
 }
 
 impl Staged {
     /// Staging that goes on from `batch`.
     pub fn on(batch: sled::Batch) -> Staged {
+        Staged::with_found(batch, Found::new())
+    }
+
+    /// Staging that goes on from `batch`, with the buckets `found` for its
+    /// holders since its writer was taken.
+    pub fn with_found(batch: sled::Batch, found: Found) -> Staged {
         Staged {
             batch,
             buckets: BTreeMap::new(),
+            found,
         }
     }
 
@@ -171,9 +241,12 @@ impl Staged {
     ) -> NodeResult<()> {
         // Buckets split only in `finish`, so the lows stored are all there
         // are until then.
-        let (low, stored) = match find(tree, p, &holder)? {
+        let (low, stored) = match self.found.remove(&holder) {
             Some((low, bytes)) => (low, Some(bytes)),
-            None => (FIRST, None),
+            None => match find(tree, p, &holder)? {
+                Some((low, bytes)) => (low, Some(bytes)),
+                None => (FIRST, None),
+            },
         };
         let bucket = match self.buckets.entry((p, low)) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -182,38 +255,45 @@ impl Staged {
                 None => Bucket::default(),
             }),
         };
-        bucket.put(holder, value);
+        bucket.put(holder, &value);
         Ok(())
     }
 
     /// The batch with every bucket changed, those grown too large split.
     pub fn finish(self) -> sled::Batch {
-        let Staged { mut batch, buckets } = self;
+        let Staged {
+            mut batch, buckets, ..
+        } = self;
         for ((p, low), bucket) in buckets {
-            for (i, part) in split(&bucket.entries).into_iter().enumerate() {
-                let part_low = if i == 0 { low } else { part[0].0 };
-                batch.insert(bucket_key(p, &part_low), Bucket::encode(part));
+            for (i, (first, part)) in bucket.parts().into_iter().enumerate() {
+                let part_low = match first {
+                    Some(first) if i > 0 => first,
+                    _ => low,
+                };
+                batch.insert(bucket_key(p, &part_low), part);
             }
         }
         batch
     }
 }
 
-/// `entries` in parts of at most [`BUCKET_HOLDERS`], as even as can be.
-fn split(entries: &[(Holder, Vec<u8>)]) -> Vec<&[(Holder, Vec<u8>)]> {
-    if entries.is_empty() {
-        return vec![entries];
+/// `entries`, sorted by holder, as a stored bucket.
+fn encode(entries: &[(Holder, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * (HOLDER_BYTES + 14));
+    for (h, value) in entries {
+        out.extend_from_slice(h);
+        encode_varint(value.len() as u64, &mut out);
+        out.extend_from_slice(value);
     }
-    let parts = entries.len().div_ceil(BUCKET_HOLDERS);
-    entries.chunks(entries.len().div_ceil(parts)).collect()
+    out
 }
 
 /// The bucket `bytes` with `holder`'s status replaced by `value`, as
 /// stored (for tools and tests that alter stored bytes).
 pub fn with_status(bytes: &[u8], holder: &Holder, value: Vec<u8>) -> NodeResult<Vec<u8>> {
     let mut bucket = Bucket::decode(bytes)?;
-    bucket.put(*holder, value);
-    Ok(Bucket::encode(&bucket.entries))
+    bucket.put(*holder, &value);
+    Ok(bucket.bytes)
 }
 
 /// Stores statuses kept under a key each (the format before buckets) as
@@ -229,7 +309,7 @@ pub(super) fn bucket_sorted(
     // Three quarters full: room to grow before the first splits.
     for (i, part) in statuses.chunks(BUCKET_HOLDERS * 3 / 4).enumerate() {
         let low = if i == 0 && first { FIRST } else { part[0].0 };
-        batch.insert(bucket_key(p, &low), Bucket::encode(part));
+        batch.insert(bucket_key(p, &low), encode(part));
     }
 }
 
@@ -295,20 +375,21 @@ mod tests {
         assert!(buckets.len() >= written.len() / BUCKET_HOLDERS);
         let mut held = 0;
         for (n, (low, bucket)) in buckets.iter().enumerate() {
-            assert!(bucket.entries.len() <= BUCKET_HOLDERS);
-            assert!(bucket.entries.windows(2).all(|w| w[0].0 < w[1].0));
-            assert!(bucket.entries.iter().all(|(h, _)| h >= low));
+            let holders: Vec<Holder> = (0..bucket.len()).map(|i| bucket.holder(i)).collect();
+            assert!(holders.len() <= BUCKET_HOLDERS);
+            assert!(holders.windows(2).all(|w| w[0] < w[1]));
+            assert!(holders.iter().all(|h| h >= low));
             if let Some((next, _)) = buckets.get(n + 1) {
-                assert!(bucket.entries.iter().all(|(h, _)| h < next));
+                assert!(holders.iter().all(|h| h < next));
             }
-            held += bucket.entries.len();
+            held += holders.len();
         }
         assert_eq!(held, written.len());
     }
 
     #[test]
     fn a_damaged_bucket_is_an_error_not_a_missing_status() {
-        let mut bytes = Bucket::encode(&[(holder(1), vec![1, 2, 3])]);
+        let mut bytes = encode(&[(holder(1), vec![1, 2, 3])]);
         bytes.truncate(bytes.len() - 1);
         assert!(status_in(&bytes, &holder(2)).is_err());
         assert!(Bucket::decode(&bytes).is_err());

@@ -142,7 +142,7 @@ fn read_fields(p: Province, holder: String, mut buf: &[u8]) -> NodeResult<Status
 pub fn status_value(p: Province, record: &StatusRecord, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(12);
     out.push(COMPACT_STATUS);
-    if record.issuer == p.to_string()
+    if names(p, &record.issuer)
         && holder_bytes(&record.holder).is_some()
         && compact_fields(record, &mut out)
         && record.encode_to_vec() == bytes
@@ -164,15 +164,36 @@ pub fn read_status(p: Province, holder: &str, value: &[u8]) -> NodeResult<Status
     }
 }
 
+/// Whether `issuer` is `p`'s code as records spell it (six digits),
+/// without formatting `p` (this runs for every change stored).
+pub fn names(p: Province, issuer: &str) -> bool {
+    issuer.len() == 6
+        && issuer.bytes().all(|b| b.is_ascii_digit())
+        && issuer.parse::<u32>() == Ok(p.code())
+}
+
 /// One change-log entry: `tag ‖ body`; for a compact status the body is
 /// `holder (16 bytes) ‖ fields`, for a verbatim one the protobuf bytes.
 pub fn entry(p: Province, record: &StatusRecord, bytes: &[u8]) -> Vec<u8> {
-    let mut value = status_value(p, record, bytes);
-    if value[0] == COMPACT_STATUS {
-        let holder = holder_bytes(&record.holder).expect("checked by status_value");
-        value.splice(1..1, holder);
+    let value = status_value(p, record, bytes);
+    match holder_bytes(&record.holder) {
+        Some(holder) => entry_of_value(&holder, &value),
+        None => value,
     }
-    value
+}
+
+/// The change-log entry of `holder`'s status stored as `value` (a
+/// [`status_value`]): the same bytes, with the holder after the tag when
+/// the status is compact.
+pub fn entry_of_value(holder: &[u8; HOLDER_BYTES], value: &[u8]) -> Vec<u8> {
+    if value.first() != Some(&COMPACT_STATUS) {
+        return value.to_vec();
+    }
+    let mut entry = Vec::with_capacity(HOLDER_BYTES + value.len());
+    entry.push(COMPACT_STATUS);
+    entry.extend_from_slice(holder);
+    entry.extend_from_slice(&value[1..]);
+    entry
 }
 
 /// The exact bytes an entry stands for (those hashed into the chain).
@@ -206,20 +227,42 @@ pub fn binding_key(p: Province, hash: &[u8; 32]) -> Vec<u8> {
 /// it was written.
 const BLOCK_HEADER: usize = 40;
 
+/// Set in the first byte of a block's written-at time (a time is never
+/// negative, so earlier blocks never have it): the entries that follow
+/// are zlib-compressed.
+const COMPRESSED: u8 = 0x80;
+
+/// The most bytes a compressed block's entries may inflate to: far above
+/// [`BLOCK_CHANGES`](super::BLOCK_CHANGES) entries of the largest record,
+/// so that only a damaged block reaches it.
+const MAX_BLOCK_BYTES: u64 = 64 << 20;
+
 /// A change-log block being written:
-/// `start hash (32) ‖ written at (unix ms, 8 bytes) ‖ (varint(len) ‖ entry)*`.
-/// Its changes are numbered from the block's key on, without gaps.
+/// `start hash (32) ‖ written at (unix ms, 8 bytes) ‖ (varint(len) ‖ entry)*`,
+/// the entries zlib-compressed when that makes them smaller (the
+/// written-at time's top bit then set). Its changes are numbered from the
+/// block's key on, without gaps.
+///
+/// A block is written once and read back only to serve a feed, so it is
+/// compressed: of a status entry's 29 bytes only the holder's 16 are
+/// random, and what follows (flags, times near each other) repeats from
+/// entry to entry.
 pub struct BlockWriter {
-    bytes: Vec<u8>,
+    header: [u8; BLOCK_HEADER],
+    entries: Vec<u8>,
     count: usize,
 }
 
 impl BlockWriter {
     pub fn new(start_hash: &[u8; 32], written_ms: i64) -> BlockWriter {
-        let mut bytes = Vec::with_capacity(BLOCK_HEADER + 16 * 1024);
-        bytes.extend_from_slice(start_hash);
-        bytes.extend_from_slice(&written_ms.to_be_bytes());
-        BlockWriter { bytes, count: 0 }
+        let mut header = [0; BLOCK_HEADER];
+        header[..32].copy_from_slice(start_hash);
+        header[32..].copy_from_slice(&written_ms.max(0).to_be_bytes());
+        BlockWriter {
+            header,
+            entries: Vec::with_capacity(16 * 1024),
+            count: 0,
+        }
     }
 
     /// Changes in the block so far.
@@ -228,13 +271,37 @@ impl BlockWriter {
     }
 
     pub fn push(&mut self, entry: &[u8]) {
-        encode_varint(entry.len() as u64, &mut self.bytes);
-        self.bytes.extend_from_slice(entry);
+        encode_varint(entry.len() as u64, &mut self.entries);
+        self.entries.extend_from_slice(entry);
         self.count += 1;
     }
 
+    /// The block as stored: compressed unless that would not make it smaller.
     pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+        let mut out = Vec::with_capacity(BLOCK_HEADER + self.entries.len());
+        out.extend_from_slice(&self.header);
+        {
+            let mut deflate = flate2::write::ZlibEncoder::new(out, flate2::Compression::fast());
+            let written = std::io::Write::write_all(&mut deflate, &self.entries);
+            if let (Ok(()), Ok(mut compressed)) = (written, deflate.finish())
+                && compressed.len() < BLOCK_HEADER + self.entries.len()
+            {
+                compressed[32] |= COMPRESSED;
+                return compressed;
+            }
+            out = Vec::with_capacity(BLOCK_HEADER + self.entries.len());
+            out.extend_from_slice(&self.header);
+        }
+        out.extend_from_slice(&self.entries);
+        out
+    }
+
+    /// The block as earlier versions stored it, uncompressed (for tests of
+    /// reading what they wrote).
+    pub fn into_uncompressed_bytes(self) -> Vec<u8> {
+        let mut out = self.header.to_vec();
+        out.extend_from_slice(&self.entries);
+        out
     }
 }
 
@@ -251,7 +318,10 @@ pub struct ReadChange {
 /// Walks a stored block from its first change, recomputing the chain.
 pub struct BlockReader<'a> {
     p: Province,
-    rest: &'a [u8],
+    /// The entries, inflated if they were stored compressed.
+    entries: std::borrow::Cow<'a, [u8]>,
+    /// Where the next entry starts in `entries`.
+    at: usize,
     next: u64,
     hash: [u8; 32],
     written_ms: i64,
@@ -262,12 +332,22 @@ impl<'a> BlockReader<'a> {
         if block.len() < BLOCK_HEADER {
             return Err(corrupt("change block"));
         }
+        let mut time: [u8; 8] = block[32..40].try_into().expect("8 bytes");
+        let compressed = time[0] & COMPRESSED != 0;
+        time[0] &= !COMPRESSED;
+        let body = &block[BLOCK_HEADER..];
+        let entries = if compressed {
+            std::borrow::Cow::Owned(inflate(body)?)
+        } else {
+            std::borrow::Cow::Borrowed(body)
+        };
         Ok(BlockReader {
             p,
-            rest: &block[BLOCK_HEADER..],
+            entries,
+            at: 0,
             next: first,
             hash: block[..32].try_into().expect("32 bytes"),
-            written_ms: i64::from_be_bytes(block[32..40].try_into().expect("8 bytes")),
+            written_ms: i64::from_be_bytes(time),
         })
     }
 
@@ -298,15 +378,16 @@ impl<'a> BlockReader<'a> {
     }
 
     pub fn next_change(&mut self) -> NodeResult<Option<ReadChange>> {
-        if self.rest.is_empty() {
+        let mut rest = &self.entries[self.at..];
+        if rest.is_empty() {
             return Ok(None);
         }
-        let len = decode_varint(&mut self.rest).map_err(|_| corrupt("change block"))? as usize;
-        if len > self.rest.len() {
+        let len = decode_varint(&mut rest).map_err(|_| corrupt("change block"))? as usize;
+        if len > rest.len() {
             return Err(corrupt("change block"));
         }
-        let (entry, rest) = self.rest.split_at(len);
-        self.rest = rest;
+        let entry = &rest[..len];
+        self.at = self.entries.len() - rest.len() + len;
         let bytes = entry_bytes(self.p, entry)?;
         let sequence = self.next;
         self.hash = feed::chain_next(&self.hash, sequence, &bytes);
@@ -317,6 +398,21 @@ impl<'a> BlockReader<'a> {
             bytes,
         }))
     }
+}
+
+/// A compressed block's entries, inflated; a body that does not inflate,
+/// or inflates past any real block, is a damaged block.
+fn inflate(body: &[u8]) -> NodeResult<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(body.len() * 2);
+    flate2::read::ZlibDecoder::new(body)
+        .take(MAX_BLOCK_BYTES + 1)
+        .read_to_end(&mut out)
+        .map_err(|_| corrupt("change block"))?;
+    if out.len() as u64 > MAX_BLOCK_BYTES {
+        return Err(corrupt("change block"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -392,5 +488,80 @@ mod tests {
         assert_eq!(c.bytes, records[1]);
         r.skip_through(99).unwrap();
         assert_eq!((r.next_sequence(), r.hash()), (13, hashes[2]));
+    }
+
+    /// A block of `n` changes of holders spread like pseudonyms, written at
+    /// `written_ms`, and the records' bytes.
+    fn block_of(n: u32, written_ms: i64) -> (BlockWriter, Vec<Vec<u8>>) {
+        let mut w = BlockWriter::new(&[7u8; 32], written_ms);
+        let mut records = vec![];
+        for i in 0..n {
+            let mut h = [0u8; HOLDER_BYTES];
+            h[..4].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+            h[8..12].copy_from_slice(&i.wrapping_mul(40_503).to_be_bytes());
+            let mut r = record(&BASE32_NOPAD.encode(&h), 0);
+            r.as_of = Some(Timestamp {
+                seconds: 1_641_800_000 + i64::from(i % 977),
+                nanos: 0,
+            });
+            let bytes = r.encode_to_vec();
+            w.push(&entry(gd(), &r, &bytes));
+            records.push(bytes);
+        }
+        (w, records)
+    }
+
+    fn read_all(block: &[u8]) -> NodeResult<Vec<Vec<u8>>> {
+        let mut r = BlockReader::new(gd(), 1, block)?;
+        let mut out = vec![];
+        while let Some(c) = r.next_change()? {
+            out.push(c.bytes);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn a_block_is_stored_compressed_and_reads_back_exactly() {
+        let (w, records) = block_of(1_000, 1_700_000_000_000);
+        let plain = block_of(1_000, 1_700_000_000_000)
+            .0
+            .into_uncompressed_bytes();
+        let block = w.into_bytes();
+        assert_ne!(block[32] & COMPRESSED, 0);
+        assert!(
+            block.len() * 10 < plain.len() * 9,
+            "{} bytes compressed of {}",
+            block.len(),
+            plain.len()
+        );
+        assert_eq!(read_all(&block).unwrap(), records);
+        let r = BlockReader::new(gd(), 1, &block).unwrap();
+        assert_eq!(r.written_ms(), 1_700_000_000_000);
+    }
+
+    #[test]
+    fn a_block_of_the_earlier_uncompressed_form_still_reads() {
+        let (w, records) = block_of(50, 1_700_000_000_000);
+        let plain = w.into_uncompressed_bytes();
+        assert_eq!(plain[32] & COMPRESSED, 0);
+        assert_eq!(read_all(&plain).unwrap(), records);
+        assert_eq!(
+            BlockReader::new(gd(), 1, &plain).unwrap().written_ms(),
+            1_700_000_000_000
+        );
+    }
+
+    #[test]
+    fn a_damaged_compressed_block_is_an_error_not_fewer_changes() {
+        let block = block_of(1_000, 1).0.into_bytes();
+        assert_ne!(block[32] & COMPRESSED, 0);
+        let truncated = &block[..block.len() - 10];
+        let mut flipped = block.clone();
+        let middle = BLOCK_HEADER + (block.len() - BLOCK_HEADER) / 2;
+        flipped[middle] ^= 0x10;
+        for damaged in [truncated, &flipped[..]] {
+            let err = read_all(damaged).unwrap_err();
+            assert!(err.to_string().contains("change block is corrupt"), "{err}");
+        }
     }
 }

@@ -257,7 +257,10 @@ mod tests {
                 record,
             })
             .collect();
-        store.append_own(&mut tail, &changes).await.unwrap();
+        store
+            .append_own(&mut tail, &changes, bucket::Found::new())
+            .await
+            .unwrap();
         drop(tail);
         for (p, record) in &written {
             assert_eq!(

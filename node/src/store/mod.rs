@@ -33,6 +33,12 @@
 //!
 //! `start hash (32) ‖ written at (unix ms, 8) ‖ (varint(len) ‖ entry)*`
 //!
+//! with the entries zlib-compressed (the written-at time's top bit set)
+//! when that makes them smaller, as it does for any block of statuses:
+//! a block is written once and read only to serve the feed, and of an
+//! entry's 29 bytes only the holder's 16 do not repeat (19 bytes a change
+//! compressed). Blocks written before compression still read as they are.
+//!
 //! An entry is `1 ‖ holder (16) ‖ compact status`, `2 ‖ protobuf bytes`,
 //! or `3 ‖ change bytes` for a legacy code binding ([`binding`]: its
 //! change is `0 ‖ CodeBinding`, which sets or clears a `B` key).
@@ -276,12 +282,28 @@ impl Store {
 
     /// A holder's current record in province `p` (own or replica).
     pub fn get(&self, p: Province, holder: &str) -> NodeResult<Option<StatusRecord>> {
+        self.get_noting(p, holder, None)
+    }
+
+    /// [`get`](Self::get), noting the holder's bucket in `found` if given.
+    fn get_noting(
+        &self,
+        p: Province,
+        holder: &str,
+        found: Option<&std::sync::Mutex<bucket::Found>>,
+    ) -> NodeResult<Option<StatusRecord>> {
         let Some(h) = codec::holder_bytes(holder) else {
             return Ok(None);
         };
-        let Some((_, bucket)) = bucket::find(&self.tree()?, p, &h)? else {
+        let Some((low, bucket)) = bucket::find(&self.tree()?, p, &h)? else {
             return Ok(None);
         };
+        if let Some(found) = found {
+            found
+                .lock()
+                .expect("found lock")
+                .insert(h, (low, bucket.clone()));
+        }
         match bucket::status_in(&bucket, &h)? {
             Some(value) => Ok(Some(codec::read_status(p, holder, value)?)),
             None => Ok(None),

@@ -141,6 +141,11 @@ pub struct LimitsConfig {
     /// open at once. Calls beyond it wait in the caller, at no cost to the
     /// node: the node's main defence against crowds that never back off.
     pub max_concurrent_streams: u32,
+    /// Streams a terminal's connection may have open at once while the node
+    /// pauses terminals (`scheduling_delay_target_ms`): a caller allowed few
+    /// open calls queues the rest in its own process, where stale ones
+    /// expire at no cost to the node, so the node's queue stays short.
+    pub surge_concurrent_streams: u32,
     /// The same for another province's node (a feed and lookups share its
     /// connection).
     pub peer_concurrent_streams: u32,
@@ -196,6 +201,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: 2 * 1024 * 1024,
             max_concurrent_streams: 8,
+            surge_concurrent_streams: 2,
             peer_concurrent_streams: 64,
             max_pending_resets: 1024,
             max_handshakes: 8,
@@ -428,6 +434,12 @@ impl NodeConfig {
             l.max_concurrent_streams.into(),
             d.max_concurrent_streams.to_string(),
             "would make every call wait forever",
+        );
+        zero(
+            "limits.surge_concurrent_streams",
+            l.surge_concurrent_streams.into(),
+            d.surge_concurrent_streams.to_string(),
+            "would stop every terminal during a surge",
         );
         zero(
             "limits.max_message_bytes",

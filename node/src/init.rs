@@ -165,6 +165,9 @@ max_message_bytes = 2097152
 # max_concurrent_streams each; other provinces' nodes peer_concurrent_streams.
 max_concurrent_streams = 8
 peer_concurrent_streams = 64
+# Streams a terminal's connection may have open while the node pauses
+# terminals in a surge (see scheduling_delay_target_ms).
+surge_concurrent_streams = 2
 # Streams a caller may cancel before the node took them up; beyond it the
 # connection is closed (HTTP/2 rapid-reset protection).
 max_pending_resets = 1024

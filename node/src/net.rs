@@ -240,6 +240,8 @@ pub struct DoorLimits {
     /// Streams a terminal may open at once on its connection
     /// (`max_concurrent_streams`): what a paused connection gets back.
     pub caller_streams: u32,
+    /// The same while places are cut (`surge_concurrent_streams`).
+    pub surge_streams: u32,
 }
 
 /// Places never fall below this many terminals' connections.
@@ -281,6 +283,7 @@ pub fn incoming(
                 max: limits.max_connections,
                 target_lag: limits.scheduling_delay_target,
                 streams: limits.caller_streams,
+                surge_streams: limits.surge_streams,
             }),
             waiting: Arc::new(AtomicUsize::new(0)),
             trickle: Notify::new(),

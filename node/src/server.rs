@@ -203,6 +203,7 @@ pub async fn start_on(
             handshake_timeout: Duration::from_secs(limits.handshake_timeout_secs),
             scheduling_delay_target: Duration::from_millis(limits.scheduling_delay_target_ms),
             caller_streams: limits.max_concurrent_streams,
+            surge_streams: limits.surge_concurrent_streams,
         },
         stop.clone(),
         metrics.clone(),

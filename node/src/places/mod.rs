@@ -49,6 +49,11 @@ pub struct PlaceConfig {
     /// Streams a terminal may open at once on a connection that is not
     /// paused (`limits.max_concurrent_streams`).
     pub streams: u32,
+    /// The same while places are cut (`limits.surge_concurrent_streams`):
+    /// a caller that may have few calls open at the node queues the rest
+    /// in its own process, where they expire at no cost to the node, so
+    /// the node's own queue, and every call's wait in it, stays short.
+    pub surge_streams: u32,
 }
 
 /// After a cut, how long the node waits before judging again: the work
@@ -73,6 +78,9 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// A connection whose caller sends less than this (bytes a second) is idle:
 /// pausing it would relieve nothing.
 const BUSY_BYTES_PER_SEC: f64 = 64.0;
+/// How long after the last cut, with no connection paused, the surge counts
+/// as over and connections get their full stream limit back.
+const SURGE_OVER: Duration = Duration::from_secs(5);
 
 /// What the node lets a connection with a place do now.
 pub struct Seat {
@@ -82,17 +90,14 @@ pub struct Seat {
     changed: AtomicWaker,
     /// Bytes read from the connection, ever: how busy its caller is.
     read: AtomicU64,
-    /// Streams when not paused.
-    open_streams: u32,
 }
 
 impl Seat {
-    fn new(open_streams: u32) -> Arc<Seat> {
+    fn new(streams: u32) -> Arc<Seat> {
         Arc::new(Seat {
-            streams: AtomicU32::new(open_streams),
+            streams: AtomicU32::new(streams),
             changed: AtomicWaker::new(),
             read: AtomicU64::new(0),
-            open_streams,
         })
     }
 
@@ -108,14 +113,11 @@ impl Seat {
         self.read.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    fn pause(&self) {
-        self.streams.store(0, Ordering::Release);
-        self.changed.wake();
-    }
-
-    fn resume(&self) {
-        self.streams.store(self.open_streams, Ordering::Release);
-        self.changed.wake();
+    /// Sets the stream limit its caller is to have (zero: paused).
+    fn allow(&self, streams: u32) {
+        if self.streams.swap(streams, Ordering::AcqRel) != streams {
+            self.changed.wake();
+        }
     }
 }
 
@@ -166,6 +168,8 @@ struct Inner {
     next: u64,
     last_cut: Option<Instant>,
     last_reading: Option<Instant>,
+    /// Streams a serving connection may open now: fewer during a surge.
+    streams: u32,
 }
 
 /// A terminal connection's place; dropping it (the connection closed)
@@ -251,7 +255,7 @@ impl Inner {
             let Some(held) = self.serving.remove(&id) else {
                 continue;
             };
-            held.seat.pause();
+            held.seat.allow(0);
             let order = self.next;
             self.next += 1;
             self.pause_of.insert(id, order);
@@ -260,12 +264,24 @@ impl Inner {
         }
     }
 
+    /// Gives every serving connection `streams` (paused ones get it when
+    /// resumed).
+    fn set_streams(&mut self, streams: u32) {
+        if self.streams == streams {
+            return;
+        }
+        self.streams = streams;
+        for held in self.serving.values() {
+            held.seat.allow(streams);
+        }
+    }
+
     fn resume_newest(&mut self) -> bool {
         let Some((_, (id, held))) = self.paused.pop_last() else {
             return false;
         };
         self.pause_of.remove(&id);
-        held.seat.resume();
+        held.seat.allow(self.streams);
         self.busy += 1;
         self.serving.insert(id, held);
         true
@@ -289,6 +305,7 @@ impl Places {
                 next: 0,
                 last_cut: None,
                 last_reading: None,
+                streams: config.streams,
             }),
             room: Notify::new(),
             config,
@@ -320,7 +337,7 @@ impl Places {
         }
         let id = inner.next;
         inner.next += 1;
-        let seat = Seat::new(self.config.streams);
+        let seat = Seat::new(inner.streams);
         inner.serving.insert(id, Held::new(seat.clone()));
         inner.busy += 1;
         Some(Place {
@@ -364,7 +381,11 @@ impl Places {
             inner.limit = (base * keep).max(self.config.min as f64);
             inner.last_cut = Some(now);
             inner.pause_newest_busy();
+            inner.set_streams(self.config.surge_streams.min(self.config.streams));
             return;
+        }
+        if inner.paused.is_empty() && since_cut.is_some_and(|d| d >= SURGE_OVER) {
+            inner.set_streams(self.config.streams);
         }
         if lag < target / 2 {
             // The node keeps up with every connection busy now.

@@ -10,22 +10,27 @@ fn places(max: usize) -> Arc<Places> {
         max,
         target_lag: Duration::from_millis(20),
         streams: STREAMS,
+        surge_streams: SURGE_STREAMS,
     })
 }
 
 const STREAMS: u32 = 8;
+const SURGE_STREAMS: u32 = 2;
 const CALM: Duration = Duration::from_millis(1);
 /// Five times the target: the deepest cut, to half.
 const LATE: Duration = Duration::from_millis(100);
 /// Just above the target: a cut of a tenth.
 const A_LITTLE_LATE: Duration = Duration::from_millis(21);
 
-/// Whether its caller may open streams (as many as before its pause).
-fn open(place: &Place) -> bool {
+/// The stream limit its caller has now.
+fn streams(place: &Place) -> u32 {
     let waker = futures::task::noop_waker();
-    let streams = place.seat.poll_streams(&mut Context::from_waker(&waker));
-    assert!(streams == 0 || streams == STREAMS);
-    streams == STREAMS
+    place.seat.poll_streams(&mut Context::from_waker(&waker))
+}
+
+/// Whether its caller may open streams.
+fn open(place: &Place) -> bool {
+    streams(place) > 0
 }
 
 fn take(p: &Arc<Places>, n: usize) -> Vec<Place> {
@@ -181,6 +186,7 @@ async fn without_a_target_places_are_off() {
         max: 10,
         target_lag: Duration::ZERO,
         streams: STREAMS,
+        surge_streams: SURGE_STREAMS,
     });
     let held = take(&p, 10);
     send(&p, &held, 10_000).await;
@@ -207,4 +213,39 @@ async fn callers_that_start_sending_while_the_node_keeps_up_are_not_cut_for_an_o
     send(&p, &held, 1_000).await;
     p.observe(Instant::now(), A_LITTLE_LATE, 0);
     assert_eq!(p.snapshot(), (90, 10, 90));
+}
+
+#[tokio::test(start_paused = true)]
+async fn during_a_surge_connections_may_open_fewer_streams_until_it_is_over() {
+    let p = places(100);
+    let held = take(&p, 10);
+    assert!(held.iter().all(|place| streams(place) == STREAMS));
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), A_LITTLE_LATE, 0);
+    // Those still served, and a connection that comes in now, get the
+    // surge's limit; the paused none.
+    let limits: Vec<u32> = held.iter().map(streams).collect();
+    assert_eq!(limits, [vec![SURGE_STREAMS; 9], vec![0]].concat());
+    // Given back while the surge lasts: the surge's limit.
+    tokio::time::advance(COOL_DOWN).await;
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), CALM, 0);
+    assert!(held.iter().all(|place| streams(place) == SURGE_STREAMS));
+    tokio::time::advance(SETTLE).await;
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), CALM, 1);
+    assert!(
+        held.iter().all(|place| streams(place) == SURGE_STREAMS),
+        "too soon"
+    );
+    let newcomer = p.try_take().expect("a free place");
+    assert_eq!(streams(&newcomer), SURGE_STREAMS);
+    // Calm, with nobody paused, long enough after the last cut: the full
+    // limit again, for everyone.
+    tokio::time::advance(SURGE_OVER).await;
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), CALM, 0);
+    assert!(held.iter().all(|place| streams(place) == STREAMS));
+    assert_eq!(streams(&newcomer), STREAMS);
+    assert_eq!(streams(&p.try_take().expect("a free place")), STREAMS);
 }

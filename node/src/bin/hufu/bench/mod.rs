@@ -138,6 +138,7 @@ async fn bare_echo(
             // The echo baseline is the bare stack: no places.
             scheduling_delay_target: Duration::ZERO,
             caller_streams: config_streams(),
+            surge_streams: config_streams(),
         },
         stop.clone(),
         hufu_node::metrics::Metrics::new(),

@@ -424,25 +424,46 @@ impl Run<'_> {
         // (the crowd's shape) a node with places pauses some of the callers
         // and serves fewer calls than it could, which would flatter every
         // ratio below; with `--concurrency` (64) it runs at full CPU without
-        // a queue long enough to cut places.
-        let mut capacity: f64 = 0.0;
-        for in_flight in [self.args.concurrency.max(1), 200] {
+        // a queue long enough to cut places. The side traffic (status writes
+        // and their replication) runs meanwhile, as it does in every step:
+        // at a tenth of a core it takes a large share of the node, so a
+        // capacity measured without it would count as lost what the node
+        // spent on the writes the steps ask of it. Capacity alone is
+        // printed beside it.
+        let closed = |in_flight: usize| {
             let (conns, call) = (self.conns.to_vec(), self.call.clone());
             let in_flight = in_flight.min(conns.len() * 8);
             let used = conns.len().min(in_flight);
-            let rate = closed_loop(self.seconds, in_flight, move |k, w| {
+            closed_loop(self.seconds, in_flight, move |k, w| {
                 let channel = conns[w % used].clone();
                 let call = call(channel, k, Duration::from_secs(5));
                 async move { call.await.is_ok() }
             })
-            .await
-            .rate();
+        };
+        let mut capacity: f64 = 0.0;
+        for in_flight in [self.args.concurrency.max(1), 200] {
+            let rate = match self.side {
+                Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000))
+                    .0
+                    .rate(),
+                None => closed(in_flight).await.rate(),
+            };
             capacity = capacity.max(rate);
         }
-        println!(
-            "{title}\ncapacity (closed loop, the higher of {} and 200 calls in flight): {capacity:.0}/s",
-            self.args.concurrency.max(1)
-        );
+        match self.side {
+            Some(_) => {
+                let alone = closed(self.args.concurrency.max(1)).await.rate();
+                println!(
+                    "{title}\ncapacity (closed loop, the higher of {} and 200 calls in flight, with the status writes and their replication running): {capacity:.0}/s; without them, {} in flight: {alone:.0}/s",
+                    self.args.concurrency.max(1),
+                    self.args.concurrency.max(1)
+                );
+            }
+            None => println!(
+                "{title}\ncapacity (closed loop, the higher of {} and 200 calls in flight): {capacity:.0}/s",
+                self.args.concurrency.max(1)
+            ),
+        }
         println!(
             "{:>5} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>5}",
             "load",

@@ -23,6 +23,13 @@
 //! whose handshakes wait until the node has room for them. A caller that
 //! opens streams its limit does not allow is closed. Nodes, admins and
 //! auditors need no place.
+//!
+//! While places are cut, the connections still served may open fewer
+//! streams (`surge_concurrent_streams`): a caller that never backs off
+//! queues its calls in order, and a caller that may keep many open at the
+//! node keeps the node's own queue long, so that what the node answers
+//! comes back late, and the caller's next calls wait longer still. With few
+//! open, the node's queue stays short and the rest expire in the callers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};

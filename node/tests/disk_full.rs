@@ -1,7 +1,8 @@
 //! A full disk, for real: the node's storage on an 8 MiB tmpfs, filled up
 //! while the node runs. A refused write is never visible, health says
 //! NOT_SERVING while nothing can be written, the node writes again by
-//! itself once there is room, and it stops cleanly while the disk is full.
+//! itself once there is room, and it stops cleanly while the disk is full;
+//! a node started on a full disk says so, and starts once there is room.
 //! Needs root (to mount the tmpfs): without it the test fails, loudly.
 
 mod common;
@@ -228,4 +229,63 @@ async fn a_full_disk_refuses_writes_invisibly_and_the_node_recovers_by_itself() 
     }
     assert_eq!(stored(&province, refused).await, Some(false));
     province.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_started_on_a_full_disk_says_so_and_starts_once_there_is_room() {
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&scratch.path().join("disk"));
+    let mut province = LocalProvince::init(scratch.path(), common::province("440000")).unwrap();
+    province.config.data_dir = disk.0.join("data");
+    province.config.listen = "127.0.0.1:0".parse().unwrap();
+    province.config.metrics_listen = None;
+    let config = province.dir.join("hufu.toml");
+    std::fs::write(&config, toml::to_string(&province.config).unwrap()).unwrap();
+    let filler = fill(&disk.0);
+    let serve = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_hufu"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let out = tokio::time::timeout(Duration::from_secs(60), serve().wait_with_output())
+        .await
+        .expect("a node on a full disk stops at once")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let said = format!(
+        "the disk holding {} is full (0 KiB free)",
+        disk.0.join("data").display()
+    );
+    assert!(stderr.contains(&said), "{stderr}");
+    assert!(stderr.contains("free space on it"), "{stderr}");
+    // With room again, the same node starts (sled's half-written start
+    // on the full disk is not taken for damage).
+    std::fs::remove_file(&filler).unwrap();
+    let mut node = serve();
+    let mut stdout = tokio::io::BufReader::new(node.stdout.take().unwrap());
+    let mut line = String::new();
+    let started = tokio::time::timeout(Duration::from_secs(60), async {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            line.clear();
+            if stdout.read_line(&mut line).await.unwrap() == 0 {
+                return false;
+            }
+            if line.contains("serving on") {
+                return true;
+            }
+        }
+    })
+    .await
+    .expect("the node starts");
+    assert!(started, "the node ended: {line}");
+    node.start_kill().unwrap();
+    let _ = node.wait().await;
 }

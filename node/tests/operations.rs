@@ -417,6 +417,30 @@ async fn completions_for_each_shell() {
     }
 }
 
+#[tokio::test]
+async fn a_command_piped_into_a_reader_that_stops_early_ends_quietly() {
+    // As `hufu completions bash | head -1`: the reader closes the pipe
+    // after its first bytes, and the command's next write meets no reader.
+    let mut child = hufu()
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "nothing to say: {stderr}");
+    // Ended by SIGPIPE (as `cat` or `grep` would be), or done before it.
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "{:?}",
+        out.status
+    );
+}
+
 /// Copies a directory tree (a backup as `cp -a` or any file copy makes it).
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();

@@ -56,7 +56,8 @@ impl Parts {
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(cache_bytes)
             .open()
-            .with_context(|| format!("cannot open audit storage {}", path.display()))?;
+            .with_context(|| format!("cannot open audit storage {}", path.display()))
+            .map_err(|e| crate::storage_health::full_disk(e, path))?;
         Ok(Parts {
             log: Arc::new(AuditLog::open(db.open_tree(LOG_TREE)?)?),
             witness: Arc::new(Witness::open(db.open_tree(WITNESS_TREE)?, signer)),

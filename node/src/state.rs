@@ -83,7 +83,7 @@ impl NodeState {
                 config.storage.cache_bytes(),
             )
             .with_context(|| format!("cannot open storage {}", config.data_dir.display()))
-            .map_err(|e| crate::storage_health::full_disk(e, &config.path(&config.data_dir)))?,
+            .map_err(|e| crate::store::full_disk(e, &config.path(&config.data_dir)))?,
         );
         let standing = Standing::new(config.province);
         let codes = Arc::new(Codes::open(config, standing.clone())?);

@@ -57,7 +57,7 @@ impl Parts {
             .cache_capacity(cache_bytes)
             .open()
             .with_context(|| format!("cannot open audit storage {}", path.display()))
-            .map_err(|e| crate::storage_health::full_disk(e, path))?;
+            .map_err(|e| crate::store::full_disk(e, path))?;
         Ok(Parts {
             log: Arc::new(AuditLog::open(db.open_tree(LOG_TREE)?)?),
             witness: Arc::new(Witness::open(db.open_tree(WITNESS_TREE)?, signer)),

@@ -2,8 +2,10 @@
 //! or failing disk: the failed write's database is dropped (sled keeps the
 //! refused write in its cache and fails every later write), a probe file
 //! beside it is written until the disk takes it, and the database is opened
-//! again from disk.
+//! again from disk. A store that cannot even be opened because its disk is
+//! full says so ([`full_disk`]).
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -140,4 +142,37 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// `err`, from opening a store at `path`, said plainly if the disk holding
+/// it is full: how much is free there and what to do, instead of sled's
+/// bare "No space left on device".
+pub fn full_disk(err: anyhow::Error, path: &Path) -> anyhow::Error {
+    let full = err.chain().any(|cause| {
+        let io =
+            cause
+                .downcast_ref::<std::io::Error>()
+                .or(match cause.downcast_ref::<sled::Error>() {
+                    Some(sled::Error::Io(io)) => Some(io),
+                    _ => None,
+                });
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+    });
+    if !full {
+        return err;
+    }
+    // The store's directory may not exist yet: ask about its nearest
+    // existing ancestor, on the same disk.
+    let free = path
+        .ancestors()
+        .find(|dir| dir.exists())
+        .and_then(|dir| fs2::available_space(dir).ok());
+    let free = match free {
+        Some(bytes) => format!("{} KiB free", bytes / 1024),
+        None => "free space unknown".to_string(),
+    };
+    err.context(format!(
+        "the disk holding {} is full ({free}): free space on it, or move the store to a larger disk, then start the node again",
+        path.display()
+    ))
 }

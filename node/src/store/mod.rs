@@ -118,6 +118,7 @@ mod migrate;
 mod own;
 mod replica;
 
+pub use health::full_disk;
 pub use own::{PendingPut, PutOutcome};
 pub use replica::head_of;
 

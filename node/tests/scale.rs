@@ -154,8 +154,8 @@ async fn a_replica_catching_up_on_a_large_feed_stays_within_its_memory_bound() {
 }
 
 /// Changes in the feed a peer reads from the issuer in the test below: a
-/// change log of about 110 MiB (29 bytes a change), many times the
-/// issuer's cache. Before sled's page cache was patched to count and evict
+/// change log of about 75 MiB as stored (19 bytes a change compressed; 110
+/// MiB before blocks were compressed), many times the issuer's cache. Before sled's page cache was patched to count and evict
 /// pages read once (vendor/sled/PATCHED.md), the issuer kept every page of
 /// it that it served (issue 17).
 const SERVED: u64 = 4_000_000;
@@ -169,8 +169,8 @@ const SERVED_CACHE_MIB: u64 = 4;
 /// How much the issuer's resident memory may grow while it serves that
 /// feed, MiB: its cache, a few batches in flight, and what the allocator
 /// keeps of sled's pages of several MiB read and freed; well under the
-/// change log's 110 MiB. (Here it grew by 29 MiB, and by 105 MiB with sled
-/// as published.)
+/// 110 MiB its changes take uncompressed. (Here it grew by 29 MiB, and by
+/// 105 MiB with sled as published, before blocks were compressed.)
 const SERVED_GROWTH_MIB: u64 = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

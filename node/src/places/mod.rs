@@ -300,6 +300,8 @@ impl Places {
         let config = PlaceConfig {
             min: config.min.max(1),
             max: config.max.max(config.min.max(1)),
+            // A surge never allows more streams than calm does.
+            surge_streams: config.surge_streams.min(config.streams),
             ..config
         };
         Arc::new(Places {
@@ -388,7 +390,7 @@ impl Places {
             inner.limit = (base * keep).max(self.config.min as f64);
             inner.last_cut = Some(now);
             inner.pause_newest_busy();
-            inner.set_streams(self.config.surge_streams.min(self.config.streams));
+            inner.set_streams(self.config.surge_streams);
             return;
         }
         if inner.paused.is_empty() && since_cut.is_some_and(|d| d >= SURGE_OVER) {

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod net;
 pub mod peers;
 pub mod places;
+pub mod ports;
 pub mod preflight;
 pub mod replication;
 pub mod revocation;

@@ -70,7 +70,7 @@ impl Node {
         let mut opts = InitOptions::new(p);
         // The node is a `hufu serve` process (so that it can be killed),
         // which binds its port itself: one picked free just before.
-        let port = hufu_node::local::free_port().unwrap();
+        let port = hufu_node::ports::free_port().unwrap();
         opts.listen = format!("127.0.0.1:{port}").parse().unwrap();
         opts.metrics_listen = None;
         let config = init_province(&dir, &opts).unwrap();

@@ -146,11 +146,7 @@ async fn huge_bodies_are_refused_before_they_are_read() {
     let scratch = tempfile::tempdir().unwrap();
     let p = common::province("440000");
     let dir = scratch.path().join("gd");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = hufu_node::ports::free_port().unwrap();
     let mut opts = InitOptions::new(p);
     opts.listen = format!("127.0.0.1:{port}").parse().unwrap();
     let config = init_province(&dir, &opts).unwrap();

@@ -344,7 +344,7 @@ async fn an_import_of_many_bad_rows_is_summarised_and_keeps_the_good_ones() {
 async fn an_empty_file_is_refused_before_dialling() {
     let scratch = tempfile::tempdir().unwrap();
     // Nothing listens on this port: an attempt to dial would say so.
-    let endpoint = format!("127.0.0.1:{}", hufu_node::local::free_port().unwrap());
+    let endpoint = format!("127.0.0.1:{}", hufu_node::ports::free_port().unwrap());
     for (name, text) in [("empty.csv", ""), ("header.csv", "national_id,colour\n")] {
         let file = scratch.path().join(name);
         std::fs::write(&file, text).unwrap();

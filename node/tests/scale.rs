@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{Serve, memory_kib};
 use hufu_certs::{Province, Role};
-use hufu_node::local::{LocalFederation, free_port};
+use hufu_node::local::LocalFederation;
+use hufu_node::ports::free_port;
 use hufu_node::store::Store;
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
 use hufu_proto::v1::{StatusRecord, SubscribeChangesRequest};
@@ -105,11 +106,11 @@ async fn a_replica_catching_up_on_a_large_feed_stays_within_its_memory_bound() {
         store.flush().await.unwrap();
         records(gd, CHANGES - 1, 1).pop().unwrap()
     };
-    let issuer = Serve::start(
+    let mut issuer = Serve::start(
         &fed.get(gd).dir.join("hufu.toml"),
         &scratch.path().join("issuer.log"),
     );
-    let replica = Serve::start(
+    let mut replica = Serve::start(
         &fed.get(sn).dir.join("hufu.toml"),
         &scratch.path().join("replica.log"),
     );
@@ -123,10 +124,14 @@ async fn a_replica_catching_up_on_a_large_feed_stays_within_its_memory_bound() {
         if held >= CHANGES {
             break;
         }
+        issuer.assert_running();
+        replica.assert_running();
         assert!(
             Instant::now() < deadline,
-            "the replica holds {held} of {CHANGES} changes after 15 minutes; see {}",
-            scratch.path().join("replica.log").display()
+            "the replica holds {held} of {CHANGES} changes after 15 minutes.\n\
+             The replica's log ends:\n{}\nThe issuer's log ends:\n{}",
+            replica.log_tail(),
+            issuer.log_tail()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -202,7 +207,7 @@ async fn an_issuer_serving_a_large_feed_keeps_its_memory_within_its_cache() {
         assert_eq!(store.last_sequence().await, SERVED);
         store.flush().await.unwrap();
     }
-    let issuer = Serve::start(
+    let mut issuer = Serve::start(
         &fed.get(gd).dir.join("hufu.toml"),
         &scratch.path().join("issuer.log"),
     );
@@ -232,10 +237,13 @@ async fn an_issuer_serving_a_large_feed_keeps_its_memory_within_its_cache() {
         }
     })
     .await;
+    if read.is_err() {
+        issuer.assert_running();
+    }
     assert!(
         read.is_ok(),
-        "the peer read {head} of {SERVED} changes in 15 minutes; see {}",
-        scratch.path().join("issuer.log").display()
+        "the peer read {head} of {SERVED} changes in 15 minutes; the issuer's log ends:\n{}",
+        issuer.log_tail()
     );
     assert_eq!(received, SERVED);
     let peak = peak_mib(&issuer);

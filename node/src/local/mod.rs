@@ -177,17 +177,6 @@ pub struct LocalFederation {
     reserved: std::collections::HashMap<Province, std::net::TcpListener>,
 }
 
-/// A free loopback port, bound and released: only for a port that another
-/// process must bind itself (a `hufu serve` child, chromedriver), or that
-/// must have nothing listening. A node started in this process takes a
-/// listener bound beforehand instead (see [`LocalFederation`]), since
-/// another process could take a released port before the node binds it.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 impl LocalFederation {
     /// Creates the provinces under `root` and installs a genesis signed by
     /// all (threshold: a majority). `tune` adjusts each config before start.
@@ -211,7 +200,7 @@ impl LocalFederation {
         let mut provinces = Vec::new();
         let mut reserved = std::collections::HashMap::new();
         for p in codes {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let listener = crate::ports::loopback_listener()?;
             let listen = listener.local_addr()?;
             reserved.insert(*p, listener);
             let mut province = LocalProvince::init_at(root, *p, listen)?;

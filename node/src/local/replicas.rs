@@ -74,7 +74,7 @@ impl ReplicatedFederation {
         let mut local = Vec::new();
         let mut reserved = Vec::new();
         for n in 2..=replicas {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let listener = crate::ports::loopback_listener()?;
             let opts = ReplicaOptions {
                 node_name: format!("node-{n}"),
                 listen: listener.local_addr()?,

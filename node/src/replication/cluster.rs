@@ -7,7 +7,6 @@
 //! process take one in between, the cluster is started again on new ports.
 //! Every server is killed when the cluster is dropped.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -135,7 +134,7 @@ impl NatsCluster {
     fn configure(dir: &Path, size: usize, access: Access<'_>) -> anyhow::Result<NatsCluster> {
         // All ports are held at once so that no two are the same.
         let held = (0..size * 2)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .map(|_| crate::ports::loopback_listener())
             .collect::<std::io::Result<Vec<_>>>()?;
         let ports = held
             .iter()

@@ -44,7 +44,7 @@ impl Browser {
     /// Chromium profile.
     pub async fn start() -> Browser {
         // chromedriver binds its port itself: one picked free just before.
-        let port = hufu_node::local::free_port().unwrap();
+        let port = hufu_node::ports::free_port().unwrap();
         let driver = tokio::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

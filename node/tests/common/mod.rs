@@ -257,7 +257,7 @@ pub async fn hufu_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Out
 }
 
 /// A `hufu serve` process; killed when dropped, so none is left behind.
-pub struct Serve(pub std::process::Child);
+pub struct Serve(pub std::process::Child, std::path::PathBuf);
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -277,11 +277,29 @@ impl Serve {
                 .stderr(std::fs::File::create(log).unwrap())
                 .spawn()
                 .unwrap(),
+            log.to_path_buf(),
         )
     }
 
     pub fn pid(&self) -> u32 {
         self.0.id()
+    }
+
+    /// Fails the test, with the end of the node's log, if it has ended.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.0.try_wait().unwrap() {
+            panic!(
+                "`hufu serve` ended ({status}); its log ends:\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
+    /// The last lines of the node's log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 }
 

@@ -18,6 +18,7 @@ use hufu_proto::v1::{
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 use tonic::transport::Channel;
 
+use crate::output::{out, outln};
 use hufu_node::local::{LocalFederation, LocalProvince};
 use hufu_node::sample;
 use hufu_node::status::{colour_name, now_unix, timestamp};
@@ -207,11 +208,11 @@ async fn replicated(fed: &LocalFederation, within: Duration) -> anyhow::Result<D
 }
 
 fn header(provinces: &[Province]) {
-    print!("{:<22}", "code issued by");
+    out!("{:<22}", "code issued by");
     for p in provinces {
-        print!(" {:<26}", format!("verified at {p}"));
+        out!(" {:<26}", format!("verified at {p}"));
     }
-    println!();
+    outln!();
 }
 
 async fn matrix(
@@ -236,7 +237,7 @@ async fn matrix(
         if only.is_some_and(|o| o != *issuer) {
             continue;
         }
-        print!("{:<22}", format!("{issuer} {label}"));
+        out!("{:<22}", format!("{issuer} {label}"));
         let mut tally: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
         let answers = futures::future::try_join_all(
             running
@@ -264,7 +265,7 @@ async fn matrix(
                 entry.0 += 1;
                 entry.1 = entry.1.max(age);
             } else {
-                print!(" {:<26}", cell(r));
+                out!(" {:<26}", cell(r));
             }
         }
         if wide {
@@ -272,13 +273,13 @@ async fn matrix(
                 .iter()
                 .map(|(k, (n, age))| format!("{n} × {k} (age ≤ {age:.1}s)"))
                 .collect();
-            print!(
+            out!(
                 " verified at {} provinces: {}",
                 running.len(),
                 parts.join(", ")
             );
         }
-        println!();
+        outln!();
     }
     Ok(())
 }
@@ -306,7 +307,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let scratch = scratch_dir()?;
     let codes = chosen(args.provinces);
     let big = codes.len() > 5;
-    println!(
+    outln!(
         "Hufu demo: a federation of {} provinces on loopback (data in {})\n",
         codes.len(),
         scratch.path().display()
@@ -330,14 +331,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let holders = args.holders.unwrap_or(if big { 100 } else { 1000 });
     fed.start_all().await?;
     let started = began.elapsed();
-    println!(
+    outln!(
         "{:<8} {:<16} {:<18} holders",
-        "province", "name", "endpoint"
+        "province",
+        "name",
+        "endpoint"
     );
     let imported =
         futures::future::try_join_all(fed.provinces.iter().map(|lp| import(lp, holders))).await?;
     for (lp, n) in fed.provinces.iter().zip(imported) {
-        println!(
+        outln!(
             "{:<8} {:<16} {:<18} {n}",
             lp.province,
             lp.province.name(),
@@ -345,7 +348,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     let filled = replicated(&fed, Duration::from_secs(120)).await?;
-    println!(
+    outln!(
         "\ngenesis trust list v1 signed by all {n} founders; {n} nodes started in {:.1}s; every node replicates every other's status feed, all replicas full {:.1}s after the imports",
         started.as_secs_f64(),
         filled.as_secs_f64(),
@@ -372,10 +375,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
     tokens.push((gd, "legacy code".into(), legacy.clone()));
     replicated(&fed, Duration::from_secs(30)).await?;
-    println!(
+    outln!(
         "\n{gd} declares its existing code format in the trust list (yuekang: GD1 or a jkm.gd.example URL, then 20 base32 characters) and links {legacy} to the holder of its Hufu code; the binding travels in its feed as a hash of the code id, never the id."
     );
-    println!(
+    outln!(
         "\n1. A code from each province, scanned at every province's own node (colour, source, replica age):"
     );
     matrix(&fed, &terminals, &tokens, None).await?;
@@ -399,7 +402,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .await?;
     let gd_token = tokens[1].2.clone();
-    println!(
+    outln!(
         "\n2. {gd} marks the holder of its code red (close contact). Time until each province sees it:"
     );
     for p in codes.iter().filter(|p| **p != gd) {
@@ -408,7 +411,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let r = terminals.verify(fed.get(*p), &gd_token).await?;
             if r.status.as_ref().map(|s| s.colour) == Some(Colour::Red as i32) {
                 if !big || shown.contains(p) {
-                    println!(
+                    outln!(
                         "   {p} {:<14} {:>7.1} ms   ({})",
                         p.name(),
                         started.elapsed().as_secs_f64() * 1000.0,
@@ -425,7 +428,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     if big {
-        println!(
+        outln!(
             "   … and all {} others ({:.0} ms for the last)",
             codes.len() - 1,
             started.elapsed().as_secs_f64() * 1000.0
@@ -433,7 +436,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     // 3. A province goes down.
-    println!(
+    outln!(
         "\n3. {gd}'s node stops. Its codes, Hufu's and its legacy code, still verify everywhere, from replicas; the age column grows:"
     );
     fed.get_mut(gd).stop().await?;
@@ -460,7 +463,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    println!(
+    outln!(
         "\n4. {gd} restarts; feeds resume where they stopped, and within {:.1}s every replica is fresh again:",
         restarted.elapsed().as_secs_f64()
     );
@@ -469,7 +472,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let deadline = args
         .duration
         .map(|s| Instant::now() + Duration::from_secs(s));
-    println!(
+    outln!(
         "\nthe federation keeps running; Ctrl-C to stop{}",
         args.duration
             .map(|s| format!(" (or after {s}s)"))
@@ -482,7 +485,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .and_then(|n| n.metrics_addr)
             .map(|a| a.to_string())
             .unwrap_or_default();
-        println!(
+        outln!(
             "  {} node {}  console http://{http}/console  metrics http://{http}/metrics",
             lp.province,
             lp.addr()?,
@@ -498,6 +501,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         None => crate::cli::signal::shutdown_signal().await,
     }
     fed.stop_all().await?;
-    println!("stopped");
+    outln!("stopped");
     Ok(())
 }

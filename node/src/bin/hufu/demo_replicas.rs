@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::output::outln;
 use hufu_certs::{Province, Role};
 use hufu_node::config::ReplicationConfig;
 use hufu_node::local::LocalProvince;
@@ -72,7 +73,7 @@ async fn converged(fed: &ReplicatedFederation, sequence: u64) -> anyhow::Result<
 
 fn print_heads(heads: &[(u64, String)]) {
     for (i, (sequence, hash)) in heads.iter().enumerate() {
-        println!("   node-{}: change {sequence}, chain {hash}…", i + 1);
+        outln!("   node-{}: change {sequence}, chain {hash}…", i + 1);
     }
 }
 
@@ -81,7 +82,7 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
     let scratch = crate::demo::scratch_dir()?;
     let gd = Province::parse("440000")?;
     let sn = Province::parse("610000")?;
-    println!(
+    outln!(
         "Hufu demo: province {gd} {} as {replicas} node replicas sharing one write log on a 3-server NATS JetStream cluster ({version}), beside {sn} {} (data in {})\n",
         gd.name(),
         sn.name(),
@@ -100,9 +101,9 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
     .await?;
     fed.start_all().await?;
     for (i, r) in fed.all_replicas().iter().enumerate() {
-        println!("   node-{} at {}", i + 1, r.addr()?);
+        outln!("   node-{} at {}", i + 1, r.addr()?);
     }
-    println!("   NATS servers at {}", fed.nats.urls().join(", "));
+    outln!("   NATS servers at {}", fed.nats.urls().join(", "));
 
     // 1. An import through one replica.
     let started = Instant::now();
@@ -121,20 +122,20 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
         .await?;
     let imported = started.elapsed();
     let spread = converged(&fed, HOLDERS).await?;
-    println!(
+    outln!(
         "\n1. {HOLDERS} holders imported through node-1, acknowledged in {:.2}s (each chunk durable on a JetStream quorum and applied at node-1); every replica held all of them {:.0} ms later.",
         imported.as_secs_f64(),
         spread.as_secs_f64() * 1000.0
     );
 
     // 2. Writes through the other replicas.
-    println!(
+    outln!(
         "\n2. Status changes written through each replica are numbered once, in one order, at all of them:"
     );
     let mut last = HOLDERS;
     for (i, r) in fed.all_replicas().iter().enumerate() {
         last = put(r, i as u64, Colour::Yellow).await?;
-        println!("   through node-{}: change {last}", i + 1);
+        outln!("   through node-{}: change {last}", i + 1);
     }
     converged(&fed, last).await?;
     print_heads(&heads(&fed).await?);
@@ -173,7 +174,7 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    println!(
+    outln!(
         "\n3. Code-signing key rotated through node-{rotator}: {} (was {}). A code issued at node-1 carries kid {} and verifies at {sn}: {}.",
         rotated.kid,
         rotated.previous_kid,
@@ -185,13 +186,13 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
     fed.nats.kill(0);
     let through = &fed.replicas.first().unwrap_or(first);
     let sequence = put(through, 11, Colour::Red).await?;
-    println!(
+    outln!(
         "\n4. One NATS server killed (SIGKILL): a write through node-2 is still acknowledged (change {sequence})."
     );
     fed.nats.kill(1);
     match put(through, 12, Colour::Red).await {
-        Ok(s) => println!("   a second one killed: the write was taken anyway (change {s})"),
-        Err(err) => println!(
+        Ok(s) => outln!("   a second one killed: the write was taken anyway (change {s})"),
+        Err(err) => outln!(
             "   A second one killed, no quorum: writes fail with UNAVAILABLE:\n   \"{}\"",
             err.downcast_ref::<tonic::Status>()
                 .map(|s| s.message().to_owned())
@@ -206,7 +207,7 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    println!(
+    outln!(
         "   Lookups go on meanwhile: node-2 answers for the holder of the code ({}).",
         hufu_node::status::colour_name(looked_up.record.map(|r| r.colour()).unwrap_or_default())
     );
@@ -223,12 +224,12 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
             Err(err) => return Err(err),
         }
     };
-    println!(
+    outln!(
         "   Both restarted: writes are acknowledged again after {:.1}s (change {sequence}).",
         back.elapsed().as_secs_f64()
     );
 
-    println!(
+    outln!(
         "\nthe province keeps running; Ctrl-C to stop{}",
         duration
             .map(|s| format!(" (or after {s}s)"))
@@ -244,6 +245,6 @@ pub async fn run(replicas: u8, duration: Option<u64>) -> anyhow::Result<()> {
         None => crate::cli::signal::shutdown_signal().await,
     }
     fed.stop_all().await?;
-    println!("stopped");
+    outln!("stopped");
     Ok(())
 }

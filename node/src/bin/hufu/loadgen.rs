@@ -14,6 +14,7 @@ use hufu_proto::v1::{
 };
 use tonic::transport::Channel;
 
+use crate::output::outln;
 use hufu_node::local::LocalProvince;
 use hufu_node::sample;
 use hufu_node::status::{now_unix, timestamp};
@@ -38,7 +39,7 @@ impl Figures {
         let ratio = baseline
             .map(|b| format!("{:>5.2}x echo", self.rate() / b))
             .unwrap_or_default();
-        println!(
+        outln!(
             "{label:<36} {:>9.0}/s  p50 {:>6.2}ms  p99 {:>6.2}ms  p99.9 {:>6.2}ms  errors {:<4} {ratio}",
             self.rate(),
             self.ms(0.5),

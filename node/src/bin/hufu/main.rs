@@ -8,19 +8,13 @@ mod cli;
 mod demo;
 mod demo_replicas;
 mod loadgen;
+mod output;
 mod surge;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    if !matches!(cli.command, cli::Command::Serve { .. }) {
-        // A command whose output goes into `| head` ends quietly when its
-        // reader goes, as other Unix tools do, instead of panicking at its
-        // next print. A server keeps ignoring SIGPIPE: its log's reader
-        // going away must not stop it (its sockets never raise the signal).
-        sigpipe::reset();
-    }
     cli::init_tracing(&cli);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 
 use super::{BenchArgs, verify_call};
 use crate::loadgen::{Figures, clients, closed_loop, issue_tokens, load_holders};
+use crate::output::outln;
 use hufu_node::local::LocalFederation;
 use hufu_node::sample;
 
@@ -124,7 +125,7 @@ pub(super) async fn audit_cost(args: &BenchArgs) -> anyhow::Result<()> {
     with.print("Verify at B, A's codes, audit on", None);
     without.print("Verify at B, A's codes, audit off", None);
     let entries = on.b_log_size().await? - logged;
-    println!(
+    outln!(
         "auditing costs {:.1}% of cross-province verify throughput (on / off: {:.2}); B's audit log gained {entries} entries for {} verifies",
         (1.0 - with.rate() / without.rate()) * 100.0,
         with.rate() / without.rate(),
@@ -132,7 +133,7 @@ pub(super) async fn audit_cost(args: &BenchArgs) -> anyhow::Result<()> {
     );
     let [cpu_with, cpu_without] = [(cpu[0], &with), (cpu[1], &without)]
         .map(|(cpu, f)| cpu.as_secs_f64() * 1e6 / f.ok.max(1) as f64);
-    println!(
+    outln!(
         "process CPU per verify (node, TLS and load generator): audit on {cpu_with:.1}us, off {cpu_without:.1}us: an audit entry adds {:.1}us ({:.1}%)",
         cpu_with - cpu_without,
         (cpu_with / cpu_without - 1.0) * 100.0
@@ -140,7 +141,7 @@ pub(super) async fn audit_cost(args: &BenchArgs) -> anyhow::Result<()> {
     on.fed.stop_all().await?;
     off.fed.stop_all().await?;
     tokio::task::spawn_blocking(audit_log_figures).await??;
-    println!();
+    outln!();
     Ok(())
 }
 
@@ -196,7 +197,7 @@ fn audit_log_figures() -> anyhow::Result<()> {
     }
     log.flush()?;
     let took = started.elapsed();
-    println!(
+    outln!(
         "audit log appends: {ENTRIES} in {:.2}s = {:.0}/s written and flushed, one thread appending ({:.0} ns a call)",
         took.as_secs_f64(),
         ENTRIES as f64 / took.as_secs_f64(),
@@ -221,7 +222,7 @@ fn audit_log_figures() -> anyhow::Result<()> {
             hi.unwrap_or(&0) * 32
         )
     };
-    println!(
+    outln!(
         "proofs in a real log of {n} entries: inclusion {}; consistency from a smaller size {}",
         bytes(&inclusion),
         bytes(&consistency)

@@ -4,6 +4,7 @@
 //! is sled's own: page headers, per-item framing, and the stale fragments
 //! its log-structured segments keep until they are cleaned.
 
+use crate::output::outln;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -68,7 +69,7 @@ impl Footprint {
     /// Prints the parts per holder of `holders`, then what sled adds.
     pub fn print(&self, what: &str, holders: u64) {
         let per = |b: u64| b as f64 / holders as f64;
-        println!(
+        outln!(
             "{what}: {:.1} bytes/holder on disk\n  {:<12} {:<10} {:>10} {:>12} {:>14} {:>12}",
             per(self.disk_bytes),
             "tree",
@@ -82,7 +83,7 @@ impl Footprint {
         for ((tree, kind), p) in &self.parts {
             let bytes = p.key_bytes + p.value_bytes;
             logical += bytes;
-            println!(
+            outln!(
                 "  {tree:<12} {kind:<10} {:>10} {:>12.1} {:>14.1} {:>12.1}",
                 p.count,
                 p.key_bytes as f64 / p.count.max(1) as f64,
@@ -90,7 +91,7 @@ impl Footprint {
                 per(bytes)
             );
         }
-        println!(
+        outln!(
             "  keys and values {:.1} bytes/holder; sled's own {:.1} bytes/holder",
             per(logical),
             per(self.disk_bytes.saturating_sub(logical))
@@ -100,7 +101,7 @@ impl Footprint {
             .iter()
             .map(|(file, bytes)| format!("{file} {:.1}", per(*bytes)))
             .collect();
-        println!("  files, bytes/holder: {}", files.join(", "));
+        outln!("  files, bytes/holder: {}", files.join(", "));
     }
 }
 

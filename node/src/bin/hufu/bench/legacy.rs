@@ -13,6 +13,7 @@ use hufu_proto::v1::{LinkCodeRequest, Source, Verdict, VerifyRequest, link_code_
 
 use super::BenchArgs;
 use crate::loadgen::{clients, closed_loop, load_holders};
+use crate::output::outln;
 use hufu_node::local::LocalFederation;
 use hufu_node::sample;
 
@@ -59,7 +60,7 @@ pub async fn legacy(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     while let Some(done) = links.join_next().await {
         done??;
     }
-    println!(
+    outln!(
         "{holders} legacy codes linked at {gd} in {:.2}s (one LinkCode call each, 16 at a time)",
         started.elapsed().as_secs_f64()
     );
@@ -107,7 +108,7 @@ pub async fn legacy(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     })
     .await;
     verify.print("Verify at B, A's legacy codes (replica)", None);
-    println!(
+    outln!(
         "legacy verify / Lookup at the same node: {:.2}\n",
         verify.rate() / lookup.rate()
     );

@@ -27,6 +27,7 @@ use tonic::transport::Channel;
 use crate::loadgen::{
     Figures, clients, closed_loop, histogram, issue_tokens, load_holders, machine,
 };
+use crate::output::outln;
 use hufu_node::local::{LocalFederation, LocalProvince};
 
 #[derive(Debug, clap::Args)]
@@ -202,7 +203,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let BenchWhat::EchoServer { config } = &args.what {
         return crate::surge::echo_server(config).await;
     }
-    println!("hufu bench on {}", machine());
+    outln!("hufu bench on {}", machine());
     if let BenchWhat::Surge(surge) = &args.what {
         let shape = crate::surge::Shape {
             seconds: args.seconds,
@@ -214,7 +215,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let BenchWhat::Scale { holders, small } = args.what {
         return scale::scale(&args, holders, small).await;
     }
-    println!(
+    outln!(
         "closed loop, {} requests in flight over {} mutual-TLS connections, {} s per figure\n",
         args.concurrency,
         args.connections.unwrap_or(4),
@@ -293,7 +294,7 @@ async fn lookup(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     })
     .await;
     batch.print("BatchLookup (1,000 holders a call)", Some(echo.rate()));
-    println!(
+    outln!(
         "{:<36} {:>9.0} holders/s\n",
         "  BatchLookup holders",
         batch.rate() * 1000.0
@@ -384,13 +385,13 @@ async fn verify(args: &BenchArgs, tokens: u64) -> anyhow::Result<()> {
     )
     .await;
     repeated.print("Verify, repeated tokens (cache)", Some(echo.rate()));
-    println!(
+    outln!(
         "{:<36} {:>9.0}/s on one core; {:.0}/s on {cores} cores",
         "raw ES256 verify (aws-lc-rs)",
         raw,
         raw * cores
     );
-    println!(
+    outln!(
         "Verify unique / raw ES256 on one core: {:.2}  (the node, TLS, HTTP/2 and the load generator share the {cores} cores)\n",
         unique.rate() / raw,
     );
@@ -432,7 +433,7 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     let took = started.elapsed();
     let (t0, s0) = first.unwrap_or((started, 0));
     let streaming = t0.elapsed().as_secs_f64().max(1e-6);
-    println!(
+    outln!(
         "feed replication to one peer: {changes} changes in {:.2}s from B's start = {:.0} changes/s; streaming after the first batch: {:.0} changes/s (each batch durable on arrival)",
         took.as_secs_f64(),
         changes as f64 / took.as_secs_f64(),
@@ -507,7 +508,7 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
                 delays.record(arrived.saturating_duration_since(*ack).as_micros().max(1) as u64);
         }
     }
-    println!(
+    outln!(
         "propagation A→B under {write_rate} writes/s: p50 {:.2}ms  p99 {:.2}ms  max {:.2}ms  ({} changes)",
         delays.value_at_quantile(0.5) as f64 / 1000.0,
         delays.value_at_quantile(0.99) as f64 / 1000.0,
@@ -532,7 +533,7 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
         .await?
         .into_inner();
     let provenance = sample.provenance.unwrap_or_default();
-    println!(
+    outln!(
         "a code of A verified at B: source {:?}, age {:?}",
         hufu_proto::v1::Source::try_from(provenance.source).unwrap_or_default(),
         provenance
@@ -554,7 +555,7 @@ async fn federation(args: &BenchArgs, changes: u64, write_rate: u64) -> anyhow::
     )
     .await;
     foreign.print("Verify at B, A's codes (replica)", None);
-    println!(
+    outln!(
         "cross-province / local verify: {:.2}\n",
         foreign.rate() / local.rate()
     );

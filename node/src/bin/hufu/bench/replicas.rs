@@ -20,6 +20,7 @@ use hufu_proto::v1::{Colour, LookupRequest, PutStatusRequest, StatusInput, statu
 
 use super::BenchArgs;
 use crate::loadgen::{Figures, closed_loop, histogram, load_holders};
+use crate::output::outln;
 
 /// Replicas of the province in the benchmark.
 const REPLICAS: usize = 3;
@@ -38,7 +39,7 @@ pub async fn replicas(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     )
     .await?;
     fed.start_all().await?;
-    println!(
+    outln!(
         "province {p}: {REPLICAS} node replicas, write log on a 3-server JetStream cluster ({version}), stream replicas 3\n"
     );
 
@@ -48,7 +49,7 @@ pub async fn replicas(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     let (written, visible) = writes(&fed, args, duration).await?;
     written.print("PutStatus, acknowledged", None);
     for (i, delays) in visible.iter().enumerate() {
-        println!(
+        outln!(
             "{:<36} p50 {:>6.2}ms  p99 {:>6.2}ms  ({} writes)",
             format!("  ack -> visible at node-{}", i + 2),
             delays.value_at_quantile(0.5) as f64 / 1000.0,
@@ -88,7 +89,7 @@ pub async fn replicas(args: &BenchArgs, holders: u64) -> anyhow::Result<()> {
     single_before.print("Lookup at a single node", None);
     at_replica.print("Lookup at replica node-2", None);
     single_after.print("Lookup at a single node, again", None);
-    println!(
+    outln!(
         "{:<36} {:>9.2}x a single node",
         "  replica / single",
         2.0 * at_replica.rate() / (single_before.rate() + single_after.rate())

@@ -14,13 +14,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hufu_certs::{Province, Role};
-use hufu_node::local::{LocalFederation, LocalProvince, free_port};
+use hufu_node::local::{LocalFederation, LocalProvince};
+use hufu_node::ports::free_port;
 use hufu_node::sample;
 use hufu_proto::v1::LookupRequest;
 
 use super::footprint::Footprint;
 use super::{BenchArgs, verify_call};
 use crate::loadgen::{clients, closed_loop, issue_tokens};
+use crate::output::outln;
 use crate::surge::confine::{Confined, Confinement, usage};
 
 /// Holders whose codes and lookups the rate figures draw from, at random
@@ -46,14 +48,14 @@ struct Figures {
 }
 
 pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "two nodes in processes of their own; sizes on disk after the import settles; Lookup at the issuer and Verify of its codes at the replica over {SAMPLED} random holders, {} s each\n",
         args.seconds
     );
     let small_run = run_at(args, small).await?;
     let big = run_at(args, holders).await?;
     let row = |label: &str, f: &dyn Fn(&Figures) -> String| {
-        println!("{label:<40} {:>14} {:>14}", f(&small_run), f(&big));
+        outln!("{label:<40} {:>14} {:>14}", f(&small_run), f(&big));
     };
     row("holders", &|f| f.holders.to_string());
     row("import, rows/s", &|f| format!("{:.0}", f.import_rate));
@@ -82,7 +84,7 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
     row("Verify at the replica, calls/s", &|f| {
         format!("{:.0}", f.verify_rate)
     });
-    println!(
+    outln!(
         "\nwhere the bytes go at {} holders (keys and values as sled holds them):",
         big.holders
     );
@@ -90,7 +92,7 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
     big.issuer_audit.print("issuer audit log", big.holders);
     big.replica_data.print("replica data", big.holders);
     let national = 1_400_000_000f64;
-    println!(
+    outln!(
         "\nprojected to {national:.1e} holders per node (every node replicates every member): replica {:.0} GiB; a province of 127 million at its issuer {:.0} GiB data and {:.0} GiB audit log",
         national * big.replica_bytes as f64 / big.holders as f64 / (1u64 << 30) as f64,
         127e6 * big.issuer_bytes as f64 / big.holders as f64 / (1u64 << 30) as f64,

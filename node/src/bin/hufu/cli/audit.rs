@@ -19,6 +19,7 @@ use hufu_proto::v1::audit_service_client::AuditServiceClient;
 use hufu_proto::v1::{GetCheckpointsRequest, GetConsistencyProofRequest, GetEntriesRequest};
 
 use crate::cli::conn::ConnArgs;
+use crate::output::outln;
 use hufu_node::config::NodeConfig;
 use hufu_node::status::{format_time, parse_time};
 
@@ -153,7 +154,7 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let list = history.last().expect("at least one version");
             return Ok(match verify_dir_history(&dir, &history) {
                 Ok(report) => {
-                    println!("verified: {report}");
+                    outln!("verified: {report}");
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
@@ -169,7 +170,7 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Query { dir, filter } => {
             let records = query(&dir, &filter.filter()?)?;
             for record in &records {
-                println!("{}", line(record));
+                outln!("{}", line(record));
             }
             eprintln!(
                 "{} entr{} match",
@@ -196,7 +197,7 @@ pub async fn run(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                     export(&records, format, file)?;
                     eprintln!("{} entries written to {}", records.len(), path.display());
                 }
-                None => export(&records, format, std::io::stdout().lock())?,
+                None => export(&records, format, crate::output::Stdout)?,
             }
         }
     }
@@ -292,12 +293,12 @@ async fn fetch(out: &Path, conn: &ConnArgs) -> anyhow::Result<()> {
         }
     }
     dir.finish()?;
-    println!(
+    outln!(
         "fetched {origin}: {covered} entries and {} checkpoints into {}",
         checkpoints.len(),
         out.display()
     );
-    println!(
+    outln!(
         "next: hufu audit verify {} --trust <a trust list obtained independently>",
         out.display()
     );
@@ -322,7 +323,7 @@ fn evidence(config_path: &Path) -> anyhow::Result<()> {
     );
     let evidence = witness.evidence()?;
     for e in &evidence {
-        println!("{}", serde_json::to_string(e)?);
+        outln!("{}", serde_json::to_string(e)?);
     }
     eprintln!(
         "{} piece{} of evidence of conflicting audit checkpoints kept by {}",

@@ -11,6 +11,7 @@ use hufu_certs::{LeafOptions, Role};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+use crate::output::outln;
 use hufu_node::config::NodeConfig;
 use hufu_node::init;
 use hufu_node::revocation::{RevocationList, Revoked};
@@ -85,7 +86,7 @@ pub fn run(cmd: CertsCommand) -> anyhow::Result<()> {
                 opts.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
             }
             let (cert, key) = init::issue_cert(&dir, role, &name, &opts)?;
-            println!(
+            outln!(
                 "certificate: {}\nkey:         {} (mode 0600)\nexpires:     {}",
                 cert.display(),
                 key.display(),
@@ -106,7 +107,7 @@ pub fn run(cmd: CertsCommand) -> anyhow::Result<()> {
             let ca = init::load_ca(&dir)?;
             let key = cert.with_extension("key");
             ca.issue(&identity, &opts)?.write(&cert, &key)?;
-            println!(
+            outln!(
                 "renewed {identity}\ncertificate: {}\nkey:         {} (mode 0600)\nexpires:     {}",
                 cert.display(),
                 key.display(),
@@ -144,14 +145,14 @@ pub fn run(cmd: CertsCommand) -> anyhow::Result<()> {
         CertsCommand::Show { file } => {
             let der = read_cert(&file)?;
             let identity = hufu_certs::Identity::from_cert_der(&der)?;
-            println!("identity: {identity}");
-            println!(
+            outln!("identity: {identity}");
+            outln!(
                 "province: {} ({})",
                 identity.province,
                 identity.province.name()
             );
-            println!("role:     {}", identity.role);
-            println!("serial:   {}", hufu_certs::certificate_serial(&der)?);
+            outln!("role:     {}", identity.role);
+            outln!("serial:   {}", hufu_certs::certificate_serial(&der)?);
         }
     }
     Ok(())
@@ -169,11 +170,11 @@ fn revoke(dir: &Path, serial: &str, identity: &str, reason: &str) -> anyhow::Res
         reason: reason.to_owned(),
     });
     if !added {
-        println!("serial {serial} was already revoked");
+        outln!("serial {serial} was already revoked");
         return Ok(());
     }
     list.save(&path)?;
-    println!(
+    outln!(
         "revoked serial {serial}{}: this province's node refuses it within a second, other members' nodes within seconds (list: {})",
         if identity.is_empty() {
             String::new()

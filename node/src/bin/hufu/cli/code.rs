@@ -13,6 +13,7 @@ use hufu_proto::v1::{
 
 use super::conn::ConnArgs;
 use super::status::{HolderArgs, input, print_record};
+use crate::output::outln;
 use hufu_node::status::{format_time, parse_colour};
 
 #[derive(Debug, clap::Subcommand)]
@@ -86,7 +87,7 @@ pub async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            println!("{}", reply.token);
+            outln!("{}", reply.token);
             let symbol = crate::cli::qr::symbol(&reply.token)?;
             eprintln!(
                 "kid {}; expires {}; {} bytes, QR version {} (level {})",
@@ -114,7 +115,7 @@ pub async fn code(cmd: CodeCommand) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             let jwks: serde_json::Value = serde_json::from_str(&reply.jwks_json)?;
-            println!("{}", serde_json::to_string_pretty(&jwks)?);
+            outln!("{}", serde_json::to_string_pretty(&jwks)?);
             for kid in reply.revoked_kids {
                 eprintln!("revoked: {kid}");
             }
@@ -161,16 +162,16 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         .await?
         .into_inner();
     let verdict = Verdict::try_from(reply.verdict).unwrap_or_default();
-    println!(
+    outln!(
         "verdict:            {}",
         verdict
             .as_str_name()
             .trim_start_matches("VERDICT_")
             .to_lowercase()
     );
-    println!("reason:             {}", reply.reason);
+    outln!("reason:             {}", reply.reason);
     if !reply.format.is_empty() {
-        println!("legacy format:      {}", reply.format);
+        outln!("legacy format:      {}", reply.format);
     }
     if verdict != Verdict::Valid {
         return Ok(ExitCode::from(3));
@@ -179,14 +180,14 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         print_record(status);
     }
     if !reply.masked_name.is_empty() {
-        println!("name:               {}", reply.masked_name);
+        outln!("name:               {}", reply.masked_name);
     }
     if !reply.masked_national_id.is_empty() {
-        println!("national id:        {}", reply.masked_national_id);
+        outln!("national id:        {}", reply.masked_national_id);
     }
     let holder_match = HolderMatch::try_from(reply.holder_match).unwrap_or_default();
     if holder_match != HolderMatch::Unspecified {
-        println!(
+        outln!(
             "holder match:       {}",
             holder_match
                 .as_str_name()
@@ -196,7 +197,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(p) = &reply.provenance {
         let source = hufu_proto::v1::Source::try_from(p.source).unwrap_or_default();
-        println!(
+        outln!(
             "source:             {}",
             source
                 .as_str_name()
@@ -204,10 +205,10 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                 .to_lowercase()
         );
         if let Some(age) = &p.age {
-            println!("age:                {}s", age.seconds);
+            outln!("age:                {}s", age.seconds);
         }
     }
-    println!("policy met:         {}", reply.policy_met);
+    outln!("policy met:         {}", reply.policy_met);
     Ok(if holder_match == HolderMatch::False {
         // Someone else's code: whatever its colour, it does not admit.
         ExitCode::from(5)

@@ -8,6 +8,7 @@ use hufu_proto::v1::{LinkCodeRequest, UnlinkCodeRequest, link_code_request, stat
 
 use super::conn::ConnArgs;
 use super::status::{HolderArgs, input};
+use crate::output::outln;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum CodesCommand {
@@ -48,13 +49,15 @@ pub async fn codes(cmd: CodesCommand) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             match reply.sequence {
-                0 => println!(
+                0 => outln!(
                     "{} code already bound to holder {}",
-                    reply.format, reply.holder
+                    reply.format,
+                    reply.holder
                 ),
-                n => println!(
+                n => outln!(
                     "{} code bound to holder {} (change {n})",
-                    reply.format, reply.holder
+                    reply.format,
+                    reply.holder
                 ),
             }
         }
@@ -64,8 +67,8 @@ pub async fn codes(cmd: CodesCommand) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             match reply.sequence {
-                0 => println!("{} code was not bound: nothing to do", reply.format),
-                n => println!("{} code unbound (change {n})", reply.format),
+                0 => outln!("{} code was not bound: nothing to do", reply.format),
+                n => outln!("{} code unbound (change {n})", reply.format),
             }
         }
     }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use hufu_certs::Province;
 
 use super::conn::ConnArgs;
+use crate::output::{out, outln};
 use hufu_node::config::NodeConfig;
 
 #[derive(Debug, clap::Subcommand)]
@@ -130,7 +131,7 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
                         path.display()
                     );
                 }
-                None => print!("{json}"),
+                None => out!("{json}"),
             }
         }
         FederationCommand::Genesis {
@@ -145,7 +146,7 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let note = ops::genesis(members, threshold, witness_quorum)?;
             ops::write_note(&out, &note)?;
-            println!(
+            outln!(
                 "genesis trust list v1 with {} members written to {}; every founder signs it with `hufu federation sign`",
                 note.list.members.len(),
                 out.display()
@@ -156,7 +157,7 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
             let mut note = ops::read_note(&file)?;
             ops::sign(&config, &mut note)?;
             ops::write_note(&file, &note)?;
-            println!(
+            outln!(
                 "signed v{} for {}; signatures: {}",
                 note.list.version,
                 config.province,
@@ -169,7 +170,7 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
                 merged.merge_signatures(&ops::read_note(f)?)?;
             }
             ops::write_note(&out, &merged)?;
-            println!("merged; signatures: {}", merged.signer_names().join(", "));
+            outln!("merged; signatures: {}", merged.signer_names().join(", "));
         }
         FederationCommand::Propose {
             current,
@@ -215,7 +216,7 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
             }
             let next = ops::propose(&current.list, change)?;
             ops::write_note(&out, &next)?;
-            println!(
+            outln!(
                 "proposed v{} written to {}; it needs {} signatures of v{}'s members",
                 next.list.version,
                 out.display(),
@@ -226,12 +227,14 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
         FederationCommand::Show { file } => {
             let note = ops::read_note(&file)?;
             let list = &note.list;
-            println!(
+            outln!(
                 "trust list v{} (threshold {}, witness quorum {})",
-                list.version, list.threshold, list.witness_quorum
+                list.version,
+                list.threshold,
+                list.witness_quorum
             );
             for m in &list.members {
-                println!(
+                outln!(
                     "  {} {:<14} keys {:>2}  revoked {:>2}  endpoints {}",
                     m.province,
                     m.name,
@@ -240,19 +243,23 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
                     m.endpoints.join(",")
                 );
                 for f in &m.legacy_formats {
-                    println!(
+                    outln!(
                         "    legacy format {}: prefix {:?}, pattern {:?}, up to {} bytes, e.g. {}",
-                        f.name, f.prefix, f.pattern, f.max_len, f.example
+                        f.name,
+                        f.prefix,
+                        f.pattern,
+                        f.max_len,
+                        f.example
                     );
                 }
             }
-            println!("signatures: {}", note.signer_names().join(", "));
+            outln!("signatures: {}", note.signer_names().join(", "));
         }
         FederationCommand::Install { file, config } => {
             let config = NodeConfig::load(&config)?;
             let note = ops::read_note(&file)?;
             let version = ops::install(&config, &note)?;
-            println!(
+            outln!(
                 "trust list v{version} installed in {}",
                 config.path(&config.trust_dir).display()
             );
@@ -269,19 +276,19 @@ pub async fn federation(cmd: FederationCommand) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             if reply.applied {
-                println!(
+                outln!(
                     "trust list v{} applied; peers are being told",
                     reply.version
                 );
             } else {
-                println!("the node already holds v{}", reply.version);
+                outln!("the node already holds v{}", reply.version);
             }
         }
         FederationCommand::Status { config } => {
             let config = NodeConfig::load(&config)?;
             let addr = hufu_node::console::status::console_addr(&config)?;
             let view = hufu_node::console::status::fetch(addr).await?;
-            print!("{}", hufu_node::console::status::render(&view));
+            out!("{}", hufu_node::console::status::render(&view));
         }
     }
     Ok(())

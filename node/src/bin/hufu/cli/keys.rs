@@ -4,6 +4,7 @@ use hufu_proto::v1::admin_service_client::AdminServiceClient;
 use hufu_proto::v1::{RevokeKeyRequest, RotateKeyRequest};
 
 use super::conn::ConnArgs;
+use crate::output::outln;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
@@ -31,8 +32,8 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                 .rotate_key(RotateKeyRequest { algorithm: alg })
                 .await?
                 .into_inner();
-            println!("new signing key:  {}", reply.kid);
-            println!(
+            outln!("new signing key:  {}", reply.kid);
+            outln!(
                 "previous key:     {} (published until its codes expire)",
                 reply.previous_kid
             );
@@ -42,7 +43,7 @@ pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
             admin
                 .revoke_key(RevokeKeyRequest { kid: kid.clone() })
                 .await?;
-            println!("revoked {kid}: codes it signed are refused from now on");
+            outln!("revoked {kid}: codes it signed are refused from now on");
         }
     }
     Ok(())

@@ -23,6 +23,7 @@ use hufu_certs::Province;
 use hufu_proto::v1::LookupRequest;
 use hufu_proto::v1::status_lookup_service_client::StatusLookupServiceClient;
 
+use crate::output::outln;
 use conn::ConnArgs;
 use hufu_node::config::NodeConfig;
 use hufu_node::init::{self, InitOptions};
@@ -154,14 +155,14 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         hosts: args.hosts,
     };
     let config = init::init_province(&args.dir, &opts)?;
-    println!(
+    outln!(
         "province {} ({}) initialised in {}",
         opts.province,
         opts.province.name(),
         args.dir.display()
     );
-    println!("  config:      {}", config.display());
-    println!("  next:        hufu serve --config {}", config.display());
+    outln!("  config:      {}", config.display());
+    outln!("  next:        hufu serve --config {}", config.display());
     Ok(())
 }
 
@@ -188,21 +189,21 @@ fn init_replica(from: &Path, args: &InitArgs) -> anyhow::Result<()> {
         hosts: args.hosts.clone(),
     };
     let config = init_replica(&source, &args.dir, &opts, replication)?;
-    println!(
+    outln!(
         "replica {} of province {} ({}) initialised in {}",
         opts.node_name,
         source.province,
         source.province.name(),
         args.dir.display()
     );
-    println!("  config:      {}", config.display());
+    outln!("  config:      {}", config.display());
     if source.replication.is_none() {
-        println!(
+        outln!(
             "  also:        add the same [replication] section to {} before starting either",
             from.join(init::CONFIG_FILE).display()
         );
     }
-    println!("  next:        hufu serve --config {}", config.display());
+    outln!("  next:        hufu serve --config {}", config.display());
     Ok(())
 }
 
@@ -266,7 +267,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Check { config }) => {
             let report = hufu_node::config_check::check(&config).await;
             for f in &report.findings {
-                println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.text);
+                outln!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.text);
             }
             if !report.passed() {
                 eprintln!(
@@ -275,11 +276,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(2));
             }
-            println!("{} is ready to serve", config.display());
+            outln!("{} is ready to serve", config.display());
         }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "hufu", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut command, "hufu", &mut crate::output::Stdout);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -288,14 +289,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn serve(config_path: &Path) -> anyhow::Result<()> {
     let config = NodeConfig::load(config_path)?;
     let node = hufu_node::server::start(&config).await?;
-    println!(
+    outln!(
         "hufu node for province {} ({}) serving on {}",
         config.province,
         config.province.name(),
         node.addr
     );
     if let Some(m) = node.metrics_addr {
-        println!("metrics on http://{m}/metrics");
+        outln!("metrics on http://{m}/metrics");
     }
     shutdown_signal().await;
     tracing::info!("shutting down: finishing calls in flight");

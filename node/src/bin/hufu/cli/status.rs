@@ -11,6 +11,7 @@ use hufu_proto::v1::{
 };
 
 use super::conn::ConnArgs;
+use crate::output::outln;
 use hufu_node::import;
 use hufu_node::status::{
     colour_name, format_time, parse_colour, parse_reason, parse_time, reason_name, seconds,
@@ -99,9 +100,11 @@ pub async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
                     outcome.rejected.len()
                 );
             }
-            println!(
+            outln!(
                 "imported {} of {} rows from {name}; {} rejected",
-                outcome.accepted, outcome.lines, outcome.rejected_count
+                outcome.accepted,
+                outcome.lines,
+                outcome.rejected_count
             );
             return Ok(if outcome.rejected_count == 0 {
                 ExitCode::SUCCESS
@@ -140,7 +143,7 @@ pub async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
             if let Some(record) = reply.record {
                 print_record(&record);
             }
-            println!("sequence:           {}", reply.sequence);
+            outln!("sequence:           {}", reply.sequence);
         }
         StatusCommand::Get { who, conn } => {
             let subject = match input(&who) {
@@ -167,14 +170,14 @@ pub async fn status(cmd: StatusCommand) -> anyhow::Result<ExitCode> {
 pub fn print_record(record: &StatusRecord) {
     let colour = Colour::try_from(record.colour).unwrap_or(Colour::Unspecified);
     let reason = hufu_proto::v1::Reason::try_from(record.reason).unwrap_or_default();
-    println!("issuer:             {}", record.issuer);
-    println!("holder:             {}", record.holder);
-    println!("colour:             {}", colour_name(colour));
-    println!("reason:             {}", reason_name(reason));
+    outln!("issuer:             {}", record.issuer);
+    outln!("holder:             {}", record.holder);
+    outln!("colour:             {}", colour_name(colour));
+    outln!("reason:             {}", reason_name(reason));
     if let Some(t) = seconds(record.as_of.as_ref()) {
-        println!("as of:              {}", format_time(t));
+        outln!("as of:              {}", format_time(t));
     }
     if let Some(t) = seconds(record.last_negative_test.as_ref()) {
-        println!("last negative test: {}", format_time(t));
+        outln!("last negative test: {}", format_time(t));
     }
 }

@@ -13,6 +13,7 @@ mod load;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::output::outln;
 use anyhow::Context;
 use hufu_certs::{Province, Role};
 use hufu_proto::v1::admin_service_client::AdminServiceClient;
@@ -28,7 +29,8 @@ pub use load::Behaviour;
 use crate::loadgen::{closed_loop, issue_tokens, load_holders};
 use confine::{Confined, Confinement};
 use hufu_node::client::{self, ClientCert, Target};
-use hufu_node::local::{LocalFederation, free_port};
+use hufu_node::local::LocalFederation;
+use hufu_node::ports::free_port;
 use hufu_node::status::{now_unix, timestamp};
 use load::{Call, StepLoad, open_loop};
 
@@ -154,21 +156,22 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
 
     let confinement = Confinement::new("hufu-surge", Some(surge.node_cpu_percent));
     confinement.pin_self_elsewhere();
-    println!("node: {}", confinement.describe());
+    outln!("node: {}", confinement.describe());
     if !surge.node_config.is_empty() {
-        println!("node settings: {}", surge.node_config.join(", "));
+        outln!("node settings: {}", surge.node_config.join(", "));
     }
     for note in &confinement.notes {
-        println!("note: {note}");
+        outln!("note: {note}");
     }
     let connections = args.connections.unwrap_or(1000).max(1);
     let deadline = Duration::from_millis(surge.deadline_ms);
     let seconds = Duration::from_secs(args.seconds);
-    println!(
+    outln!(
         "open loop over {connections} mutual-TLS connections, deadline {} ms per call from its scheduled time, {} s per step",
-        surge.deadline_ms, args.seconds
+        surge.deadline_ms,
+        args.seconds
     );
-    println!(
+    outln!(
         "meanwhile an admin writes {WRITES_PER_SEC} status changes a second and province {peer} replicates them from the node's feed\n"
     );
 
@@ -280,7 +283,7 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
         )
         .await?;
     }
-    println!(
+    outln!(
         "goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; admin: status writes acknowledged/failed during the step; lag: changes written but not yet at the peer when the step ended"
     );
     Ok(())
@@ -453,18 +456,18 @@ impl Run<'_> {
         match self.side {
             Some(_) => {
                 let alone = closed(self.args.concurrency.max(1)).await.rate();
-                println!(
+                outln!(
                     "{title}\ncapacity (closed loop, the higher of {} and 200 calls in flight, with the status writes and their replication running): {capacity:.0}/s; without them, {} in flight: {alone:.0}/s",
                     self.args.concurrency.max(1),
                     self.args.concurrency.max(1)
                 );
             }
-            None => println!(
+            None => outln!(
                 "{title}\ncapacity (closed loop, the higher of {} and 200 calls in flight): {capacity:.0}/s",
                 self.args.concurrency.max(1)
             ),
         }
-        println!(
+        outln!(
             "{:>5} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>5}",
             "load",
             "offered",
@@ -535,7 +538,7 @@ impl Run<'_> {
         }
         let usage = server.usage();
         others.retain(|code, _| !NAMED.contains(&code.as_str()));
-        println!(
+        outln!(
             "other replies: {}",
             if others.is_empty() {
                 "none".to_string()
@@ -550,7 +553,7 @@ impl Run<'_> {
                     .join(", ")
             }
         );
-        println!(
+        outln!(
             "server alive: {}, peak resident memory {:.0} MiB\n",
             server.alive(),
             usage.peak_rss_mib
@@ -603,7 +606,7 @@ fn print_row(
         ),
         None => ("-".into(), "-".into()),
     };
-    println!(
+    outln!(
         "{:>4}x {:>8.0} {:>8.0} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>5}",
         multiple,
         step.offered as f64 / secs,

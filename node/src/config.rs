@@ -350,6 +350,11 @@ pub struct StorageConfig {
     /// nodes that fell behind catch up. Never less than the longest code
     /// lifetime; 0: never compact.
     pub compact_after_secs: u64,
+    /// Statuses written but not yet merged into the store's buckets that
+    /// it may hold in memory (about 64 bytes each): writes go to the
+    /// change log and to this table, which is merged into the buckets in
+    /// order, in the background, when half full or once writes pause.
+    pub unmerged_statuses: usize,
 }
 
 impl Default for StorageConfig {
@@ -357,6 +362,7 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mib: crate::store::DEFAULT_CACHE_BYTES / (1024 * 1024),
             compact_after_secs: 0,
+            unmerged_statuses: crate::store::DEFAULT_UNMERGED_STATUSES,
         }
     }
 }

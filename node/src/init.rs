@@ -211,6 +211,9 @@ max_connections = 10000
 # Memory it may keep of its pages, in MiB: its share of the node's memory
 # whatever the volume imported or replicated.
 # cache_mib = 64
+# Statuses written but not yet merged into storage, held in memory (about
+# 64 bytes each; merged in order in the background).
+# unmerged_statuses = 1000000
 
 # Used by `hufu status`, `hufu code` and `hufu keys` to reach this node.
 [client]

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub scheduling_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub audit_conflicts: Gauge,
     pub audit_log_size: Gauge,
+    pub store_unmerged: Gauge,
     pub audit_published_size: Gauge,
     pub audit_published_time: Gauge,
     pub witness_failures: Family<Labels, Counter>,
@@ -162,6 +163,12 @@ impl Metrics {
         );
         let audit_conflicts = Gauge::default();
         let audit_log_size = Gauge::default();
+        let store_unmerged = Gauge::default();
+        registry.register(
+            "store_unmerged",
+            "statuses written (durable in the change log) but not yet merged into the status store's buckets; near 0 at rest",
+            store_unmerged.clone(),
+        );
         let audit_published_size = Gauge::default();
         registry.register(
             "audit_conflicts",
@@ -311,6 +318,7 @@ impl Metrics {
             scheduling_delay,
             audit_conflicts,
             audit_log_size,
+            store_unmerged,
             audit_published_size,
             audit_published_time,
             witness_failures,

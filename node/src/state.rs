@@ -77,10 +77,11 @@ impl NodeState {
     ) -> anyhow::Result<Arc<NodeState>> {
         let identity = Identity::new(config.province, Role::Node, &config.node_name)?;
         let store = Arc::new(
-            Store::open_with_cache(
+            Store::open_with(
                 &config.path(&config.data_dir),
                 config.province,
                 config.storage.cache_bytes(),
+                config.storage.unmerged_statuses,
             )
             .with_context(|| format!("cannot open storage {}", config.data_dir.display()))
             .map_err(|e| crate::store::full_disk(e, &config.path(&config.data_dir)))?,

@@ -397,20 +397,7 @@ async fn an_import_cut_off_by_kill_9_says_so_and_runs_again_safely() {
 
     let mut node = serve(&config);
     let mut client = admin(&target, &cert).await;
-    let import = {
-        let (file, config) = (file.clone(), config.clone());
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_hufu"))
-                .args(["status", "import"])
-                .arg(&file)
-                .arg("--config")
-                .arg(&config)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        }
-    };
+    let import = || import_csv(&file, &config);
     let cli = import();
     // Killed once the first thousand rows are in, long before the end.
     let stored = |n: u64| GetStatusRequest {
@@ -459,4 +446,114 @@ async fn an_import_cut_off_by_kill_9_says_so_and_runs_again_safely() {
         let record = client.get_status(stored(n)).await.unwrap().into_inner();
         assert_eq!(record.record.unwrap().colour, Colour::Red as i32);
     }
+}
+
+/// Runs `hufu status import` of `file` against the node of `config`.
+fn import_csv(file: &std::path::Path, config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_hufu"))
+        .args(["status", "import"])
+        .arg(file)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_node_killed_while_merging_statuses_comes_back_with_its_change_logs_statuses() {
+    let scratch = tempfile::tempdir().unwrap();
+    let Node {
+        p,
+        config,
+        target,
+        cert,
+    } = Node::init(scratch.path());
+    // So few statuses held unmerged that merges run through the whole
+    // import: the kill below lands in one, or between two.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("# [storage]", "[storage]\nunmerged_statuses = 1000"),
+    )
+    .unwrap();
+    let id = |n: u64| hufu_node::sample::national_id(p, n).as_str().to_owned();
+    let csv = |rows: u64, colour: &str, day: u32| {
+        let mut csv = String::from("national_id,colour,as_of\n");
+        for n in 0..rows {
+            csv.push_str(&format!("{},{colour},2022-01-{day}T08:00:00Z\n", id(n)));
+        }
+        let file = scratch.path().join(format!("{colour}.csv"));
+        std::fs::write(&file, csv).unwrap();
+        file
+    };
+    let (merged, rows) = (3_000u64, 8_000u64);
+    let (green, red) = (csv(merged, "green", 10), csv(rows, "red", 11));
+
+    let mut node = serve(&config);
+    let mut client = admin(&target, &cert).await;
+    let out = tokio::task::spawn_blocking({
+        let (green, config) = (green.clone(), config.clone());
+        move || import_csv(&green, &config).wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every holder turned red in order, changes 3001 on: killed halfway.
+    let cli = import_csv(&red, &config);
+    let status = |n: u64| GetStatusRequest {
+        subject: Some(get_status_request::Subject::NationalId(id(n))),
+    };
+    let mut halfway = false;
+    for _ in 0..1_500 {
+        if let Ok(r) = client.get_status(status(rows / 2)).await
+            && r.into_inner().record.unwrap().colour == Colour::Red as i32
+        {
+            halfway = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(halfway, "the import did not get halfway");
+    node.0.kill().unwrap();
+    node.0.wait().unwrap();
+    let _ = tokio::task::spawn_blocking(move || cli.wait_with_output().unwrap()).await;
+
+    // Holders 0..k are red, the rest as before, for one k: the change log's
+    // statuses through its head, change 3000 + k.
+    let node = serve(&config);
+    let mut client = admin(&target, &cert).await;
+    let mut red_through = None;
+    for n in 0..rows {
+        let colour = match client.get_status(status(n)).await {
+            Ok(r) => Some(r.into_inner().record.unwrap().colour),
+            Err(e) if e.code() == tonic::Code::NotFound => None,
+            Err(e) => panic!("holder {n}: {e}"),
+        };
+        if red_through.is_none() && colour != Some(Colour::Red as i32) {
+            red_through = Some(n);
+        }
+        let want = match red_through {
+            None => Some(Colour::Red as i32),
+            Some(_) if n < merged => Some(Colour::Green as i32),
+            Some(_) => None,
+        };
+        assert_eq!(colour, want, "holder {n} after kill -9");
+    }
+    let k = red_through.unwrap_or(rows);
+    assert!(k > rows / 2, "{k} red of the {} seen red", rows / 2 + 1);
+    let next = client
+        .put_status(PutStatusRequest {
+            status: Some(common::sample_input(p, 90_000, Colour::Green)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.sequence, merged + k + 1, "the feed head after kill -9");
+    drop(node);
 }

@@ -24,13 +24,11 @@ async fn internal_error_text_never_reaches_the_caller() {
     let gd = &running.province;
     let holders = common::import_samples(gd, 2).await;
     // A stored record the node can no longer decode: the decoder's detail
-    // (and in general paths, keys, data) must stay in the node's log.
-    let tree = gd
-        .node
-        .as_ref()
-        .unwrap()
-        .state
-        .store
+    // (and in general paths, keys, data) must stay in the node's log. The
+    // statuses are merged into their buckets first, where it is damaged.
+    let store = &gd.node.as_ref().unwrap().state.store;
+    store.merge().await.unwrap();
+    let tree = store
         .db()
         .unwrap()
         .open_tree(hufu_node::store::TREE)

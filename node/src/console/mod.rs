@@ -131,14 +131,15 @@ async fn sample(console: Arc<Console>, stop: CancellationToken) {
     }
 }
 
-/// Replica positions and ages, the audit log's size and witnessing time,
-/// the active code key's age: read from state, published as gauges so
-/// Prometheus can alert on them.
+/// Replica positions and ages, statuses not yet merged into storage, the
+/// audit log's size and witnessing time, the active code key's age: read
+/// from state, published as gauges so Prometheus can alert on them.
 async fn refresh_gauges(state: &NodeState) {
     let m = &state.metrics;
     let federation = FederationView::of(state).await;
     m.replica_max_age
         .set(federation.max_replica_age_secs as i64);
+    m.store_unmerged.set(state.store.unmerged() as i64);
     for row in &federation.members {
         let province = vec![("province", row.province.clone())];
         m.replica_sequence

@@ -27,7 +27,7 @@
 //! Writes of one sled batch gather their buckets in [`Staged`], so that a
 //! bucket touched by many changes of the batch is read and written once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use hufu_certs::Province;
 use prost::encoding::{decode_varint, encode_varint};
@@ -45,7 +45,7 @@ pub const BUCKET_HOLDERS: usize = 32;
 pub type Holder = [u8; HOLDER_BYTES];
 
 /// The lowest holder: the `low` of every province's first bucket.
-const FIRST: Holder = [0; HOLDER_BYTES];
+pub(super) const FIRST: Holder = [0; HOLDER_BYTES];
 
 /// The key of `p`'s bucket starting at `low`.
 pub fn bucket_key(p: Province, low: &Holder) -> Vec<u8> {
@@ -94,6 +94,62 @@ pub fn status_in<'a>(bytes: &'a [u8], holder: &Holder) -> NodeResult<Option<&'a 
         }
     }
     Ok(None)
+}
+
+/// The `low` of `p`'s bucket after the one starting at `low`, if any: where
+/// the bucket at `low` ends.
+pub fn next_low(tree: &sled::Tree, p: Province, low: &Holder) -> NodeResult<Option<Holder>> {
+    use std::ops::Bound::{Excluded, Included};
+    let range = (
+        Excluded(bucket_key(p, low)),
+        Included(bucket_key(p, &[0xff; HOLDER_BYTES])),
+    );
+    match tree.range::<Vec<u8>, _>(range).keys().next() {
+        Some(k) => Ok(Some(low_of(&k?)?)),
+        None => Ok(None),
+    }
+}
+
+/// The bucket `stored` (the holders from its `low` up to `upper`) with
+/// `changes` put in (sorted by holder, all in that range), as the parts
+/// to store, each with its first holder, in order: one part when it holds
+/// at most [`BUCKET_HOLDERS`], else parts three quarters full, room to
+/// grow before they split again. Entries of `stored` from `upper` on are
+/// left out: they are what a merge cut short left behind when it had
+/// already written the bucket split off at `upper` (see [`super::merge`]).
+pub fn merged(
+    stored: &[u8],
+    upper: Option<&Holder>,
+    changes: &[(Holder, &[u8])],
+) -> NodeResult<Vec<(Holder, Vec<u8>)>> {
+    let mut entries: Vec<(&Holder, &[u8])> = Vec::with_capacity(BUCKET_HOLDERS + changes.len());
+    let mut rest = stored;
+    let mut changes = changes.iter().peekable();
+    while !rest.is_empty() {
+        let (holder, value, after) = next_entry(rest)?;
+        if upper.is_some_and(|u| holder >= u) {
+            break;
+        }
+        while let Some((h, v)) = changes.next_if(|(h, _)| h < holder) {
+            entries.push((h, v));
+        }
+        match changes.next_if(|(h, _)| h == holder) {
+            Some((h, v)) => entries.push((h, v)),
+            None => entries.push((holder, value)),
+        }
+        rest = after;
+    }
+    entries.extend(changes.map(|(h, v)| (h, *v)));
+    let per = if entries.len() <= BUCKET_HOLDERS {
+        BUCKET_HOLDERS
+    } else {
+        let parts = entries.len().div_ceil(BUCKET_HOLDERS * 3 / 4);
+        entries.len().div_ceil(parts)
+    };
+    Ok(entries
+        .chunks(per)
+        .map(|part| (*part[0].0, encode(part.iter().copied())))
+        .collect())
 }
 
 /// The first entry of `bytes` and what follows it.
@@ -198,36 +254,23 @@ impl Bucket {
     }
 }
 
-/// Buckets already read for the holders about to be written, as each
-/// holder's bucket's `low` and stored bytes: an import reads every row's
-/// stored status before it decides to write it, and the write finds the
-/// bucket here instead of looking it up again.
-pub type Found = HashMap<Holder, (Holder, sled::IVec)>;
-
-/// The writes of one sled batch: the batch, and the buckets of statuses it
-/// changes, gathered until [`finish`](Staged::finish).
+/// The writes of one sled batch that change buckets in place: the batch,
+/// and the buckets it changes, gathered until [`finish`](Staged::finish).
+/// Only a snapshot install writes statuses this way (it holds its
+/// province's writer and nothing of the province is unmerged); every
+/// other write goes through the change log and is merged ([`super::merge`]).
 #[derive(Default)]
 pub struct Staged {
     pub batch: sled::Batch,
     buckets: BTreeMap<(Province, Holder), Bucket>,
-    /// Buckets read for this batch's holders, in the province being
-    /// written, while its writer was held (so still as stored).
-    found: Found,
 }
 
 impl Staged {
     /// Staging that goes on from `batch`.
     pub fn on(batch: sled::Batch) -> Staged {
-        Staged::with_found(batch, Found::new())
-    }
-
-    /// Staging that goes on from `batch`, with the buckets `found` for its
-    /// holders since its writer was taken.
-    pub fn with_found(batch: sled::Batch, found: Found) -> Staged {
         Staged {
             batch,
             buckets: BTreeMap::new(),
-            found,
         }
     }
 
@@ -241,12 +284,9 @@ impl Staged {
     ) -> NodeResult<()> {
         // Buckets split only in `finish`, so the lows stored are all there
         // are until then.
-        let (low, stored) = match self.found.remove(&holder) {
+        let (low, stored) = match find(tree, p, &holder)? {
             Some((low, bytes)) => (low, Some(bytes)),
-            None => match find(tree, p, &holder)? {
-                Some((low, bytes)) => (low, Some(bytes)),
-                None => (FIRST, None),
-            },
+            None => (FIRST, None),
         };
         let bucket = match self.buckets.entry((p, low)) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -278,7 +318,7 @@ impl Staged {
 }
 
 /// `entries`, sorted by holder, as a stored bucket.
-fn encode(entries: &[(Holder, Vec<u8>)]) -> Vec<u8> {
+fn encode<'a>(entries: impl ExactSizeIterator<Item = (&'a Holder, &'a [u8])>) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() * (HOLDER_BYTES + 14));
     for (h, value) in entries {
         out.extend_from_slice(h);
@@ -309,7 +349,10 @@ pub(super) fn bucket_sorted(
     // Three quarters full: room to grow before the first splits.
     for (i, part) in statuses.chunks(BUCKET_HOLDERS * 3 / 4).enumerate() {
         let low = if i == 0 && first { FIRST } else { part[0].0 };
-        batch.insert(bucket_key(p, &low), encode(part));
+        batch.insert(
+            bucket_key(p, &low),
+            encode(part.iter().map(|(h, v)| (h, v.as_slice()))),
+        );
     }
 }
 
@@ -389,7 +432,7 @@ mod tests {
 
     #[test]
     fn a_damaged_bucket_is_an_error_not_a_missing_status() {
-        let mut bytes = encode(&[(holder(1), vec![1, 2, 3])]);
+        let mut bytes = encode([(&holder(1), &[1, 2, 3][..])].into_iter());
         bytes.truncate(bytes.len() - 1);
         assert!(status_in(&bytes, &holder(2)).is_err());
         assert!(Bucket::decode(&bytes).is_err());

@@ -249,7 +249,11 @@ impl Store {
     /// was old enough.
     pub async fn compact_own(&self, cutoff_ms: i64, signer: &LogSigner) -> NodeResult<Option<u64>> {
         let p = self.own;
+        // A change dropped here is never replayed into unmerged statuses
+        // again (`super::merge`): only what is merged may be compacted.
+        self.merge().await?;
         let tree = self.tree()?;
+        let merged = super::merge::merged_through(&tree, p)?;
         let old = self.base(p)?;
         let mut end = match &old {
             Some(base) => base.tail()?,
@@ -265,6 +269,9 @@ impl Store {
                 break;
             }
             reader.skip_through(u64::MAX)?;
+            if reader.next_sequence() - 1 > merged {
+                break;
+            }
             end = Tail {
                 sequence: reader.next_sequence() - 1,
                 hash: reader.hash(),

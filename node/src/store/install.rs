@@ -16,9 +16,10 @@ use hufu_federation::snapshot::{KeptDigest, SnapshotStatement};
 use hufu_proto::v1::{FeedHead, FeedSnapshot};
 use prost::Message;
 
-use super::bucket::{BUCKET, Staged};
+use super::bucket::{BUCKET, Holder, Staged};
 use super::codec::{self, BINDING, CHANGES, HEAD_AT, LATEST_HEAD, STATUS};
 use super::compact::{BASE, Base, KEPT, KeptWriter};
+use super::merge::{MERGED, stage_mark};
 use super::{ApplyError, GENESIS, Store, Tail};
 use crate::error::NodeResult;
 
@@ -27,8 +28,9 @@ pub const INSTALLING: u8 = b'I';
 
 /// Kinds of key that make up a province's feed state here (`S`: statuses
 /// of the format before buckets).
-const FEED_STATE: [u8; 8] = [
+const FEED_STATE: [u8; 9] = [
     BUCKET,
+    MERGED,
     STATUS,
     BINDING,
     CHANGES,
@@ -121,6 +123,12 @@ impl Store {
                 _held: writer.lock_owned().await,
             }
         };
+        // Nothing of `p` stays unmerged to be written over what the
+        // install writes (its statuses go straight to their buckets).
+        let unmerged = self.unmerged.clone();
+        tokio::task::spawn_blocking(move || unmerged.forget(p))
+            .await
+            .map_err(|e| crate::error::NodeError::Internal(format!("install task: {e}")))?;
         let tree = self.tree()?;
         tree.insert(codec::key(INSTALLING, p, &[]), &[][..])?;
         self.flush().await?;
@@ -139,15 +147,29 @@ impl Store {
 impl Installing<'_> {
     /// Takes kept changes of the compacted part, in order.
     pub fn kept(&mut self, changes: &[Change<'_>]) -> Result<(), ApplyError> {
-        let tree = self.store.tree()?;
-        let mut staged = Staged::default();
+        let mut batch = sled::Batch::default();
+        let mut statuses = Vec::with_capacity(changes.len());
         for change in changes {
             self.digest.add(change.sequence, change.record)?;
-            let entry = super::log::stage_effect(&tree, self.p, change, &mut staged)?;
+            let entry = super::log::stage_effect(self.p, change, &mut batch, &mut statuses)?;
             self.writer.push(change.sequence, &entry);
             if self.writer.is_full() {
-                self.writer.stage(self.p, 1, &mut staged.batch);
+                self.writer.stage(self.p, 1, &mut batch);
             }
+        }
+        self.apply_through(batch, statuses)
+    }
+
+    /// Applies `batch` with `statuses` written straight into their buckets.
+    fn apply_through(
+        &self,
+        batch: sled::Batch,
+        statuses: Vec<(Holder, Vec<u8>)>,
+    ) -> Result<(), ApplyError> {
+        let tree = self.store.tree()?;
+        let mut staged = Staged::on(batch);
+        for (holder, value) in statuses {
+            staged.put_status(&tree, self.p, holder, value)?;
         }
         self.store.apply(staged.finish())?;
         Ok(())
@@ -175,9 +197,11 @@ impl Installing<'_> {
     /// Takes the changes after the compacted part, in order, without a gap.
     pub fn changes(&mut self, changes: &[Change<'_>]) -> Result<(), ApplyError> {
         let mut batch = sled::Batch::default();
-        self.tail = self.store.stage(self.p, self.tail, changes, &mut batch)?;
-        self.store.apply(batch)?;
-        Ok(())
+        let mut statuses = Vec::with_capacity(changes.len());
+        self.tail = self
+            .store
+            .stage(self.p, self.tail, changes, &mut batch, &mut statuses)?;
+        self.apply_through(batch, statuses)
     }
 
     /// Ends the install at `head` (its signature checked by the caller):
@@ -198,6 +222,8 @@ impl Installing<'_> {
                 bytes,
             );
         }
+        // Every status installed is in its bucket already.
+        stage_mark(&mut batch, self.p, self.tail.sequence);
         batch.remove(codec::key(INSTALLING, self.p, &[]));
         self.store.write(batch, 1).await?;
         if let Guard::Own(tail) = &mut self.guard {

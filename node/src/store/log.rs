@@ -9,7 +9,7 @@ use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
 use super::binding::Binding;
-use super::bucket::{Found, Staged};
+use super::bucket::Holder;
 use super::codec::{self, BlockReader, BlockWriter, CHANGES};
 use super::{ApplyError, BLOCK_CHANGES, GENESIS, Store, StoredChange, Tail};
 use crate::error::{NodeError, NodeResult};
@@ -126,32 +126,20 @@ impl Store {
     }
 
     /// Stages `changes` of `p`, which must continue `tail` without a gap,
-    /// into `batch`: their blocks of the change log and the statuses they
-    /// set. Returns the tail after them. The one place a change's bytes
-    /// become stored state, for own writes and replicated batches alike.
+    /// into `batch`: their blocks of the change log and the bindings they
+    /// set; the statuses they set go to `statuses`, for the unmerged table
+    /// once the batch is durable. Returns the tail after them. The one
+    /// place a change's bytes become stored state, for own writes and
+    /// replicated batches alike.
     pub(super) fn stage(
         &self,
         p: Province,
         tail: Tail,
         changes: &[Change<'_>],
         batch: &mut sled::Batch,
-    ) -> Result<Tail, ApplyError> {
-        self.stage_found(p, tail, changes, batch, Found::new())
-    }
-
-    /// [`stage`](Self::stage), with the buckets `found` for the changes'
-    /// holders since `p`'s writer was taken.
-    fn stage_found(
-        &self,
-        p: Province,
-        tail: Tail,
-        changes: &[Change<'_>],
-        batch: &mut sled::Batch,
-        found: Found,
+        statuses: &mut Vec<(Holder, Vec<u8>)>,
     ) -> Result<Tail, ApplyError> {
         let written_ms = crate::status::now_millis();
-        let tree = self.tree()?;
-        let mut staged = Staged::with_found(std::mem::take(batch), found);
         let mut next = tail;
         let mut block: Option<(u64, BlockWriter)> = None;
         for change in changes {
@@ -164,7 +152,7 @@ impl Store {
             }
             let (_, writer) = block
                 .get_or_insert_with(|| (change.sequence, BlockWriter::new(&next.hash, written_ms)));
-            let entry = stage_effect(&tree, p, change, &mut staged)?;
+            let entry = stage_effect(p, change, batch, statuses)?;
             writer.push(&entry);
             next = Tail {
                 sequence: change.sequence,
@@ -172,17 +160,12 @@ impl Store {
             };
             if writer.count() >= BLOCK_CHANGES {
                 let (first, full) = block.take().expect("just used");
-                staged
-                    .batch
-                    .insert(codec::block_key(p, first), full.into_bytes());
+                batch.insert(codec::block_key(p, first), full.into_bytes());
             }
         }
         if let Some((first, writer)) = block {
-            staged
-                .batch
-                .insert(codec::block_key(p, first), writer.into_bytes());
+            batch.insert(codec::block_key(p, first), writer.into_bytes());
         }
-        *batch = staged.finish();
         Ok(next)
     }
 
@@ -210,18 +193,16 @@ impl Store {
             }
             fresh = rest;
         }
-        let new = self.append_own(&mut tail, fresh, Found::new()).await?;
+        let new = self.append_own(&mut tail, fresh).await?;
         Ok(new)
     }
 
     /// Appends changes continuing `tail` (whose lock the caller holds),
-    /// durably, then moves the tail and wakes subscribers. `found`: buckets
-    /// of their holders read since the lock was taken.
+    /// durably, then moves the tail and wakes subscribers.
     pub(super) async fn append_own(
         &self,
         tail: &mut Tail,
         changes: &[Change<'_>],
-        found: Found,
     ) -> Result<Tail, ApplyError> {
         if changes.is_empty() {
             return Ok(*tail);
@@ -230,10 +211,13 @@ impl Store {
             return Err(Self::refused().into());
         }
         let mut batch = sled::Batch::default();
-        let next = self.stage_found(self.own, *tail, changes, &mut batch, found)?;
+        let mut statuses = Vec::with_capacity(changes.len());
+        let next = self.stage(self.own, *tail, changes, &mut batch, &mut statuses)?;
         self.write(batch, changes.len()).await?;
+        self.unmerged.put(self.own, next.sequence, statuses);
         *tail = next;
         self.notify(self.own, next.sequence);
+        self.unmerged.make_room().await;
         Ok(next)
     }
 
@@ -247,25 +231,25 @@ impl Store {
     }
 }
 
-/// Stages the effect of `change` of `p` (in `tree`) on its statuses or
-/// bindings, and returns its change-log entry.
+/// Stages the effect of `change` of `p`: a binding into `batch`, a status
+/// into `statuses`. Returns its change-log entry.
 pub(super) fn stage_effect(
-    tree: &sled::Tree,
     p: Province,
     change: &Change<'_>,
-    staged: &mut Staged,
+    batch: &mut sled::Batch,
+    statuses: &mut Vec<(Holder, Vec<u8>)>,
 ) -> Result<Vec<u8>, ApplyError> {
     if let Some(binding) = Binding::from_change_bytes(change.record) {
         let binding = binding
             .map_err(|e| FeedError::Malformed(format!("change {}: {e}", change.sequence)))?;
-        binding.stage(p, &mut staged.batch);
+        binding.stage(p, batch);
         return Ok(codec::binding_entry(change.record));
     }
     let record = decode_status(p, change)?;
     let holder = codec::holder_bytes(&record.holder).expect("holder checked");
     let value = codec::status_value(p, &record, change.record);
     let entry = codec::entry_of_value(&holder, &value);
-    staged.put_status(tree, p, holder, value)?;
+    statuses.push((holder, value));
     Ok(entry)
 }
 

@@ -257,10 +257,7 @@ mod tests {
                 record,
             })
             .collect();
-        store
-            .append_own(&mut tail, &changes, bucket::Found::new())
-            .await
-            .unwrap();
+        store.append_own(&mut tail, &changes).await.unwrap();
         drop(tail);
         for (p, record) in &written {
             assert_eq!(

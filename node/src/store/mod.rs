@@ -15,6 +15,7 @@
 //! | `A` province                 | when the replica was last confirmed (unix ms, this node's clock) |
 //! | `R` province                 | the province's revoked certificate serials (JSON), as last published |
 //! | `B` province code-hash (32)  | the holder (16 bytes) a legacy code is bound to ([`binding`]) |
+//! | `M` province                 | the last change merged into the buckets ([`merge`]) |
 //!
 //! A holder pseudonym is kept as its 16 bytes, not its 26 characters. A
 //! status is `1 ‖ flags ‖ varint(as_of) ‖ varint(last negative test)`
@@ -44,6 +45,15 @@
 //! change is `0 ‖ CodeBinding`, which sets or clears a `B` key).
 //! The chain hashes are not stored but recomputed from the block's start
 //! hash as it is read (one SHA-256 of about 60 bytes a change).
+//!
+//! ## Statuses merged in order
+//!
+//! A write does not rewrite the buckets of the statuses it sets: it makes
+//! its change-log block durable and puts the statuses into a sorted table
+//! in memory ([`unmerged`]), which a thread of the store merges into the
+//! buckets in key order when it fills or writes pause ([`merge`]). Reads
+//! look in that table first. When the store opens, the changes after each
+//! province's `M` are read back from the change log into the table.
 //!
 //! ## Where a write enters the change log
 //!
@@ -114,13 +124,16 @@ pub mod compact;
 mod health;
 pub mod install;
 mod log;
+mod merge;
 mod migrate;
 mod own;
 mod replica;
+mod unmerged;
 
 pub use health::full_disk;
 pub use own::{PendingPut, PutOutcome};
 pub use replica::head_of;
+pub use unmerged::DEFAULT_UNMERGED_STATUSES;
 
 /// The tree holding everything of this format.
 pub const TREE: &str = "store.v2";
@@ -212,7 +225,12 @@ pub struct Store {
     path: PathBuf,
     cache_bytes: u64,
     /// None while the database is being reopened after a failed write.
-    open: RwLock<Option<Open>>,
+    /// Shared with the merging thread.
+    open: Arc<RwLock<Option<Open>>>,
+    /// Statuses written but not yet merged into their buckets.
+    unmerged: Arc<unmerged::Unmerged>,
+    /// The thread merging them, joined when the store closes.
+    merger: Option<std::thread::JoinHandle<()>>,
     /// Whether writes are accepted; false from a failed write until a probe
     /// succeeds. Watched by health reporting.
     writable: watch::Sender<bool>,
@@ -238,14 +256,28 @@ impl Store {
     /// Opens the store at `path`, sled keeping at most about `cache_bytes`
     /// of pages in memory. A store of the earlier format is converted first.
     pub fn open_with_cache(path: &Path, own: Province, cache_bytes: u64) -> NodeResult<Store> {
+        Store::open_with(path, own, cache_bytes, DEFAULT_UNMERGED_STATUSES)
+    }
+
+    /// [`open_with_cache`](Self::open_with_cache), holding at most
+    /// `unmerged_statuses` statuses in memory before they are merged into
+    /// their buckets ([`unmerged`]).
+    pub fn open_with(
+        path: &Path,
+        own: Province,
+        cache_bytes: u64,
+        unmerged_statuses: usize,
+    ) -> NodeResult<Store> {
         let open = Open::at(path, cache_bytes)?;
         migrate::from_v1(&open.db, &open.tree)?;
         migrate::to_buckets(&open.tree)?;
         install::recover(&open.tree)?;
-        let store = Store {
+        let mut store = Store {
             path: path.to_owned(),
             cache_bytes,
-            open: RwLock::new(Some(open)),
+            open: Arc::new(RwLock::new(Some(open))),
+            unmerged: Arc::new(unmerged::Unmerged::new(unmerged_statuses)),
+            merger: None,
             writable: watch::channel(true).0,
             failed: Notify::new(),
             poisoned: AtomicBool::new(false),
@@ -257,6 +289,16 @@ impl Store {
         let tail = store.tail_from_disk(own)?;
         *store.own_writer.try_lock().expect("no other user yet") = tail;
         store.notify(own, tail.sequence);
+        store.replay()?;
+        let (open, unmerged) = (store.open.clone(), store.unmerged.clone());
+        store.merger = Some(
+            std::thread::Builder::new()
+                .name("hufu-merge".into())
+                .spawn(move || merge::run(open, &unmerged))
+                .map_err(|e| {
+                    NodeError::Internal(format!("cannot start the merging thread: {e}"))
+                })?,
+        );
         Ok(store)
     }
 
@@ -281,30 +323,18 @@ impl Store {
         self.own
     }
 
-    /// A holder's current record in province `p` (own or replica).
+    /// A holder's current record in province `p` (own or replica): the
+    /// unmerged one if there is one, else its bucket's.
     pub fn get(&self, p: Province, holder: &str) -> NodeResult<Option<StatusRecord>> {
-        self.get_noting(p, holder, None)
-    }
-
-    /// [`get`](Self::get), noting the holder's bucket in `found` if given.
-    fn get_noting(
-        &self,
-        p: Province,
-        holder: &str,
-        found: Option<&std::sync::Mutex<bucket::Found>>,
-    ) -> NodeResult<Option<StatusRecord>> {
         let Some(h) = codec::holder_bytes(holder) else {
             return Ok(None);
         };
-        let Some((low, bucket)) = bucket::find(&self.tree()?, p, &h)? else {
+        if let Some(value) = self.unmerged.get(p, &h) {
+            return Ok(Some(codec::read_status(p, holder, &value)?));
+        }
+        let Some((_, bucket)) = bucket::find(&self.tree()?, p, &h)? else {
             return Ok(None);
         };
-        if let Some(found) = found {
-            found
-                .lock()
-                .expect("found lock")
-                .insert(h, (low, bucket.clone()));
-        }
         match bucket::status_in(&bucket, &h)? {
             Some(value) => Ok(Some(codec::read_status(p, holder, value)?)),
             None => Ok(None),
@@ -381,6 +411,17 @@ impl Store {
             .await
             .map_err(|e| NodeError::Internal(format!("flush task: {e}")))??;
         Ok(())
+    }
+}
+
+impl Drop for Store {
+    /// Stops the merging thread (a merge under way stops between batches;
+    /// what it did not write is replayed when the store opens again).
+    fn drop(&mut self) {
+        self.unmerged.close();
+        if let Some(merger) = self.merger.take() {
+            let _ = merger.join();
+        }
     }
 }
 

@@ -9,7 +9,6 @@ use hufu_federation::feed::Change;
 use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
-use super::bucket::Found;
 use super::{Store, Tail};
 use crate::error::NodeResult;
 use crate::status::{seconds, supersedes};
@@ -36,31 +35,27 @@ impl Store {
     /// outcome and holds the change log until [`PendingPut::commit`], so
     /// that what must be durable before the change (its audit entry) can be.
     pub async fn prepare(&self, records: &[StatusRecord]) -> NodeResult<PendingPut<'_>> {
-        // The buckets read here are those the commit writes: the writer,
+        // The statuses read here are those the commit replaces: the writer,
         // held from here to the commit, is the only one of own statuses.
-        let found = std::sync::Mutex::new(Found::new());
-        let mut pending = self
-            .stage_own(
-                records,
-                |record| record.holder.as_str(),
-                |record, earlier| {
-                    let stored = match earlier {
-                        Some(r) => Some(r.clone()),
-                        None => self.get_noting(self.own, &record.holder, Some(&found))?,
-                    };
-                    Ok(match stored {
-                        Some(stored) if stored == *record => Some(PutOutcome::Unchanged),
-                        Some(stored) if !supersedes(record, &stored) => Some(PutOutcome::Stale {
-                            stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
-                        }),
-                        _ => None,
-                    })
-                },
-                |record| record.encode_to_vec(),
-            )
-            .await?;
-        pending.found = found.into_inner().expect("found lock");
-        Ok(pending)
+        self.stage_own(
+            records,
+            |record| record.holder.as_str(),
+            |record, earlier| {
+                let stored = match earlier {
+                    Some(r) => Some(r.clone()),
+                    None => self.get(self.own, &record.holder)?,
+                };
+                Ok(match stored {
+                    Some(stored) if stored == *record => Some(PutOutcome::Unchanged),
+                    Some(stored) if !supersedes(record, &stored) => Some(PutOutcome::Stale {
+                        stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
+                    }),
+                    _ => None,
+                })
+            },
+            |record| record.encode_to_vec(),
+        )
+        .await
     }
 
     /// Numbers the `items` that change something as this province's next
@@ -102,7 +97,6 @@ impl Store {
             tail,
             changes,
             outcomes,
-            found: Found::new(),
         })
     }
 }
@@ -115,8 +109,6 @@ pub struct PendingPut<'a> {
     /// The changes to append: their numbers and encoded records.
     pub(super) changes: Vec<(u64, Vec<u8>)>,
     pub(super) outcomes: Vec<PutOutcome>,
-    /// The buckets of the records' holders, read while deciding.
-    pub(super) found: Found,
 }
 
 impl PendingPut<'_> {
@@ -135,10 +127,7 @@ impl PendingPut<'_> {
                 record,
             })
             .collect();
-        let found = std::mem::take(&mut self.found);
-        self.store
-            .append_own(&mut self.tail, &changes, found)
-            .await?;
+        self.store.append_own(&mut self.tail, &changes).await?;
         Ok(self.outcomes)
     }
 }

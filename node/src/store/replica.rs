@@ -179,7 +179,8 @@ impl Store {
             .into_iter()
             .filter(|c| c.sequence >= first_new)
             .collect();
-        let end = self.stage(p, tail, &fresh, &mut b)?;
+        let mut statuses = Vec::with_capacity(fresh.len());
+        let end = self.stage(p, tail, &fresh, &mut b, &mut statuses)?;
         if end.hash != head.chain_hash {
             // check_batch saw the same chain: only a bug gets here.
             return Err(FeedError::ChainMismatch {
@@ -193,7 +194,9 @@ impl Store {
             head_bytes,
         );
         self.write(b, fresh.len()).await?;
+        self.unmerged.put(p, head.sequence, statuses);
         self.notify(p, head.sequence);
+        self.unmerged.make_room().await;
         Ok(Applied {
             new_changes: new.len(),
             sequence: head.sequence,

@@ -34,6 +34,10 @@ struct Figures {
     holders: u64,
     import_rate: f64,
     replication_rate: f64,
+    /// Seconds from the end of the import (of the catch-up) until every
+    /// status was merged into the store's buckets.
+    issuer_merged_secs: f64,
+    replica_merged_secs: f64,
     issuer_bytes: u64,
     audit_bytes: u64,
     replica_bytes: u64,
@@ -49,7 +53,7 @@ struct Figures {
 
 pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result<()> {
     outln!(
-        "two nodes in processes of their own; sizes on disk after the import settles; Lookup at the issuer and Verify of its codes at the replica over {SAMPLED} random holders, {} s each\n",
+        "two nodes in processes of their own; sizes on disk once every status is merged into its bucket and the import settles; Lookup at the issuer and Verify of its codes at the replica over {SAMPLED} random holders, {} s each\n",
         args.seconds
     );
     let small_run = run_at(args, small).await?;
@@ -61,6 +65,12 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
     row("import, rows/s", &|f| format!("{:.0}", f.import_rate));
     row("replication, changes/s", &|f| {
         format!("{:.0}", f.replication_rate)
+    });
+    row("merged after the import, s", &|f| {
+        format!("{:.1}", f.issuer_merged_secs)
+    });
+    row("merged after the catch-up, s", &|f| {
+        format!("{:.1}", f.replica_merged_secs)
     });
     let per = |bytes: u64, n: u64| format!("{:.0}", bytes as f64 / n as f64);
     row("issuer data, bytes/holder", &|f| {
@@ -179,6 +189,27 @@ async fn replica_sequence(metrics: std::net::SocketAddr, p: Province) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until the node scraped at `metrics` holds no status unmerged
+/// (its gauge is refreshed every 2 s); returns the seconds it took.
+async fn merged(metrics: std::net::SocketAddr) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    loop {
+        let text = crate::surge::scrape(metrics).await.unwrap_or_default();
+        let unmerged = text
+            .lines()
+            .find(|l| l.starts_with("hufu_store_unmerged "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if unmerged == Some(0.0) {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(3600),
+            "statuses were not merged in an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
     let scratch = tempfile::tempdir()?;
     let (a, b) = (Province::parse("440000")?, Province::parse("610000")?);
@@ -206,8 +237,9 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         "the import stored {} rows of {n}",
         outcome.accepted
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let config = &fed.get(a).config;
+    let issuer_merged_secs = merged(config.metrics_listen.context("metrics address")?).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let issuer_bytes = disk_bytes(&config.path(&config.data_dir));
     let audit_bytes = disk_bytes(&config.audit_dir());
 
@@ -240,6 +272,7 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         Some((t0, s0)) if s0 < n => (n - s0) as f64 / t0.elapsed().as_secs_f64(),
         _ => n as f64 / started.elapsed().as_secs_f64(),
     };
+    let replica_merged_secs = merged(metrics).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let replica_config = &fed.get(b).config;
     let replica_bytes = disk_bytes(&replica_config.path(&replica_config.data_dir));
@@ -288,6 +321,8 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         holders: n,
         import_rate: n as f64 / import_secs,
         replication_rate,
+        issuer_merged_secs,
+        replica_merged_secs,
         issuer_bytes,
         audit_bytes,
         replica_bytes,

@@ -286,6 +286,12 @@ pub fn parse(text: &str, format: Format) -> anyhow::Result<Parsed> {
 
 /// Splits one CSV line (quoted fields allowed) with the csv crate.
 fn csv_fields(line: &str) -> Result<Vec<String>, String> {
+    // A line without quotes or carriage returns is its fields between
+    // commas, as the CSV reader reads it; building that reader for each
+    // line took most of an import's client (issue 17).
+    if !line.contains(['"', '\r']) {
+        return Ok(line.split(',').map(str::to_owned).collect());
+    }
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .from_reader(line.as_bytes());
@@ -321,6 +327,28 @@ mod tests {
         assert_eq!(rejected[0], (3, "empty line"));
         assert_eq!(rejected[1].0, 5);
         assert!(rejected[1].1.contains("unknown colour \"blue\""));
+    }
+
+    #[test]
+    fn a_line_without_quotes_reads_as_the_csv_reader_reads_it() {
+        for line in [
+            "a,b,c",
+            "a,,c,",
+            ",",
+            " a , b ",
+            "x",
+            "a,\"b,c\",d",
+            "a,b\r",
+        ] {
+            let mut reader = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .from_reader(line.as_bytes());
+            let want: Vec<String> = match reader.records().next() {
+                Some(record) => record.unwrap().iter().map(str::to_owned).collect(),
+                None => vec![],
+            };
+            assert_eq!(csv_fields(line).unwrap(), want, "{line:?}");
+        }
     }
 
     #[test]

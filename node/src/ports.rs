@@ -6,13 +6,14 @@
 //! that way and released so that a child process (`hufu serve`, a NATS
 //! server, chromedriver) can bind it may be handed to someone else first:
 //! another test's node in the same process, or a connection. The ports here
-//! come from below the ephemeral range instead, each at most once per
-//! process (until the range wraps round), and each checked free by binding
-//! it.
+//! come from below the ephemeral range instead, at random (so that two
+//! processes picking ports at once rarely meet), each at most once per
+//! process, and each checked free by binding it.
 
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher};
 use std::net::TcpListener;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 /// The lowest port handed out: above the well-known and most registered
 /// services' ports.
@@ -22,11 +23,7 @@ const LOWEST: u32 = 10_000;
 const EPHEMERAL_DEFAULT: u32 = 32_768;
 
 /// Ports handed out so far in this process.
-static HANDED: AtomicU32 = AtomicU32::new(0);
-
-/// Where this process starts in the range: different processes (test
-/// binaries run one after another, benchmarks beside them) start apart.
-static START: OnceLock<u32> = OnceLock::new();
+static HANDED: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// The first port of the kernel's ephemeral range.
 fn ephemeral_low() -> u32 {
@@ -34,6 +31,13 @@ fn ephemeral_low() -> u32 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(EPHEMERAL_DEFAULT)
+}
+
+/// A random number: the standard library's hasher is seeded at random.
+fn random() -> u32 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish() as u32
 }
 
 /// A listener on a loopback port that nobody else in this process has been
@@ -46,11 +50,15 @@ pub fn loopback_listener() -> std::io::Result<TcpListener> {
         return TcpListener::bind("127.0.0.1:0");
     }
     let span = high - LOWEST;
-    let start = *START.get_or_init(|| std::process::id().wrapping_mul(7_919) % span);
+    let mut handed = HANDED.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = handed.get_or_insert_with(HashSet::new);
+    // Enough tries that a range mostly taken is still searched.
     for _ in 0..span {
-        let n = HANDED.fetch_add(1, Ordering::Relaxed);
-        let port = LOWEST + (start.wrapping_add(n)) % span;
-        match TcpListener::bind(("127.0.0.1", port as u16)) {
+        let port = (LOWEST + random() % span) as u16;
+        if !handed.insert(port) {
+            continue;
+        }
+        match TcpListener::bind(("127.0.0.1", port)) {
             Ok(listener) => return Ok(listener),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
             Err(e) => return Err(e),

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub caller_places_paused: Gauge,
     pub caller_places_waiting: Gauge,
     pub connections_taken_back: Counter,
+    pub stream_limits_sent: Counter,
     pub scheduling_delay: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub audit_conflicts: Gauge,
     pub audit_log_size: Gauge,
@@ -99,6 +100,7 @@ impl Metrics {
         let caller_places_paused = Gauge::default();
         let caller_places_waiting = Gauge::default();
         let connections_taken_back = Counter::default();
+        let stream_limits_sent = Counter::default();
         let scheduling_delay = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "caller_places",
@@ -124,6 +126,11 @@ impl Metrics {
             "connections_taken_back",
             "terminals' connections closed because their callers opened streams beyond the limit the node had set",
             connections_taken_back.clone(),
+        );
+        registry.register(
+            "stream_limits_sent",
+            "SETTINGS frames the node added to terminals' connections to change their stream limit (pauses, their ends, fewer streams during a surge)",
+            stream_limits_sent.clone(),
         );
         registry.register(
             "scheduling_delay_seconds",
@@ -315,6 +322,7 @@ impl Metrics {
             caller_places_paused,
             caller_places_waiting,
             connections_taken_back,
+            stream_limits_sent,
             scheduling_delay,
             audit_conflicts,
             audit_log_size,

@@ -89,7 +89,9 @@ impl PeerConn {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            held.wire.added(n);
+            if held.wire.added(n) {
+                self.slot.metrics.stream_limits_sent.inc();
+            }
             held.unflushed = true;
         }
         if held.unflushed {

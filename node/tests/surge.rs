@@ -138,20 +138,29 @@ async fn places_shut_terminals_out_under_a_flood_but_never_the_admin() {
     let mut admin = fed.get(gd).admin().await.unwrap();
     let admin_during = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut cut = false;
+        let (mut cut, mut paused_seen) = (false, false);
         for n in 0..20 {
             write_red(&mut admin, gd, n)
                 .await
                 .expect("the admin is served while terminals are shut out");
             let metrics = common::metrics(fed.get(gd)).await;
-            cut |= gauge(&metrics, "hufu_caller_places_paused") > 0.0
-                || gauge(&metrics, "hufu_connections_taken_back_total") > 0.0;
+            let paused = gauge(&metrics, "hufu_caller_places_paused") > 0.0;
+            paused_seen |= paused;
+            cut |= paused || gauge(&metrics, "hufu_connections_taken_back_total") > 0.0;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(
             cut,
             "the flood never made the node pause or close a terminal"
         );
+        if paused_seen {
+            // A pause is a SETTINGS frame on the paused connection.
+            let metrics = common::metrics(fed.get(gd)).await;
+            assert!(
+                counter(&metrics, "hufu_stream_limits_sent_total") > 0.0,
+                "connections paused without a stream limit sent"
+            );
+        }
     };
     let (ok, _, crowd) = flood(&fed, &holders, Duration::from_secs(4), admin_during).await;
     assert!(ok > 0, "the node served nothing during the flood");

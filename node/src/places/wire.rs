@@ -147,18 +147,21 @@ impl StreamLimit {
         }
     }
 
-    /// Notes `n` bytes of the frame from [`Self::to_add`] written.
-    pub fn added(&mut self, n: usize) {
+    /// Notes `n` bytes of the frame from [`Self::to_add`] written; true
+    /// once the whole frame is.
+    pub fn added(&mut self, n: usize) -> bool {
         let Some((limit, _, at)) = &mut self.adding else {
-            return;
+            return false;
         };
         *at += n;
-        if *at >= SETTINGS_LEN {
-            let limit = *limit;
-            self.adding = None;
-            self.sent = limit;
-            self.unacked.push_back(Some(limit));
+        if *at < SETTINGS_LEN {
+            return false;
         }
+        let limit = *limit;
+        self.adding = None;
+        self.sent = limit;
+        self.unacked.push_back(Some(limit));
+        true
     }
 
     /// Bytes held back from the last read, to be put before the next.
@@ -264,7 +267,7 @@ mod tests {
 
     fn add_all(limit: &mut StreamLimit, wanted: u32) -> Vec<u8> {
         let frame = limit.to_add(wanted).to_vec();
-        limit.added(frame.len());
+        assert_eq!(limit.added(frame.len()), !frame.is_empty());
         frame
     }
 
@@ -285,12 +288,12 @@ mod tests {
         assert_eq!(limit.to_add(0), settings_frame(0));
         // Written in two parts; the limit wanted back meanwhile does not
         // change the frame under way.
-        limit.added(5);
+        assert!(!limit.added(5), "a frame is sent once all of it is");
         assert_eq!(limit.to_add(8), &settings_frame(0)[5..]);
-        limit.added(SETTINGS_LEN - 5);
+        assert!(limit.added(SETTINGS_LEN - 5));
         // Now the limit sent is 0: going back to 8 is a new frame.
         assert_eq!(limit.to_add(8), settings_frame(8));
-        limit.added(SETTINGS_LEN);
+        assert!(limit.added(SETTINGS_LEN));
         assert!(limit.to_add(8).is_empty(), "nothing more to say");
     }
 

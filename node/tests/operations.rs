@@ -344,6 +344,41 @@ async fn logs_are_plain_in_a_pipe_and_say_when_a_feed_goes_down_and_comes_back()
     }
 }
 
+/// A terminal's certificate and key, written under a scratch directory,
+/// from a province the node does not trust.
+struct Stranger {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+fn stranger(dir: &std::path::Path) -> Stranger {
+    let other = LocalProvince::init(dir, common::province("610000")).unwrap();
+    let cert = other.client_cert(Role::Terminal, "gate-1").unwrap();
+    let stranger = Stranger {
+        cert: dir.join("t.pem"),
+        key: dir.join("t.key"),
+    };
+    std::fs::write(&stranger.cert, cert.cert_pem).unwrap();
+    std::fs::write(&stranger.key, cert.key_pem).unwrap();
+    stranger
+}
+
+impl Stranger {
+    /// `hufu lookup` with this certificate, against the node of `config`.
+    async fn lookup(&self, config: &std::path::Path) -> std::process::Output {
+        hufu()
+            .args(["lookup", &"A".repeat(26), "--config"])
+            .arg(config)
+            .arg("--cert")
+            .arg(&self.cert)
+            .arg("--key")
+            .arg(&self.key)
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test]
 async fn cli_errors_say_what_to_do() {
     let mut node = common::start("440000").await;
@@ -365,22 +400,8 @@ async fn cli_errors_say_what_to_do() {
     assert!(!text.contains("code: '"), "{text}");
 
     // A terminal of a province the node does not trust.
-    let other = LocalProvince::init(node.scratch.path(), common::province("610000")).unwrap();
-    let cert = other.client_cert(Role::Terminal, "gate-1").unwrap();
-    let dir = node.scratch.path();
-    std::fs::write(dir.join("t.pem"), cert.cert_pem).unwrap();
-    std::fs::write(dir.join("t.key"), cert.key_pem).unwrap();
-    let out = hufu()
-        .args(["lookup", &"A".repeat(26), "--config"])
-        .arg(&config)
-        .arg("--cert")
-        .arg(dir.join("t.pem"))
-        .arg("--key")
-        .arg(dir.join("t.key"))
-        .output()
-        .await
-        .unwrap();
-    let text = stderr(out);
+    let stranger = stranger(node.scratch.path());
+    let text = stderr(stranger.lookup(&config).await);
     assert!(text.contains("does not trust your certificate"), "{text}");
 
     // The node stopped: refused once, with the hint.
@@ -452,22 +473,9 @@ async fn a_command_piped_into_a_reader_that_stops_early_ends_quietly() {
 async fn a_command_the_node_hangs_up_on_always_says_why() {
     let mut node = common::start("440000").await;
     let config = save(&node.province, &node.province.config);
-    let other = LocalProvince::init(node.scratch.path(), common::province("610000")).unwrap();
-    let cert = other.client_cert(Role::Terminal, "gate-1").unwrap();
-    let dir = node.scratch.path();
-    std::fs::write(dir.join("t.pem"), cert.cert_pem).unwrap();
-    std::fs::write(dir.join("t.key"), cert.key_pem).unwrap();
+    let stranger = stranger(node.scratch.path());
     for attempt in 0..40 {
-        let out = hufu()
-            .args(["lookup", &"A".repeat(26), "--config"])
-            .arg(&config)
-            .arg("--cert")
-            .arg(dir.join("t.pem"))
-            .arg("--key")
-            .arg(dir.join("t.key"))
-            .output()
-            .await
-            .unwrap();
+        let out = stranger.lookup(&config).await;
         let text = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),

@@ -65,6 +65,11 @@ pub struct SurgeArgs {
     /// measure one lever at a time.
     #[arg(long = "node-config", value_name = "SECTION.KEY=VALUE")]
     pub node_config: Vec<String>,
+    /// Status changes an admin writes a second, beside the capacity
+    /// measurement and every step, each on its own schedule (open loop,
+    /// 1 s deadline), so that every phase carries the same writes.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub writes_per_sec: u64,
 }
 
 /// `config` with `settings` (`section.key=value`, the value in TOML) applied.
@@ -172,7 +177,8 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
         args.seconds
     );
     outln!(
-        "meanwhile an admin writes {WRITES_PER_SEC} status changes a second and province {peer} replicates them from the node's feed\n"
+        "meanwhile an admin writes {} status changes a second (open loop) and province {peer} replicates them from the node's feed\n",
+        surge.writes_per_sec
     );
 
     let exe = std::env::current_exe()?;
@@ -227,6 +233,7 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
         };
         let side = SideTraffic {
             admin: AdminServiceClient::new(client::connect(&target, &admin).await?),
+            per_sec: surge.writes_per_sec,
             holders,
             node_metrics: metrics_addr,
             peer_metrics: fed.get(peer).config.metrics_listen,
@@ -297,13 +304,16 @@ const NAMED: [&str; 4] = [
     "UNAVAILABLE",
 ];
 
-/// Status writes a second during the surge, and their replication.
-const WRITES_PER_SEC: u64 = 50;
-
 /// What runs beside the surge: an admin writing statuses, and the peer
 /// province replicating them.
 struct SideTraffic {
     admin: AdminServiceClient<Channel>,
+    /// Writes a second, each sent at its scheduled time whatever the
+    /// others' latency. Written one after another instead, as many got
+    /// through as the node's latency let (9 to 31 a second in steps where
+    /// the capacity measurement had 12 to 23), and each phase paid for a
+    /// different number of them.
+    per_sec: u64,
     holders: Arc<Vec<String>>,
     node_metrics: Option<std::net::SocketAddr>,
     peer_metrics: Option<std::net::SocketAddr>,
@@ -312,9 +322,13 @@ struct SideTraffic {
 impl SideTraffic {
     /// Writes for `duration`; (acknowledged, failed).
     async fn write(&self, duration: Duration, offset: u64) -> (u64, u64) {
-        let mut tick = tokio::time::interval(Duration::from_millis(1000 / WRITES_PER_SEC));
+        if self.per_sec == 0 {
+            tokio::time::sleep(duration).await;
+            return (0, 0);
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1) / self.per_sec as u32);
         let end = tokio::time::Instant::now() + duration;
-        let (mut ok, mut failed) = (0, 0);
+        let mut writes = tokio::task::JoinSet::new();
         let mut n = offset;
         while tokio::time::Instant::now() < end {
             tick.tick().await;
@@ -330,12 +344,13 @@ impl SideTraffic {
                 }),
             });
             request.set_timeout(Duration::from_secs(1));
-            match self.admin.clone().put_status(request).await {
-                Ok(_) => ok += 1,
-                Err(_) => failed += 1,
-            }
+            let mut admin = self.admin.clone();
+            writes.spawn(async move { admin.put_status(request).await.is_ok() });
         }
-        (ok, failed)
+        // Each write ends by its deadline.
+        let done = writes.join_all().await;
+        let ok = done.iter().filter(|ok| **ok).count() as u64;
+        (ok, done.len() as u64 - ok)
     }
 
     /// Changes in the node's log not yet applied at the peer.

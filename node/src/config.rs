@@ -194,6 +194,11 @@ pub struct LimitsConfig {
     /// places back, paused connections first, while the delay is low.
     /// 0: off.
     pub scheduling_delay_target_ms: u64,
+    /// Threads of the runtime that serves the connections of admins,
+    /// auditors and other provinces' nodes apart from terminals', so that
+    /// status writes, feeds and witnessing go on through a surge of
+    /// terminals (`node/src/lane.rs`). 0: they share the terminals'.
+    pub control_threads: usize,
 }
 
 impl Default for LimitsConfig {
@@ -217,6 +222,7 @@ impl Default for LimitsConfig {
             retry_pushback_ms: 100,
             max_connections: 10_000,
             scheduling_delay_target_ms: 50,
+            control_threads: 1,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod federation;
 pub mod handshake;
 pub mod import;
 pub mod init;
+pub mod lane;
 pub mod legacy;
 pub mod local;
 pub mod metered;

@@ -101,6 +101,19 @@ impl PeerConn {
         Poll::Ready(Ok(()))
     }
 
+    /// Moves the socket to the reactor of the runtime this is called on: a
+    /// second descriptor of the same socket is registered there, and the
+    /// first, registered where the connection was accepted, is closed.
+    /// Bytes the kernel holds stay in the socket, and a socket readable
+    /// already is reported readable at once by its new registration.
+    pub fn rehome(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        let (tcp, _) = self.tls.get_mut();
+        let fd = tcp.as_fd().try_clone_to_owned()?;
+        *tcp = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+        Ok(())
+    }
+
     /// Notes what hyper wrote, to find its frames' boundaries.
     fn wrote(&mut self, bytes: &[u8]) {
         if let Some(held) = &mut self.place {

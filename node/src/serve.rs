@@ -45,10 +45,14 @@ pub struct Http2Settings {
 
 /// Serves every connection `incoming` yields until `stop` is cancelled,
 /// then lets calls in flight finish (within the grace) and returns.
+/// Terminals' connections are served on the runtime this runs on; those of
+/// admins, auditors and other nodes on `control` if given
+/// ([`crate::lane`]).
 pub async fn serve<S: Handler, C: Connection>(
     incoming: impl Stream<Item = Result<C, io::Error>>,
     service: S,
     settings: Http2Settings,
+    control: Option<tokio::runtime::Handle>,
     stop: CancellationToken,
 ) {
     let mut incoming = std::pin::pin!(incoming);
@@ -64,12 +68,26 @@ pub async fn serve<S: Handler, C: Connection>(
         };
         // Finished connections leave the set as new ones arrive.
         while connections.try_join_next().is_some() {}
-        connections.spawn(serve_connection(
-            conn,
-            service.clone(),
-            settings.clone(),
-            stop.clone(),
-        ));
+        let (service, settings, stop) = (service.clone(), settings.clone(), stop.clone());
+        match &control {
+            Some(lane) if conn.connect_info().identity.role != Role::Terminal => {
+                let mut conn = conn;
+                connections.spawn_on(
+                    async move {
+                        if let Err(err) = conn.rehome() {
+                            let remote = conn.connect_info().remote;
+                            tracing::warn!(%remote, error = %err, "connection dropped: its socket could not be moved to the control lane");
+                            return;
+                        }
+                        serve_connection(conn, service, settings, stop).await
+                    },
+                    lane,
+                );
+            }
+            _ => {
+                connections.spawn(serve_connection(conn, service, settings, stop));
+            }
+        }
     }
     while connections.join_next().await.is_some() {}
 }
@@ -103,11 +121,9 @@ impl<S> Handler for S where
 pub trait Connection:
     AsyncRead + AsyncWrite + Connected<ConnectInfo = PeerInfo> + Unpin + Send + 'static
 {
-}
-
-impl<C> Connection for C where
-    C: AsyncRead + AsyncWrite + Connected<ConnectInfo = PeerInfo> + Unpin + Send + 'static
-{
+    /// Has the runtime this is called on watch the connection's socket from
+    /// now on, instead of the one that accepted it.
+    fn rehome(&mut self) -> io::Result<()>;
 }
 
 async fn serve_connection<S: Handler, C: Connection>(

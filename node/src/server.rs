@@ -40,6 +40,8 @@ pub struct RunningNode {
     pub state: Arc<NodeState>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    /// Serves control connections; dropped last.
+    control: Option<crate::lane::ControlLane>,
 }
 
 /// How long shutdown waits for calls in flight and background tasks.
@@ -83,6 +85,7 @@ impl RunningNode {
         if let Err(err) = self.state.store.flush().await {
             tracing::warn!(error = %err, "storage not flushed at shutdown; acknowledged writes were flushed before");
         }
+        drop(self.control);
         result
     }
 }
@@ -316,9 +319,17 @@ pub async fn start_on(
         });
     }
 
+    let control = match limits.control_threads {
+        0 => None,
+        threads => Some(
+            crate::lane::ControlLane::new(threads)
+                .context("cannot start the runtime for control connections")?,
+        ),
+    };
+    let lane = control.as_ref().map(|c| c.handle());
     let shutdown = stop.clone();
     let task = tokio::spawn(async move {
-        crate::serve::serve(incoming, service, http2, shutdown).await;
+        crate::serve::serve(incoming, service, http2, lane, shutdown).await;
         Ok(())
     });
     tracing::info!(
@@ -333,6 +344,7 @@ pub async fn start_on(
         state,
         stop,
         task,
+        control,
     })
 }
 

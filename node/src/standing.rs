@@ -234,6 +234,12 @@ impl GuardedConn {
     }
 }
 
+impl crate::serve::Connection for GuardedConn {
+    fn rehome(&mut self) -> io::Result<()> {
+        self.inner.rehome()
+    }
+}
+
 impl Connected for GuardedConn {
     type ConnectInfo = PeerInfo;
 

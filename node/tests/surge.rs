@@ -318,3 +318,81 @@ async fn flood(
     }
     (ok, refused, conns)
 }
+
+/// Whether an admin's status write is acknowledged within 2 s while the
+/// node's terminals' runtime is held busy for 3 s (its only thread
+/// blocked), on a node with `control_threads` threads for admins' and
+/// other nodes' connections; and whether a terminal got an answer
+/// meanwhile, to show the runtime really was held.
+async fn write_while_terminals_runtime_held(control_threads: usize) -> (bool, bool) {
+    let scratch = tempfile::tempdir().unwrap();
+    let gd = common::province(GD);
+    let mut province = hufu_node::local::LocalProvince::init(scratch.path(), gd).unwrap();
+    province.config.limits.control_threads = control_threads;
+    province.config.audit.enabled = true;
+    // The node runs on a runtime of one thread of its own; the test's
+    // clients on the test's runtime.
+    let node_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut province = node_runtime
+        .spawn(async move {
+            province.start().await.unwrap();
+            province
+        })
+        .await
+        .unwrap();
+    let holders = common::import_samples(&province, 2).await;
+    let mut admin = province.admin().await.unwrap();
+    let mut terminal = province.terminal("gate").await.unwrap();
+    let lookup = |holder: &String| {
+        let mut request = tonic::Request::new(LookupRequest {
+            issuer: GD.into(),
+            holder: holder.clone(),
+        });
+        request.set_timeout(Duration::from_millis(1500));
+        request
+    };
+    // Both connections are open and served before the runtime is held.
+    terminal.lookup(lookup(&holders[0])).await.unwrap();
+    write_red(&mut admin, gd, 0).await.unwrap();
+
+    node_runtime.spawn(async { std::thread::sleep(Duration::from_secs(3)) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let write = async {
+        let mut input = common::sample_input(gd, 1, Colour::Red);
+        input.as_of = Some(hufu_node::status::timestamp(hufu_node::status::now_unix()));
+        let mut request = tonic::Request::new(PutStatusRequest {
+            status: Some(input),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        admin.put_status(request).await
+    };
+    let (written, looked_up) = tokio::join!(write, terminal.lookup(lookup(&holders[1])));
+
+    node_runtime
+        .spawn(async move { province.stop().await })
+        .await
+        .unwrap()
+        .unwrap();
+    node_runtime.shutdown_background();
+    (written.is_ok(), looked_up.is_ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_go_through_while_terminals_runtime_is_held() {
+    let _alone = ONE_FLOOD.lock().await;
+    let (written, looked_up) = write_while_terminals_runtime_held(1).await;
+    assert!(!looked_up, "the terminals' runtime was not held");
+    assert!(
+        written,
+        "an admin write was not served on the control lane while terminals' runtime was busy"
+    );
+    // Without the control lane the same write waits for the terminals'
+    // runtime: the lane is what serves it.
+    let (written, looked_up) = write_while_terminals_runtime_held(0).await;
+    assert!(!looked_up, "the terminals' runtime was not held");
+    assert!(!written, "without a control lane a write was served anyway");
+}

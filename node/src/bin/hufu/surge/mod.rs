@@ -33,7 +33,7 @@ use hufu_node::client::{self, ClientCert, Target};
 use hufu_node::local::LocalFederation;
 use hufu_node::ports::free_port;
 use load::{Call, StepLoad, open_loop};
-use side::SideTraffic;
+use side::{SideTraffic, Writes};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SurgeArgs {
@@ -292,7 +292,7 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
         .await?;
     }
     outln!(
-        "goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; admin: status writes acknowledged/failed during the step; lag: changes written but not yet at the peer when the step ended"
+        "goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; admin: status writes acknowledged/failed during the step; adm ms: p99 latency of the acknowledged ones; lag: changes written but not yet at the peer when the step ended"
     );
     Ok(())
 }
@@ -404,12 +404,12 @@ impl Run<'_> {
         // costs the node many lookups' work, and steps get more or fewer in.
         let (mut capacity, mut writes_beside) = (0.0, 0);
         for in_flight in [self.args.concurrency.max(1), 200] {
-            let (load, (writes, _)) = match self.side {
+            let (load, writes) = match self.side {
                 Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000)),
-                None => (closed(in_flight).await, (0, 0)),
+                None => (closed(in_flight).await, Writes::default()),
             };
             if load.rate() > capacity {
-                (capacity, writes_beside) = (load.rate(), writes);
+                (capacity, writes_beside) = (load.rate(), writes.ok);
             }
         }
         match self.side {
@@ -427,7 +427,7 @@ impl Run<'_> {
             ),
         }
         outln!(
-            "{:>5} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>5}",
+            "{:>5} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>6} {:>5}",
             "load",
             "offered",
             "sent",
@@ -445,11 +445,13 @@ impl Run<'_> {
             "MiB",
             "gen%",
             "admin",
+            "adm ms",
             "lag"
         );
         let metrics = self.side.and_then(|s| s.node_metrics);
         let mut others = std::collections::BTreeMap::new();
         let mut messages = std::collections::BTreeMap::<String, String>::new();
+        let mut writes_failed = std::collections::BTreeMap::<String, u64>::new();
         for (i, &multiple) in self.surge.steps.iter().enumerate() {
             let before = view(server, metrics).await;
             let me_before = confine::usage(std::process::id());
@@ -473,8 +475,8 @@ impl Run<'_> {
             let after = view(server, metrics).await;
             let me_after = confine::usage(std::process::id());
             let wall = started.elapsed().as_secs_f64();
-            let side = match (writes, self.side) {
-                (Some((ok, failed)), Some(side)) => Some((ok, failed, side.lag().await)),
+            let side = match (&writes, self.side) {
+                (Some(writes), Some(side)) => Some((writes, side.lag().await)),
                 _ => None,
             };
             print_row(
@@ -488,6 +490,9 @@ impl Run<'_> {
             );
             for (code, n) in &step.codes {
                 *others.entry(code.clone()).or_insert(0) += n;
+            }
+            for (code, n) in writes.iter().flat_map(|w| &w.failed) {
+                *writes_failed.entry(code.clone()).or_insert(0) += n;
             }
             for (code, message) in &step.messages {
                 messages
@@ -512,6 +517,20 @@ impl Run<'_> {
                     .join(", ")
             }
         );
+        if self.side.is_some() {
+            outln!(
+                "admin writes failed: {}",
+                if writes_failed.is_empty() {
+                    "none".to_string()
+                } else {
+                    writes_failed
+                        .iter()
+                        .map(|(code, n)| format!("{code} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
         outln!(
             "server alive: {}, peak resident memory {:.0} MiB\n",
             server.alive(),
@@ -538,7 +557,7 @@ fn print_row(
     (before, after): (&NodeView, &NodeView),
     gen_cpu: f64,
     wall: f64,
-    side: Option<(u64, u64, Option<f64>)>,
+    side: Option<(&Writes, Option<f64>)>,
 ) {
     let secs = step.elapsed.as_secs_f64();
     let code = |name: &str| step.codes.get(name).copied().unwrap_or(0);
@@ -558,15 +577,19 @@ fn print_row(
             delta("hufu_tls_handshakes_total{kind=\"resumed\"}")
         )
     };
-    let (admin, lag) = match side {
-        Some((ok, failed, lag)) => (
-            format!("{ok}/{failed}"),
+    let (admin, admin_p99, lag) = match side {
+        Some((writes, lag)) => (
+            format!("{}/{}", writes.ok, writes.failed()),
+            writes
+                .took_ms(0.99)
+                .map(|ms| format!("{ms:.0}"))
+                .unwrap_or_else(|| "-".into()),
             lag.map(|l| format!("{l:.0}")).unwrap_or_else(|| "?".into()),
         ),
-        None => ("-".into(), "-".into()),
+        None => ("-".into(), "-".into(), "-".into()),
     };
     outln!(
-        "{:>4}x {:>8.0} {:>8.0} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>5}",
+        "{:>4}x {:>8.0} {:>8.0} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>6} {:>5}",
         multiple,
         step.offered as f64 / secs,
         step.sent as f64 / secs,
@@ -584,6 +607,7 @@ fn print_row(
         after.usage.rss_mib,
         100.0 * gen_cpu,
         admin,
+        admin_p99,
         lag,
     );
 }

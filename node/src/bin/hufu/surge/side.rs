@@ -2,8 +2,9 @@
 //! statuses on a schedule, and the peer province replicating them from the
 //! node's feed.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hufu_node::status::{now_unix, timestamp};
 use hufu_proto::v1::admin_service_client::AdminServiceClient;
@@ -28,11 +29,11 @@ pub(super) struct SideTraffic {
 }
 
 impl SideTraffic {
-    /// Writes for `duration`; (acknowledged, failed).
-    pub(super) async fn write(&self, duration: Duration, offset: u64) -> (u64, u64) {
+    /// Writes for `duration`.
+    pub(super) async fn write(&self, duration: Duration, offset: u64) -> Writes {
         if self.per_sec == 0 {
             tokio::time::sleep(duration).await;
-            return (0, 0);
+            return Writes::default();
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1) / self.per_sec as u32);
         let end = tokio::time::Instant::now() + duration;
@@ -53,12 +54,25 @@ impl SideTraffic {
             });
             request.set_timeout(Duration::from_secs(1));
             let mut admin = self.admin.clone();
-            writes.spawn(async move { admin.put_status(request).await.is_ok() });
+            let sent = Instant::now();
+            writes.spawn(async move {
+                let reply = admin.put_status(request).await;
+                (reply.map(|_| ()).map_err(|s| s.code()), sent.elapsed())
+            });
         }
         // Each write ends by its deadline.
-        let done = writes.join_all().await;
-        let ok = done.iter().filter(|ok| **ok).count() as u64;
-        (ok, done.len() as u64 - ok)
+        let mut done = Writes::default();
+        for (reply, took) in writes.join_all().await {
+            match reply {
+                Ok(()) => {
+                    done.ok += 1;
+                    done.took.push(took);
+                }
+                Err(code) => *done.failed.entry(format!("{code:?}")).or_default() += 1,
+            }
+        }
+        done.took.sort();
+        done
     }
 
     /// Changes in the node's log not yet applied at the peer.
@@ -68,5 +82,29 @@ impl SideTraffic {
         let head = sample(&node, "hufu_change_log_sequence ");
         let applied = sample(&peer, "hufu_feed_changes_applied_total");
         Some(head - applied)
+    }
+}
+
+/// The admin's writes during one phase.
+#[derive(Debug, Default)]
+pub(super) struct Writes {
+    /// Acknowledged.
+    pub(super) ok: u64,
+    /// Failed, by status code.
+    pub(super) failed: BTreeMap<String, u64>,
+    /// How long each acknowledged write took, sorted.
+    pub(super) took: Vec<Duration>,
+}
+
+impl Writes {
+    pub(super) fn failed(&self) -> u64 {
+        self.failed.values().sum()
+    }
+
+    /// The latency of acknowledged writes at `q` (0 to 1), in ms.
+    pub(super) fn took_ms(&self, q: f64) -> Option<f64> {
+        let last = self.took.len().checked_sub(1)?;
+        let i = ((last as f64) * q).round() as usize;
+        Some(self.took[i.min(last)].as_secs_f64() * 1000.0)
     }
 }

@@ -96,6 +96,18 @@ pub fn status_in<'a>(bytes: &'a [u8], holder: &Holder) -> NodeResult<Option<&'a 
     Ok(None)
 }
 
+/// The holders in the stored bucket `bytes`, in order.
+pub(super) fn holders_in(bytes: &[u8]) -> NodeResult<Vec<Holder>> {
+    let mut holders = Vec::with_capacity(BUCKET_HOLDERS);
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (holder, _, after) = next_entry(rest)?;
+        holders.push(*holder);
+        rest = after;
+    }
+    Ok(holders)
+}
+
 /// The `low` of `p`'s bucket after the one starting at `low`, if any: where
 /// the bucket at `low` ends.
 pub fn next_low(tree: &sled::Tree, p: Province, low: &Holder) -> NodeResult<Option<Holder>> {

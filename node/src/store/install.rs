@@ -166,6 +166,9 @@ impl Installing<'_> {
         batch: sled::Batch,
         statuses: Vec<(Holder, Vec<u8>)>,
     ) -> Result<(), ApplyError> {
+        if self.p == self.store.own {
+            self.store.presence.add(statuses.iter().map(|(h, _)| h));
+        }
         let tree = self.store.tree()?;
         let mut staged = Staged::on(batch);
         for (holder, value) in statuses {

@@ -140,6 +140,7 @@ impl Store {
         statuses: &mut Vec<(Holder, Vec<u8>)>,
     ) -> Result<Tail, ApplyError> {
         let written_ms = crate::status::now_millis();
+        let staged_before = statuses.len();
         let mut next = tail;
         let mut block: Option<(u64, BlockWriter)> = None;
         for change in changes {
@@ -165,6 +166,11 @@ impl Store {
         }
         if let Some((first, writer)) = block {
             batch.insert(codec::block_key(p, first), writer.into_bytes());
+        }
+        if p == self.own {
+            // Before the write: the filter never misses a stored holder.
+            self.presence
+                .add(statuses[staged_before..].iter().map(|(h, _)| h));
         }
         Ok(next)
     }

@@ -234,17 +234,17 @@ fn province_of(key: &[u8]) -> Option<Province> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
     use crate::store::bucket::{BUCKET, BUCKET_HOLDERS};
 
-    fn gd() -> Province {
+    pub(in crate::store) fn gd() -> Province {
         Province::parse("440000").unwrap()
     }
 
-    fn holders(n: u64) -> Vec<String> {
+    pub(in crate::store) fn holders(n: u64) -> Vec<String> {
         let secret = hufu_federation::holder::HolderSecret::new(&[7; 32]).unwrap();
         (0..n)
             .map(|i| {
@@ -255,7 +255,7 @@ mod tests {
             .collect()
     }
 
-    fn record(holder: &str, secs: i64) -> StatusRecord {
+    pub(in crate::store) fn record(holder: &str, secs: i64) -> StatusRecord {
         StatusRecord {
             issuer: "440000".into(),
             holder: holder.into(),
@@ -327,7 +327,7 @@ mod tests {
     }
 
     /// Opens the store at `dir` once sled's flusher has let go of it.
-    async fn reopen(dir: &std::path::Path) -> Store {
+    pub(in crate::store) async fn reopen(dir: &std::path::Path) -> Store {
         for _ in 0..100 {
             if let Ok(store) = Store::open(dir, gd()) {
                 return store;

@@ -127,6 +127,7 @@ mod log;
 mod merge;
 mod migrate;
 mod own;
+mod presence;
 mod replica;
 mod unmerged;
 
@@ -231,6 +232,10 @@ pub struct Store {
     unmerged: Arc<unmerged::Unmerged>,
     /// The thread merging them, joined when the store closes.
     merger: Option<std::thread::JoinHandle<()>>,
+    /// The holders of the own province that may be stored ([`presence`]),
+    /// and the thread adding those stored when the store opened.
+    presence: Arc<presence::Presence>,
+    presence_builder: Option<std::thread::JoinHandle<()>>,
     /// Whether writes are accepted; false from a failed write until a probe
     /// succeeds. Watched by health reporting.
     writable: watch::Sender<bool>,
@@ -278,6 +283,8 @@ impl Store {
             open: Arc::new(RwLock::new(Some(open))),
             unmerged: Arc::new(unmerged::Unmerged::new(unmerged_statuses)),
             merger: None,
+            presence: Arc::new(presence::Presence::new()),
+            presence_builder: None,
             writable: watch::channel(true).0,
             failed: Notify::new(),
             poisoned: AtomicBool::new(false),
@@ -298,6 +305,15 @@ impl Store {
                 .map_err(|e| {
                     NodeError::Internal(format!("cannot start the merging thread: {e}"))
                 })?,
+        );
+        store.presence_builder = Some(
+            presence::spawn_build(
+                store.open.clone(),
+                store.unmerged.clone(),
+                store.presence.clone(),
+                own,
+            )
+            .map_err(|e| NodeError::Internal(format!("cannot start the filter thread: {e}")))?,
         );
         Ok(store)
     }
@@ -416,11 +432,15 @@ impl Store {
 
 impl Drop for Store {
     /// Stops the merging thread (a merge under way stops between batches;
-    /// what it did not write is replayed when the store opens again).
+    /// what it did not write is replayed when the store opens again) and
+    /// the filter's (left incomplete).
     fn drop(&mut self) {
         self.unmerged.close();
-        if let Some(merger) = self.merger.take() {
-            let _ = merger.join();
+        for thread in [self.merger.take(), self.presence_builder.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
         }
     }
 }

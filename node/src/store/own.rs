@@ -9,7 +9,7 @@ use hufu_federation::feed::Change;
 use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
-use super::{Store, Tail};
+use super::{Store, Tail, codec};
 use crate::error::NodeResult;
 use crate::status::{seconds, supersedes};
 
@@ -43,6 +43,12 @@ impl Store {
             |record, earlier| {
                 let stored = match earlier {
                     Some(r) => Some(r.clone()),
+                    // A holder never stored needs no read ([`presence`]).
+                    None if codec::holder_bytes(&record.holder)
+                        .is_some_and(|h| !self.presence.may_hold(&h)) =>
+                    {
+                        None
+                    }
                     None => self.get(self.own, &record.holder)?,
                 };
                 Ok(match stored {

@@ -147,6 +147,18 @@ impl Unmerged {
             .map(|v| v.bytes().to_vec())
     }
 
+    /// The holders of `p` not merged yet, both tables.
+    pub(super) fn holders(&self, p: Province) -> Vec<Holder> {
+        let tables = self.tables.read().expect("unmerged lock");
+        let frozen = tables.frozen.as_deref().into_iter();
+        std::iter::once(&tables.active)
+            .chain(frozen)
+            .flat_map(|t| t.statuses.keys())
+            .filter(|(q, _)| *q == p)
+            .map(|(_, h)| *h)
+            .collect()
+    }
+
     /// Statuses not merged yet, both tables.
     pub(super) fn len(&self) -> usize {
         let tables = self.tables.read().expect("unmerged lock");

@@ -325,19 +325,99 @@ async fn an_import_of_many_bad_rows_is_summarised_and_keeps_the_good_ones() {
     // Not a terminal: no progress lines.
     assert!(!stderr.contains("rows sent"));
 
-    let mut admin = node.province.admin().await.unwrap();
     for n in [0, 9] {
-        let record = admin
-            .get_status(GetStatusRequest {
-                subject: Some(get_status_request::Subject::NationalId(id(n))),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .record
-            .unwrap();
-        assert_eq!(record.colour, Colour::Green as i32);
+        assert_eq!(stored(&node, id(n)).await.colour, Colour::Green as i32);
     }
+}
+
+/// The status stored for `national_id`, read through the admin service.
+async fn stored(node: &common::Running, national_id: String) -> hufu_proto::v1::StatusRecord {
+    let request = GetStatusRequest {
+        subject: Some(get_status_request::Subject::NationalId(national_id)),
+    };
+    let mut admin = node.province.admin().await.unwrap();
+    let response = admin.get_status(request).await.unwrap();
+    response.into_inner().record.unwrap()
+}
+
+/// After a restart (the node's filter of the holders it holds built again),
+/// rows of holders already stored are decided by what is stored, as an
+/// import always did: the same status unchanged, an older one refused, a
+/// newer one stored; only the new and newer ones are changes.
+#[tokio::test]
+async fn an_import_after_a_restart_decides_rows_of_stored_holders_by_what_is_stored() {
+    let mut node = common::start("440000").await;
+    let p = node.province.province;
+    let id = |n| sample::national_id(p, n).as_str().to_owned();
+    let csv = |rows: &[(std::ops::Range<u64>, &str, &str)]| {
+        let mut csv = String::from("national_id,colour,as_of\n");
+        for (range, colour, as_of) in rows {
+            for n in range.clone() {
+                csv.push_str(&format!("{},{colour},{as_of}\n", id(n)));
+            }
+        }
+        csv
+    };
+    let (old, then, later) = (
+        "2021-06-01T00:00:00Z",
+        "2022-01-10T08:00:00Z",
+        "2022-02-01T08:00:00Z",
+    );
+    let first = node.scratch.path().join("first.csv");
+    std::fs::write(&first, csv(&[(0..300, "green", then)])).unwrap();
+    let out = import_file(&node, first).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("imported 300 of 300 rows"), "{stdout}");
+
+    node.province.stop().await.unwrap();
+    node.province.start().await.unwrap();
+    let second = node.scratch.path().join("second.csv");
+    std::fs::write(
+        &second,
+        csv(&[
+            (0..100, "green", then),
+            (100..200, "red", old),
+            (200..300, "yellow", later),
+            (300..400, "red", then),
+        ]),
+    )
+    .unwrap();
+    let out = import_file(&node, second).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("imported 300 of 400 rows") && stdout.contains("100 rejected"),
+        "{stdout}\n{stderr}"
+    );
+    for line in [102, 201] {
+        assert!(
+            stderr.contains(&format!("second.csv:{line}: stored status is newer")),
+            "{stderr}"
+        );
+    }
+    assert!(!stderr.contains("second.csv:101:"), "{stderr}");
+
+    for (n, colour) in [
+        (0, Colour::Green),
+        (150, Colour::Green),
+        (250, Colour::Yellow),
+        (350, Colour::Red),
+    ] {
+        let record = stored(&node, id(n)).await;
+        assert_eq!(record.colour, colour as i32, "holder {n}");
+    }
+    let mut admin = node.province.admin().await.unwrap();
+    // 300 changes, then 100 newer and 100 new: the unchanged and the
+    // refused rows are none.
+    let put = admin
+        .put_status(hufu_proto::v1::PutStatusRequest {
+            status: Some(common::sample_input(p, 1_000, Colour::Green)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(put.sequence, 501);
+    node.province.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -156,11 +156,20 @@ pub(super) fn build(
 ) -> NodeResult<bool> {
     let started = std::time::Instant::now();
     let _merging = unmerged.merging.lock().expect("merging lock");
-    let Some(tree) = open.read().expect("store lock").as_ref().map(|o| o.tree.clone()) else {
+    let Some(tree) = open
+        .read()
+        .expect("store lock")
+        .as_ref()
+        .map(|o| o.tree.clone())
+    else {
         return Ok(false);
     };
     presence.add(&unmerged.holders(p));
-    for (n, item) in tree.scan_prefix(codec::key(BUCKET, p, &[])).values().enumerate() {
+    for (n, item) in tree
+        .scan_prefix(codec::key(BUCKET, p, &[]))
+        .values()
+        .enumerate()
+    {
         presence.add(&bucket::holders_in(&item?)?);
         if n % BUCKETS_PER_LOOK == 0 && unmerged.closing() {
             return Ok(false);
@@ -228,7 +237,10 @@ mod tests {
         }
         // Parts of 1 and 2 million full, the third of 4 taking the rest.
         assert_eq!(presence.parts.read().unwrap().len(), 3);
-        assert!(holders.iter().all(|h| presence.may_hold(h)), "no false negative");
+        assert!(
+            holders.iter().all(|h| presence.may_hold(h)),
+            "no false negative"
+        );
         let len = presence.len() as u64;
         assert!(len > n * 97 / 100 && len <= n, "{len} of {n} counted");
         let tried = 100_000;
@@ -288,7 +300,10 @@ mod with_a_store {
         let presence = Presence::new();
         assert!(build(&store.open, &store.unmerged, &presence, gd()).unwrap());
         for holder in &holders[..2_500] {
-            assert!(presence.may_hold(&bytes(holder)), "a stored holder is missed");
+            assert!(
+                presence.may_hold(&bytes(holder)),
+                "a stored holder is missed"
+            );
         }
         let absent = holders[2_500..]
             .iter()
@@ -297,7 +312,13 @@ mod with_a_store {
         assert!(absent > 950, "{absent} of 1,000 holders never stored");
         // Another province's holders are not its own.
         let other = Presence::new();
-        build(&store.open, &store.unmerged, &other, Province::parse("610000").unwrap()).unwrap();
+        build(
+            &store.open,
+            &store.unmerged,
+            &other,
+            Province::parse("610000").unwrap(),
+        )
+        .unwrap();
         assert_eq!(other.len(), 0);
     }
 
@@ -346,7 +367,10 @@ mod with_a_store {
         // What the write stored is in the filter, and read back.
         for record in &batch[20..] {
             assert!(store.presence.may_hold(&bytes(&record.holder)));
-            assert_eq!(store.get(gd(), &record.holder).unwrap().as_ref(), Some(record));
+            assert_eq!(
+                store.get(gd(), &record.holder).unwrap().as_ref(),
+                Some(record)
+            );
         }
         let again = store.put_many(&batch[20..]).await.unwrap();
         assert_eq!(again, vec![PutOutcome::Unchanged; 15]);

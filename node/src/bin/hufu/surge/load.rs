@@ -48,6 +48,18 @@ pub struct StepLoad {
     pub messages: BTreeMap<String, String>,
     pub latency: Histogram<u64>,
     pub elapsed: Duration,
+    /// Per [`SLICE`] of the step, by scheduled time: calls offered, and
+    /// calls answered OK within the step's prompt latency.
+    pub slices: Vec<Slice>,
+}
+
+/// The share of the step whose calls [`StepLoad::slices`] counts together.
+pub const SLICE: Duration = Duration::from_millis(250);
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Slice {
+    pub offered: u64,
+    pub prompt: u64,
 }
 
 impl StepLoad {
@@ -61,8 +73,40 @@ impl StepLoad {
             messages: BTreeMap::new(),
             latency: histogram(),
             elapsed,
+            slices: vec![Slice::default(); slices_in(elapsed)],
         }
     }
+
+    /// How long after the step's start its callers were served as usual
+    /// again for good: the start of the first slice from which every slice
+    /// had at least 99% of its calls answered OK within the prompt latency.
+    /// None if the step's last slice was still not.
+    pub fn recovered_after(&self) -> Option<Duration> {
+        let normal = |s: &Slice| s.offered > 0 && s.prompt * 100 >= s.offered * 99;
+        let from = self
+            .slices
+            .iter()
+            .rposition(|s| !normal(s))
+            .map_or(0, |last_bad| last_bad + 1);
+        (from < self.slices.len()).then(|| SLICE * from as u32)
+    }
+}
+
+fn slices_in(duration: Duration) -> usize {
+    duration.as_millis().div_ceil(SLICE.as_millis()).max(1) as usize
+}
+
+fn slice_of(started: Instant, scheduled: Instant, slices: usize) -> usize {
+    ((scheduled.saturating_duration_since(started).as_millis() / SLICE.as_millis()) as usize)
+        .min(slices - 1)
+}
+
+/// When calls count as answered promptly ([`StepLoad::slices`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Callers {
+    pub deadline: Duration,
+    pub prompt: Duration,
+    pub behaviour: Behaviour,
 }
 
 /// Offers `rate` calls a second for `duration` over `conns`, one worker per
@@ -71,8 +115,7 @@ impl StepLoad {
 pub async fn open_loop(
     rate: f64,
     duration: Duration,
-    deadline: Duration,
-    behaviour: Behaviour,
+    callers: Callers,
     conns: &[Channel],
     call: Call,
 ) -> StepLoad {
@@ -86,7 +129,7 @@ pub async fn open_loop(
         // Spread the connections' schedules over one interval.
         let phase = w as f64 / workers as f64;
         tasks.push(tokio::spawn(worker(
-            channel, call, w, workers, per_worker, phase, started, duration, deadline, behaviour,
+            channel, call, w, workers, per_worker, phase, started, duration, callers,
         )));
     }
     let mut total = StepLoad::new(duration);
@@ -103,6 +146,10 @@ pub async fn open_loop(
                 *total.codes.entry(code).or_default() += n;
             }
             let _ = total.latency.add(step.latency);
+            for (sum, slice) in total.slices.iter_mut().zip(step.slices) {
+                sum.offered += slice.offered;
+                sum.prompt += slice.prompt;
+            }
         }
     }
     total
@@ -118,10 +165,15 @@ async fn worker(
     phase: f64,
     started: Instant,
     duration: Duration,
-    deadline: Duration,
-    behaviour: Behaviour,
+    callers: Callers,
 ) -> StepLoad {
+    let Callers {
+        deadline,
+        prompt,
+        behaviour,
+    } = callers;
     let mut step = StepLoad::new(duration);
+    let slices = step.slices.len();
     let end = started + duration;
     let total = (per_worker * duration.as_secs_f64()).round() as u64;
     let at = |k: u64| started + Duration::from_secs_f64((k as f64 + phase) / per_worker);
@@ -135,6 +187,8 @@ async fn worker(
             let scheduled = at(k);
             k += 1;
             step.offered += 1;
+            let slice = slice_of(started, scheduled, slices);
+            step.slices[slice].offered += 1;
             if behaviour == Behaviour::Hufu
                 && (now < pushback_until || !throttle.allows(now, draw()))
             {
@@ -153,7 +207,7 @@ async fn worker(
                     Ok(r) => r,
                     Err(_) => Err(tonic::Status::deadline_exceeded("deadline at caller")),
                 };
-                (result, scheduled.elapsed())
+                (result, scheduled.elapsed(), slice)
             });
         }
         if k >= total && inflight.is_empty() {
@@ -161,10 +215,13 @@ async fn worker(
         }
         let next = if k < total { at(k) } else { end + deadline * 2 };
         tokio::select! {
-            Some((result, latency)) = inflight.next(), if !inflight.is_empty() => {
+            Some((result, latency, slice)) = inflight.next(), if !inflight.is_empty() => {
                 match result {
                     Ok(()) if latency <= deadline => {
                         step.good += 1;
+                        if latency <= prompt {
+                            step.slices[slice].prompt += 1;
+                        }
                         throttle.accepted();
                         let _ = step.latency.record(latency.as_micros().max(1) as u64);
                         *step.codes.entry("OK".into()).or_default() += 1;

@@ -10,6 +10,7 @@ pub(crate) mod confine;
 mod echo;
 mod load;
 mod side;
+mod table;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +33,10 @@ use confine::{Confined, Confinement};
 use hufu_node::client::{self, ClientCert, Target};
 use hufu_node::local::LocalFederation;
 use hufu_node::ports::free_port;
-use load::{Call, StepLoad, open_loop};
+use load::{Call, Callers, open_loop};
 use side::{SideTraffic, Writes};
+pub(crate) use table::scrape;
+use table::{NAMED, print_header, print_row, sample, view};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SurgeArgs {
@@ -106,20 +109,6 @@ pub enum SurgeCall {
     Verify,
     /// Lookups and verifications, one each in turn.
     Mixed,
-}
-
-/// What the bench learns of the node between two instants.
-#[derive(Clone, Default)]
-struct NodeView {
-    usage: confine::Usage,
-    metrics: String,
-}
-
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// How long each measurement lasts, and how the callers are spread, from
@@ -297,13 +286,10 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replies with a column of their own.
-const NAMED: [&str; 4] = [
-    "OK",
-    "RESOURCE_EXHAUSTED",
-    "DEADLINE_EXCEEDED",
-    "UNAVAILABLE",
-];
+/// The least latency that counts as served as usual after a surge: below
+/// it, a first step that ran very fast would make the scheduler's and the
+/// network's ordinary jitter count as a surge's tail.
+const MIN_PROMPT: Duration = Duration::from_millis(50);
 
 fn lookup_call(holders: Arc<Vec<String>>, p: Province) -> Call {
     let issuer = p.to_string();
@@ -426,41 +412,28 @@ impl Run<'_> {
                 self.args.concurrency.max(1)
             ),
         }
-        outln!(
-            "{:>5} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>6} {:>5}",
-            "load",
-            "offered",
-            "sent",
-            "goodput",
-            "/cap",
-            "p50 ms",
-            "p99 ms",
-            "exhaust",
-            "deadln",
-            "unavail",
-            "other",
-            "held",
-            "handshake",
-            "cpu%",
-            "MiB",
-            "gen%",
-            "admin",
-            "adm ms",
-            "lag"
-        );
+        print_header();
         let metrics = self.side.and_then(|s| s.node_metrics);
         let mut others = std::collections::BTreeMap::new();
         let mut messages = std::collections::BTreeMap::<String, String>::new();
         let mut writes_failed = std::collections::BTreeMap::<String, u64>::new();
+        // What counts as served as usual: set by the first step (below
+        // capacity, in the default steps), until then the deadline.
+        let mut prompt = self.deadline;
+        let (mut peak, mut recovery) = (0.0f64, None);
         for (i, &multiple) in self.surge.steps.iter().enumerate() {
             let before = view(server, metrics).await;
             let me_before = confine::usage(std::process::id());
             let started = std::time::Instant::now();
+            let callers = Callers {
+                deadline: self.deadline,
+                prompt,
+                behaviour: self.behaviour,
+            };
             let load = open_loop(
                 capacity * multiple,
                 self.seconds,
-                self.deadline,
-                self.behaviour,
+                callers,
                 self.conns,
                 self.call.clone(),
             );
@@ -488,6 +461,13 @@ impl Run<'_> {
                 wall,
                 side,
             );
+            if i == 0 {
+                let p99 = Duration::from_micros(step.latency.value_at_quantile(0.99));
+                prompt = (p99 * 2).max(MIN_PROMPT).min(self.deadline);
+            } else if i + 1 == self.surge.steps.len() && multiple < peak {
+                recovery = Some((multiple, step.recovered_after()));
+            }
+            peak = peak.max(multiple);
             for (code, n) in &step.codes {
                 *others.entry(code.clone()).or_insert(0) += n;
             }
@@ -531,6 +511,24 @@ impl Run<'_> {
                 }
             );
         }
+        if let Some((multiple, after)) = recovery {
+            let normal = format!(
+                "every {} ms from then on, 99% of the calls scheduled in it answered OK within {} ms: twice the first step's p99, at least {} ms",
+                load::SLICE.as_millis(),
+                prompt.as_millis(),
+                MIN_PROMPT.as_millis()
+            );
+            match after {
+                Some(after) => outln!(
+                    "back to {multiple}x: served as usual {:.2} s after the surge ({normal})",
+                    after.as_secs_f64()
+                ),
+                None => outln!(
+                    "back to {multiple}x: not served as usual within the step's {} s ({normal})",
+                    self.seconds.as_secs()
+                ),
+            }
+        }
         outln!(
             "server alive: {}, peak resident memory {:.0} MiB\n",
             server.alive(),
@@ -538,91 +536,4 @@ impl Run<'_> {
         );
         Ok(())
     }
-}
-
-async fn view(server: &Confined, metrics: Option<std::net::SocketAddr>) -> NodeView {
-    NodeView {
-        usage: server.usage(),
-        metrics: match metrics {
-            Some(addr) => scrape(addr).await.unwrap_or_default(),
-            None => String::new(),
-        },
-    }
-}
-
-fn print_row(
-    multiple: f64,
-    capacity: f64,
-    step: &StepLoad,
-    (before, after): (&NodeView, &NodeView),
-    gen_cpu: f64,
-    wall: f64,
-    side: Option<(&Writes, Option<f64>)>,
-) {
-    let secs = step.elapsed.as_secs_f64();
-    let code = |name: &str| step.codes.get(name).copied().unwrap_or(0);
-    let other: u64 = step
-        .codes
-        .iter()
-        .filter(|(k, _)| !NAMED.contains(&k.as_str()))
-        .map(|(_, v)| v)
-        .sum();
-    let handshakes = if after.metrics.is_empty() {
-        "-".to_string()
-    } else {
-        let delta = |prefix: &str| sample(&after.metrics, prefix) - sample(&before.metrics, prefix);
-        format!(
-            "{:.0}/{:.0}",
-            delta("hufu_tls_handshakes_total{kind=\"full\"}"),
-            delta("hufu_tls_handshakes_total{kind=\"resumed\"}")
-        )
-    };
-    let (admin, admin_p99, lag) = match side {
-        Some((writes, lag)) => (
-            format!("{}/{}", writes.ok, writes.failed()),
-            writes
-                .took_ms(0.99)
-                .map(|ms| format!("{ms:.0}"))
-                .unwrap_or_else(|| "-".into()),
-            lag.map(|l| format!("{l:.0}")).unwrap_or_else(|| "?".into()),
-        ),
-        None => ("-".into(), "-".into(), "-".into()),
-    };
-    outln!(
-        "{:>4}x {:>8.0} {:>8.0} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>6} {:>5}",
-        multiple,
-        step.offered as f64 / secs,
-        step.sent as f64 / secs,
-        step.good as f64 / secs,
-        step.good as f64 / secs / capacity,
-        step.latency.value_at_quantile(0.5) as f64 / 1000.0,
-        step.latency.value_at_quantile(0.99) as f64 / 1000.0,
-        code("RESOURCE_EXHAUSTED"),
-        code("DEADLINE_EXCEEDED"),
-        code("UNAVAILABLE"),
-        other,
-        step.held_back,
-        handshakes,
-        100.0 * (after.usage.cpu_secs - before.usage.cpu_secs) / wall,
-        after.usage.rss_mib,
-        100.0 * gen_cpu,
-        admin,
-        admin_p99,
-        lag,
-    );
-}
-
-/// The node's Prometheus text, over plain HTTP.
-pub(crate) async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let request = http::Request::get("/metrics")
-        .header("host", addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }

@@ -28,7 +28,7 @@
 //! Each province's feed is a gapless sequence of changes, each hashed into
 //! the chain `h(n) = SHA-256(h(n-1) ‖ n ‖ bytes)` that the issuer signs
 //! (`hufu_federation::feed`). The log is stored in **blocks**: one sled
-//! value per write (an import's transaction of 1,000 rows, a replicated
+//! value per write (an import's transaction of 5,000 rows, a replicated
 //! batch, a single change), at most [`BLOCK_CHANGES`] changes each, keyed
 //! by the sequence of its first change:
 //!
@@ -84,7 +84,7 @@
 //! bulk read (a feed's batch, an import's lookups of what is stored), is
 //! therefore followed by passes of that collector in proportion to its
 //! size ([`reclaim`]); without them a replica catching up grew by about
-//! 3 KB a change. Batches are bounded: an import's transactions of 1,000
+//! 3 KB a change. Batches are bounded: an import's transactions of 5,000
 //! rows, a feed's batches of `[federation] batch_changes`, applied one at a
 //! time as they arrive.
 //!

@@ -217,7 +217,7 @@ control_threads = 1
 # cache_mib = 64
 # Statuses written but not yet merged into storage, held in memory (about
 # 64 bytes each; merged in order in the background).
-# unmerged_statuses = 1000000
+# unmerged_statuses = 2000000
 
 # Used by `hufu status`, `hufu code` and `hufu keys` to reach this node.
 [client]

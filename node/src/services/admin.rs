@@ -163,32 +163,37 @@ impl AdminService {
         records: &[StatusRecord],
     ) -> NodeResult<Vec<PutOutcome>> {
         if let Some(log) = &self.write_log {
-            self.audit_changes(caller, records.iter().map(|r| (None, r)))
-                .await?;
+            let changed = records.iter().map(|r| (None, r));
+            self.audit_changes(caller, changed, || Ok(())).await?;
             return log.put_statuses(records).await;
         }
-        let pending = self.store.prepare(records).await?;
-        let changed = pending
+        let mut pending = self.store.prepare(records).await?;
+        let changed: Vec<_> = pending
             .outcomes()
             .iter()
             .zip(records)
             .filter_map(|(outcome, record)| match outcome {
                 PutOutcome::Applied { sequence } => Some((Some(*sequence), record)),
                 _ => None,
-            });
-        self.audit_changes(caller, changed).await?;
+            })
+            .collect();
+        // The changes are staged while the audit log writes their entries.
+        self.audit_changes(caller, changed, || pending.stage())
+            .await?;
         pending.commit().await
     }
 
     /// Audits status changes about to be stored (who, which holder, which
-    /// colour) and returns once their entries are on disk.
+    /// colour) and returns once their entries are on disk, having run
+    /// `meanwhile` while the audit log's thread wrote them.
     async fn audit_changes<'a>(
         &self,
         caller: &Identity,
         records: impl IntoIterator<Item = (Option<u64>, &'a StatusRecord)>,
+        meanwhile: impl FnOnce() -> NodeResult<()>,
     ) -> NodeResult<()> {
         if !self.audit.enabled() {
-            return Ok(());
+            return meanwhile();
         }
         if let Err(err) = self.audit.reopen_if_failed().await {
             return Err(NodeError::Unavailable(format!(
@@ -211,6 +216,7 @@ impl AdminService {
             })
             .collect();
         self.audit.record_all(entries).await;
+        meanwhile()?;
         self.audit.sync().await.map_err(|e| {
             // The audit log shares the disk: refuse writes until it has room.
             self.store.refuse_writes(&e);

@@ -210,16 +210,51 @@ impl Store {
         tail: &mut Tail,
         changes: &[Change<'_>],
     ) -> Result<Tail, ApplyError> {
+        match self.stage_write(*tail, changes)? {
+            Some(staged) => self.write_own(tail, staged).await,
+            None => Ok(*tail),
+        }
+    }
+
+    /// The first half of [`append_own`](Self::append_own): the write of
+    /// `changes` continuing `tail`, staged but not applied (None: nothing
+    /// to write). The tail's lock is held until it is written.
+    pub(super) fn stage_write(
+        &self,
+        tail: Tail,
+        changes: &[Change<'_>],
+    ) -> Result<Option<OwnWrite>, ApplyError> {
         if changes.is_empty() {
-            return Ok(*tail);
+            return Ok(None);
         }
         if !self.writable() {
             return Err(Self::refused().into());
         }
         let mut batch = sled::Batch::default();
         let mut statuses = Vec::with_capacity(changes.len());
-        let next = self.stage(self.own, *tail, changes, &mut batch, &mut statuses)?;
-        self.write(batch, changes.len()).await?;
+        let next = self.stage(self.own, tail, changes, &mut batch, &mut statuses)?;
+        Ok(Some(OwnWrite {
+            batch,
+            statuses,
+            next,
+            changes: changes.len(),
+        }))
+    }
+
+    /// The second half: applies `staged` durably, then moves `tail` (still
+    /// the one it was staged from) and wakes subscribers.
+    pub(super) async fn write_own(
+        &self,
+        tail: &mut Tail,
+        staged: OwnWrite,
+    ) -> Result<Tail, ApplyError> {
+        let OwnWrite {
+            batch,
+            statuses,
+            next,
+            changes,
+        } = staged;
+        self.write(batch, changes).await?;
         self.unmerged.put(self.own, next.sequence, statuses);
         *tail = next;
         self.notify(self.own, next.sequence);
@@ -235,6 +270,15 @@ impl Store {
             .filter(|(s, _, _)| *s == seq)
             .map(|(_, _, bytes)| bytes))
     }
+}
+
+/// An own write staged: its sled batch, the statuses it sets and the tail
+/// after it.
+pub(super) struct OwnWrite {
+    batch: sled::Batch,
+    statuses: Vec<(Holder, Vec<u8>)>,
+    next: Tail,
+    changes: usize,
 }
 
 /// Stages the effect of `change` of `p`: a binding into `batch`, a status

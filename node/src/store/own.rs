@@ -9,6 +9,7 @@ use hufu_federation::feed::Change;
 use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
+use super::log::OwnWrite;
 use super::{Store, Tail, codec};
 use crate::error::NodeResult;
 use crate::status::{seconds, supersedes};
@@ -103,6 +104,7 @@ impl Store {
             tail,
             changes,
             outcomes,
+            staged: None,
         })
     }
 }
@@ -115,6 +117,8 @@ pub struct PendingPut<'a> {
     /// The changes to append: their numbers and encoded records.
     pub(super) changes: Vec<(u64, Vec<u8>)>,
     pub(super) outcomes: Vec<PutOutcome>,
+    /// The write of the changes, once [`stage`](Self::stage)d.
+    pub(super) staged: Option<OwnWrite>,
 }
 
 impl PendingPut<'_> {
@@ -123,17 +127,31 @@ impl PendingPut<'_> {
         &self.outcomes
     }
 
+    /// Prepares the write of the changes (their change-log blocks, the
+    /// statuses they set) without writing anything, so that a caller can
+    /// do it while it waits for what must be durable first (an import, its
+    /// audit entries: the audit log's thread encodes them meanwhile).
+    pub fn stage(&mut self) -> NodeResult<()> {
+        if self.staged.is_none() {
+            let changes: Vec<Change<'_>> = self
+                .changes
+                .iter()
+                .map(|(sequence, record)| Change {
+                    sequence: *sequence,
+                    record,
+                })
+                .collect();
+            self.staged = self.store.stage_write(*self.tail, &changes)?;
+        }
+        Ok(())
+    }
+
     /// Writes the changes and returns once they are durable.
     pub async fn commit(mut self) -> NodeResult<Vec<PutOutcome>> {
-        let changes: Vec<Change<'_>> = self
-            .changes
-            .iter()
-            .map(|(sequence, record)| Change {
-                sequence: *sequence,
-                record,
-            })
-            .collect();
-        self.store.append_own(&mut self.tail, &changes).await?;
+        self.stage()?;
+        if let Some(staged) = self.staged.take() {
+            self.store.write_own(&mut self.tail, staged).await?;
+        }
         Ok(self.outcomes)
     }
 }

@@ -194,10 +194,15 @@ pub struct LimitsConfig {
     /// places back, paused connections first, while the delay is low.
     /// 0: off.
     pub scheduling_delay_target_ms: u64,
-    /// Threads of the runtime that serves the connections of admins,
-    /// auditors and other provinces' nodes apart from terminals', so that
-    /// status writes, feeds and witnessing go on through a surge of
-    /// terminals (`node/src/lane.rs`). 0: they share the terminals'.
+    /// Serve the connections of admins, auditors and other provinces'
+    /// nodes on a runtime of their own apart from terminals' (the control
+    /// lane, `node/src/lane.rs`), so that status writes, feeds and
+    /// witnessing go on through a surge of terminals; false: they share
+    /// the terminals'.
+    pub control_lane: bool,
+    /// Threads of the control lane; 0: one per core, as the terminals'
+    /// runtime has (an import's stream and its storing, a feed and its
+    /// checks, run side by side).
     pub control_threads: usize,
 }
 
@@ -222,7 +227,8 @@ impl Default for LimitsConfig {
             retry_pushback_ms: 100,
             max_connections: 10_000,
             scheduling_delay_target_ms: 50,
-            control_threads: 1,
+            control_lane: true,
+            control_threads: 0,
         }
     }
 }

@@ -196,10 +196,12 @@ streams_per_caller = 64
 max_streams = 4096
 # Open connections at once.
 max_connections = 10000
-# Threads of a runtime of their own for the connections of admins, auditors
-# and other provinces' nodes, so that status writes, feeds and witnessing go
-# on while terminals saturate the node (0: they share the terminals').
-control_threads = 1
+# A runtime of its own for the connections of admins, auditors and other
+# provinces' nodes, so that status writes, feeds and witnessing go on while
+# terminals saturate the node (false: they share the terminals'), and its
+# threads (0: one per core).
+control_lane = true
+control_threads = 0
 
 # The audit log of cross-province events, witnessed by the other members.
 # [audit]

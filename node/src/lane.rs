@@ -13,22 +13,33 @@
 //! beside its threads, in the kernel's scheduler, which shares the node's
 //! CPU between runnable threads; and its socket is watched by its own
 //! runtime's reactor, not by one polled between terminals' work.
+//!
+//! The judge of terminals' places (the places module's `watch`) runs here too:
+//! it must see the terminals' runtime fall behind while it is behind.
 
 use std::io;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
-/// A runtime of `threads` threads for control connections. Dropping it
-/// stops its tasks without waiting for them; a node drops it last, once
-/// its connections and tasks have ended.
+/// A runtime for control connections. Dropping it stops its tasks without
+/// waiting for them; a node drops it last, once its connections and tasks
+/// have ended.
 pub struct ControlLane {
     runtime: Option<Runtime>,
 }
 
 impl ControlLane {
+    /// A lane of `threads` threads; 0: one per core the node may use.
+    /// One thread held an import at 10,000,000 holders to what that thread
+    /// could decode and stage, and replication below its rate on the
+    /// terminals' runtime.
     pub fn new(threads: usize) -> io::Result<ControlLane> {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let runtime = Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
+            .worker_threads(threads)
             .thread_name("hufu-control")
             .enable_all()
             .build()?;

@@ -278,7 +278,9 @@ const TRICKLE: Duration = Duration::from_millis(500);
 /// other clients out. Handshakes are computed a few at a time, so a wave of
 /// reconnects cannot crowd out calls on open connections. Its tasks (the
 /// accept loop, each handshake) are `tasks`'s, and end when `stop` is
-/// cancelled: shutdown waits for them.
+/// cancelled: shutdown waits for them. Places are judged on `control` if
+/// given (the control lane), so that they follow a surge that has swamped
+/// this runtime.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -286,6 +288,7 @@ pub fn incoming(
     stop: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
     tasks: &TaskTracker,
+    control: Option<&tokio::runtime::Handle>,
 ) -> ReceiverStream<Result<PeerConn, io::Error>> {
     let (tx, rx) = mpsc::channel(limits.max_handshakes.max(1));
     let permits = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
@@ -303,12 +306,14 @@ pub fn incoming(
             waiting: Arc::new(AtomicUsize::new(0)),
             trickle: Notify::new(),
         });
-        tasks.spawn(places::watch(
+        places::watch(
             door.places.clone(),
             door.waiting.clone(),
             metrics.clone(),
             stop.clone(),
-        ));
+            tasks,
+            control,
+        );
         tasks.spawn({
             let (door, stop) = (door.clone(), stop.clone());
             async move {

@@ -194,6 +194,13 @@ pub async fn start_on(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
+    let control = match limits.control_lane {
+        false => None,
+        true => Some(
+            crate::lane::ControlLane::new(limits.control_threads)
+                .context("cannot start the runtime for control connections")?,
+        ),
+    };
     let standing = state.standing.clone();
     let incoming = net::incoming(
         listener,
@@ -211,6 +218,7 @@ pub async fn start_on(
         stop.clone(),
         metrics.clone(),
         &tasks,
+        control.as_ref().map(|c| c.handle()).as_ref(),
     );
     // Every connection is watched for its caller's standing: refused now if
     // revoked or of a province that left, closed later if that happens.
@@ -319,13 +327,6 @@ pub async fn start_on(
         });
     }
 
-    let control = match limits.control_threads {
-        0 => None,
-        threads => Some(
-            crate::lane::ControlLane::new(threads)
-                .context("cannot start the runtime for control connections")?,
-        ),
-    };
     let lane = control.as_ref().map(|c| c.handle());
     let shutdown = stop.clone();
     let task = tokio::spawn(async move {

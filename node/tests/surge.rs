@@ -321,14 +321,14 @@ async fn flood(
 
 /// Whether an admin's status write is acknowledged within 2 s while the
 /// node's terminals' runtime is held busy for 3 s (its only thread
-/// blocked), on a node with `control_threads` threads for admins' and
+/// blocked), on a node with or without the control lane for admins' and
 /// other nodes' connections; and whether a terminal got an answer
 /// meanwhile, to show the runtime really was held.
-async fn write_while_terminals_runtime_held(control_threads: usize) -> (bool, bool) {
+async fn write_while_terminals_runtime_held(control_lane: bool) -> (bool, bool) {
     let scratch = tempfile::tempdir().unwrap();
     let gd = common::province(GD);
     let mut province = hufu_node::local::LocalProvince::init(scratch.path(), gd).unwrap();
-    province.config.limits.control_threads = control_threads;
+    province.config.limits.control_lane = control_lane;
     province.config.audit.enabled = true;
     // The node runs on a runtime of one thread of its own; the test's
     // clients on the test's runtime.
@@ -384,7 +384,7 @@ async fn write_while_terminals_runtime_held(control_threads: usize) -> (bool, bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_writes_go_through_while_terminals_runtime_is_held() {
     let _alone = ONE_FLOOD.lock().await;
-    let (written, looked_up) = write_while_terminals_runtime_held(1).await;
+    let (written, looked_up) = write_while_terminals_runtime_held(true).await;
     assert!(!looked_up, "the terminals' runtime was not held");
     assert!(
         written,
@@ -392,7 +392,7 @@ async fn admin_writes_go_through_while_terminals_runtime_is_held() {
     );
     // Without the control lane the same write waits for the terminals'
     // runtime: the lane is what serves it.
-    let (written, looked_up) = write_while_terminals_runtime_held(0).await;
+    let (written, looked_up) = write_while_terminals_runtime_held(false).await;
     assert!(!looked_up, "the terminals' runtime was not held");
     assert!(!written, "without a control lane a write was served anyway");
 }

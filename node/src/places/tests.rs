@@ -249,3 +249,55 @@ async fn during_a_surge_connections_may_open_fewer_streams_until_it_is_over() {
     assert_eq!(streams(&newcomer), STREAMS);
     assert_eq!(streams(&p.try_take().expect("a free place")), STREAMS);
 }
+
+/// The scheduling delay the judge last read, 500 ms into a hold of 800 ms
+/// of the probe's runtime (its only thread blocked), with the judge on a
+/// runtime of its own or beside the probe.
+fn reading_while_held(judge_apart: bool) -> Duration {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (terminals, lane) = (runtime(), runtime());
+    let metrics = crate::metrics::Metrics::new();
+    let stop = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    {
+        let _inside = terminals.enter();
+        watch(
+            places(100),
+            Arc::new(AtomicUsize::new(0)),
+            metrics.clone(),
+            stop.clone(),
+            &tasks,
+            judge_apart.then(|| lane.handle()),
+        );
+    }
+    // Readings of a runtime at ease first.
+    std::thread::sleep(Duration::from_millis(300));
+    terminals.spawn(async { std::thread::sleep(Duration::from_millis(800)) });
+    std::thread::sleep(Duration::from_millis(500));
+    let read = Duration::from_secs_f64(metrics.scheduling_delay.get());
+    stop.cancel();
+    std::thread::sleep(Duration::from_millis(400));
+    read
+}
+
+#[test]
+fn a_judge_apart_reads_a_held_runtime_as_late_while_it_is_held() {
+    let apart = reading_while_held(true);
+    assert!(
+        apart >= Duration::from_millis(200),
+        "the judge on its own runtime read {apart:?} into a hold of the probe's"
+    );
+    // Beside the probe, the judge is held too: its last reading is from
+    // before the hold.
+    let beside = reading_while_held(false);
+    assert!(
+        beside < Duration::from_millis(100),
+        "the judge beside the probe read {beside:?}"
+    );
+}

@@ -145,6 +145,7 @@ async fn bare_echo(
         hufu_node::metrics::Metrics::new(),
         // The echo lives as long as the bench: its tasks need no joining.
         &tokio_util::task::TaskTracker::new(),
+        None,
     );
     let (_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(async move {

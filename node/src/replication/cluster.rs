@@ -261,8 +261,65 @@ impl NatsCluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        // Every server answers, but a stream on all of them can be placed
+        // only once the cluster's leader knows each as a peer: until then
+        // creating one fails ("no suitable peers for placement").
+        let running = self.servers.iter().filter(|s| s.child.is_some()).count();
+        if running > 1 {
+            let url = self.url(0);
+            while !stream_placed(&url, running, access).await {
+                anyhow::ensure!(
+                    start.elapsed() < within,
+                    "the NATS cluster could not place a stream on its {running} servers within {within:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Ok(())
     }
+}
+
+/// A client of `url` as `access` says.
+async fn connect(url: &str, access: Access<'_>) -> Option<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some((name, password)) = access.user {
+        options = options.user_and_password(name.into(), password.into());
+    }
+    if let Some(tls) = access.tls {
+        options = options
+            .require_tls(true)
+            .add_root_certificates(tls.ca.clone())
+            .add_client_certificate(tls.client_cert.clone(), tls.client_key.clone());
+    }
+    options
+        .connection_timeout(Duration::from_millis(500))
+        .connect(url)
+        .await
+        .ok()
+}
+
+/// Whether a stream of `replicas` replicas can be created (and is deleted
+/// again) through `url`.
+async fn stream_placed(url: &str, replicas: usize, access: Access<'_>) -> bool {
+    const PROBE: &str = "HUFU_READY_PROBE";
+    let attempt = async {
+        let js = async_nats::jetstream::new(connect(url, access).await?);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: PROBE.into(),
+            subjects: vec!["hufu.ready.probe".into()],
+            num_replicas: replicas,
+            storage: async_nats::jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .ok()?;
+        js.delete_stream(PROBE).await.ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
 }
 
 /// Whether `url` answers a JetStream account request without an error.
@@ -270,21 +327,7 @@ impl NatsCluster {
 /// older than 2.10 do not send.
 async fn jetstream_answers(url: &str, access: Access<'_>) -> bool {
     let attempt = async {
-        let mut options = async_nats::ConnectOptions::new();
-        if let Some((name, password)) = access.user {
-            options = options.user_and_password(name.into(), password.into());
-        }
-        if let Some(tls) = access.tls {
-            options = options
-                .require_tls(true)
-                .add_root_certificates(tls.ca.clone())
-                .add_client_certificate(tls.client_cert.clone(), tls.client_key.clone());
-        }
-        let client = options
-            .connection_timeout(Duration::from_millis(500))
-            .connect(url)
-            .await
-            .ok()?;
+        let client = connect(url, access).await?;
         let reply = client.request("$JS.API.INFO", "".into()).await.ok()?;
         let json: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
         json.get("error").is_none().then_some(())

@@ -201,6 +201,7 @@ pub async fn start_on(
                 .context("cannot start the runtime for control connections")?,
         ),
     };
+    let lane = control.as_ref().map(|c| c.handle());
     let standing = state.standing.clone();
     let incoming = net::incoming(
         listener,
@@ -218,7 +219,7 @@ pub async fn start_on(
         stop.clone(),
         metrics.clone(),
         &tasks,
-        control.as_ref().map(|c| c.handle()).as_ref(),
+        lane.as_ref(),
     );
     // Every connection is watched for its caller's standing: refused now if
     // revoked or of a province that left, closed later if that happens.
@@ -327,7 +328,6 @@ pub async fn start_on(
         });
     }
 
-    let lane = control.as_ref().map(|c| c.handle());
     let shutdown = stop.clone();
     let task = tokio::spawn(async move {
         crate::serve::serve(incoming, service, http2, lane, shutdown).await;

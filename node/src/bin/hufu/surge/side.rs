@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use hufu_node::status::{now_unix, timestamp};
 use hufu_proto::v1::admin_service_client::AdminServiceClient;
 use hufu_proto::v1::{PutStatusRequest, StatusInput, status_input};
 use tonic::transport::Channel;
 
 use super::{sample, scrape};
+use crate::loadgen::histogram;
 
 /// What runs beside the surge: an admin writing statuses, and the peer
 /// province replicating them.
@@ -66,12 +68,11 @@ impl SideTraffic {
             match reply {
                 Ok(()) => {
                     done.ok += 1;
-                    done.took.push(took);
+                    let _ = done.took.record(took.as_micros().max(1) as u64);
                 }
                 Err(code) => *done.failed.entry(format!("{code:?}")).or_default() += 1,
             }
         }
-        done.took.sort();
         done
     }
 
@@ -86,14 +87,23 @@ impl SideTraffic {
 }
 
 /// The admin's writes during one phase.
-#[derive(Debug, Default)]
 pub(super) struct Writes {
     /// Acknowledged.
     pub(super) ok: u64,
     /// Failed, by status code.
     pub(super) failed: BTreeMap<String, u64>,
-    /// How long each acknowledged write took, sorted.
-    pub(super) took: Vec<Duration>,
+    /// How long each acknowledged write took, in µs.
+    took: Histogram<u64>,
+}
+
+impl Default for Writes {
+    fn default() -> Writes {
+        Writes {
+            ok: 0,
+            failed: BTreeMap::new(),
+            took: histogram(),
+        }
+    }
 }
 
 impl Writes {
@@ -103,8 +113,6 @@ impl Writes {
 
     /// The latency of acknowledged writes at `q` (0 to 1), in ms.
     pub(super) fn took_ms(&self, q: f64) -> Option<f64> {
-        let last = self.took.len().checked_sub(1)?;
-        let i = ((last as f64) * q).round() as usize;
-        Some(self.took[i.min(last)].as_secs_f64() * 1000.0)
+        (!self.took.is_empty()).then(|| self.took.value_at_quantile(q) as f64 / 1000.0)
     }
 }

@@ -9,72 +9,36 @@ use crate::store::Store;
 use hufu_certs::Province;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use hufu_certs::Identity;
 use hufu_federation::audit::EntryKind;
 use hufu_federation::codes::{CodeAlg, CodeClaims, HealthClaim, display};
 use hufu_federation::holder::NationalId;
 use hufu_proto::v1::admin_service_server;
 use hufu_proto::v1::{
-    Colour, GetStatusRequest, GetStatusResponse, ImportRejection, ImportStatusesRequest,
-    ImportStatusesResponse, IssueCodeRequest, IssueCodeResponse, LinkCodeRequest, LinkCodeResponse,
-    PutStatusRequest, PutStatusResponse, Reason, RevokeKeyRequest, RevokeKeyResponse,
-    RotateKeyRequest, RotateKeyResponse, StatusInput, StatusRecord, UnlinkCodeRequest,
-    UnlinkCodeResponse, get_status_request, issue_code_request, status_input,
+    Colour, GetStatusRequest, GetStatusResponse, ImportStatusesRequest, ImportStatusesResponse,
+    IssueCodeRequest, IssueCodeResponse, LinkCodeRequest, LinkCodeResponse, PutStatusRequest,
+    PutStatusResponse, Reason, RevokeKeyRequest, RevokeKeyResponse, RotateKeyRequest,
+    RotateKeyResponse, StatusInput, StatusRecord, UnlinkCodeRequest, UnlinkCodeResponse,
+    get_status_request, issue_code_request, status_input,
 };
 use tonic::{Request, Response, Status, Streaming};
+
+mod import;
 
 use crate::audit;
 use crate::auth::caller;
 use crate::error::{NodeError, NodeResult};
 use crate::legacy;
-use crate::services::error::{AdminError, ImportCause};
+use crate::services::error::AdminError;
 use crate::state::NodeState;
 use crate::status::{format_time, now_unix, reason_name, seconds, timestamp};
 use crate::store::PutOutcome;
-
-/// Import rows stored per transaction (and per flush). Each transaction
-/// waits for two disk syncs, its audit entries' and its changes': with
-/// 1,000 rows the import spent most of its time waiting on them (the node
-/// below one core of two busy, issue 17). 5,000 is also a replicated
-/// batch's size, so the change-log blocks are alike.
-const IMPORT_CHUNK: usize = 5000;
-
-/// An import row read: its line, its record, and the legacy code to bind.
-type ImportRow = (u64, StatusRecord, Option<legacy::verify::LegacyCode>);
-
-/// Rejected rows listed in an import's summary at most (the first found);
-/// the summary counts all of them. A file of a million bad rows
-/// then gets a summary of a few tens of KiB, not one past the message limit.
-pub const LISTED_REJECTIONS: usize = 1000;
-
-/// The rejections of one import: the first [`LISTED_REJECTIONS`] found,
-/// and the count of all.
-#[derive(Default)]
-struct Rejections {
-    listed: Vec<ImportRejection>,
-    count: u64,
-}
-
-impl Rejections {
-    fn push(&mut self, line: u64, reason: String) {
-        self.count += 1;
-        if self.listed.len() < LISTED_REJECTIONS {
-            self.listed.push(ImportRejection { line, reason });
-        }
-    }
-
-    fn extend(&mut self, other: Rejections) {
-        self.count += other.count;
-        let room = LISTED_REJECTIONS.saturating_sub(self.listed.len());
-        self.listed.extend(other.listed.into_iter().take(room));
-    }
-}
 
 /// How far in the future an `as_of` may lie (clock skew between systems).
 const MAX_FUTURE_SKEW_SECS: i64 = 300;
 
 /// `hufu.v1.AdminService`: this province's statuses and keys.
+#[derive(Clone)]
 pub struct AdminService {
     province: Province,
     store: Arc<Store>,
@@ -260,133 +224,6 @@ impl AdminService {
             record: Some(record),
             sequence,
         })
-    }
-
-    async fn import(
-        &self,
-        request: Request<Streaming<ImportStatusesRequest>>,
-    ) -> Result<ImportStatusesResponse, AdminError> {
-        let caller = caller(&request)?;
-        let mut rows = request.into_inner();
-        let now = now_unix();
-        // Reading and storing overlap: the stream is read into the next
-        // chunk while the one before is written, so a client is never left
-        // waiting on a full flow-control window for two disk syncs. At most
-        // two chunks are held.
-        let (chunks, to_store) = tokio::sync::mpsc::channel::<Vec<ImportRow>>(1);
-        let read = async move {
-            let mut rejections = Rejections::default();
-            let mut chunk = Vec::with_capacity(IMPORT_CHUNK);
-            while let Some(row) = rows.next().await {
-                let row = match row {
-                    Ok(row) => row,
-                    Err(s) => return (rejections, Err(ImportCause::Stream(s))),
-                };
-                let Some(input) = row.status else {
-                    rejections.push(row.line, "empty row".into());
-                    continue;
-                };
-                let code = match row.legacy_code.trim() {
-                    "" => Ok(None),
-                    text => self.legacy.own_code(text, "legacy_code").map(Some),
-                };
-                match self.record_from(&input, now).and_then(|r| Ok((r, code?))) {
-                    Ok((record, code)) => chunk.push((row.line, record, code)),
-                    Err(e) => rejections.push(row.line, e.to_string()),
-                }
-                if chunk.len() >= IMPORT_CHUNK {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(IMPORT_CHUNK));
-                    if chunks.send(full).await.is_err() {
-                        // Storing stopped; it says why.
-                        return (rejections, Ok(()));
-                    }
-                }
-            }
-            if !chunk.is_empty() {
-                let _ = chunks.send(chunk).await;
-            }
-            (rejections, Ok(()))
-        };
-        let store = async {
-            // Owned here, so that storing stopped (a full disk) closes the
-            // channel and the reading half stops too, instead of waiting
-            // forever for room in it.
-            let mut to_store = to_store;
-            let mut accepted = 0;
-            let mut stale = Rejections::default();
-            while let Some(mut chunk) = to_store.recv().await {
-                if let Err(e) = self
-                    .store_chunk(&caller, &mut chunk, &mut accepted, &mut stale)
-                    .await
-                {
-                    return (accepted, stale, Err(ImportCause::Store(e)));
-                }
-            }
-            (accepted, stale, Ok(()))
-        };
-        let ((mut rejections, read), (accepted, stale, stored)) = tokio::join!(read, store);
-        // Whatever ends the import early, the rows stored so far stay
-        // stored and durable; the error says how many, so the operator
-        // knows that running the same file again is safe.
-        if let Err(cause) = stored.and(read) {
-            return Err(AdminError::ImportStopped { accepted, cause });
-        }
-        rejections.extend(stale);
-        let mut rejected = rejections.listed;
-        rejected.sort_by_key(|r| r.line);
-        tracing::info!(accepted, rejected = rejections.count, "import finished");
-        Ok(ImportStatusesResponse {
-            accepted,
-            rejected,
-            rejected_count: rejections.count,
-        })
-    }
-
-    async fn store_chunk(
-        &self,
-        caller: &Identity,
-        chunk: &mut Vec<ImportRow>,
-        accepted: &mut u64,
-        rejections: &mut Rejections,
-    ) -> NodeResult<()> {
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        let records: Vec<StatusRecord> = chunk.iter().map(|(_, r, _)| r.clone()).collect();
-        let outcomes = self.store(caller, &records).await?;
-        // The rows' legacy codes, bound to their holders once the statuses
-        // are stored (a row whose status was refused binds nothing).
-        let links: Vec<_> = chunk
-            .iter()
-            .zip(&outcomes)
-            .filter(|(_, o)| !matches!(o, PutOutcome::Stale { .. }))
-            .filter_map(|((_, record, code), _)| {
-                let holder = record.holder.parse().ok()?;
-                Some((code.clone()?, Some(holder)))
-            })
-            .collect();
-        self.legacy.link_codes(caller, &links).await?;
-        let mut stored = 0;
-        for ((line, _, _), outcome) in chunk.iter().zip(outcomes) {
-            match outcome {
-                PutOutcome::Applied { sequence } => {
-                    stored += 1;
-                    self.metrics.status_writes.inc();
-                    self.metrics.last_sequence.set(sequence as i64);
-                }
-                PutOutcome::Unchanged => stored += 1,
-                PutOutcome::Stale { stored_as_of } => rejections.push(
-                    *line,
-                    format!(
-                        "stored status is newer (as_of {})",
-                        format_time(stored_as_of)
-                    ),
-                ),
-            }
-        }
-        *accepted += stored;
-        chunk.clear();
-        Ok(())
     }
 
     fn get_status(&self, request: Request<GetStatusRequest>) -> NodeResult<GetStatusResponse> {

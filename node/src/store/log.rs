@@ -248,18 +248,23 @@ impl Store {
         tail: &mut Tail,
         staged: OwnWrite,
     ) -> Result<Tail, ApplyError> {
-        let OwnWrite {
-            batch,
-            statuses,
-            next,
-            changes,
-        } = staged;
-        self.write(batch, changes).await?;
+        self.write(staged.batch, staged.changes).await?;
+        Ok(self.publish_own(tail, staged.statuses, staged.next).await)
+    }
+
+    /// Once the write ending at `next` is durable: its `statuses` go to the
+    /// unmerged table, `tail` moves to `next` and subscribers wake.
+    pub(super) async fn publish_own(
+        &self,
+        tail: &mut Tail,
+        statuses: Vec<(Holder, Vec<u8>)>,
+        next: Tail,
+    ) -> Tail {
         self.unmerged.put(self.own, next.sequence, statuses);
         *tail = next;
         self.notify(self.own, next.sequence);
         self.unmerged.make_room().await;
-        Ok(next)
+        next
     }
 
     /// The bytes of change `seq` of `p`, if held.
@@ -275,10 +280,10 @@ impl Store {
 /// An own write staged: its sled batch, the statuses it sets and the tail
 /// after it.
 pub(super) struct OwnWrite {
-    batch: sled::Batch,
-    statuses: Vec<(Holder, Vec<u8>)>,
-    next: Tail,
-    changes: usize,
+    pub(super) batch: sled::Batch,
+    pub(super) statuses: Vec<(Holder, Vec<u8>)>,
+    pub(super) next: Tail,
+    pub(super) changes: usize,
 }
 
 /// Stages the effect of `change` of `p`: a binding into `batch`, a status

@@ -130,11 +130,13 @@ mod own;
 mod presence;
 mod replica;
 mod unmerged;
+mod writer;
 
 pub use health::full_disk;
-pub use own::{PendingPut, PutOutcome};
+pub use own::{PendingPut, Prepared, PutOutcome};
 pub use replica::head_of;
 pub use unmerged::DEFAULT_UNMERGED_STATUSES;
+pub use writer::OwnWriter;
 
 /// The tree holding everything of this format.
 pub const TREE: &str = "store.v2";

@@ -9,6 +9,7 @@ use hufu_federation::feed::Change;
 use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
+use super::bucket::Holder;
 use super::log::OwnWrite;
 use super::{Store, Tail, codec};
 use crate::error::NodeResult;
@@ -41,28 +42,40 @@ impl Store {
         self.stage_own(
             records,
             |record| record.holder.as_str(),
-            |record, earlier| {
-                let stored = match earlier {
-                    Some(r) => Some(r.clone()),
-                    // A holder never stored needs no read ([`presence`]).
-                    None if codec::holder_bytes(&record.holder)
-                        .is_some_and(|h| !self.presence.may_hold(&h)) =>
-                    {
-                        None
-                    }
-                    None => self.get(self.own, &record.holder)?,
-                };
-                Ok(match stored {
-                    Some(stored) if stored == *record => Some(PutOutcome::Unchanged),
-                    Some(stored) if !supersedes(record, &stored) => Some(PutOutcome::Stale {
-                        stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
-                    }),
-                    _ => None,
-                })
-            },
+            |record, earlier| self.own_outcome(record, earlier, |_| None),
             |record| record.encode_to_vec(),
         )
         .await
+    }
+
+    /// What storing own `record` leaves as it is (`Unchanged`, `Stale`), or
+    /// None when it is a change: compared with `earlier` (the record of the
+    /// same holder earlier in the call), else with what `in_flight` says a
+    /// write not yet published sets, else with what is stored.
+    pub(super) fn own_outcome(
+        &self,
+        record: &StatusRecord,
+        earlier: Option<&StatusRecord>,
+        in_flight: impl Fn(&Holder) -> Option<Vec<u8>>,
+    ) -> NodeResult<Option<PutOutcome>> {
+        let holder = codec::holder_bytes(&record.holder);
+        let stored = match (earlier, holder) {
+            (Some(r), _) => Some(r.clone()),
+            (None, Some(h)) => match in_flight(&h) {
+                Some(value) => Some(codec::read_status(self.own, &record.holder, &value)?),
+                // A holder never stored needs no read ([`presence`]).
+                None if !self.presence.may_hold(&h) => None,
+                None => self.get(self.own, &record.holder)?,
+            },
+            (None, None) => self.get(self.own, &record.holder)?,
+        };
+        Ok(match stored {
+            Some(stored) if stored == *record => Some(PutOutcome::Unchanged),
+            Some(stored) if !supersedes(record, &stored) => Some(PutOutcome::Stale {
+                stored_as_of: seconds(stored.as_of.as_ref()).unwrap_or(0),
+            }),
+            _ => None,
+        })
     }
 
     /// Numbers the `items` that change something as this province's next
@@ -82,7 +95,21 @@ impl Store {
             return Err(Self::refused());
         }
         let tail = self.own_writer.lock().await;
-        let mut sequence = tail.sequence;
+        let prepared = self.decide(*tail, items, key, kept, encode)?;
+        Ok(PendingPut { tail, prepared })
+    }
+
+    /// Decides `items` (see [`stage_own`](Self::stage_own)) as the changes
+    /// after `from`, without writing anything.
+    pub(super) fn decide<'a, T, K: Eq + Hash>(
+        &self,
+        from: Tail,
+        items: &'a [T],
+        key: impl Fn(&'a T) -> K,
+        kept: impl Fn(&'a T, Option<&'a T>) -> NodeResult<Option<PutOutcome>>,
+        encode: impl Fn(&'a T) -> Vec<u8>,
+    ) -> NodeResult<Prepared<'_>> {
+        let mut sequence = from.sequence;
         let mut changes = Vec::new();
         let mut outcomes = Vec::with_capacity(items.len());
         let mut pending: HashMap<K, &'a T> = HashMap::new();
@@ -99,9 +126,9 @@ impl Store {
         }
         // Each lookup above may have paged a leaf in and another out.
         super::reclaim(items.len());
-        Ok(PendingPut {
+        Ok(Prepared {
             store: self,
-            tail,
+            from,
             changes,
             outcomes,
             staged: None,
@@ -109,20 +136,21 @@ impl Store {
     }
 }
 
-/// Own records whose outcomes are decided, holding the change log: nothing
-/// is written until [`commit`](Self::commit), and dropping it writes nothing.
-pub struct PendingPut<'a> {
-    pub(super) store: &'a Store,
-    pub(super) tail: tokio::sync::MutexGuard<'a, Tail>,
+/// Own changes decided and numbered after a tail, not written: what a
+/// [`PendingPut`] or an [`OwnWriter`](super::OwnWriter) writes.
+pub struct Prepared<'a> {
+    store: &'a Store,
+    /// The tail the changes continue.
+    pub(super) from: Tail,
     /// The changes to append: their numbers and encoded records.
-    pub(super) changes: Vec<(u64, Vec<u8>)>,
-    pub(super) outcomes: Vec<PutOutcome>,
+    changes: Vec<(u64, Vec<u8>)>,
+    outcomes: Vec<PutOutcome>,
     /// The write of the changes, once [`stage`](Self::stage)d.
-    pub(super) staged: Option<OwnWrite>,
+    staged: Option<OwnWrite>,
 }
 
-impl PendingPut<'_> {
-    /// What each record will be once committed.
+impl Prepared<'_> {
+    /// What each record will be once written.
     pub fn outcomes(&self) -> &[PutOutcome] {
         &self.outcomes
     }
@@ -141,17 +169,43 @@ impl PendingPut<'_> {
                     record,
                 })
                 .collect();
-            self.staged = self.store.stage_write(*self.tail, &changes)?;
+            self.staged = self.store.stage_write(self.from, &changes)?;
         }
         Ok(())
     }
 
+    /// The staged write (None: nothing changes) and the outcomes.
+    pub(super) fn into_write(mut self) -> NodeResult<(Option<OwnWrite>, Vec<PutOutcome>)> {
+        self.stage()?;
+        Ok((self.staged.take(), self.outcomes))
+    }
+}
+
+/// Own records whose outcomes are decided, holding the change log: nothing
+/// is written until [`commit`](Self::commit), and dropping it writes nothing.
+pub struct PendingPut<'a> {
+    tail: tokio::sync::MutexGuard<'a, Tail>,
+    prepared: Prepared<'a>,
+}
+
+impl PendingPut<'_> {
+    /// What each record will be once committed.
+    pub fn outcomes(&self) -> &[PutOutcome] {
+        self.prepared.outcomes()
+    }
+
+    /// See [`Prepared::stage`].
+    pub fn stage(&mut self) -> NodeResult<()> {
+        self.prepared.stage()
+    }
+
     /// Writes the changes and returns once they are durable.
     pub async fn commit(mut self) -> NodeResult<Vec<PutOutcome>> {
-        self.stage()?;
-        if let Some(staged) = self.staged.take() {
-            self.store.write_own(&mut self.tail, staged).await?;
+        let store = self.prepared.store;
+        let (staged, outcomes) = self.prepared.into_write()?;
+        if let Some(staged) = staged {
+            store.write_own(&mut self.tail, staged).await?;
         }
-        Ok(self.outcomes)
+        Ok(outcomes)
     }
 }

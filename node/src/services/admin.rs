@@ -106,7 +106,7 @@ impl AdminService {
         }
         Ok(StatusRecord {
             issuer: self.province.to_string(),
-            holder: holder.to_string(),
+            holder: holder.as_str().to_owned(),
             colour: colour as i32,
             as_of: Some(timestamp(as_of)),
             last_negative_test: input.last_negative_test,

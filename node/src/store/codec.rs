@@ -60,10 +60,16 @@ pub fn block_first(k: &[u8]) -> NodeResult<u64> {
 
 /// A pseudonym's 16 bytes, if it is one (26 base32 characters).
 pub fn holder_bytes(holder: &str) -> Option<[u8; HOLDER_BYTES]> {
-    if holder.len() != 26 {
+    if holder.len() != 26 || BASE32_NOPAD.decode_len(holder.len()).ok()? != HOLDER_BYTES {
         return None;
     }
-    BASE32_NOPAD.decode(holder.as_bytes()).ok()?.try_into().ok()
+    // Into the array itself: this runs for every change staged and every
+    // own write decided.
+    let mut bytes = [0; HOLDER_BYTES];
+    let n = BASE32_NOPAD
+        .decode_mut(holder.as_bytes(), &mut bytes)
+        .ok()?;
+    (n == HOLDER_BYTES).then_some(bytes)
 }
 
 /// The key of `holder`'s status in province `p`; None for a string that is

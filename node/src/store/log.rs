@@ -4,12 +4,11 @@
 
 use hufu_certs::Province;
 use hufu_federation::feed::{Change, FeedError};
-use hufu_federation::holder::HolderId;
 use hufu_proto::v1::StatusRecord;
 use prost::Message;
 
 use super::binding::Binding;
-use super::bucket::Holder;
+use super::bucket::{self, Holder};
 use super::codec::{self, BlockReader, BlockWriter, CHANGES};
 use super::{ApplyError, BLOCK_CHANGES, GENESIS, Store, StoredChange, Tail};
 use crate::error::{NodeError, NodeResult};
@@ -228,7 +227,7 @@ impl Store {
             return Ok(None);
         }
         if !self.writable() {
-            return Err(Self::refused().into());
+            return Err(self.refusal().into());
         }
         let mut batch = sled::Batch::default();
         let mut statuses = Vec::with_capacity(changes.len());
@@ -300,16 +299,19 @@ pub(super) fn stage_effect(
         binding.stage(p, batch);
         return Ok(codec::binding_entry(change.record));
     }
-    let record = decode_status(p, change)?;
-    let holder = codec::holder_bytes(&record.holder).expect("holder checked");
+    let (record, holder) = decode_status(p, change)?;
     let value = codec::status_value(p, &record, change.record);
     let entry = codec::entry_of_value(&holder, &value);
     statuses.push((holder, value));
     Ok(entry)
 }
 
-/// A change's status record, checked to belong to `p`'s feed.
-fn decode_status(p: Province, change: &Change<'_>) -> Result<StatusRecord, ApplyError> {
+/// A change's status record, checked to belong to `p`'s feed, and its
+/// holder's bytes.
+fn decode_status(
+    p: Province,
+    change: &Change<'_>,
+) -> Result<(StatusRecord, bucket::Holder), ApplyError> {
     let record = StatusRecord::decode(change.record)
         .map_err(|e| FeedError::Malformed(format!("change {}: {e}", change.sequence)))?;
     if !codec::names(p, &record.issuer) {
@@ -319,12 +321,13 @@ fn decode_status(p: Province, change: &Change<'_>) -> Result<StatusRecord, Apply
         ))
         .into());
     }
-    if record.holder.parse::<HolderId>().is_err() || codec::holder_bytes(&record.holder).is_none() {
-        return Err(
-            FeedError::Malformed(format!("change {}: bad holder id", change.sequence)).into(),
-        );
+    // 26 base32 characters of 16 bytes: what a `HolderId` parses.
+    match codec::holder_bytes(&record.holder) {
+        Some(holder) => Ok((record, holder)),
+        None => {
+            Err(FeedError::Malformed(format!("change {}: bad holder id", change.sequence)).into())
+        }
     }
-    Ok(record)
 }
 
 impl From<ApplyError> for NodeError {

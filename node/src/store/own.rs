@@ -92,7 +92,7 @@ impl Store {
         encode: impl Fn(&'a T) -> Vec<u8>,
     ) -> NodeResult<PendingPut<'_>> {
         if !self.writable() {
-            return Err(Self::refused());
+            return Err(self.refusal());
         }
         let tail = self.own_writer.lock().await;
         let prepared = self.decide(*tail, items, key, kept, encode)?;
@@ -110,9 +110,9 @@ impl Store {
         encode: impl Fn(&'a T) -> Vec<u8>,
     ) -> NodeResult<Prepared<'_>> {
         let mut sequence = from.sequence;
-        let mut changes = Vec::new();
+        let mut changes = Vec::with_capacity(items.len());
         let mut outcomes = Vec::with_capacity(items.len());
-        let mut pending: HashMap<K, &'a T> = HashMap::new();
+        let mut pending: HashMap<K, &'a T> = HashMap::with_capacity(items.len());
         for item in items {
             let key = key(item);
             if let Some(outcome) = kept(item, pending.get(&key).copied())? {

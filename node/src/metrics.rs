@@ -49,6 +49,7 @@ pub struct Metrics {
     pub audit_conflicts: Gauge,
     pub audit_log_size: Gauge,
     pub store_unmerged: Gauge,
+    pub store_writable: Gauge,
     pub audit_published_size: Gauge,
     pub audit_published_time: Gauge,
     pub witness_failures: Family<Labels, Counter>,
@@ -175,6 +176,12 @@ impl Metrics {
             "store_unmerged",
             "statuses written (durable in the change log) but not yet merged into the status store's buckets; near 0 at rest",
             store_unmerged.clone(),
+        );
+        let store_writable = Gauge::default();
+        registry.register(
+            "store_writable",
+            "1 while the status store accepts writes; 0 while its disk refuses them or statuses keep failing to merge into its buckets (health says NOT_SERVING, the log says why)",
+            store_writable.clone(),
         );
         let audit_published_size = Gauge::default();
         registry.register(
@@ -327,6 +334,7 @@ impl Metrics {
             audit_conflicts,
             audit_log_size,
             store_unmerged,
+            store_writable,
             audit_published_size,
             audit_published_time,
             witness_failures,

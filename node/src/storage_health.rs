@@ -2,7 +2,9 @@
 //! failed write (a full disk), the store reopens and probes itself until
 //! writes succeed again, and meanwhile gRPC health reports `NOT_SERVING`
 //! for the whole node (the empty service name) and for the admin API that
-//! writes, while lookups keep answering from what is stored.
+//! writes, while lookups keep answering from what is stored. The same while
+//! statuses written keep failing to merge into their buckets (the store
+//! refuses writes then, and retries the merge every second).
 
 use std::sync::Arc;
 
@@ -17,13 +19,15 @@ use crate::store::Store;
 /// Runs until `stop`.
 pub async fn run(store: Arc<Store>, health: HealthReporter, stop: CancellationToken) {
     let mut writable = store.watch_writable();
+    let mut merge_failing = store.watch_merge_failing();
     let report = async {
         loop {
-            let status = if *writable.borrow_and_update() {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
+            let status =
+                if *writable.borrow_and_update() && merge_failing.borrow_and_update().is_none() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
             health.set_service_status("", status).await;
             health
                 .set_service_status(
@@ -31,7 +35,11 @@ pub async fn run(store: Arc<Store>, health: HealthReporter, stop: CancellationTo
                     status,
                 )
                 .await;
-            if writable.changed().await.is_err() {
+            let changed = tokio::select! {
+                changed = writable.changed() => changed,
+                changed = merge_failing.changed() => changed,
+            };
+            if changed.is_err() {
                 return;
             }
         }

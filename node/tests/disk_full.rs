@@ -4,6 +4,8 @@
 //! itself once there is room, and it stops cleanly while the disk is full;
 //! a node started on a full disk says so, and starts once there is room.
 //! Needs root (to mount the tmpfs): without it the test fails, loudly.
+//! Statuses that keep failing to merge into storage refuse writes the
+//! same way.
 
 mod common;
 
@@ -14,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use hufu_certs::Province;
 use hufu_node::local::LocalProvince;
+use hufu_node::store::TREE;
+use hufu_node::store::bucket::BUCKET;
 use hufu_proto::v1::{
     Colour, GetStatusRequest, ImportStatusesRequest, PutStatusRequest, get_status_request,
 };
@@ -288,4 +292,74 @@ async fn a_node_started_on_a_full_disk_says_so_and_starts_once_there_is_room() {
     assert!(started, "the node ended: {line}");
     node.start_kill().unwrap();
     let _ = node.wait().await;
+}
+
+/// Damages every bucket of `province`'s own statuses in its running
+/// node's store, once all its statuses are merged into them: a merge into
+/// any of them fails from then on.
+async fn damage_buckets(province: &LocalProvince) {
+    let store = &province.node.as_ref().unwrap().state.store;
+    store.merge().await.unwrap();
+    let tree = store.db().unwrap().open_tree(TREE).unwrap();
+    let mut prefix = vec![BUCKET];
+    prefix.extend_from_slice(&province.province.code().to_be_bytes());
+    let buckets: Vec<_> = tree
+        .scan_prefix(&prefix)
+        .keys()
+        .map(|k| k.unwrap())
+        .collect();
+    assert!(!buckets.is_empty());
+    for key in buckets {
+        // Not even one holder's 16 bytes.
+        tree.insert(key, &[0xff; 3][..]).unwrap();
+    }
+}
+
+/// Statuses that keep failing to merge into their buckets (here buckets
+/// damaged under the running node) make the node refuse writes, with an
+/// error that says so, health NOT_SERVING and `hufu_store_writable` 0,
+/// instead of writers piling statuses up in memory or waiting for room
+/// without a word. What was written before is still read.
+#[tokio::test]
+async fn statuses_that_keep_failing_to_merge_make_the_node_refuse_writes_and_say_so() {
+    let mut node = common::start("440000").await;
+    let province = &mut node.province;
+    for n in 0..10 {
+        put(province, n).await.unwrap();
+    }
+    damage_buckets(province).await;
+
+    // A new holder's write reads no bucket: durable in the change log, it
+    // is accepted, to be merged later. (One the node's filter of stored
+    // holders takes for stored, 1 in 100, reads its damaged bucket and is
+    // refused at once: the next is taken.)
+    let mut accepted = None;
+    for n in 100..110 {
+        if put(province, n).await.is_ok() {
+            accepted = Some(n);
+            break;
+        }
+    }
+    let accepted = accepted.expect("no new holder's write accepted");
+    until_health(province, ServingStatus::NotServing).await;
+    let refused = put(province, 200).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(
+        refused
+            .message()
+            .contains("cannot merge statuses into its storage"),
+        "{}",
+        refused.message()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::metrics(province)
+        .await
+        .lines()
+        .any(|l| l == "hufu_store_writable 0")
+    {
+        assert!(Instant::now() < deadline, "hufu_store_writable never 0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored(province, accepted).await, Some(true));
+    province.stop().await.unwrap();
 }

@@ -3,18 +3,19 @@
 //! replica and one that was stopped while the stream moved on catch up from
 //! another replica's snapshot, then follow the stream, and end with the
 //! same feed (numbers and chain), statuses, keyring and answers as the
-//! others, also when the replica asked compacted its change log. Only nodes
-//! of the province itself get a replica snapshot.
+//! others, also when the replica asked compacted its change log, and decide
+//! writes of the snapshot's holders as the others do. Only nodes of the
+//! province itself get a replica snapshot.
 
 mod common;
 
 use common::replicas::{CONVERGE_WITHIN, PEER, own_changes, put, replicated_with, terminal};
 use common::{eventually, province};
 use hufu_node::local::LocalProvince;
-use hufu_node::status::now_millis;
+use hufu_node::status::{now_millis, now_unix, timestamp};
 use hufu_node::store::StoredChange;
 use hufu_proto::v1::federation_service_client::FederationServiceClient;
-use hufu_proto::v1::{Colour, GetReplicaSnapshotRequest, LookupRequest, Verdict};
+use hufu_proto::v1::{Colour, GetReplicaSnapshotRequest, LookupRequest, PutStatusRequest, Verdict};
 
 /// Writes the stream keeps in these tests.
 const KEPT: u64 = 8;
@@ -170,6 +171,32 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
             (feed(r).as_ref() == Some(&expected)).then_some(())
         })
         .await;
+    }
+
+    // The new replica's filter of the holders it holds has the snapshot's:
+    // an older status of holder 7 (a kept change of the compacted part),
+    // taken by it, is refused as stale and changes nothing, as at the
+    // replica that wrote it. (Taken for a holder never stored, it was
+    // stored over the newer one, there only.)
+    let mut older = common::sample_input(gd, 7, Colour::Red);
+    older.as_of = Some(timestamp(now_unix() - 7200));
+    let refused = third
+        .admin()
+        .await
+        .unwrap()
+        .put_status(PutStatusRequest {
+            status: Some(older),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    assert!(
+        refused.message().contains("stored status is newer"),
+        "{}",
+        refused.message()
+    );
+    for r in fed.replicas.iter().chain([fed.federation.get(gd)]) {
+        assert_eq!(state(r).store.tail(gd).await.unwrap().sequence, 35);
     }
     fed.stop_all().await.unwrap();
 }

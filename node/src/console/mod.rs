@@ -140,6 +140,7 @@ async fn refresh_gauges(state: &NodeState) {
     m.replica_max_age
         .set(federation.max_replica_age_secs as i64);
     m.store_unmerged.set(state.store.unmerged() as i64);
+    m.store_writable.set(state.store.writable() as i64);
     for row in &federation.members {
         let province = vec![("province", row.province.clone())];
         m.replica_sequence

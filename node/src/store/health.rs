@@ -29,14 +29,32 @@ pub(super) fn reopening() -> NodeError {
 }
 
 impl Store {
-    /// Whether writes are accepted now.
+    /// Whether writes are accepted now: the disk takes them, and statuses
+    /// written are merged into their buckets.
     pub fn writable(&self) -> bool {
-        *self.writable.borrow()
+        *self.writable.borrow() && !self.unmerged.is_failing()
     }
 
-    /// Follows [`writable`](Self::writable).
+    /// Follows whether the disk takes writes (see [`writable`](Self::writable)).
     pub fn watch_writable(&self) -> watch::Receiver<bool> {
         self.writable.subscribe()
+    }
+
+    /// Follows why merging statuses into their buckets keeps failing, if it
+    /// does: writes are refused meanwhile (see [`writable`](Self::writable)).
+    pub fn watch_merge_failing(&self) -> watch::Receiver<Option<String>> {
+        self.unmerged.watch_failing()
+    }
+
+    /// The error for a write refused because [`writable`](Self::writable)
+    /// is false, saying why.
+    pub(super) fn refusal(&self) -> NodeError {
+        match self.unmerged.failing() {
+            Some(error) if *self.writable.borrow() => NodeError::Unavailable(format!(
+                "the node cannot merge statuses into its storage ({error}): writes are refused until it can; it retries every second by itself, so see the node's log, then send the write again"
+            )),
+            _ => Self::refused(),
+        }
     }
 
     /// The error for a write while the store cannot write.

@@ -104,6 +104,11 @@
 //! moment it takes to reopen), refuses writes without touching sled, and
 //! [`Store::keep_writable`] reopens it from disk, where the refused write
 //! never was, and probes it until writes succeed again.
+//!
+//! Statuses that keep failing to merge into their buckets (three merges in
+//! a row, a second apart) refuse writes too, saying so, until a merge
+//! succeeds: otherwise they would pile up in memory, or writers wait for
+//! room in the table without a word ([`unmerged`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -391,7 +396,7 @@ impl Store {
     /// it (see [`write_failed`](Self::write_failed)).
     fn apply(&self, batch: sled::Batch) -> NodeResult<()> {
         if !self.writable() {
-            return Err(Self::refused());
+            return Err(self.refusal());
         }
         if let Err(err) = self.tree()?.apply_batch(batch) {
             self.write_failed(&err);
@@ -404,7 +409,7 @@ impl Store {
     /// failure, forgets it (see [`write_failed`](Self::write_failed)).
     async fn write(&self, batch: sled::Batch, changes: usize) -> NodeResult<()> {
         if !self.writable() {
-            return Err(Self::refused());
+            return Err(self.refusal());
         }
         let applied = self.tree()?.apply_batch(batch);
         reclaim(changes);

@@ -44,6 +44,11 @@ const OLDEST: Duration = Duration::from_secs(30);
 /// How often the merging thread looks whether a table is due.
 const TICK: Duration = Duration::from_millis(250);
 
+/// Merges failed in a row before the store refuses writes: statuses
+/// that cannot be merged would otherwise pile up here, or writers wait for
+/// room forever without a word (a merge is retried every second).
+const FAILURES_TO_REFUSE: u32 = 3;
+
 /// Bytes of a status kept in the table itself; longer ones are allocated.
 /// A compact status is about 11 bytes.
 const INLINE: usize = 22;
@@ -108,6 +113,8 @@ struct Tables {
     last_write: Option<Instant>,
     /// Why the latest merge failed, until one succeeds.
     failed: Option<String>,
+    /// Merges failed in a row.
+    failures: u32,
 }
 
 /// The tables of one store, shared with its merging thread.
@@ -124,6 +131,9 @@ pub(super) struct Unmerged {
     pub(super) merging: Mutex<()>,
     /// Counts merges ended (done or failed), for writers waiting for room.
     ended: watch::Sender<u64>,
+    /// Why merges keep failing, once [`FAILURES_TO_REFUSE`] in a row have;
+    /// None again once one succeeds.
+    failing: watch::Sender<Option<String>>,
 }
 
 impl Unmerged {
@@ -136,6 +146,7 @@ impl Unmerged {
             wake: Condvar::new(),
             merging: Mutex::new(()),
             ended: watch::channel(0).0,
+            failing: watch::channel(None).0,
         }
     }
 
@@ -171,7 +182,12 @@ impl Unmerged {
 
     /// Takes the statuses `p`'s changes through `through` set, once those
     /// changes are durable in the change log.
-    pub(super) fn put(&self, p: Province, through: u64, statuses: Vec<(Holder, Vec<u8>)>) {
+    pub(super) fn put(&self, p: Province, through: u64, mut statuses: Vec<(Holder, Vec<u8>)>) {
+        // In key order, each insert finds the tree's path where the one
+        // before left it, in the cache: at random, an insert into a table
+        // of a million missed it at every level (issue 17). A stable sort,
+        // so that of a holder changed twice the later status stays.
+        statuses.sort_by_key(|(holder, _)| *holder);
         let mut tables = self.tables.write().expect("unmerged lock");
         for (holder, value) in statuses {
             tables
@@ -197,7 +213,9 @@ impl Unmerged {
         loop {
             {
                 let mut tables = self.tables.write().expect("unmerged lock");
-                if tables.active.len() < self.bound / 2 {
+                // Writes are refused while merges keep failing: nothing
+                // more comes in to wait for.
+                if tables.active.len() < self.bound / 2 || self.is_failing() {
                     return;
                 }
                 if tables.frozen.is_none() {
@@ -264,15 +282,46 @@ impl Unmerged {
     /// The frozen table is in the buckets now (or the merge failed).
     pub(super) fn ended(&self, result: Result<(), String>) {
         let mut tables = self.tables.write().expect("unmerged lock");
-        match result {
+        let failing = match result {
             Ok(()) => {
                 tables.frozen = None;
                 tables.failed = None;
+                tables.failures = 0;
+                None
             }
-            Err(error) => tables.failed = Some(error),
-        }
+            Err(error) => {
+                tables.failures += 1;
+                tables.failed = Some(error.clone());
+                (tables.failures >= FAILURES_TO_REFUSE).then_some(error)
+            }
+        };
         drop(tables);
+        self.failing.send_if_modified(|now| {
+            let changed = now.is_some() != failing.is_some();
+            match (&now, &failing) {
+                (None, Some(error)) => tracing::error!(%error, "statuses keep failing to merge into storage: writes are refused until a merge succeeds"),
+                (Some(_), None) => tracing::info!("statuses merge into storage again: writes are accepted"),
+                _ => {}
+            }
+            *now = failing;
+            changed
+        });
         self.ended.send_modify(|n| *n += 1);
+    }
+
+    /// Why merges keep failing, if they do (see [`FAILURES_TO_REFUSE`]).
+    pub(super) fn failing(&self) -> Option<String> {
+        self.failing.borrow().clone()
+    }
+
+    /// Whether merges keep failing, without copying why.
+    pub(super) fn is_failing(&self) -> bool {
+        self.failing.borrow().is_some()
+    }
+
+    /// Follows [`failing`](Self::failing).
+    pub(super) fn watch_failing(&self) -> watch::Receiver<Option<String>> {
+        self.failing.subscribe()
     }
 
     /// Forgets `p`'s unmerged statuses: its state here is being replaced

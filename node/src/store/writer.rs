@@ -50,7 +50,7 @@ impl Store {
     /// dropped: other own writes wait meanwhile.
     pub async fn own_writer(&self) -> NodeResult<OwnWriter<'_>> {
         if !self.writable() {
-            return Err(Self::refused());
+            return Err(self.refusal());
         }
         Ok(OwnWriter {
             store: self,
@@ -70,7 +70,7 @@ impl<'a> OwnWriter<'a> {
     /// after the write being flushed, and against its statuses.
     pub fn prepare(&self, records: &[StatusRecord]) -> NodeResult<Prepared<'a>> {
         if !self.store.writable() {
-            return Err(Store::refused());
+            return Err(self.store.refusal());
         }
         let in_flight = |holder: &Holder| {
             let flushing = self.flushing.as_ref()?;

@@ -50,6 +50,8 @@ pub fn missing_nats_server() -> String {
 
 struct Server {
     client_port: u16,
+    /// Where the other servers' routes connect (unused by a lone server).
+    route_port: u16,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -86,8 +88,8 @@ impl NatsCluster {
         NatsCluster::start_as(dir, size, Access::default()).await
     }
 
-    /// As [`start`](Self::start), the servers' client port speaking only
-    /// mutual TLS as `tls` says.
+    /// As [`start`](Self::start), the servers' client port and the routes
+    /// between them speaking only mutual TLS as `tls` says.
     pub async fn start_with_tls(
         dir: &Path,
         size: usize,
@@ -157,21 +159,27 @@ impl NatsCluster {
                 ),
                 None => String::new(),
             };
-            if let Some(tls) = access.tls {
-                // The client port only; routes between servers stay plain.
-                authorization.push_str(&format!(
+            // With TLS, clients and the routes between servers both speak
+            // mutual TLS: each server shows its certificate to the others
+            // as it does to clients, and checks theirs against the same CA.
+            let tls_block = access.tls.map(|tls| {
+                format!(
                     "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 2\n}}\n",
                     tls.cert.display(),
                     tls.key.display(),
                     tls.ca.display(),
-                ));
+                )
+            });
+            if let Some(block) = &tls_block {
+                authorization.push_str(block);
             }
             // One server is a standalone JetStream server: with a cluster
             // block it would wait for routes that never come.
             let cluster = if size > 1 {
                 format!(
-                    "cluster {{\n  name: \"hufu\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
+                    "cluster {{\n  name: \"hufu\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n{tls}}}\n",
                     route = ports[size + i],
+                    tls = tls_block.as_deref().unwrap_or(""),
                 )
             } else {
                 String::new()
@@ -186,6 +194,7 @@ impl NatsCluster {
             std::fs::write(&config, text)?;
             servers.push(Server {
                 client_port: ports[i],
+                route_port: ports[size + i],
                 config,
                 log: home.join("nats.log"),
                 child: None,
@@ -220,6 +229,14 @@ impl NatsCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Where every server listens for the other servers' routes.
+    pub fn route_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.servers
+            .iter()
+            .map(|s| std::net::SocketAddr::from(([127, 0, 0, 1], s.route_port)))
+            .collect()
     }
 
     /// The client URL of every server.

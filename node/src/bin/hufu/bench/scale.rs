@@ -43,6 +43,12 @@ struct Figures {
     replica_bytes: u64,
     issuer_peak_mib: f64,
     replica_peak_mib: f64,
+    /// The issuer's peak once its import had ended, and once the replica
+    /// had caught up (the peaks above include the Lookup and Verify
+    /// measurements after them).
+    issuer_import_peak_mib: f64,
+    issuer_feed_peak_mib: f64,
+    replica_catch_up_peak_mib: f64,
     lookup_rate: f64,
     verify_rate: f64,
     /// Where the bytes went, read once both nodes have stopped.
@@ -85,8 +91,17 @@ pub async fn scale(args: &BenchArgs, holders: u64, small: u64) -> anyhow::Result
     row("issuer peak RSS, MiB", &|f| {
         format!("{:.0}", f.issuer_peak_mib)
     });
+    row("  by the end of the import", &|f| {
+        format!("{:.0}", f.issuer_import_peak_mib)
+    });
+    row("  by the end of the catch-up", &|f| {
+        format!("{:.0}", f.issuer_feed_peak_mib)
+    });
     row("replica peak RSS, MiB", &|f| {
         format!("{:.0}", f.replica_peak_mib)
+    });
+    row("  by the end of the catch-up", &|f| {
+        format!("{:.0}", f.replica_catch_up_peak_mib)
     });
     row("Lookup at the issuer, calls/s", &|f| {
         format!("{:.0}", f.lookup_rate)
@@ -240,6 +255,7 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         outcome.accepted
     );
     let config = &fed.get(a).config;
+    let issuer_import_peak_mib = usage(issuer.pid()).peak_rss_mib;
     let issuer_merged_secs = merged(config.metrics_listen.context("metrics address")?).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let issuer_bytes = disk_bytes(&config.path(&config.data_dir));
@@ -275,6 +291,8 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         Some((t0, s0)) if s0 < n => (n - s0) as f64 / t0.elapsed().as_secs_f64(),
         _ => n as f64 / started.elapsed().as_secs_f64(),
     };
+    let issuer_feed_peak_mib = usage(issuer.pid()).peak_rss_mib;
+    let replica_catch_up_peak_mib = usage(replica.pid()).peak_rss_mib;
     let replica_merged_secs = merged(metrics).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let replica_config = &fed.get(b).config;
@@ -331,6 +349,9 @@ async fn run_at(args: &BenchArgs, n: u64) -> anyhow::Result<Figures> {
         replica_bytes,
         issuer_peak_mib,
         replica_peak_mib,
+        issuer_import_peak_mib,
+        issuer_feed_peak_mib,
+        replica_catch_up_peak_mib,
         lookup_rate: lookup.rate(),
         verify_rate: verify.rate(),
         issuer_data: Footprint::of(&config.path(&config.data_dir))?,

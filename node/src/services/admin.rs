@@ -132,15 +132,7 @@ impl AdminService {
             return log.put_statuses(records).await;
         }
         let mut pending = self.store.prepare(records).await?;
-        let changed: Vec<_> = pending
-            .outcomes()
-            .iter()
-            .zip(records)
-            .filter_map(|(outcome, record)| match outcome {
-                PutOutcome::Applied { sequence } => Some((Some(*sequence), record)),
-                _ => None,
-            })
-            .collect();
+        let changed = applied(pending.outcomes(), records);
         // The changes are staged while the audit log writes their entries.
         self.audit_changes(caller, changed, || pending.stage())
             .await?;
@@ -467,4 +459,20 @@ impl admin_service_server::AdminService for AdminService {
         let reply = legacy::link::unlink(&self.legacy, &caller, request.into_inner()).await?;
         Ok(Response::new(reply))
     }
+}
+
+/// The records `outcomes` says were applied, with their sequence numbers:
+/// what is audited as changed.
+fn applied<'r>(
+    outcomes: &[PutOutcome],
+    records: &'r [StatusRecord],
+) -> Vec<(Option<u64>, &'r StatusRecord)> {
+    outcomes
+        .iter()
+        .zip(records)
+        .filter_map(|(outcome, record)| match outcome {
+            PutOutcome::Applied { sequence } => Some((Some(*sequence), record)),
+            _ => None,
+        })
+        .collect()
 }

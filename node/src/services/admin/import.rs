@@ -217,15 +217,7 @@ impl AdminService {
             }
             let w = writer.as_mut().expect("just taken");
             let mut prepared = w.prepare(&chunk.records)?;
-            let changed: Vec<_> = prepared
-                .outcomes()
-                .iter()
-                .zip(&chunk.records)
-                .filter_map(|(outcome, record)| match outcome {
-                    PutOutcome::Applied { sequence } => Some((Some(*sequence), record)),
-                    _ => None,
-                })
-                .collect();
+            let changed = super::applied(prepared.outcomes(), &chunk.records);
             self.audit_changes(caller, changed, || prepared.stage())
                 .await?;
             let outcomes = w.write(prepared).await?;

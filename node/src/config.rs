@@ -204,6 +204,11 @@ pub struct LimitsConfig {
     /// runtime has (an import's stream and its storing, a feed and its
     /// checks, run side by side).
     pub control_threads: usize,
+    /// With the control lane, how much higher the kernel's nice value of
+    /// the terminals' runtime's threads is than the rest of the node's (1
+    /// to 19: the higher, the more the control lane, the audit log and the
+    /// store go first when both want the node's CPU); 0: the same.
+    pub terminals_nice: i32,
 }
 
 impl Default for LimitsConfig {
@@ -229,6 +234,7 @@ impl Default for LimitsConfig {
             scheduling_delay_target_ms: 50,
             control_lane: true,
             control_threads: 0,
+            terminals_nice: 5,
         }
     }
 }
@@ -495,6 +501,12 @@ impl NodeConfig {
             FederationConfig::default().peer_deadline_ms.to_string(),
             "would time out every call to another province",
         );
+        if !(0..=19).contains(&l.terminals_nice) {
+            problems.push(format!(
+                "limits.terminals_nice = {} is out of range: set 0 to 19 (default {})",
+                l.terminals_nice, d.terminals_nice
+            ));
+        }
         problems
     }
 

@@ -202,6 +202,9 @@ max_connections = 10000
 # threads (0: one per core).
 control_lane = true
 control_threads = 0
+# With the lane, how much higher the terminals' threads' nice value is than
+# the rest of the node's (0: the same): control calls go first for the CPU.
+terminals_nice = 5
 
 # The audit log of cross-province events, witnessed by the other members.
 # [audit]

@@ -201,6 +201,18 @@ pub async fn start_on(
                 .context("cannot start the runtime for control connections")?,
         ),
     };
+    if control.is_some() && limits.terminals_nice > 0 {
+        match crate::lane::lower_terminals(limits.terminals_nice) {
+            Ok(n) => tracing::debug!(
+                threads = n,
+                by = limits.terminals_nice,
+                "terminals' runtime given a lower priority than the control lane"
+            ),
+            Err(err) => {
+                tracing::warn!(%err, "cannot lower the priority of the terminals' runtime: control calls share the CPU with terminals' as equals")
+            }
+        }
+    }
     let lane = control.as_ref().map(|c| c.handle());
     let standing = state.standing.clone();
     let incoming = net::incoming(

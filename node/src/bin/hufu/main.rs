@@ -16,7 +16,11 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     cli::init_tracing(&cli);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(hufu_node::lane::TERMINALS_THREAD)
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("hufu: cannot start the async runtime: {err}");

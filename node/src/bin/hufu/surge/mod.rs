@@ -480,6 +480,18 @@ impl Run<'_> {
                     .or_insert_with(|| message.clone());
             }
         }
+        // The same capacity once more: this machine's speed drifts within
+        // minutes, and a ratio above is only as good as its denominator.
+        let in_flight = self.args.concurrency.max(1);
+        let again = match self.side {
+            Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000)).0,
+            None => closed(in_flight).await,
+        };
+        outln!(
+            "capacity again after the steps ({in_flight} calls in flight, as before): {:.0}/s ({:.2} of the capacity above)",
+            again.rate(),
+            again.rate() / capacity
+        );
         let usage = server.usage();
         others.retain(|code, _| !NAMED.contains(&code.as_str()));
         outln!(

@@ -27,10 +27,10 @@ pub const TERMINALS_THREAD: &str = "hufu-rt";
 
 /// Lowers the kernel's priority of the terminals' runtime's threads (named
 /// [`TERMINALS_THREAD`]): their nice value becomes the process's own plus
-/// `by` (at most 19), leaving the control lane's, the audit
-/// log's and the store's at the node's own. Within the node's CPU share the
-/// kernel then runs a runnable status write, feed or witness call before
-/// the terminals' work (CFS weights, about three to one at 5 apart), while
+/// `by` (at most 19), leaving the control lane's, the audit log's and the
+/// store's at the node's own. Within the node's CPU share the kernel then
+/// runs a runnable status write, feed or witness call before the
+/// terminals' work (CFS weights, about three to one at 5 apart), while
 /// terminals get every moment the control side does not use. A write makes
 /// several hops between threads (the lane, the audit log's writer, the
 /// store's log threads) and waited at each behind the terminals' runtime,

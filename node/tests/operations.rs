@@ -56,12 +56,14 @@ async fn config_check_finds_what_serve_would_trip_over() {
     let mut bad = config.clone();
     bad.limits.max_concurrent_streams = 0;
     bad.limits.max_message_bytes = 0;
+    bad.limits.terminals_nice = 20;
     save(&gd, &bad);
     let report = hufu_node::config_check::check(&path).await;
     let problems: Vec<&str> = report.problems().collect();
-    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert_eq!(problems.len(), 3, "{problems:?}");
     assert!(problems[0].starts_with("limits.max_concurrent_streams = 0"));
     assert!(problems[1].starts_with("limits.max_message_bytes = 0"));
+    assert!(problems[2].starts_with("limits.terminals_nice = 20 is out of range"));
     let err = hufu_node::server::start(&NodeConfig::load(&path).unwrap())
         .await
         .err()

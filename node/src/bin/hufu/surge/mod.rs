@@ -480,8 +480,9 @@ impl Run<'_> {
                     .or_insert_with(|| message.clone());
             }
         }
-        // The same capacity once more: this machine's speed drifts within
-        // minutes, and a ratio above is only as good as its denominator.
+        // The same capacity once more: a shared machine's speed can drift
+        // within minutes, and a ratio above is only as good as its
+        // denominator.
         let in_flight = self.args.concurrency.max(1);
         let again = match self.side {
             Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000)).0,

@@ -7,7 +7,7 @@
 mod common;
 
 use common::province;
-use common::replicas::{colour_of, put};
+use common::replicas::{colour_of, put, put_until_taken};
 use hufu_node::config::ReplicationConfig;
 use hufu_node::local::LocalProvince;
 use hufu_node::replication::cluster::NatsCluster;
@@ -32,7 +32,7 @@ async fn a_replica_writes_with_its_nats_password_and_says_so_when_it_is_refused(
     gd.config.replication = Some(replication);
 
     gd.start().await.unwrap();
-    assert_eq!(put(&gd, 1, Colour::Green).await.unwrap(), 1);
+    assert_eq!(put_until_taken(&gd, 1, Colour::Green).await, 1);
     gd.stop().await.unwrap();
 
     // The same replica with a wrong password.

@@ -53,6 +53,7 @@ fn feed(r: &LocalProvince) -> Option<Feed> {
 async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_snapshot() {
     let (_scratch, mut fed) = replicated_with(3, &[], |c| c.max_messages = KEPT).await;
     fed.federation.start_all().await.unwrap();
+    fed.write_log_ready().await.unwrap();
     let gd = fed.province();
     fed.start_replica(0).await.unwrap();
     let first = fed.federation.get(gd);
@@ -205,6 +206,7 @@ async fn a_new_replica_and_a_stopped_one_catch_up_past_the_streams_limit_from_a_
 async fn a_node_of_another_province_gets_no_replica_snapshot() {
     let (_scratch, mut fed) = replicated_with(1, &[], |c| c.max_messages = KEPT).await;
     fed.federation.start_all().await.unwrap();
+    fed.write_log_ready().await.unwrap();
     let gd = fed.province();
     let first = fed.federation.get(gd);
     put(first, 1, Colour::Green).await.unwrap();

@@ -17,7 +17,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::province;
-use common::replicas::{colour_of, put};
+use common::replicas::{colour_of, put, put_until_taken};
 use hufu_certs::{CertificateAuthority, Identity, LeafOptions, Role};
 use hufu_node::config::ReplicationConfig;
 use hufu_node::local::LocalProvince;
@@ -91,7 +91,7 @@ async fn a_replica_writes_over_mutual_tls_to_nats_and_says_so_when_refused() {
     // (1) The CA and a client certificate from it: the write is
     // acknowledged and read back.
     gd.start().await.unwrap();
-    assert_eq!(put(&gd, 1, Colour::Green).await.unwrap(), 1);
+    assert_eq!(put_until_taken(&gd, 1, Colour::Green).await, 1);
     assert_eq!(colour_of(&gd, 1).await, Colour::Green as i32);
     gd.stop().await.unwrap();
 
@@ -161,18 +161,19 @@ async fn a_cluster_whose_routes_are_mutual_tls_takes_a_replicas_writes_with_a_se
     replication.tls_key = Some(client_key);
     assert_eq!(replication.replicas, 3, "three copies, one per server");
     gd.config.replication = Some(replication);
+    // The stream of three copies is made on the first write and elects
+    // its leader over the TLS routes: on a busy machine that can outlast
+    // a write's timeout, and the write is refused with UNAVAILABLE and
+    // sent again.
     gd.start().await.unwrap();
-    assert_eq!(put(&gd, 1, Colour::Green).await.unwrap(), 1);
+    assert_eq!(put_until_taken(&gd, 1, Colour::Green).await, 1);
     assert_eq!(colour_of(&gd, 1).await, Colour::Green as i32);
 
     // One server down: the other two still make a quorum over their route
     // (once they have elected a new leader, if the lost one led: a write
     // meanwhile fails with UNAVAILABLE).
     nats.kill(2);
-    let sequence = common::eventually(std::time::Duration::from_secs(30), || async {
-        put(&gd, 2, Colour::Red).await.ok()
-    })
-    .await;
+    let sequence = put_until_taken(&gd, 2, Colour::Red).await;
     assert!(sequence >= 2, "sequence {sequence}");
     assert_eq!(colour_of(&gd, 2).await, Colour::Red as i32);
     gd.stop().await.unwrap();

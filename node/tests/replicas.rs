@@ -232,6 +232,7 @@ async fn write_lane(replica: LocalProvince, lane: u64, stop: Arc<AtomicBool>) ->
 async fn kill_9_of_a_replica_and_of_a_nats_server_loses_no_acknowledged_write() {
     let (scratch, mut fed) = replicated(3).await;
     fed.federation.start_all().await.unwrap();
+    fed.write_log_ready().await.unwrap();
     let logs = scratch.path().to_owned();
     // Replicas 2 and 3 are `hufu serve` processes, so that one can be killed:
     // each binds its configured port itself, released just before.

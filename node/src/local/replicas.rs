@@ -4,6 +4,7 @@
 //! directory. The replicas demo, the replicas benchmark and the tests run
 //! through this.
 
+use anyhow::Context;
 use hufu_federation::legacy::LegacyFormat;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,9 @@ use crate::replication::setup::{ReplicaOptions, init_replica};
 
 /// NATS servers in the local cluster: three, so that one may fail.
 pub const NATS_SERVERS: usize = 3;
+
+/// How long [`ReplicatedFederation::write_log_ready`] waits.
+pub const WRITE_LOG_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct ReplicatedFederation {
     /// Province `provinces[0]` of it has replicas.
@@ -113,14 +117,43 @@ impl ReplicatedFederation {
         self.reserved.clear();
     }
 
-    /// Starts every province's node and every replica.
+    /// Starts every province's node and every replica, once the
+    /// replicated province's write log is ready (see
+    /// [`write_log_ready`](Self::write_log_ready)).
     pub async fn start_all(&mut self) -> anyhow::Result<()> {
         self.federation.start_all().await?;
+        self.write_log_ready().await?;
         for (n, r) in self.replicas.iter_mut().enumerate() {
             let listener = self.reserved.get_mut(n).and_then(Option::take);
             r.start_with(listener).await?;
         }
         Ok(())
+    }
+
+    /// Waits, for at most [`WRITE_LOG_READY_WITHIN`], until the started
+    /// first replica's write log answers: the province's stream made and
+    /// its leader elected. Until then a write is refused with UNAVAILABLE,
+    /// and on a busy machine placing a stream of three copies can outlast
+    /// a write's timeout.
+    pub async fn write_log_ready(&self) -> anyhow::Result<()> {
+        let first = self.federation.get(self.province());
+        let log = first
+            .node
+            .as_ref()
+            .and_then(|n| n.state.write_log.clone())
+            .context("the replicated province's first node is not started, or has no write log")?;
+        let start = std::time::Instant::now();
+        loop {
+            match log.kept().await {
+                Ok(_) => return Ok(()),
+                Err(e) if start.elapsed() > WRITE_LOG_READY_WITHIN => {
+                    anyhow::bail!(
+                        "the province's write log was not ready within {WRITE_LOG_READY_WITHIN:?}: {e}"
+                    )
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
     }
 
     /// Starts replica `n` of `replicas` (again), on its reserved listener

@@ -216,7 +216,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: 2 * 1024 * 1024,
             max_concurrent_streams: 8,
-            surge_concurrent_streams: 2,
+            surge_concurrent_streams: 1,
             peer_concurrent_streams: 64,
             max_pending_resets: 1024,
             max_handshakes: 8,

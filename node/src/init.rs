@@ -167,7 +167,7 @@ max_concurrent_streams = 8
 peer_concurrent_streams = 64
 # Streams a terminal's connection may have open while the node pauses
 # terminals in a surge (see scheduling_delay_target_ms).
-surge_concurrent_streams = 2
+surge_concurrent_streams = 1
 # Streams a caller may cancel before the node took them up; beyond it the
 # connection is closed (HTTP/2 rapid-reset protection).
 max_pending_resets = 1024

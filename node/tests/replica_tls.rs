@@ -161,10 +161,8 @@ async fn a_cluster_whose_routes_are_mutual_tls_takes_a_replicas_writes_with_a_se
     replication.tls_key = Some(client_key);
     assert_eq!(replication.replicas, 3, "three copies, one per server");
     gd.config.replication = Some(replication);
-    // The stream of three copies is made on the first write and elects
-    // its leader over the TLS routes: on a busy machine that can outlast
-    // a write's timeout, and the write is refused with UNAVAILABLE and
-    // sent again.
+    // The node makes the stream of three copies as it starts (or at the
+    // first write), and the stream elects its leader over the TLS routes.
     gd.start().await.unwrap();
     assert_eq!(put_until_taken(&gd, 1, Colour::Green).await, 1);
     assert_eq!(colour_of(&gd, 1).await, Colour::Green as i32);

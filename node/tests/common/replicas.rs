@@ -123,7 +123,8 @@ pub async fn put(p: &LocalProvince, n: u64, colour: Colour) -> Result<u64, tonic
 /// again while the province's write log refuses it with UNAVAILABLE (its
 /// stream still being made or electing a leader, which on a busy machine
 /// can outlast a write's timeout), for at most [`RECOVER_WITHIN`]. Returns
-/// its change number; any other refusal fails the test.
+/// its change number (0, unchanged, if a refused attempt was stored after
+/// all); any other refusal fails the test.
 pub async fn put_until_taken(p: &LocalProvince, n: u64, colour: Colour) -> u64 {
     super::eventually(RECOVER_WITHIN, || async {
         match put(p, n, colour).await {

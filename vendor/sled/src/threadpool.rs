@@ -68,7 +68,9 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // One task needs one thread: waking every waiting thread (sled's
+        // `notify_all`) sent all but one back to sleep, at each write.
+        self.cv.notify_one();
 
         len
     }

@@ -835,6 +835,15 @@ mod tests {
             .with_detail(format!("entry {i}"))
     }
 
+    /// A new log in a tree of its own, and its tree (the directory kept
+    /// while it is in use).
+    fn new_log() -> (tempfile::TempDir, sled::Tree, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = sled::open(dir.path()).unwrap().open_tree("audit").unwrap();
+        let log = AuditLog::open(tree.clone()).unwrap();
+        (dir, tree, log)
+    }
+
     fn bundles(tree: &sled::Tree) -> Vec<(u64, usize)> {
         tree.scan_prefix(BUNDLE_PREFIX)
             .map(|item| {
@@ -846,10 +855,7 @@ mod tests {
 
     #[test]
     fn large_batches_are_split_into_bundles_read_back_across_their_edges() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("audit").unwrap();
-        let log = AuditLog::open(tree.clone()).unwrap();
+        let (_dir, tree, log) = new_log();
         let n = 2000;
         for i in 0..n {
             log.append(entry(i)).unwrap();
@@ -898,10 +904,7 @@ mod tests {
     /// than the few bytes it saves.
     #[test]
     fn a_short_bundle_is_stored_as_it_is_and_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("audit").unwrap();
-        let log = AuditLog::open(tree.clone()).unwrap();
+        let (_dir, tree, log) = new_log();
         log.append(entry(0)).unwrap();
         log.flush().unwrap();
         let stored = bundles(&tree);
@@ -920,10 +923,7 @@ mod tests {
 
     #[test]
     fn bundles_are_stored_compressed_and_those_written_uncompressed_before_still_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree("audit").unwrap();
-        let log = AuditLog::open(tree.clone()).unwrap();
+        let (_dir, tree, log) = new_log();
         let n = 500;
         for i in 0..n {
             log.append(entry(i)).unwrap();

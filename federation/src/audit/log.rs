@@ -835,8 +835,8 @@ mod tests {
             .with_detail(format!("entry {i}"))
     }
 
-    /// A new log in a tree of its own, and its tree (the directory kept
-    /// while it is in use).
+    /// A new log in a fresh sled tree, with the tree and its directory
+    /// (which must outlive both).
     fn new_log() -> (tempfile::TempDir, sled::Tree, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
         let tree = sled::open(dir.path()).unwrap().open_tree("audit").unwrap();

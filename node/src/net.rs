@@ -263,7 +263,8 @@ pub struct DoorLimits {
 const MIN_PLACES: usize = 16;
 /// While every place is taken, how often one waiting connection is let
 /// through to its handshake without a place: nodes, admins and auditors
-/// need none, and a handshake is the only way to learn who is calling.
+/// need none, and a handshake is the only way to learn who is calling (a
+/// terminal among them is paused at once, see [`Places::take_paused`]).
 const TRICKLE: Duration = Duration::from_millis(500);
 
 /// Accepts connections until `stop` is cancelled and yields those whose
@@ -428,29 +429,26 @@ pub fn incoming(
                             hufu_certs::certificate_serial(&certs[0]).map_err(|e| e.to_string())?;
                         Ok((identity, serial))
                     });
-                let identity = identity.and_then(|(identity, serial)| {
+                let identity = identity.map(|(identity, serial)| {
                     // Only terminals hold places; a terminal let through
-                    // without one (to learn who it was) is closed.
-                    if door.is_none() || identity.role != Role::Terminal {
-                        Ok((identity, serial, None))
-                    } else if let Some(place) = place {
-                        Ok((
-                            identity,
-                            serial,
-                            Some(HeldPlace {
-                                place,
-                                wire: StreamLimit::new(limits.caller_streams),
-                                unflushed: false,
-                                inbox: Inbox {
-                                    bytes: vec![0; INBOX].into_boxed_slice(),
-                                    start: 0,
-                                    end: 0,
-                                },
-                            }),
-                        ))
-                    } else {
-                        Err("no place for another terminal: the node is at capacity".to_string())
-                    }
+                    // without one (to learn who it was) is paused at once.
+                    let place = match &door {
+                        Some(door) if identity.role == Role::Terminal => {
+                            Some(place.unwrap_or_else(|| door.places.take_paused()))
+                        }
+                        _ => None,
+                    };
+                    let place = place.map(|place| HeldPlace {
+                        place,
+                        wire: StreamLimit::new(limits.caller_streams),
+                        unflushed: false,
+                        inbox: Inbox {
+                            bytes: vec![0; INBOX].into_boxed_slice(),
+                            start: 0,
+                            end: 0,
+                        },
+                    });
+                    (identity, serial, place)
                 });
                 match identity {
                     Ok((identity, serial, place)) => {

@@ -168,8 +168,8 @@ async fn places_shut_terminals_out_under_a_flood_but_never_the_admin() {
     // HTTP/2 stream limit of zero) kept its connections. Once the node
     // has given every place back, each terminal served during the flood
     // (so one that held a place) is served again on its connection, without
-    // a new handshake. (A terminal that arrived while places were cut was
-    // shut out after its handshake, and may connect again.)
+    // a new handshake. (A terminal that arrived while places were cut
+    // waited for a place, or was let through to its handshake and paused.)
     let metrics = common::metrics(fed.get(gd)).await;
     assert_eq!(gauge(&metrics, "hufu_connections_taken_back_total"), 0.0);
     let deadline = Instant::now() + Duration::from_secs(60);

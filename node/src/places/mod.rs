@@ -20,8 +20,9 @@
 //! that would relieve nothing. A pause closes nothing and leaves nothing
 //! unread, so undoing it costs one frame: places come back first to paused
 //! connections, the most recently paused first, then to new connections,
-//! whose handshakes wait until the node has room for them. A caller that
-//! opens streams its limit does not allow is closed. Nodes, admins and
+//! whose handshakes wait until the node has room for them (a terminal let
+//! through before, to learn who was calling, is paused at once). A caller
+//! that opens streams its limit does not allow is closed. Nodes, admins and
 //! auditors need no place.
 //!
 //! While places are cut, the connections still served may open fewer
@@ -354,6 +355,27 @@ impl Places {
             id,
             seat,
         })
+    }
+
+    /// A place, paused at once, for a terminal the node let through to its
+    /// handshake without one (to learn who was calling: nodes, admins and
+    /// auditors need none). The handshake is paid for by then: closing the
+    /// connection would only bring its caller back for another, every time
+    /// the node lets one through, for as long as places stay cut. Paused,
+    /// it costs nothing more, and it is resumed like any paused connection:
+    /// as the one paused last, first.
+    pub fn take_paused(self: &Arc<Self>) -> Place {
+        let mut inner = self.lock();
+        let (id, order) = (inner.next, inner.next + 1);
+        inner.next += 2;
+        let seat = Seat::new(0);
+        inner.pause_of.insert(id, order);
+        inner.paused.insert(order, (id, Held::new(seat.clone())));
+        Place {
+            places: self.clone(),
+            id,
+            seat,
+        }
     }
 
     /// Waits until a place may be free (another waiter may take it first).

@@ -113,6 +113,31 @@ async fn a_paused_connection_is_resumed_before_new_ones_are_let_in() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_terminal_let_through_without_a_place_waits_paused_and_is_resumed_first() {
+    let p = places(100);
+    let held = take(&p, 20);
+    send(&p, &held, 1_000).await;
+    p.observe(Instant::now(), A_LITTLE_LATE, 0);
+    assert_eq!(p.snapshot(), (18, 2, 18));
+    // Let through to its handshake while places are cut: it is a terminal.
+    let late = p.take_paused();
+    assert!(!open(&late), "it may open no stream yet");
+    assert_eq!(p.snapshot(), (18, 3, 18));
+    assert!(p.try_take().is_none(), "still no room for new connections");
+    tokio::time::advance(COOL_DOWN).await;
+    send(&p, &held, 1_000).await;
+    // 18 * 1.1, rounded up to 20: two resumed, the newest paused first.
+    p.observe(Instant::now(), CALM, 0);
+    assert_eq!(p.snapshot(), (20, 1, 20));
+    assert!(open(&late), "the one paused last is resumed first");
+    assert_eq!(streams(&late), SURGE_STREAMS);
+    // Closed while paused, or while served: either frees its place.
+    drop(late);
+    drop(held);
+    assert_eq!(p.snapshot(), (0, 0, 20));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cut_waits_for_the_queued_work_to_drain_before_the_next() {
     let p = places(1000);
     let held = take(&p, 100);

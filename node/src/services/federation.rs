@@ -271,9 +271,15 @@ async fn serve_feed(
 }
 
 /// A signed head for this province at `sequence`.
+///
+/// At the tail (a heartbeat, the last change of a batch) its hash is the
+/// writer's; only an older head decodes its change-log block for it.
 async fn own_head(state: &FederationService, sequence: u64) -> NodeResult<Option<FeedHead>> {
+    let tail = state.store.tail(state.province).await?;
     let hash = if sequence == 0 {
         hufu_federation::feed::GENESIS_HASH
+    } else if sequence == tail.sequence {
+        tail.hash
     } else {
         match state.store.held_hash(state.province, sequence) {
             Some(hash) => hash,

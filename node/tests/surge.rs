@@ -162,8 +162,33 @@ async fn places_shut_terminals_out_under_a_flood_but_never_the_admin() {
             );
         }
     };
-    let (ok, _, crowd) = flood(&fed, &holders, Duration::from_secs(4), admin_during).await;
+    // A terminal that connects while places are cut waits for a place, or
+    // is let through to its handshake (to learn who it is) and paused:
+    // either way it keeps its connection, and its call is answered once
+    // places come back.
+    let mut late_answer = None;
+    let late_during = async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let mut late = fed
+            .get(gd)
+            .terminal("late")
+            .await
+            .expect("a terminal connects while places are cut");
+        let mut request = tonic::Request::new(LookupRequest {
+            issuer: GD.into(),
+            holder: holders[0].clone(),
+        });
+        request.set_timeout(Duration::from_secs(60));
+        late_answer = Some(late.lookup(request).await);
+    };
+    let during = async {
+        tokio::join!(admin_during, late_during);
+    };
+    let (ok, _, crowd) = flood(&fed, &holders, Duration::from_secs(4), during).await;
     assert!(ok > 0, "the node served nothing during the flood");
+    late_answer
+        .expect("the late terminal called")
+        .expect("a terminal that connected while places were cut is answered on its connection");
     // A pause closed nothing: the crowd (tonic clients, which honour an
     // HTTP/2 stream limit of zero) kept its connections. Once the node
     // has given every place back, each terminal served during the flood

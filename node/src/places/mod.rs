@@ -263,13 +263,18 @@ impl Inner {
             let Some(held) = self.serving.remove(&id) else {
                 continue;
             };
-            held.seat.allow(0);
-            let order = self.next;
-            self.next += 1;
-            self.pause_of.insert(id, order);
-            self.paused.insert(order, (id, held));
+            self.pause(id, held);
             self.busy = self.busy.saturating_sub(1);
         }
+    }
+
+    /// Pauses connection `id`, as the most recently paused.
+    fn pause(&mut self, id: u64, held: Held) {
+        held.seat.allow(0);
+        let order = self.next;
+        self.next += 1;
+        self.pause_of.insert(id, order);
+        self.paused.insert(order, (id, held));
     }
 
     /// Gives every serving connection `streams` (paused ones get it when
@@ -366,11 +371,10 @@ impl Places {
     /// as the one paused last, first.
     pub fn take_paused(self: &Arc<Self>) -> Place {
         let mut inner = self.lock();
-        let (id, order) = (inner.next, inner.next + 1);
-        inner.next += 2;
+        let id = inner.next;
+        inner.next += 1;
         let seat = Seat::new(0);
-        inner.pause_of.insert(id, order);
-        inner.paused.insert(order, (id, Held::new(seat.clone())));
+        inner.pause(id, Held::new(seat.clone()));
         Place {
             places: self.clone(),
             id,

@@ -6,7 +6,7 @@ use crate::codes::Codes;
 use crate::federation::Federation;
 use crate::metrics::Metrics;
 use crate::peers::PeerClient;
-use crate::store::Store;
+use crate::store::{Store, Tail};
 use hufu_federation::audit::LogSigner;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -147,7 +147,7 @@ impl FederationService {
             )
             .into());
         }
-        let head = own_head(self, end)
+        let head = own_head(self, capture.tail, end)
             .await?
             .ok_or_else(|| NodeError::Internal(format!("change {end} is not held")))?;
         let replica = ReplicaState {
@@ -177,8 +177,8 @@ impl FederationService {
     ) -> Result<mpsc::Receiver<Result<GetSnapshotResponse, Status>>, FederationServiceError> {
         let p = Province::parse(&req.issuer).map_err(FederationServiceError::Issuer)?;
         let head = if p == self.province {
-            let end = self.store.tail(p).await?.sequence;
-            own_head(self, end).await?
+            let tail = self.store.tail(p).await?;
+            own_head(self, tail, tail.sequence).await?
         } else {
             self.store.latest_head(p)?
         }
@@ -248,7 +248,10 @@ async fn serve_feed(
             changed = watch.changed() => if changed.is_err() { return },
             _ = heartbeat.tick() => {
                 let head = if own {
-                    own_head(&state, after).await
+                    match state.store.tail(p).await {
+                        Ok(tail) => own_head(&state, tail, after).await,
+                        Err(err) => Err(err),
+                    }
                 } else {
                     state.store.latest_head(p)
                 };
@@ -272,10 +275,13 @@ async fn serve_feed(
 
 /// A signed head for this province at `sequence`.
 ///
-/// At the tail (a heartbeat, the last change of a batch) its hash is the
+/// At `tail` (a heartbeat, the last change of a batch) its hash is the
 /// writer's; only an older head decodes its change-log block for it.
-async fn own_head(state: &FederationService, sequence: u64) -> NodeResult<Option<FeedHead>> {
-    let tail = state.store.tail(state.province).await?;
+async fn own_head(
+    state: &FederationService,
+    tail: Tail,
+    sequence: u64,
+) -> NodeResult<Option<FeedHead>> {
     let hash = if sequence == 0 {
         hufu_federation::feed::GENESIS_HASH
     } else if sequence == tail.sequence {
@@ -327,7 +333,7 @@ async fn own_batch(
     let Some((last, _, _)) = changes.last() else {
         return Ok(None);
     };
-    let head = own_head(state, *last).await?;
+    let head = own_head(state, tail, *last).await?;
     Ok(Some(SubscribeChangesResponse {
         changes: changes
             .into_iter()

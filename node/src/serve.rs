@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use hufu_certs::Role;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 use tower::ServiceExt;
 
@@ -47,12 +48,16 @@ pub struct Http2Settings {
 /// then lets calls in flight finish (within the grace) and returns.
 /// Terminals' connections are served on the runtime this runs on; those of
 /// admins, auditors and other nodes on `control` if given
-/// ([`crate::lane`]).
+/// ([`crate::lane`]). Each call runs as a task of `calls` (on its
+/// connection's runtime): a call may outlive its connection for a moment,
+/// and it holds the node's state, so the node's shutdown waits for it
+/// before it counts the storage as closed.
 pub async fn serve<S: Handler, C: Connection>(
     incoming: impl Stream<Item = Result<C, io::Error>>,
     service: S,
     settings: Http2Settings,
     control: Option<tokio::runtime::Handle>,
+    calls: TaskTracker,
     stop: CancellationToken,
 ) {
     let mut incoming = std::pin::pin!(incoming);
@@ -69,6 +74,7 @@ pub async fn serve<S: Handler, C: Connection>(
         // Finished connections leave the set as new ones arrive.
         while connections.try_join_next().is_some() {}
         let (service, settings, stop) = (service.clone(), settings.clone(), stop.clone());
+        let calls = calls.clone();
         match &control {
             Some(lane) if conn.connect_info().identity.role != Role::Terminal => {
                 let mut conn = conn;
@@ -79,17 +85,32 @@ pub async fn serve<S: Handler, C: Connection>(
                             tracing::warn!(%remote, error = %err, "connection dropped: its socket could not be moved to the control lane");
                             return;
                         }
-                        serve_connection(conn, service, settings, stop).await
+                        serve_connection(conn, service, settings, calls, stop).await
                     },
                     lane,
                 );
             }
             _ => {
-                connections.spawn(serve_connection(conn, service, settings, stop));
+                connections.spawn(serve_connection(conn, service, settings, calls, stop));
             }
         }
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Runs hyper's tasks (one a call) as tasks of a tracker, on the runtime
+/// of the connection that spawns them.
+#[derive(Clone)]
+struct Tracked(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, call: F) {
+        self.0.spawn(call);
+    }
 }
 
 /// The service that answers the node's calls.
@@ -130,6 +151,7 @@ async fn serve_connection<S: Handler, C: Connection>(
     conn: C,
     service: S,
     settings: Http2Settings,
+    calls: TaskTracker,
     stop: CancellationToken,
 ) {
     let info = conn.connect_info();
@@ -137,7 +159,7 @@ async fn serve_connection<S: Handler, C: Connection>(
         Role::Node => settings.peer_streams,
         _ => settings.caller_streams,
     };
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http2::Builder::new(Tracked(calls));
     builder
         .max_concurrent_streams(streams.max(1))
         .max_pending_accept_reset_streams(settings.max_pending_resets)

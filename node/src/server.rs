@@ -49,7 +49,8 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 impl RunningNode {
     /// Stops accepting, lets calls in flight finish, waits for every task
-    /// the node started (within [`SHUTDOWN_DEADLINE`]), flushes storage.
+    /// the node started, its calls' included (within
+    /// [`SHUTDOWN_DEADLINE`]), flushes storage.
     /// When it returns, the node's storage is closed, or about to be as the
     /// caller drops nothing else of it: a restart on the same data
     /// directory can follow at once.
@@ -69,7 +70,7 @@ impl RunningNode {
             .is_err()
         {
             anyhow::bail!(
-                "{} background tasks did not stop within {SHUTDOWN_DEADLINE:?}; the node's storage stays open until they do",
+                "{} background tasks or calls did not stop within {SHUTDOWN_DEADLINE:?}; the node's storage stays open until they do",
                 tasks.len()
             );
         }
@@ -341,8 +342,9 @@ pub async fn start_on(
     }
 
     let shutdown = stop.clone();
+    let calls = tasks.clone();
     let task = tokio::spawn(async move {
-        crate::serve::serve(incoming, service, http2, lane, shutdown).await;
+        crate::serve::serve(incoming, service, http2, lane, calls, shutdown).await;
         Ok(())
     });
     tracing::info!(

@@ -281,7 +281,7 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
         .await?;
     }
     outln!(
-        "goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; admin: status writes acknowledged/failed during the step; adm ms: p99 latency of the acknowledged ones; lag: changes written but not yet at the peer when the step ended"
+        "node/s: calls HTTP/2 handed to the node a second (every caller's: terminals', the admin's, the peer's); canc/s: of those, calls their callers cancelled before the node answered; goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; admin: status writes acknowledged/failed during the step; adm ms: p99 latency of the acknowledged ones; lag: changes written but not yet at the peer when the step ended"
     );
     Ok(())
 }

@@ -32,10 +32,12 @@ pub(super) const NAMED: [&str; 4] = [
 /// The table's column names.
 pub(super) fn print_header() {
     outln!(
-        "{:>5} {:>8} {:>8} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>6} {:>5}",
+        "{:>5} {:>8} {:>8} {:>7} {:>7} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>6} {:>5}",
         "load",
         "offered",
         "sent",
+        "node/s",
+        "canc/s",
         "goodput",
         "/cap",
         "p50 ms",
@@ -82,16 +84,27 @@ pub(super) fn print_row(
         .filter(|(k, _)| !NAMED.contains(&k.as_str()))
         .map(|(_, v)| v)
         .sum();
-    let handshakes = if after.metrics.is_empty() {
-        "-".to_string()
-    } else {
-        let delta = |prefix: &str| sample(&after.metrics, prefix) - sample(&before.metrics, prefix);
+    let delta = |prefix: &str| sample(&after.metrics, prefix) - sample(&before.metrics, prefix);
+    let from_metrics = |show: &dyn Fn() -> String| {
+        if after.metrics.is_empty() {
+            "-".to_string()
+        } else {
+            show()
+        }
+    };
+    let handshakes = from_metrics(&|| {
         format!(
             "{:.0}/{:.0}",
             delta("hufu_tls_handshakes_total{kind=\"full\"}"),
             delta("hufu_tls_handshakes_total{kind=\"resumed\"}")
         )
-    };
+    });
+    // What reached the node, and what its callers gave up on there: the
+    // rest of what was sent and not answered in time waited in the
+    // callers, or was answered too late.
+    let at_node = from_metrics(&|| format!("{:.0}", delta("hufu_requests_arrived_total") / secs));
+    let cancelled =
+        from_metrics(&|| format!("{:.0}", delta("hufu_requests_cancelled_total") / secs));
     let (admin, admin_p99, lag) = match side {
         Some((writes, lag)) => (
             format!("{}/{}", writes.ok, writes.failed()),
@@ -104,10 +117,12 @@ pub(super) fn print_row(
         None => ("-".into(), "-".into(), "-".into()),
     };
     outln!(
-        "{:>4}x {:>8.0} {:>8.0} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>6} {:>5}",
+        "{:>4}x {:>8.0} {:>8.0} {:>7} {:>7} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>6} {:>5}",
         multiple,
         step.offered as f64 / secs,
         step.sent as f64 / secs,
+        at_node,
+        cancelled,
         step.good as f64 / secs,
         step.good as f64 / secs / capacity,
         step.latency.value_at_quantile(0.5) as f64 / 1000.0,

@@ -84,27 +84,23 @@ pub(super) fn print_row(
         .filter(|(k, _)| !NAMED.contains(&k.as_str()))
         .map(|(_, v)| v)
         .sum();
-    let delta = |prefix: &str| sample(&after.metrics, prefix) - sample(&before.metrics, prefix);
-    let from_metrics = |show: &dyn Fn() -> String| {
-        if after.metrics.is_empty() {
-            "-".to_string()
-        } else {
-            show()
-        }
-    };
-    let handshakes = from_metrics(&|| {
-        format!(
-            "{:.0}/{:.0}",
-            delta("hufu_tls_handshakes_total{kind=\"full\"}"),
-            delta("hufu_tls_handshakes_total{kind=\"resumed\"}")
+    // From the node's metrics: its handshakes, the calls that reached it,
+    // and those its callers gave up on there. The rest of what was sent and
+    // not answered in time waited in the callers, or was answered too late.
+    let (handshakes, at_node, cancelled) = if after.metrics.is_empty() {
+        ("-".to_string(), "-".to_string(), "-".to_string())
+    } else {
+        let delta = |prefix: &str| sample(&after.metrics, prefix) - sample(&before.metrics, prefix);
+        (
+            format!(
+                "{:.0}/{:.0}",
+                delta("hufu_tls_handshakes_total{kind=\"full\"}"),
+                delta("hufu_tls_handshakes_total{kind=\"resumed\"}")
+            ),
+            format!("{:.0}", delta("hufu_requests_arrived_total") / secs),
+            format!("{:.0}", delta("hufu_requests_cancelled_total") / secs),
         )
-    });
-    // What reached the node, and what its callers gave up on there: the
-    // rest of what was sent and not answered in time waited in the
-    // callers, or was answered too late.
-    let at_node = from_metrics(&|| format!("{:.0}", delta("hufu_requests_arrived_total") / secs));
-    let cancelled =
-        from_metrics(&|| format!("{:.0}", delta("hufu_requests_cancelled_total") / secs));
+    };
     let (admin, admin_p99, lag) = match side {
         Some((writes, lag)) => (
             format!("{}/{}", writes.ok, writes.failed()),

@@ -7,6 +7,7 @@
 //! as the baseline.
 
 pub(crate) mod confine;
+mod cores;
 mod echo;
 mod load;
 mod side;
@@ -281,7 +282,7 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
         .await?;
     }
     outln!(
-        "node/s: calls HTTP/2 handed to the node a second (every caller's: terminals', the admin's, the peer's); canc/s: of those, calls their callers cancelled before the node answered; goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; admin: status writes acknowledged/failed during the step; adm ms: p99 latency of the acknowledged ones; lag: changes written but not yet at the peer when the step ended"
+        "node/s: calls HTTP/2 handed to the node a second (every caller's: terminals', the admin's, the peer's); canc/s: of those, calls their callers cancelled before the node answered; goodput: OK answers within the deadline; /cap: goodput over the closed-loop capacity measured just before; p50/p99: latency of OK answers from their scheduled time; held: calls a Hufu client did not send (push-back, throttling); handshake: full/resumed TLS handshakes at the node; cpu%: of one core; gen%: the load generator's CPU; full s: seconds of the step in which the load generator's cores were at least 95% busy (sampled every 250 ms; a step with many measures the generator more than the node); admin: status writes acknowledged/failed during the step; adm ms: p99 latency of the acknowledged ones; lag: changes written but not yet at the peer when the step ended"
     );
     Ok(())
 }
@@ -424,6 +425,7 @@ impl Run<'_> {
         for (i, &multiple) in self.surge.steps.iter().enumerate() {
             let before = view(server, metrics).await;
             let me_before = confine::usage(std::process::id());
+            let watch = cores::Watch::start(cores::own());
             let started = std::time::Instant::now();
             let callers = Callers {
                 deadline: self.deadline,
@@ -448,6 +450,7 @@ impl Run<'_> {
             let after = view(server, metrics).await;
             let me_after = confine::usage(std::process::id());
             let wall = started.elapsed().as_secs_f64();
+            let full = watch.full_secs();
             let side = match (&writes, self.side) {
                 (Some(writes), Some(side)) => Some((writes, side.lag().await)),
                 _ => None,
@@ -457,7 +460,7 @@ impl Run<'_> {
                 capacity,
                 &step,
                 (&before, &after),
-                (me_after.cpu_secs - me_before.cpu_secs) / wall,
+                ((me_after.cpu_secs - me_before.cpu_secs) / wall, full),
                 wall,
                 side,
             );

@@ -32,7 +32,7 @@ pub(super) const NAMED: [&str; 4] = [
 /// The table's column names.
 pub(super) fn print_header() {
     outln!(
-        "{:>5} {:>8} {:>8} {:>7} {:>7} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>7} {:>6} {:>5}",
+        "{:>5} {:>8} {:>8} {:>7} {:>7} {:>8} {:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5} {:>5} {:>4} {:>6} {:>7} {:>6} {:>5}",
         "load",
         "offered",
         "sent",
@@ -51,6 +51,7 @@ pub(super) fn print_header() {
         "cpu%",
         "MiB",
         "gen%",
+        "full s",
         "admin",
         "adm ms",
         "lag"
@@ -72,7 +73,7 @@ pub(super) fn print_row(
     capacity: f64,
     step: &StepLoad,
     (before, after): (&NodeView, &NodeView),
-    gen_cpu: f64,
+    (gen_cpu, gen_full): (f64, Option<f64>),
     wall: f64,
     side: Option<(&Writes, Option<f64>)>,
 ) {
@@ -113,7 +114,7 @@ pub(super) fn print_row(
         None => ("-".into(), "-".into(), "-".into()),
     };
     outln!(
-        "{:>4}x {:>8.0} {:>8.0} {:>7} {:>7} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>7} {:>6} {:>5}",
+        "{:>4}x {:>8.0} {:>8.0} {:>7} {:>7} {:>8.0} {:>5.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7} {:>6} {:>6} {:>9} {:>5.1} {:>5.0} {:>4.0} {:>6} {:>7} {:>6} {:>5}",
         multiple,
         step.offered as f64 / secs,
         step.sent as f64 / secs,
@@ -132,6 +133,9 @@ pub(super) fn print_row(
         100.0 * (after.usage.cpu_secs - before.usage.cpu_secs) / wall,
         after.usage.rss_mib,
         100.0 * gen_cpu,
+        gen_full
+            .map(|s| format!("{s:.2}"))
+            .unwrap_or_else(|| "-".into()),
         admin,
         admin_p99,
         lag,

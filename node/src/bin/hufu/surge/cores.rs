@@ -60,6 +60,14 @@ fn ticks(stat: &str, cores: &[usize]) -> (u64, u64) {
     (busy, total)
 }
 
+/// Whether the cores were full between two readings of [`ticks`]. A
+/// reading that failed (all zero) or went backwards counts as not full.
+fn full_between(last: (u64, u64), now: (u64, u64)) -> bool {
+    let busy = now.0.saturating_sub(last.0);
+    let total = now.1.saturating_sub(last.1);
+    total > 0 && busy as f64 >= FULL * total as f64
+}
+
 /// Counts the quarter seconds in which `cores` were full, until
 /// [`Watch::full_secs`] (or until dropped).
 pub struct Watch {
@@ -88,8 +96,7 @@ impl Watch {
                         return;
                     }
                     let now = read();
-                    let (busy, total) = (now.0 - last.0, now.1 - last.1);
-                    if total > 0 && busy as f64 >= FULL * total as f64 {
+                    if full_between(last, now) {
                         counted.fetch_add(1, Ordering::Relaxed);
                     }
                     last = now;
@@ -137,5 +144,14 @@ mod tests {
         assert_eq!(ticks(stat, &[1]), (100, 600));
         assert_eq!(ticks(stat, &[0, 1]), (200, 1000));
         assert_eq!(ticks(stat, &[2]), (0, 0));
+    }
+
+    #[test]
+    fn a_quarter_is_full_at_95_percent_busy_and_a_failed_reading_is_not() {
+        assert!(full_between((100, 400), (195, 500)));
+        assert!(full_between((100, 400), (200, 500)));
+        assert!(!full_between((100, 400), (194, 500)));
+        assert!(!full_between((100, 400), (100, 400)), "no time passed");
+        assert!(!full_between((100, 400), (0, 0)), "/proc/stat not read");
     }
 }

@@ -1,9 +1,10 @@
 //! How full the load generator's own cores were during a step. On a small
 //! machine the generator can run out of CPU before the node does (at 10x
-//! of a fast node it sends tens of thousands of TLS calls a second from
-//! one core, beside the peer province and the admin); its calls then leave
-//! late and come back late, and the step measures the generator, not the
-//! node. Sampled from `/proc/stat` every 250 ms on a thread of its own.
+//! of a fast node it sends tens of thousands of TLS calls a second, beside
+//! the peer province and the admin, from what the node leaves of the
+//! machine); its calls then leave late and come back late, and the step
+//! measures the generator, not the node. Sampled from `/proc/stat` every
+//! 250 ms on a thread of its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -117,7 +117,7 @@ pub enum SurgeCall {
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
     pub seconds: u64,
-    /// Calls in flight when capacity is measured (at least 200).
+    /// Calls in flight when capacity is measured (`--concurrency`).
     pub concurrency: usize,
     /// Connections (default 1,000).
     pub connections: Option<usize>,
@@ -151,7 +151,7 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
     let metrics_addr = province.config.metrics_listen;
 
     let confinement = Confinement::new("hufu-surge", Some(surge.node_cpu_percent));
-    confinement.pin_self_elsewhere();
+    confinement.place_self();
     outln!("node: {}", confinement.describe());
     if !surge.node_config.is_empty() {
         outln!("node settings: {}", surge.node_config.join(", "));
@@ -291,6 +291,8 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
 /// it, a first step that ran very fast would make the scheduler's and the
 /// network's ordinary jitter count as a surge's tail.
 const MIN_PROMPT: Duration = Duration::from_millis(50);
+/// Closed-loop windows the capacity is the mean of.
+const CAPACITY_WINDOWS: u64 = 2;
 
 fn lookup_call(holders: Arc<Vec<String>>, p: Province) -> Call {
     let issuer = p.to_string();
@@ -367,16 +369,22 @@ struct Run<'a> {
 impl Run<'_> {
     /// Capacity, then every step of the surge, printed as a table.
     async fn steps(&self, title: &str, server: &mut Confined) -> anyhow::Result<()> {
-        // Measured twice, and the higher taken: with 200 calls in flight
-        // (the crowd's shape) a node with places pauses some of the callers
-        // and serves fewer calls than it could, which would flatter every
-        // ratio below; with `--concurrency` (64) it runs at full CPU without
-        // a queue long enough to cut places. The side traffic (status writes
-        // and their replication) runs meanwhile, as it does in every step:
-        // at a tenth of a core it takes a large share of the node, so a
+        // Measured in two windows in a row, with `--concurrency` (64) calls
+        // in flight, and the mean taken: on a shared machine the node's
+        // speed moves by a quarter from one 5 s window to the next (eight
+        // windows in a row read 994 to 2,365/s), so the higher of two
+        // windows overstates it, and overstates every ratio's denominator
+        // below (by 8% on average against the mean of eight windows in six
+        // runs). Not with 200 calls in flight (the crowd's shape): a node
+        // with places then pauses some of the callers and serves fewer
+        // calls than it could (5% fewer on average in those runs), which
+        // would flatter every ratio. The side traffic (status writes and
+        // their replication) runs meanwhile, as it does in every step: at
+        // a tenth of a core it takes a large share of the node, so a
         // capacity measured without it would count as lost what the node
         // spent on the writes the steps ask of it. Capacity alone is
         // printed beside it.
+        let in_flight = self.args.concurrency.max(1);
         let closed = |in_flight: usize| {
             let (conns, call) = (self.conns.to_vec(), self.call.clone());
             let in_flight = in_flight.min(conns.len() * 8);
@@ -389,28 +397,34 @@ impl Run<'_> {
         };
         // The status writes acknowledged meanwhile are printed with it: each
         // costs the node many lookups' work, and steps get more or fewer in.
-        let (mut capacity, mut writes_beside) = (0.0, 0);
-        for in_flight in [self.args.concurrency.max(1), 200] {
+        let mut windows = Vec::new();
+        let mut writes_beside = 0;
+        for window in 0..CAPACITY_WINDOWS {
             let (load, writes) = match self.side {
-                Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000)),
+                Some(side) => tokio::join!(
+                    closed(in_flight),
+                    side.write(self.seconds, 900_000 + window * 10_000)
+                ),
                 None => (closed(in_flight).await, Writes::default()),
             };
-            if load.rate() > capacity {
-                (capacity, writes_beside) = (load.rate(), writes.ok);
-            }
+            windows.push(load.rate());
+            writes_beside += writes.ok;
         }
+        let capacity = windows.iter().sum::<f64>() / windows.len() as f64;
+        let each = windows
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" and ");
         match self.side {
             Some(_) => {
-                let alone = closed(self.args.concurrency.max(1)).await.rate();
+                let alone = closed(in_flight).await.rate();
                 outln!(
-                    "{title}\ncapacity (closed loop, the higher of {} and 200 calls in flight, with the status writes and their replication running): {capacity:.0}/s, with {writes_beside} status writes acknowledged meanwhile; without them, {} in flight: {alone:.0}/s",
-                    self.args.concurrency.max(1),
-                    self.args.concurrency.max(1)
+                    "{title}\ncapacity (closed loop, {in_flight} calls in flight, the mean of {CAPACITY_WINDOWS} windows, with the status writes and their replication running): {capacity:.0}/s ({each}), with {writes_beside} status writes acknowledged meanwhile; without them: {alone:.0}/s"
                 );
             }
             None => outln!(
-                "{title}\ncapacity (closed loop, the higher of {} and 200 calls in flight): {capacity:.0}/s",
-                self.args.concurrency.max(1)
+                "{title}\ncapacity (closed loop, {in_flight} calls in flight, the mean of {CAPACITY_WINDOWS} windows): {capacity:.0}/s ({each})"
             ),
         }
         print_header();
@@ -486,13 +500,12 @@ impl Run<'_> {
         // The same capacity once more: a shared machine's speed can drift
         // within minutes, and a ratio above is only as good as its
         // denominator.
-        let in_flight = self.args.concurrency.max(1);
         let again = match self.side {
             Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000)).0,
             None => closed(in_flight).await,
         };
         outln!(
-            "capacity again after the steps ({in_flight} calls in flight, as before): {:.0}/s ({:.2} of the capacity above)",
+            "capacity again after the steps ({in_flight} calls in flight, one window): {:.0}/s ({:.2} of the capacity above)",
             again.rate(),
             again.rate() / capacity
         );

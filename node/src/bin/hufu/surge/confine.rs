@@ -153,15 +153,24 @@ fn make_cgroup(name: &str, percent: u32) -> Result<PathBuf, String> {
     let write = |file: &str, value: String| {
         std::fs::write(dir.join(file), value).map_err(|e| format!("{file}: {e}"))
     };
-    write("cpu.cfs_period_us", PERIOD_US.to_string())?;
-    // The highest weight cgroup v1 takes: the process runs whenever it has
-    // work and quota left, ahead of the load generator on its core.
-    write("cpu.shares", TOP_SHARES.to_string())?;
-    write(
-        "cpu.cfs_quota_us",
-        (PERIOD_US * percent.max(1) / 100).max(1000).to_string(),
-    )?;
-    Ok(dir)
+    let settings = write("cpu.cfs_period_us", PERIOD_US.to_string())
+        // The highest weight cgroup v1 takes: the process runs whenever it
+        // has work and quota left, ahead of the load generator on its core.
+        .and_then(|()| write("cpu.shares", TOP_SHARES.to_string()))
+        .and_then(|()| {
+            write(
+                "cpu.cfs_quota_us",
+                (PERIOD_US * percent.max(1) / 100).max(1000).to_string(),
+            )
+        });
+    match settings {
+        Ok(()) => Ok(dir),
+        Err(why) => {
+            // Not left behind half set: the caller runs unconfined.
+            let _ = std::fs::remove_dir(&dir);
+            Err(why)
+        }
+    }
 }
 
 /// A confined child process; killed when dropped.

@@ -21,9 +21,10 @@
 //! unread, so undoing it costs one frame: places come back first to paused
 //! connections, the most recently paused first, then to new connections,
 //! whose handshakes wait until the node has room for them (a terminal let
-//! through before, to learn who was calling, is paused at once). A caller
-//! that opens streams its limit does not allow is closed. Nodes, admins and
-//! auditors need no place.
+//! through before, to learn who was calling, is paused at once); slowly
+//! near the number of busy connections at which the node last fell
+//! behind, faster below it. A caller that opens streams its limit does
+//! not allow is closed. Nodes, admins and auditors need no place.
 //!
 //! While places are cut, the connections still served may open fewer
 //! streams (`surge_concurrent_streams`): a caller that never backs off
@@ -79,6 +80,17 @@ const DEEPEST_CUT: f64 = 0.5;
 /// too fast would bring the surge straight back.
 const GROWTH: f64 = 1.02;
 const FAST_GROWTH: f64 = 1.1;
+/// Growth per reading, however idle the node, while places are near the
+/// number of busy connections at which the node last fell behind (from
+/// [`NEAR_BELOW`] to [`NEAR_ABOVE`] of it): it fell behind there once, and
+/// the callers resumed on the way back send what they queued meanwhile, so
+/// that the node's delay shows the surplus only readings after it was let
+/// in. Growing there as fast as far below it overshot it within a second
+/// and the next cut halved places again, at 2x and 5x of capacity every
+/// two or three seconds.
+const NEAR_GROWTH: f64 = 1.01;
+const NEAR_BELOW: f64 = 0.85;
+const NEAR_ABOVE: f64 = 1.1;
 /// How long after a cut new connections may be let in: each costs a full
 /// handshake, so the node does not let in connections it may have to shut
 /// out again at once.
@@ -178,6 +190,8 @@ struct Inner {
     last_reading: Option<Instant>,
     /// Streams a serving connection may open now: fewer during a surge.
     streams: u32,
+    /// Busy connections when places were last cut (zero: never).
+    fell_behind_at: f64,
 }
 
 /// A terminal connection's place; dropping it (the connection closed)
@@ -213,6 +227,13 @@ impl Drop for Place {
 impl Inner {
     fn limit(&self) -> usize {
         self.limit.round() as usize
+    }
+
+    /// Whether places are near the number of busy connections at which
+    /// the node last fell behind.
+    fn near_last_cut(&self) -> bool {
+        let at = self.fell_behind_at;
+        at > 0.0 && self.limit >= NEAR_BELOW * at && self.limit <= NEAR_ABOVE * at
     }
 
     /// Whether a new connection may take a place now.
@@ -321,6 +342,7 @@ impl Places {
                 last_cut: None,
                 last_reading: None,
                 streams: config.streams,
+                fell_behind_at: 0.0,
             }),
             room: Notify::new(),
             config,
@@ -412,6 +434,7 @@ impl Places {
             // fewer callers were sending), in proportion to how late the
             // node runs.
             let base = inner.busy as f64;
+            inner.fell_behind_at = base;
             let keep = (target.as_secs_f64() / lag.as_secs_f64()).clamp(DEEPEST_CUT, CUT);
             inner.limit = (base * keep).max(self.config.min as f64);
             inner.last_cut = Some(now);
@@ -430,7 +453,9 @@ impl Places {
         if lag >= target / 2 || (inner.paused.is_empty() && !admit_new) {
             return;
         }
-        let growth = if lag < target / 5 {
+        let growth = if inner.near_last_cut() {
+            NEAR_GROWTH
+        } else if lag < target / 5 {
             FAST_GROWTH
         } else {
             GROWTH

@@ -85,6 +85,39 @@ async fn the_cut_is_deeper_the_later_the_node_runs() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn places_grow_back_fast_far_below_where_the_node_fell_behind_and_slowly_near_it() {
+    let p = places(1000);
+    let held = take(&p, 200);
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot().2, 100, "half of the 200 busy");
+    tokio::time::advance(COOL_DOWN).await;
+    let mut limits = vec![100];
+    for _ in 0..20 {
+        send(&p, &held, 10_000).await;
+        p.observe(Instant::now(), CALM, 0);
+        limits.push(p.snapshot().2);
+    }
+    for pair in limits.windows(2) {
+        let (before, after) = (pair[0] as f64, pair[1] as f64);
+        if before >= 200.0 {
+            // Every paused connection is back.
+            continue;
+        }
+        if before < 170.0 {
+            // Far below: a tenth a reading.
+            assert!(after >= before * 1.09, "{limits:?}");
+        } else if before <= 220.0 {
+            // From 0.85 to 1.1 of the 200: a hundredth, at least one.
+            assert!(after <= before * 1.01 + 1.0, "{limits:?}");
+            assert!(after > before, "{limits:?}");
+        }
+    }
+    assert!(limits.iter().any(|&l| l >= 170), "{limits:?}");
+    drop(held);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_paused_connection_is_resumed_before_new_ones_are_let_in() {
     let p = places(100);
     let held = take(&p, 20);
@@ -104,8 +137,12 @@ async fn a_paused_connection_is_resumed_before_new_ones_are_let_in() {
     tokio::time::advance(COOL_DOWN).await;
     send(&p, &held, 1_000).await;
     p.observe(Instant::now(), CALM, 5);
-    // 18 * 1.1, rounded: both resumed, the newest paused first; nobody
-    // new yet.
+    // Near the 20 busy at which the node fell behind, places grow by one a
+    // reading: the newest paused is resumed first; nobody new yet.
+    assert_eq!(p.snapshot(), (19, 1, 19));
+    assert!(open(&held[18]) && !open(&held[19]));
+    send(&p, &held, 1_000).await;
+    p.observe(Instant::now(), CALM, 5);
     assert_eq!(p.snapshot(), (20, 0, 20));
     assert!(held.iter().all(open));
     resumed.await.unwrap();
@@ -126,10 +163,17 @@ async fn a_terminal_let_through_without_a_place_waits_paused_and_is_resumed_firs
     assert!(p.try_take().is_none(), "still no room for new connections");
     tokio::time::advance(COOL_DOWN).await;
     send(&p, &held, 1_000).await;
-    // 18 * 1.1, rounded up to 20: two resumed, the newest paused first.
+    // Near the 20 busy at which the node fell behind: one place a
+    // reading, to the one paused last.
     p.observe(Instant::now(), CALM, 0);
-    assert_eq!(p.snapshot(), (20, 1, 20));
+    assert_eq!(p.snapshot(), (19, 2, 19));
     assert!(open(&late), "the one paused last is resumed first");
+    send(&p, &held, 1_000).await;
+    p.observe(Instant::now(), CALM, 0);
+    // The terminal resumed sent nothing, so it is not busy: places (for
+    // busy connections) grow to 20, and both paused holders are resumed.
+    assert_eq!(p.snapshot(), (21, 0, 20));
+    assert!(held.iter().all(open));
     assert_eq!(streams(&late), SURGE_STREAMS);
     // Closed while paused, or while served: either frees its place.
     drop(late);
@@ -196,7 +240,8 @@ async fn new_connections_are_let_in_only_while_they_wait_and_the_node_has_headro
     tokio::task::yield_now().await;
     assert!(!waiter.is_finished());
     p.observe(Instant::now(), CALM, 1);
-    assert_eq!(p.snapshot().2, 20);
+    // Near the 20 busy at which the node fell behind: one place a reading.
+    assert_eq!(p.snapshot().2, 19);
     let _new = waiter.await.expect("a waiter takes a new place");
     for _ in 0..100 {
         p.observe(Instant::now(), CALM, 1);

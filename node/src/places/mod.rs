@@ -22,9 +22,10 @@
 //! connections, the most recently paused first, then to new connections,
 //! whose handshakes wait until the node has room for them (a terminal let
 //! through before, to learn who was calling, is paused at once); slowly
-//! near the number of busy connections at which the node last fell
-//! behind, faster below it. A caller that opens streams its limit does
-//! not allow is closed. Nodes, admins and auditors need no place.
+//! while the node reads nearly as much from its callers as when it last
+//! fell behind, faster while it reads less. A caller that opens streams
+//! its limit does not allow is closed. Nodes, admins and auditors need no
+//! place.
 //!
 //! While places are cut, the connections still served may open fewer
 //! streams (`surge_concurrent_streams`): a caller that never backs off
@@ -80,14 +81,18 @@ const DEEPEST_CUT: f64 = 0.5;
 /// too fast would bring the surge straight back.
 const GROWTH: f64 = 1.02;
 const FAST_GROWTH: f64 = 1.1;
-/// Growth per reading, however idle the node, while places are near the
-/// number of busy connections at which the node last fell behind (from
-/// [`NEAR_BELOW`] to [`NEAR_ABOVE`] of it): it fell behind there once, and
-/// the callers resumed on the way back send what they queued meanwhile, so
-/// that the node's delay shows the surplus only readings after it was let
-/// in. Growing there as fast as far below it overshot it within a second
-/// and the next cut halved places again, at 2x and 5x of capacity every
-/// two or three seconds.
+/// Growth per reading, however idle the node, while it reads from its
+/// callers nearly as much as when it last fell behind (from [`NEAR_BELOW`]
+/// to [`NEAR_ABOVE`] of the bytes a second it read then): it fell behind
+/// there once, and the callers resumed on the way back send what they
+/// queued meanwhile, so that the node's delay shows the surplus only
+/// readings after it was let in. Growing there as fast as far below it
+/// overshot it within a second and the next cut halved places again, at 2x
+/// and 5x of capacity every two or three seconds. Judged by the number of
+/// busy connections instead, the slow zone fell with every cut (each
+/// connection sends a few calls a second, so a cut from few busy
+/// connections set it lower still), and the node grew back by 1% a reading
+/// while it served half its capacity.
 const NEAR_GROWTH: f64 = 1.01;
 const NEAR_BELOW: f64 = 0.85;
 const NEAR_ABOVE: f64 = 1.1;
@@ -190,7 +195,10 @@ struct Inner {
     last_reading: Option<Instant>,
     /// Streams a serving connection may open now: fewer during a surge.
     streams: u32,
-    /// Busy connections when places were last cut (zero: never).
+    /// Bytes a second read from serving connections, over recent
+    /// readings.
+    read_rate: f64,
+    /// `read_rate` when places were last cut (zero: never).
     fell_behind_at: f64,
 }
 
@@ -229,11 +237,11 @@ impl Inner {
         self.limit.round() as usize
     }
 
-    /// Whether places are near the number of busy connections at which
-    /// the node last fell behind.
+    /// Whether the node reads from its callers nearly as much as when it
+    /// last fell behind.
     fn near_last_cut(&self) -> bool {
         let at = self.fell_behind_at;
-        at > 0.0 && self.limit >= NEAR_BELOW * at && self.limit <= NEAR_ABOVE * at
+        at > 0.0 && (NEAR_BELOW * at..=NEAR_ABOVE * at).contains(&self.read_rate)
     }
 
     /// Whether a new connection may take a place now.
@@ -252,6 +260,7 @@ impl Inner {
             return;
         };
         let mut busy = 0;
+        let mut total = 0.0;
         for held in self.serving.values_mut() {
             let read = held.seat.read.load(Ordering::Relaxed);
             let rate = read.saturating_sub(held.seen) as f64 / elapsed;
@@ -264,8 +273,10 @@ impl Inner {
             };
             held.seen = read.max(1);
             busy += usize::from(held.busy());
+            total += held.rate;
         }
         self.busy = busy;
+        self.read_rate = total;
     }
 
     /// Pauses the newest busy connections until no more than the limit
@@ -342,6 +353,7 @@ impl Places {
                 last_cut: None,
                 last_reading: None,
                 streams: config.streams,
+                read_rate: 0.0,
                 fell_behind_at: 0.0,
             }),
             room: Notify::new(),
@@ -434,7 +446,7 @@ impl Places {
             // fewer callers were sending), in proportion to how late the
             // node runs.
             let base = inner.busy as f64;
-            inner.fell_behind_at = base;
+            inner.fell_behind_at = inner.read_rate;
             let keep = (target.as_secs_f64() / lag.as_secs_f64()).clamp(DEEPEST_CUT, CUT);
             inner.limit = (base * keep).max(self.config.min as f64);
             inner.last_cut = Some(now);

@@ -39,15 +39,29 @@ fn take(p: &Arc<Places>, n: usize) -> Vec<Place> {
         .collect()
 }
 
-/// One reading's worth of time in which every connection of `busy` sends
-/// `bytes_per_sec` (the others nothing).
+/// One reading's worth of time in which every connection of `busy` not
+/// paused sends `bytes_per_sec` (the others nothing: a paused caller may
+/// open no stream).
 async fn send(p: &Arc<Places>, busy: &[Place], bytes_per_sec: usize) {
     if p.lock().last_reading.is_none() {
         p.observe(Instant::now(), CALM, 0);
     }
     tokio::time::advance(READING).await;
-    for place in busy {
+    // Read without registering a waker: the connection's task may wait on
+    // its seat.
+    let paused = |place: &&Place| place.seat.streams.load(Ordering::Acquire) == 0;
+    for place in busy.iter().filter(|place| !paused(place)) {
         place.seat.note_read(bytes_per_sec / 10);
+    }
+}
+
+/// The readings of a cool-down after a cut, every connection of `busy` not
+/// paused sending `bytes_per_sec` meanwhile, but its last: the judge reads
+/// the callers every [`READING`] while it waits.
+async fn cool_down(p: &Arc<Places>, busy: &[Place], bytes_per_sec: usize) {
+    for _ in 1..COOL_DOWN.as_millis() / READING.as_millis() {
+        send(p, busy, bytes_per_sec).await;
+        p.observe(Instant::now(), CALM, 0);
     }
 }
 
@@ -91,7 +105,7 @@ async fn places_grow_back_fast_far_below_where_the_node_fell_behind_and_slowly_n
     send(&p, &held, 10_000).await;
     p.observe(Instant::now(), LATE, 0);
     assert_eq!(p.snapshot().2, 100, "half of the 200 busy");
-    tokio::time::advance(COOL_DOWN).await;
+    cool_down(&p, &held, 10_000).await;
     let mut limits = vec![100];
     for _ in 0..20 {
         send(&p, &held, 10_000).await;
@@ -108,12 +122,37 @@ async fn places_grow_back_fast_far_below_where_the_node_fell_behind_and_slowly_n
             // Far below: a tenth a reading.
             assert!(after >= before * 1.09, "{limits:?}");
         } else if before <= 220.0 {
-            // From 0.85 to 1.1 of the 200: a hundredth, at least one.
+            // Reading from 0.85 to 1.1 of what the node read when it fell
+            // behind: a hundredth, at least one.
             assert!(after <= before * 1.01 + 1.0, "{limits:?}");
             assert!(after > before, "{limits:?}");
         }
     }
     assert!(limits.iter().any(|&l| l >= 170), "{limits:?}");
+    drop(held);
+}
+
+#[tokio::test(start_paused = true)]
+async fn places_grow_back_fast_while_callers_send_less_than_when_the_node_fell_behind() {
+    let p = places(1000);
+    let held = take(&p, 200);
+    send(&p, &held, 10_000).await;
+    p.observe(Instant::now(), LATE, 0);
+    assert_eq!(p.snapshot().2, 100);
+    cool_down(&p, &held, 2_000).await;
+    // Each caller now sends a fifth as much (a surge of fewer calls a
+    // connection): near the 200 busy connections of the cut the node
+    // reads far less than it did then, so places still grow by a tenth.
+    let mut limits = vec![100];
+    for _ in 0..8 {
+        send(&p, &held, 2_000).await;
+        p.observe(Instant::now(), CALM, 0);
+        limits.push(p.snapshot().2);
+    }
+    for pair in limits.windows(2) {
+        assert!(pair[1] as f64 >= pair[0] as f64 * 1.09, "{limits:?}");
+    }
+    assert!(limits.iter().any(|&l| l >= 200), "{limits:?}");
     drop(held);
 }
 
@@ -134,11 +173,12 @@ async fn a_paused_connection_is_resumed_before_new_ones_are_let_in() {
         })
     });
     tokio::task::yield_now().await;
-    tokio::time::advance(COOL_DOWN).await;
+    cool_down(&p, &held, 1_000).await;
     send(&p, &held, 1_000).await;
     p.observe(Instant::now(), CALM, 5);
-    // Near the 20 busy at which the node fell behind, places grow by one a
-    // reading: the newest paused is resumed first; nobody new yet.
+    // The 18 served send nine tenths of what the 20 sent when the node fell
+    // behind: places grow by one a reading, the newest paused is resumed
+    // first; nobody new yet.
     assert_eq!(p.snapshot(), (19, 1, 19));
     assert!(open(&held[18]) && !open(&held[19]));
     send(&p, &held, 1_000).await;
@@ -161,10 +201,10 @@ async fn a_terminal_let_through_without_a_place_waits_paused_and_is_resumed_firs
     assert!(!open(&late), "it may open no stream yet");
     assert_eq!(p.snapshot(), (18, 3, 18));
     assert!(p.try_take().is_none(), "still no room for new connections");
-    tokio::time::advance(COOL_DOWN).await;
+    cool_down(&p, &held, 1_000).await;
     send(&p, &held, 1_000).await;
-    // Near the 20 busy at which the node fell behind: one place a
-    // reading, to the one paused last.
+    // The node reads nine tenths of what it read when it fell behind: one
+    // place a reading, to the one paused last.
     p.observe(Instant::now(), CALM, 0);
     assert_eq!(p.snapshot(), (19, 2, 19));
     assert!(open(&late), "the one paused last is resumed first");
@@ -240,8 +280,8 @@ async fn new_connections_are_let_in_only_while_they_wait_and_the_node_has_headro
     tokio::task::yield_now().await;
     assert!(!waiter.is_finished());
     p.observe(Instant::now(), CALM, 1);
-    // Near the 20 busy at which the node fell behind: one place a reading.
-    assert_eq!(p.snapshot().2, 19);
+    // The node reads far less than when it fell behind: a tenth more.
+    assert_eq!(p.snapshot().2, 20);
     let _new = waiter.await.expect("a waiter takes a new place");
     for _ in 0..100 {
         p.observe(Instant::now(), CALM, 1);

@@ -49,8 +49,10 @@ async fn send(p: &Arc<Places>, busy: &[Place], bytes_per_sec: usize) {
     tokio::time::advance(READING).await;
     // Read without registering a waker: the connection's task may wait on
     // its seat.
-    let paused = |place: &&Place| place.seat.streams.load(Ordering::Acquire) == 0;
-    for place in busy.iter().filter(|place| !paused(place)) {
+    for place in busy
+        .iter()
+        .filter(|place| place.seat.streams.load(Ordering::Acquire) > 0)
+    {
         place.seat.note_read(bytes_per_sec / 10);
     }
 }
@@ -98,20 +100,29 @@ async fn the_cut_is_deeper_the_later_the_node_runs() {
     assert_eq!(p.snapshot().2, 45);
 }
 
-#[tokio::test(start_paused = true)]
-async fn places_grow_back_fast_far_below_where_the_node_fell_behind_and_slowly_near_it() {
+/// 200 connections sending 10,000 bytes a second each, cut to half by a
+/// late reading; then, each served one sending `bytes_per_sec`, the limit
+/// after the cut and after each of `readings` calm readings past its
+/// cool-down.
+async fn limits_after_a_cut(bytes_per_sec: usize, readings: usize) -> Vec<usize> {
     let p = places(1000);
     let held = take(&p, 200);
     send(&p, &held, 10_000).await;
     p.observe(Instant::now(), LATE, 0);
     assert_eq!(p.snapshot().2, 100, "half of the 200 busy");
-    cool_down(&p, &held, 10_000).await;
+    cool_down(&p, &held, bytes_per_sec).await;
     let mut limits = vec![100];
-    for _ in 0..20 {
-        send(&p, &held, 10_000).await;
+    for _ in 0..readings {
+        send(&p, &held, bytes_per_sec).await;
         p.observe(Instant::now(), CALM, 0);
         limits.push(p.snapshot().2);
     }
+    limits
+}
+
+#[tokio::test(start_paused = true)]
+async fn places_grow_back_fast_far_below_where_the_node_fell_behind_and_slowly_near_it() {
+    let limits = limits_after_a_cut(10_000, 20).await;
     for pair in limits.windows(2) {
         let (before, after) = (pair[0] as f64, pair[1] as f64);
         if before >= 200.0 {
@@ -129,31 +140,18 @@ async fn places_grow_back_fast_far_below_where_the_node_fell_behind_and_slowly_n
         }
     }
     assert!(limits.iter().any(|&l| l >= 170), "{limits:?}");
-    drop(held);
 }
 
 #[tokio::test(start_paused = true)]
 async fn places_grow_back_fast_while_callers_send_less_than_when_the_node_fell_behind() {
-    let p = places(1000);
-    let held = take(&p, 200);
-    send(&p, &held, 10_000).await;
-    p.observe(Instant::now(), LATE, 0);
-    assert_eq!(p.snapshot().2, 100);
-    cool_down(&p, &held, 2_000).await;
     // Each caller now sends a fifth as much (a surge of fewer calls a
     // connection): near the 200 busy connections of the cut the node
     // reads far less than it did then, so places still grow by a tenth.
-    let mut limits = vec![100];
-    for _ in 0..8 {
-        send(&p, &held, 2_000).await;
-        p.observe(Instant::now(), CALM, 0);
-        limits.push(p.snapshot().2);
-    }
+    let limits = limits_after_a_cut(2_000, 8).await;
     for pair in limits.windows(2) {
         assert!(pair[1] as f64 >= pair[0] as f64 * 1.09, "{limits:?}");
     }
     assert!(limits.iter().any(|&l| l >= 200), "{limits:?}");
-    drop(held);
 }
 
 #[tokio::test(start_paused = true)]

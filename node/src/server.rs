@@ -52,8 +52,9 @@ impl RunningNode {
     /// the node started, its calls' included (within
     /// [`SHUTDOWN_DEADLINE`]), flushes storage.
     /// When it returns, the node's storage is closed, or about to be as the
-    /// caller drops nothing else of it: a restart on the same data
-    /// directory can follow at once.
+    /// caller drops nothing else of it and sled's IO threads finish its
+    /// last writes: a restart on the same data directory can follow at once
+    /// (opening waits for those threads, [`crate::store::open_db`]).
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;

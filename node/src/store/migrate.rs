@@ -197,24 +197,6 @@ mod tests {
             .unwrap()
     }
 
-    /// The store at `path`, once the database dropped before it has let go
-    /// of its file lock: sled's background threads can hold it for a
-    /// moment after the drop (seen once in a full run: "could not acquire
-    /// lock").
-    async fn open_when_released(path: &std::path::Path, own: Province) -> Store {
-        let mut tries = 0;
-        loop {
-            match Store::open(path, own) {
-                Ok(store) => return store,
-                Err(err) if tries < 50 && err.to_string().contains("acquire lock") => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                Err(err) => panic!("the store does not open: {err}"),
-            }
-        }
-    }
-
     #[tokio::test]
     async fn statuses_kept_under_a_key_each_are_moved_into_buckets_when_the_store_opens() {
         let dir = tempfile::tempdir().unwrap();
@@ -247,7 +229,7 @@ mod tests {
             }
             db.flush().unwrap();
         }
-        let store = open_when_released(dir.path(), gd).await;
+        let store = Store::open(dir.path(), gd).unwrap();
         for (p, record) in &written {
             assert_eq!(
                 store.get(*p, &record.holder).unwrap().as_ref(),
@@ -333,7 +315,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let store = open_when_released(dir.path(), gd).await;
+        let store = Store::open(dir.path(), gd).unwrap();
         let tail = store.tail(gd).await.unwrap();
         assert_eq!((tail.sequence, tail.hash), (2500, hash));
         assert_eq!(store.changes(gd, 0, 2500, usize::MAX).unwrap(), written);

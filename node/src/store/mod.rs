@@ -131,6 +131,7 @@ pub mod install;
 mod log;
 mod merge;
 mod migrate;
+mod opening;
 mod own;
 mod presence;
 mod replica;
@@ -138,6 +139,7 @@ mod unmerged;
 mod writer;
 
 pub use health::full_disk;
+pub use opening::open_db;
 pub use own::{PendingPut, Prepared, PutOutcome};
 pub use replica::head_of;
 pub use unmerged::DEFAULT_UNMERGED_STATUSES;
@@ -219,11 +221,12 @@ struct Open {
 
 impl Open {
     fn at(path: &Path, cache_bytes: u64) -> sled::Result<Open> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(cache_bytes)
-            .open()?;
+        let db = open_db(
+            &sled::Config::new()
+                .path(path)
+                .mode(sled::Mode::HighThroughput)
+                .cache_capacity(cache_bytes),
+        )?;
         let tree = db.open_tree(TREE)?;
         Ok(Open { db, tree })
     }

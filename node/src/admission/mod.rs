@@ -118,7 +118,7 @@ impl Admission {
         metrics: &crate::metrics::Metrics,
         stop: CancellationToken,
     ) -> Arc<Admission> {
-        let queue = queue::Queue::new(config.queue);
+        let queue = queue::Queue::new(config.queue, metrics.scheduling_delay.clone());
         let (_, limit, _) = queue.snapshot();
         metrics.admission_limit.set(limit as i64);
         Arc::new(Admission {

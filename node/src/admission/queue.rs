@@ -4,6 +4,14 @@
 //! open, so a caller that has filled its connection's stream limit waits in
 //! its own process, at no cost to the node.
 //!
+//! "In time" counts the node's scheduling delay (how long a ready task
+//! waits for the CPU, as the places last measured it): a call admitted now
+//! runs at once, but its answer waits that long again for its connection's
+//! task to write it. A call that arrived with less time left than that is
+//! refused before its handler runs; admitted, it would be answered after
+//! its caller gave up, having cost the node its whole work (an ES256
+//! verification of a code, say).
+//!
 //! Newest first (LIFO) because under overload the oldest waiters are the
 //! ones whose callers are about to give up: serving them would spend the
 //! node on answers nobody reads. A slot freed by a finished call goes to the
@@ -18,6 +26,10 @@ use tokio::time::Instant;
 
 use super::Class;
 use super::limit::{Gradient, LimitBounds};
+
+/// The node's scheduling delay in seconds, as last measured (the gauge the
+/// places' judge sets, [`crate::places::watch`]).
+pub type Delay = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// Why a call was not admitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +76,7 @@ const EXPIRY_GRACE: Duration = Duration::from_millis(50);
 pub struct Queue {
     inner: Mutex<Inner>,
     config: QueueConfig,
+    delay: Delay,
 }
 
 struct Inner {
@@ -174,7 +187,9 @@ impl Inner {
 }
 
 impl Queue {
-    pub fn new(config: QueueConfig) -> Arc<Queue> {
+    /// A queue whose calls must finish `delay` (read at each admission)
+    /// before their deadlines.
+    pub fn new(config: QueueConfig, delay: Delay) -> Arc<Queue> {
         let limit = match config.fixed_limit {
             Some(n) => Limit::Fixed(n.max(1)),
             None => Limit::Adaptive(Gradient::new(config.bounds)),
@@ -190,6 +205,7 @@ impl Queue {
                 service_secs: 0.0,
             }),
             config,
+            delay,
         })
     }
 
@@ -204,13 +220,18 @@ impl Queue {
     }
 
     /// Admits a call of `class` that must be answered by `deadline`,
-    /// waiting for a slot if need be.
+    /// waiting for a slot if need be. The answer must be ready the node's
+    /// scheduling delay before the deadline, and a waiter gives up that
+    /// much earlier too.
     pub async fn admit(
         self: &Arc<Self>,
         class: Class,
         deadline: Option<Instant>,
     ) -> Result<Slot, Refusal> {
         let now = Instant::now();
+        // What is left of the deadline once the answer has waited its turn.
+        let answer = Duration::try_from_secs_f64(self.delay.get()).unwrap_or_default();
+        let deadline = deadline.map(|d| d.checked_sub(answer).unwrap_or(now));
         let (id, rx, give_up) = {
             let mut inner = self.lock();
             let service = Duration::from_secs_f64(inner.service_secs);
@@ -350,16 +371,23 @@ mod tests {
     use super::*;
 
     fn queue(limit: usize, max_queued: usize) -> Arc<Queue> {
-        Queue::new(QueueConfig {
-            fixed_limit: Some(limit),
-            bounds: LimitBounds {
-                initial: limit,
-                min: 1,
-                max: limit,
+        queue_late(limit, max_queued, Delay::default())
+    }
+
+    fn queue_late(limit: usize, max_queued: usize, delay: Delay) -> Arc<Queue> {
+        Queue::new(
+            QueueConfig {
+                fixed_limit: Some(limit),
+                bounds: LimitBounds {
+                    initial: limit,
+                    min: 1,
+                    max: limit,
+                },
+                max_queued,
+                max_wait: Duration::from_secs(1),
             },
-            max_queued,
-            max_wait: Duration::from_secs(1),
-        })
+            delay,
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -371,6 +399,28 @@ mod tests {
             Some(Refusal::Deadline)
         );
         assert_eq!(q.snapshot().0, 0);
+    }
+
+    /// While tasks wait 300 ms for the CPU, a call with 200 ms left would
+    /// be answered after its caller gave up: refused before it runs. One
+    /// with time for the delay is admitted, and so is the first once the
+    /// node runs on time again.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_with_less_time_left_than_the_node_runs_late_is_refused() {
+        let delay = Delay::default();
+        let q = queue_late(4, 10, delay.clone());
+        delay.set(0.3);
+        let soon = Instant::now() + Duration::from_millis(200);
+        assert_eq!(
+            q.admit(Class::Serving, Some(soon)).await.err(),
+            Some(Refusal::Deadline)
+        );
+        let later = Instant::now() + Duration::from_millis(400);
+        let admitted = q.admit(Class::Serving, Some(later)).await.unwrap();
+        assert_eq!(q.snapshot().0, 1);
+        drop(admitted);
+        delay.set(0.0);
+        q.admit(Class::Serving, Some(soon)).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,13 +4,13 @@
 //! open, so a caller that has filled its connection's stream limit waits in
 //! its own process, at no cost to the node.
 //!
-//! "In time" counts the node's scheduling delay (how long a ready task
-//! waits for the CPU, as the places last measured it): a call admitted now
-//! runs at once, but its answer waits that long again for its connection's
-//! task to write it. A call that arrived with less time left than that is
-//! refused before its handler runs; admitted, it would be answered after
-//! its caller gave up, having cost the node its whole work (an ES256
-//! verification of a code, say).
+//! For a terminal's call "in time" counts the scheduling delay of the
+//! runtime that serves terminals ([`Queue::admit_answered_after`]): a call
+//! admitted now runs at once, but its answer waits that long again for its
+//! connection's task to write it. A call that arrived with less time left
+//! than that is refused before its handler runs; admitted, it would be
+//! answered after its caller gave up, having cost the node its whole work
+//! (an ES256 verification of a code, say).
 //!
 //! Newest first (LIFO) because under overload the oldest waiters are the
 //! ones whose callers are about to give up: serving them would spend the
@@ -26,10 +26,6 @@ use tokio::time::Instant;
 
 use super::Class;
 use super::limit::{Gradient, LimitBounds};
-
-/// The node's scheduling delay in seconds, as last measured (the gauge the
-/// places' judge sets, [`crate::places::watch`]).
-pub type Delay = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// Why a call was not admitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +72,6 @@ const EXPIRY_GRACE: Duration = Duration::from_millis(50);
 pub struct Queue {
     inner: Mutex<Inner>,
     config: QueueConfig,
-    delay: Delay,
 }
 
 struct Inner {
@@ -187,9 +182,7 @@ impl Inner {
 }
 
 impl Queue {
-    /// A queue whose calls must finish `delay` (read at each admission)
-    /// before their deadlines.
-    pub fn new(config: QueueConfig, delay: Delay) -> Arc<Queue> {
+    pub fn new(config: QueueConfig) -> Arc<Queue> {
         let limit = match config.fixed_limit {
             Some(n) => Limit::Fixed(n.max(1)),
             None => Limit::Adaptive(Gradient::new(config.bounds)),
@@ -205,7 +198,6 @@ impl Queue {
                 service_secs: 0.0,
             }),
             config,
-            delay,
         })
     }
 
@@ -220,18 +212,27 @@ impl Queue {
     }
 
     /// Admits a call of `class` that must be answered by `deadline`,
-    /// waiting for a slot if need be. The answer must be ready the node's
-    /// scheduling delay before the deadline, and a waiter gives up that
-    /// much earlier too.
+    /// waiting for a slot if need be.
     pub async fn admit(
         self: &Arc<Self>,
         class: Class,
         deadline: Option<Instant>,
     ) -> Result<Slot, Refusal> {
+        self.admit_answered_after(class, deadline, Duration::ZERO)
+            .await
+    }
+
+    /// [`admit`](Self::admit) for a call whose answer, once ready, waits
+    /// `delay` to be written: it must be ready that much before its
+    /// deadline, and gives up waiting that much earlier.
+    pub async fn admit_answered_after(
+        self: &Arc<Self>,
+        class: Class,
+        deadline: Option<Instant>,
+        delay: Duration,
+    ) -> Result<Slot, Refusal> {
         let now = Instant::now();
-        // What is left of the deadline once the answer has waited its turn.
-        let answer = Duration::try_from_secs_f64(self.delay.get()).unwrap_or_default();
-        let deadline = deadline.map(|d| d.checked_sub(answer).unwrap_or(now));
+        let deadline = deadline.map(|d| d.checked_sub(delay).unwrap_or(now));
         let (id, rx, give_up) = {
             let mut inner = self.lock();
             let service = Duration::from_secs_f64(inner.service_secs);
@@ -371,23 +372,16 @@ mod tests {
     use super::*;
 
     fn queue(limit: usize, max_queued: usize) -> Arc<Queue> {
-        queue_late(limit, max_queued, Delay::default())
-    }
-
-    fn queue_late(limit: usize, max_queued: usize, delay: Delay) -> Arc<Queue> {
-        Queue::new(
-            QueueConfig {
-                fixed_limit: Some(limit),
-                bounds: LimitBounds {
-                    initial: limit,
-                    min: 1,
-                    max: limit,
-                },
-                max_queued,
-                max_wait: Duration::from_secs(1),
+        Queue::new(QueueConfig {
+            fixed_limit: Some(limit),
+            bounds: LimitBounds {
+                initial: limit,
+                min: 1,
+                max: limit,
             },
-            delay,
-        )
+            max_queued,
+            max_wait: Duration::from_secs(1),
+        })
     }
 
     #[tokio::test(start_paused = true)]
@@ -403,23 +397,26 @@ mod tests {
 
     /// While tasks wait 300 ms for the CPU, a call with 200 ms left would
     /// be answered after its caller gave up: refused before it runs. One
-    /// with time for the delay is admitted, and so is the first once the
-    /// node runs on time again.
+    /// with time for the delay is admitted, and so is the first when its
+    /// answer waits for nothing.
     #[tokio::test(start_paused = true)]
-    async fn a_call_with_less_time_left_than_the_node_runs_late_is_refused() {
-        let delay = Delay::default();
-        let q = queue_late(4, 10, delay.clone());
-        delay.set(0.3);
+    async fn a_call_with_less_time_left_than_its_answer_waits_is_refused() {
+        let q = queue(4, 10);
+        let late = Duration::from_millis(300);
         let soon = Instant::now() + Duration::from_millis(200);
         assert_eq!(
-            q.admit(Class::Serving, Some(soon)).await.err(),
+            q.admit_answered_after(Class::Serving, Some(soon), late)
+                .await
+                .err(),
             Some(Refusal::Deadline)
         );
         let later = Instant::now() + Duration::from_millis(400);
-        let admitted = q.admit(Class::Serving, Some(later)).await.unwrap();
+        let admitted = q
+            .admit_answered_after(Class::Serving, Some(later), late)
+            .await
+            .unwrap();
         assert_eq!(q.snapshot().0, 1);
         drop(admitted);
-        delay.set(0.0);
         q.admit(Class::Serving, Some(soon)).await.unwrap();
     }
 

@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hufu_certs::{Province, Role};
+use hufu_certs::Province;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -107,9 +107,6 @@ pub struct Admission {
     in_flight_gauge: Gauge,
     limit_gauge: Gauge,
     queued_gauge: Gauge,
-    /// The scheduling delay of the runtime that serves terminals, as the
-    /// places last measured it (seconds).
-    delay: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Admission {
@@ -141,7 +138,6 @@ impl Admission {
             in_flight_gauge: metrics.in_flight.clone(),
             limit_gauge: metrics.admission_limit.clone(),
             queued_gauge: metrics.queued.clone(),
-            delay: metrics.scheduling_delay.clone(),
         })
     }
 
@@ -407,18 +403,7 @@ where
             // up has sent its RST_STREAM right behind the call, and hyper
             // drops a call whose stream was reset only while it waits.
             tokio::task::yield_now().await;
-            // A terminal's answer waits the terminals' runtime's delay to be
-            // written; admins, auditors and other nodes are served on the
-            // control lane, which that delay does not measure.
-            let delay = match info.identity.role {
-                Role::Terminal => admission.delay(),
-                _ => Duration::ZERO,
-            };
-            let slot = match admission
-                .queue
-                .admit_answered_after(class, deadline, delay)
-                .await
-            {
+            let slot = match admission.queue.admit(class, deadline).await {
                 Ok(slot) => slot,
                 Err(why) => return Ok(admission.refusal(class, why)),
             };
@@ -437,11 +422,6 @@ where
 }
 
 impl Admission {
-    /// The terminals' runtime's scheduling delay, as last measured.
-    fn delay(&self) -> Duration {
-        Duration::try_from_secs_f64(self.delay.get()).unwrap_or_default()
-    }
-
     fn count_admitted(&self, class: Class) {
         self.admitted
             .get_or_create(&vec![("class", class.label())])

@@ -4,14 +4,6 @@
 //! open, so a caller that has filled its connection's stream limit waits in
 //! its own process, at no cost to the node.
 //!
-//! For a terminal's call "in time" counts the scheduling delay of the
-//! runtime that serves terminals ([`Queue::admit_answered_after`]): a call
-//! admitted now runs at once, but its answer waits that long again for its
-//! connection's task to write it. A call that arrived with less time left
-//! than that is refused before its handler runs; admitted, it would be
-//! answered after its caller gave up, having cost the node its whole work
-//! (an ES256 verification of a code, say).
-//!
 //! Newest first (LIFO) because under overload the oldest waiters are the
 //! ones whose callers are about to give up: serving them would spend the
 //! node on answers nobody reads. A slot freed by a finished call goes to the
@@ -218,21 +210,7 @@ impl Queue {
         class: Class,
         deadline: Option<Instant>,
     ) -> Result<Slot, Refusal> {
-        self.admit_answered_after(class, deadline, Duration::ZERO)
-            .await
-    }
-
-    /// [`admit`](Self::admit) for a call whose answer, once ready, waits
-    /// `delay` to be written: it must be ready that much before its
-    /// deadline, and gives up waiting that much earlier.
-    pub async fn admit_answered_after(
-        self: &Arc<Self>,
-        class: Class,
-        deadline: Option<Instant>,
-        delay: Duration,
-    ) -> Result<Slot, Refusal> {
         let now = Instant::now();
-        let deadline = deadline.map(|d| d.checked_sub(delay).unwrap_or(now));
         let (id, rx, give_up) = {
             let mut inner = self.lock();
             let service = Duration::from_secs_f64(inner.service_secs);
@@ -393,31 +371,6 @@ mod tests {
             Some(Refusal::Deadline)
         );
         assert_eq!(q.snapshot().0, 0);
-    }
-
-    /// While tasks wait 300 ms for the CPU, a call with 200 ms left would
-    /// be answered after its caller gave up: refused before it runs. One
-    /// with time for the delay is admitted, and so is the first when its
-    /// answer waits for nothing.
-    #[tokio::test(start_paused = true)]
-    async fn a_call_with_less_time_left_than_its_answer_waits_is_refused() {
-        let q = queue(4, 10);
-        let late = Duration::from_millis(300);
-        let soon = Instant::now() + Duration::from_millis(200);
-        assert_eq!(
-            q.admit_answered_after(Class::Serving, Some(soon), late)
-                .await
-                .err(),
-            Some(Refusal::Deadline)
-        );
-        let later = Instant::now() + Duration::from_millis(400);
-        let admitted = q
-            .admit_answered_after(Class::Serving, Some(later), late)
-            .await
-            .unwrap();
-        assert_eq!(q.snapshot().0, 1);
-        drop(admitted);
-        q.admit(Class::Serving, Some(soon)).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -51,14 +51,9 @@ struct Parts {
 
 impl Parts {
     fn open(path: &Path, signer: Arc<LogSigner>, cache_bytes: u64) -> anyhow::Result<Parts> {
-        let db = crate::store::open_db(
-            &sled::Config::new()
-                .path(path)
-                .mode(sled::Mode::HighThroughput)
-                .cache_capacity(cache_bytes),
-        )
-        .with_context(|| format!("cannot open audit storage {}", path.display()))
-        .map_err(|e| crate::store::full_disk(e, path))?;
+        let db = crate::store::open_db(path, cache_bytes)
+            .with_context(|| format!("cannot open audit storage {}", path.display()))
+            .map_err(|e| crate::store::full_disk(e, path))?;
         Ok(Parts {
             log: Arc::new(AuditLog::open(db.open_tree(LOG_TREE)?)?),
             witness: Arc::new(Witness::open(db.open_tree(WITNESS_TREE)?, signer)),

@@ -221,12 +221,7 @@ struct Open {
 
 impl Open {
     fn at(path: &Path, cache_bytes: u64) -> sled::Result<Open> {
-        let db = open_db(
-            &sled::Config::new()
-                .path(path)
-                .mode(sled::Mode::HighThroughput)
-                .cache_capacity(cache_bytes),
-        )?;
+        let db = open_db(path, cache_bytes)?;
         let tree = db.open_tree(TREE)?;
         Ok(Open { db, tree })
     }

@@ -8,18 +8,24 @@
 //! predecessor process is still exiting. Opening waits a little for the
 //! lock before it says that another process holds the database.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long opening waits for a database's file lock.
-pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// How often opening tries the lock again meanwhile.
 const RETRY_EVERY: Duration = Duration::from_millis(20);
 
-/// Opens `config`'s database, waiting up to [`LOCK_WAIT`] for its lock.
+/// Opens the node's database at `path` (the store's or the audit log's),
+/// caching up to `cache_bytes`, waiting up to [`LOCK_WAIT`] for its lock.
 /// Blocks the calling thread meanwhile.
-pub fn open_db(config: &sled::Config) -> sled::Result<sled::Db> {
-    open_waiting(config, LOCK_WAIT)
+pub fn open_db(path: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
+    let config = sled::Config::new()
+        .path(path)
+        .mode(sled::Mode::HighThroughput)
+        .cache_capacity(cache_bytes);
+    open_waiting(&config, LOCK_WAIT)
 }
 
 fn open_waiting(config: &sled::Config, wait: Duration) -> sled::Result<sled::Db> {
@@ -53,6 +59,8 @@ mod tests {
     use super::*;
     use fs2::FileExt;
 
+    const CACHE: u64 = 1 << 20;
+
     /// The lock sled takes on a database at `dir`, held by another open
     /// file as a database not yet let go of holds it.
     fn hold_lock(dir: &std::path::Path) -> std::fs::File {
@@ -69,7 +77,7 @@ mod tests {
     fn a_database_opens_once_its_lock_is_let_go_of_a_moment_later() {
         let dir = tempfile::tempdir().unwrap();
         let config = sled::Config::new().path(dir.path());
-        let db = open_db(&config).unwrap();
+        let db = open_db(dir.path(), CACHE).unwrap();
         db.insert("kept", "yes").unwrap();
         db.flush().unwrap();
         drop(db);
@@ -80,7 +88,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
             drop(held);
         });
-        let db = open_db(&config).expect("opened once the lock was let go of");
+        let db = open_db(dir.path(), CACHE).expect("opened once the lock was let go of");
         assert_eq!(db.get("kept").unwrap().as_deref(), Some(&b"yes"[..]));
         releaser.join().unwrap();
     }
@@ -88,8 +96,8 @@ mod tests {
     #[test]
     fn a_lock_held_on_says_another_process_holds_the_database() {
         let dir = tempfile::tempdir().unwrap();
+        drop(open_db(dir.path(), CACHE).unwrap());
         let config = sled::Config::new().path(dir.path());
-        drop(open_db(&config).unwrap());
         let _held = hold_lock(dir.path());
         let err = open_waiting(&config, Duration::from_millis(200)).unwrap_err();
         let message = err.to_string();

@@ -49,7 +49,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::path::Path;
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -117,11 +117,15 @@ struct Shared {
     max_batch: usize,
 }
 
+/// What a flush is told once everything queued before it is on disk (or
+/// why not).
+type FlushReply = Box<dyn FnOnce(Result<(), AuditError>) + Send>;
+
 #[derive(Default)]
 struct Queue {
     entries: VecDeque<AuditEntry>,
     /// Reply once everything queued before is written and synced to disk.
-    flushes: Vec<SyncSender<Result<(), String>>>,
+    flushes: Vec<FlushReply>,
     /// The log is being dropped: write what is queued, then stop.
     closing: bool,
     /// Why the writer stopped, once it has.
@@ -245,22 +249,31 @@ impl AuditLog {
     }
 
     /// Waits until everything appended before is written and synced to
-    /// disk. Blocking: from async code, call it in `spawn_blocking`.
+    /// disk. Blocking: from async code, use [`flush_then`](Self::flush_then).
     pub fn flush(&self) -> Result<(), AuditError> {
         let (reply, done) = mpsc::sync_channel(1);
+        self.flush_then(move |result| {
+            let _ = reply.send(result);
+        });
+        done.recv().unwrap_or_else(|_| Err(self.closed()))
+    }
+
+    /// Calls `done`, on the writer's thread, once everything appended
+    /// before is written and synced to disk, or with why not; at once if
+    /// the writer has stopped. An async caller awaits it through a channel
+    /// without holding a thread meanwhile.
+    pub fn flush_then(&self, done: impl FnOnce(Result<(), AuditError>) + Send + 'static) {
         {
             let mut queue = self.shared.lock();
             if let Some(reason) = &queue.failure {
-                return Err(AuditError::Closed(reason.clone()));
+                let reason = reason.clone();
+                drop(queue);
+                done(Err(AuditError::Closed(reason)));
+                return;
             }
-            queue.flushes.push(reply);
+            queue.flushes.push(Box::new(done));
         }
         self.wake();
-        match done.recv() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(AuditError::Storage(reason)),
-            Err(_) => Err(self.closed()),
-        }
     }
 
     /// Whether the writer has stopped (after a failed write, or closing):
@@ -517,16 +530,22 @@ impl Writer {
         impl Drop for Stopped<'_> {
             fn drop(&mut self) {
                 let mut queue = self.0.lock();
-                queue.failure.get_or_insert_with(|| {
-                    if std::thread::panicking() {
-                        "the writer panicked, a bug: report it".into()
-                    } else {
-                        "the log was closed".into()
-                    }
-                });
-                queue.flushes.clear();
+                let reason = queue
+                    .failure
+                    .get_or_insert_with(|| {
+                        if std::thread::panicking() {
+                            "the writer panicked, a bug: report it".into()
+                        } else {
+                            "the log was closed".into()
+                        }
+                    })
+                    .clone();
+                let flushes = std::mem::take(&mut queue.flushes);
                 drop(queue);
                 self.0.room.notify_all();
+                for reply in flushes {
+                    reply(Err(AuditError::Closed(reason.clone())));
+                }
             }
         }
         let _stopped = Stopped(shared);
@@ -583,7 +602,11 @@ impl Writer {
             }
             let reason = result.as_ref().err().map(ToString::to_string);
             for reply in flushes {
-                let _ = reply.send(reason.clone().map_or(Ok(()), Err));
+                reply(
+                    reason
+                        .clone()
+                        .map_or(Ok(()), |r| Err(AuditError::Storage(r))),
+                );
             }
             if let Some(reason) = reason {
                 tracing::error!(
@@ -990,6 +1013,37 @@ mod tests {
         assert_eq!(
             reopened.entries(0, 700).unwrap(),
             whole.entries(0, 700).unwrap()
+        );
+    }
+
+    /// What an async caller waits on: called once the entries appended
+    /// before are on disk, on the writer's thread; at once, with why, when
+    /// the writer has stopped.
+    #[test]
+    fn a_flush_callback_is_called_once_the_entries_before_it_are_written() {
+        let (_dir, _tree, log) = new_log();
+        for i in 0..10 {
+            log.append(entry(i)).unwrap();
+        }
+        let (tx, rx) = mpsc::channel();
+        let caller = std::thread::current().id();
+        log.flush_then(move |result| {
+            let _ = tx.send((result, std::thread::current().id()));
+        });
+        let (result, on) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        result.unwrap();
+        assert_ne!(on, caller, "called on the writer's thread");
+        assert_eq!(log.size().unwrap(), 10);
+
+        log.shared.lock().failure = Some("no space left on device".into());
+        let (tx, rx) = mpsc::channel();
+        log.flush_then(move |result| {
+            let _ = tx.send(result);
+        });
+        let err = rx.try_recv().expect("answered at once").unwrap_err();
+        assert!(
+            matches!(&err, AuditError::Closed(why) if why.contains("no space")),
+            "{err}"
         );
     }
 

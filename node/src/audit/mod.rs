@@ -267,9 +267,15 @@ impl NodeAudit {
             return Ok(());
         }
         let log = self.log()?;
-        tokio::task::spawn_blocking(move || log.flush())
+        // Awaited, not waited for on a blocking thread: a status write
+        // crosses one thread fewer each way.
+        let (done, synced) = tokio::sync::oneshot::channel();
+        log.flush_then(move |result| {
+            let _ = done.send(result);
+        });
+        synced
             .await
-            .unwrap_or_else(|e| Err(AuditError::Closed(format!("flush task: {e}"))))
+            .unwrap_or_else(|_| Err(AuditError::Closed("the audit log's writer stopped".into())))
     }
 }
 

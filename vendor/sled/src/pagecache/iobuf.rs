@@ -935,7 +935,7 @@ pub(in crate::pagecache) fn make_stable_inner(
         } else {
             // Hufu: this thread waits for the buffer anyway, so it writes
             // it too, instead of handing it to an I/O thread and waiting.
-            seal_and_write_iobuf_here(iobufs, &iobuf, header)?;
+            seal_and_write_iobuf(iobufs, &iobuf, header, false, true)?;
             stable = iobufs.stable();
             // NB we have to continue here to possibly clear
             // the next io buffer, which may have dirty
@@ -1028,17 +1028,9 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
     seal_and_write_iobuf(iobufs, iobuf, header, from_reserve, false)
 }
 
-/// Hufu: [`maybe_seal_and_write_iobuf`] for a thread that is about to wait
-/// for the buffer to be stable: if sealing leaves the write to this
-/// thread, it writes the buffer itself.
-fn seal_and_write_iobuf_here(
-    iobufs: &Arc<IoBufs>,
-    iobuf: &Arc<IoBuf>,
-    header: Header,
-) -> Result<()> {
-    seal_and_write_iobuf(iobufs, iobuf, header, false, true)
-}
-
+/// Hufu: [`maybe_seal_and_write_iobuf`], and with `write_here` (a thread
+/// about to wait for the buffer to be stable) the buffer is written on this
+/// thread if sealing leaves its write to it, not on an I/O thread.
 fn seal_and_write_iobuf(
     iobufs: &Arc<IoBufs>,
     iobuf: &Arc<IoBuf>,
@@ -1197,45 +1189,19 @@ fn seal_and_write_iobuf(
     // if writers is 0, it's our responsibility to write the buffer.
     if header::n_writers(sealed) == 0 {
         iobufs.config.global_error()?;
+        if write_here {
+            trace!("writing iobuf with lsn {} to log from the flushing thread", lsn);
+            return write_iobuf(iobufs, iobuf, lsn);
+        }
         trace!(
             "asynchronously writing iobuf with lsn {} to log from maybe_seal",
             lsn
         );
-        if write_here {
-            if let Err(e) = iobufs.write_to_log(iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-                iobufs.config.set_global_error(e.clone());
-                let intervals = iobufs.intervals.lock();
-                drop(intervals);
-                let _notified = iobufs.interval_updated.notify_all();
-                return Err(e);
-            }
-            return Ok(());
-        }
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();
         let _result = threadpool::spawn(move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
+            // A failure is stored for the threads waiting on the buffer.
+            let _ = write_iobuf(&iobufs, &iobuf, lsn);
         })?;
 
         #[cfg(feature = "event_log")]
@@ -1245,6 +1211,28 @@ fn seal_and_write_iobuf(
     } else {
         Ok(())
     }
+}
+
+/// Writes a sealed `iobuf`; a failure is stored as the global error and
+/// the threads waiting for the stable lsn are woken to see it.
+fn write_iobuf(iobufs: &IoBufs, iobuf: &IoBuf, lsn: Lsn) -> Result<()> {
+    let result = iobufs.write_to_log(iobuf);
+    if let Err(e) = &result {
+        error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+
+        // store error before notifying so that waiting threads will see
+        // it
+        iobufs.config.set_global_error(e.clone());
+
+        let intervals = iobufs.intervals.lock();
+
+        // having held the mutex makes this linearized
+        // with the notify below.
+        drop(intervals);
+
+        let _notified = iobufs.interval_updated.notify_all();
+    }
+    result
 }
 
 impl Debug for IoBufs {

@@ -16,7 +16,11 @@
 //! connections are *paused*, more of them the later the node runs: the node
 //! tells their callers that they may open no new stream (an HTTP/2 stream
 //! limit of zero, [`wire`]), the calls they have open finish, and their next
-//! calls wait in their own processes. Idle connections are never paused:
+//! calls wait in their own processes. The judge that decides writes the
+//! limit itself where it can ([`Seat::on_change`]): the connection's own
+//! task would write it only when the terminals' runtime next runs it, and
+//! a runtime that runs late holds every pause back while the callers go on
+//! sending. Idle connections are never paused:
 //! that would relieve nothing. A pause closes nothing and leaves nothing
 //! unread, so undoing it costs one frame: places come back first to paused
 //! connections, the most recently paused first, then to new connections,
@@ -35,7 +39,7 @@
 //! open, the node's queue stays short and the rest expire in the callers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::Duration;
@@ -43,9 +47,11 @@ use std::time::Duration;
 use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+mod pulse;
 pub mod wire;
+
+pub use pulse::watch;
 
 /// How places are sized.
 #[derive(Clone, Copy, Debug)]
@@ -115,7 +121,13 @@ pub struct Seat {
     changed: AtomicWaker,
     /// Bytes read from the connection, ever: how busy its caller is.
     read: AtomicU64,
+    /// Tells the caller a changed limit without waiting for the
+    /// connection's task, if the connection can.
+    announcer: std::sync::OnceLock<Announcer>,
 }
+
+/// Writes a changed stream limit to a connection's caller.
+pub type Announcer = Box<dyn Fn(u32) + Send + Sync>;
 
 impl Seat {
     fn new(streams: u32) -> Arc<Seat> {
@@ -123,6 +135,7 @@ impl Seat {
             streams: AtomicU32::new(streams),
             changed: AtomicWaker::new(),
             read: AtomicU64::new(0),
+            announcer: std::sync::OnceLock::new(),
         })
     }
 
@@ -138,10 +151,25 @@ impl Seat {
         self.read.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// Sets the stream limit its caller is to have (zero: paused).
-    fn allow(&self, streams: u32) {
-        if self.streams.swap(streams, Ordering::AcqRel) != streams {
+    /// Has `announce` tell the caller each changed limit at once.
+    pub fn on_change(&self, announce: Announcer) {
+        let _ = self.announcer.set(announce);
+    }
+
+    /// Sets the stream limit its caller is to have (zero: paused); true if
+    /// it changed.
+    fn allow(&self, streams: u32) -> bool {
+        let changed = self.streams.swap(streams, Ordering::AcqRel) != streams;
+        if changed {
             self.changed.wake();
+        }
+        changed
+    }
+
+    /// Tells the caller its limit now, if the connection can.
+    fn announce(&self) {
+        if let Some(announce) = self.announcer.get() {
+            announce(self.streams.load(Ordering::Acquire));
         }
     }
 }
@@ -200,6 +228,9 @@ struct Inner {
     read_rate: f64,
     /// `read_rate` when places were last cut (zero: never).
     fell_behind_at: f64,
+    /// Seats whose limit changed while the lock was held, to announce
+    /// after it.
+    changed: Vec<Arc<Seat>>,
 }
 
 /// A terminal connection's place; dropping it (the connection closed)
@@ -302,7 +333,9 @@ impl Inner {
 
     /// Pauses connection `id`, as the most recently paused.
     fn pause(&mut self, id: u64, held: Held) {
-        held.seat.allow(0);
+        if held.seat.allow(0) {
+            self.changed.push(held.seat.clone());
+        }
         let order = self.next;
         self.next += 1;
         self.pause_of.insert(id, order);
@@ -317,7 +350,9 @@ impl Inner {
         }
         self.streams = streams;
         for held in self.serving.values() {
-            held.seat.allow(streams);
+            if held.seat.allow(streams) {
+                self.changed.push(held.seat.clone());
+            }
         }
     }
 
@@ -326,7 +361,9 @@ impl Inner {
             return false;
         };
         self.pause_of.remove(&id);
-        held.seat.allow(self.streams);
+        if held.seat.allow(self.streams) {
+            self.changed.push(held.seat.clone());
+        }
         self.busy += 1;
         self.serving.insert(id, held);
         true
@@ -355,6 +392,7 @@ impl Places {
                 streams: config.streams,
                 read_rate: 0.0,
                 fell_behind_at: 0.0,
+                changed: Vec::new(),
             }),
             room: Notify::new(),
             config,
@@ -431,15 +469,31 @@ impl Places {
     /// connections waiting for a place: cuts places (pausing the newest connections) or gives them back
     /// (resuming the most recently paused first, then letting new ones in).
     pub fn observe(&self, now: Instant, lag: Duration, waiting: usize) {
+        let (free, changed) = {
+            let mut inner = self.lock();
+            let free = self.judge(&mut inner, now, lag, waiting);
+            (free, std::mem::take(&mut inner.changed))
+        };
+        for seat in changed {
+            seat.announce();
+        }
+        // One wake-up per new place, not a stampede of every waiter.
+        for _ in 0..free {
+            self.room.notify_last();
+        }
+    }
+
+    /// [`Self::observe`] under the lock: how many new connections may be
+    /// let in.
+    fn judge(&self, inner: &mut Inner, now: Instant, lag: Duration, waiting: usize) -> usize {
         let target = self.config.target_lag;
         if target.is_zero() {
-            return;
+            return 0;
         }
-        let mut inner = self.lock();
         inner.measure(now);
         let since_cut = inner.last_cut.map(|at| now.saturating_duration_since(at));
         if since_cut.is_some_and(|d| d < COOL_DOWN) {
-            return;
+            return 0;
         }
         if lag > target {
             // Cut from the connections busy now (not from a limit set while
@@ -452,7 +506,7 @@ impl Places {
             inner.last_cut = Some(now);
             inner.pause_newest_busy();
             inner.set_streams(self.config.surge_streams);
-            return;
+            return 0;
         }
         if inner.paused.is_empty() && since_cut.is_some_and(|d| d >= SURGE_OVER) {
             inner.set_streams(self.config.streams);
@@ -463,7 +517,7 @@ impl Places {
         }
         let admit_new = waiting > 0 && lag < target / 5 && since_cut.is_none_or(|d| d >= SETTLE);
         if lag >= target / 2 || (inner.paused.is_empty() && !admit_new) {
-            return;
+            return 0;
         }
         let growth = if inner.near_last_cut() {
             NEAR_GROWTH
@@ -476,134 +530,9 @@ impl Places {
         inner.limit = grown.min(self.config.max as f64);
         while inner.busy < inner.limit() && inner.resume_newest() {}
         if !admit_new || !inner.paused.is_empty() {
-            return;
+            return 0;
         }
-        let free = inner.limit().saturating_sub(inner.busy);
-        drop(inner);
-        // One wake-up per new place, not a stampede of every waiter.
-        for _ in 0..free.min(waiting) {
-            self.room.notify_last();
-        }
-    }
-}
-
-/// How often the node measures its scheduling delay, and the shortest
-/// span of measurements that makes one reading.
-const PROBE: Duration = Duration::from_millis(10);
-const READING: Duration = Duration::from_millis(100);
-
-/// Measures the node's scheduling delay (how late a 10 ms timer fires: how
-/// long every task waits for the CPU) and feeds it to `places` every 100
-/// ms, until `stop`. The probe runs on the runtime this is called on (the
-/// terminals'); the judge that reads it and cuts or gives back places on
-/// `judge_on` if given (the control lane), else beside the probe. Both are
-/// `tasks`'s.
-///
-/// A reading is the *least* delay of its probes: a node held to a CPU
-/// quota is stopped for most of every quota period, and a probe that falls
-/// in such a gap is late even when nothing waits; only when every probe of
-/// a reading is late do tasks queue for the CPU (as CoDel judges a queue by
-/// its minimum delay over an interval). A reading in which no probe came
-/// back is the lateness of the probe still out: places must follow an
-/// overload within its first moments. A judge on the terminals' own runtime
-/// could not: when a crowd's calls all arrive at once (a step from 0.5x to
-/// 10x of capacity, every connection with its full stream limit) that
-/// runtime fell seconds behind, the judge with it, and its first reading
-/// came 7 s into the surge, while memory grew by 220 MiB.
-pub fn watch(
-    places: Arc<Places>,
-    waiting: Arc<AtomicUsize>,
-    metrics: Arc<crate::metrics::Metrics>,
-    stop: CancellationToken,
-    tasks: &tokio_util::task::TaskTracker,
-    judge_on: Option<&tokio::runtime::Handle>,
-) {
-    let pulse = Arc::new(Pulse::new());
-    tasks.spawn(probe(pulse.clone(), stop.clone()));
-    let judge = judge(pulse, places, waiting, metrics, stop);
-    match judge_on {
-        Some(lane) => drop(tasks.spawn_on(judge, lane)),
-        None => drop(tasks.spawn(judge)),
-    }
-}
-
-/// What the probes found since the judge last looked.
-struct Pulse {
-    base: Instant,
-    /// Least lateness of the probes back since, in ns; `u64::MAX`: none.
-    least: AtomicU64,
-    /// When the latest probe was sent, in ns since `base`.
-    sent: AtomicU64,
-}
-
-impl Pulse {
-    fn new() -> Pulse {
-        Pulse {
-            base: Instant::now(),
-            least: AtomicU64::new(u64::MAX),
-            sent: AtomicU64::new(0),
-        }
-    }
-
-    fn since_base(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
-    }
-
-    /// The reading now: the least lateness of the probes back since the
-    /// last reading, or, if none came back, that of the probe still out.
-    fn reading(&self) -> Duration {
-        match self.least.swap(u64::MAX, Ordering::Relaxed) {
-            u64::MAX => {
-                let out = self
-                    .since_base()
-                    .saturating_sub(self.sent.load(Ordering::Relaxed));
-                Duration::from_nanos(out).saturating_sub(PROBE)
-            }
-            least => Duration::from_nanos(least),
-        }
-    }
-}
-
-/// Times 10 ms timers on the runtime it runs on, until `stop`.
-async fn probe(pulse: Arc<Pulse>, stop: CancellationToken) {
-    loop {
-        let sent = Instant::now();
-        pulse.sent.store(pulse.since_base(), Ordering::Relaxed);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(PROBE) => {}
-        }
-        let late = sent.elapsed().saturating_sub(PROBE).as_nanos() as u64;
-        pulse.least.fetch_min(late, Ordering::Relaxed);
-    }
-}
-
-/// Feeds a reading of `pulse` to `places` every 100 ms, until `stop`.
-async fn judge(
-    pulse: Arc<Pulse>,
-    places: Arc<Places>,
-    waiting: Arc<AtomicUsize>,
-    metrics: Arc<crate::metrics::Metrics>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(READING);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is at once, before any probe.
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let lag = pulse.reading();
-        let waiters = waiting.load(Ordering::Relaxed);
-        places.observe(Instant::now(), lag, waiters);
-        let (serving, paused, limit) = places.snapshot();
-        metrics.scheduling_delay.set(lag.as_secs_f64());
-        metrics.caller_places.set(limit as i64);
-        metrics.caller_places_held.set(serving as i64);
-        metrics.caller_places_paused.set(paused as i64);
-        metrics.caller_places_waiting.set(waiters as i64);
+        inner.limit().saturating_sub(inner.busy).min(waiting)
     }
 }
 

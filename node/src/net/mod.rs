@@ -4,234 +4,27 @@
 //! connections that carry the caller's verified identity.
 
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
-use hufu_certs::Identity;
 use hufu_certs::Role;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::Connected;
 
 use crate::handshake::{Paced, Sources};
-use crate::places::wire::StreamLimit;
 use crate::places::{self, Place, PlaceConfig, Places};
 
-/// Who is on the other end of a connection, established by the TLS handshake.
-/// Tonic places it in every request's extensions.
-#[derive(Clone, Debug)]
-pub struct PeerInfo {
-    pub identity: Arc<Identity>,
-    /// The serial of the certificate presented, as revocation lists name it.
-    pub serial: Arc<str>,
-    pub remote: SocketAddr,
-}
+mod conn;
 
-/// A TLS connection with its verified peer.
-pub struct PeerConn {
-    tls: TlsStream<TcpStream>,
-    info: PeerInfo,
-    /// Counts against the node's connection limit while open.
-    slot: ConnSlot,
-    /// A terminal's place, and its stream limit on the wire.
-    place: Option<HeldPlace>,
-}
-
-/// A place and the frames that carry its stream limit to the caller.
-struct HeldPlace {
-    place: Place,
-    wire: StreamLimit,
-    /// Bytes written to TLS since its last flush, by the node and not by
-    /// hyper (which flushes its own).
-    unflushed: bool,
-    /// What the caller sent, its frames filtered, before hyper reads it.
-    inbox: Inbox,
-}
-
-/// Bytes read from a terminal and not yet given to hyper: `start..end` of
-/// `bytes`. Filtering needs whole frame headers, whatever room hyper's
-/// buffer has left.
-struct Inbox {
-    bytes: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-/// Bytes read from a terminal's connection at once: many calls' worth.
-const INBOX: usize = 4096;
-
-impl PeerConn {
-    /// Writes the node's SETTINGS frame, if the place's stream limit has
-    /// changed and hyper stands between two frames: Ready once nothing of
-    /// it is left to write before hyper's next byte.
-    fn poll_limit(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(held) = &mut self.place else {
-            return Poll::Ready(Ok(()));
-        };
-        let wanted = held.place.seat.poll_streams(cx);
-        loop {
-            let frame = held.wire.to_add(wanted);
-            if frame.is_empty() {
-                break;
-            }
-            let n = std::task::ready!(Pin::new(&mut self.tls).poll_write(cx, frame))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            if held.wire.added(n) {
-                self.slot.metrics.stream_limits_sent.inc();
-            }
-            held.unflushed = true;
-        }
-        if held.unflushed {
-            std::task::ready!(Pin::new(&mut self.tls).poll_flush(cx))?;
-            held.unflushed = false;
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Moves the socket to the reactor of the runtime this is called on: a
-    /// second descriptor of the same socket is registered there, and the
-    /// first, registered where the connection was accepted, is closed.
-    /// Bytes the kernel holds stay in the socket, and a socket readable
-    /// already is reported readable at once by its new registration.
-    pub fn rehome(&mut self) -> io::Result<()> {
-        use std::os::fd::AsFd;
-        let (tcp, _) = self.tls.get_mut();
-        let fd = tcp.as_fd().try_clone_to_owned()?;
-        *tcp = TcpStream::from_std(std::net::TcpStream::from(fd))?;
-        Ok(())
-    }
-
-    /// Notes what hyper wrote, to find its frames' boundaries.
-    fn wrote(&mut self, bytes: &[u8]) {
-        if let Some(held) = &mut self.place {
-            held.wire.wrote(bytes);
-        }
-    }
-}
-
-impl Connected for PeerConn {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for PeerConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        // A changed limit goes out even while hyper has nothing to write; a
-        // socket too full for it now must not stop reading.
-        if let Poll::Ready(Err(err)) = this.poll_limit(cx) {
-            return Poll::Ready(Err(err));
-        }
-        let Some(held) = &mut this.place else {
-            return Pin::new(&mut this.tls).poll_read(cx, buf);
-        };
-        loop {
-            if held.inbox.start < held.inbox.end {
-                let n = buf.remaining().min(held.inbox.end - held.inbox.start);
-                let from = held.inbox.start;
-                buf.put_slice(&held.inbox.bytes[from..from + n]);
-                held.inbox.start += n;
-                return Poll::Ready(Ok(()));
-            }
-            // The start of a frame header held back last time goes first.
-            let before = held.wire.held().len();
-            held.inbox.bytes[..before].copy_from_slice(held.wire.held());
-            let mut read = ReadBuf::new(&mut held.inbox.bytes[before..]);
-            std::task::ready!(Pin::new(&mut this.tls).poll_read(cx, &mut read))?;
-            let got = read.filled().len();
-            if got == 0 {
-                if before == 0 {
-                    return Poll::Ready(Ok(()));
-                }
-                // The caller closed its side: hyper sees whatever it sent,
-                // however cut short.
-                held.wire.release_held();
-                (held.inbox.start, held.inbox.end) = (0, before);
-                continue;
-            }
-            held.place.seat.note_read(got);
-            let kept = held
-                .wire
-                .read(&mut held.inbox.bytes[..before + got])
-                .map_err(|_| {
-                    this.slot.metrics.connections_taken_back.inc();
-                    io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        "the caller opened streams beyond the limit the node set",
-                    )
-                })?;
-            (held.inbox.start, held.inbox.end) = (0, kept);
-        }
-    }
-}
-
-impl AsyncWrite for PeerConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_limit(cx))?;
-        let n = std::task::ready!(Pin::new(&mut this.tls).poll_write(cx, buf))?;
-        this.wrote(&buf[..n]);
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_limit(cx))?;
-        Pin::new(&mut this.tls).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        std::task::ready!(this.poll_limit(cx))?;
-        let n = std::task::ready!(Pin::new(&mut this.tls).poll_write_vectored(cx, bufs))?;
-        let mut left = n;
-        for slice in bufs {
-            let part = left.min(slice.len());
-            this.wrote(&slice[..part]);
-            left -= part;
-            if left == 0 {
-                break;
-            }
-        }
-        Poll::Ready(Ok(n))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
-    }
-}
+use conn::ConnSlot;
+pub use conn::{PeerConn, PeerInfo};
 
 /// Limits of the front door (from `[limits]`).
 #[derive(Clone, Debug)]
@@ -438,16 +231,7 @@ pub fn incoming(
                         }
                         _ => None,
                     };
-                    let place = place.map(|place| HeldPlace {
-                        place,
-                        wire: StreamLimit::new(limits.caller_streams),
-                        unflushed: false,
-                        inbox: Inbox {
-                            bytes: vec![0; INBOX].into_boxed_slice(),
-                            start: 0,
-                            end: 0,
-                        },
-                    });
+                    let place = place.map(|place| (place, limits.caller_streams));
                     (identity, serial, place)
                 });
                 match identity {
@@ -458,15 +242,11 @@ pub fn incoming(
                             remote,
                         };
                         metrics.connections.inc();
-                        let conn = PeerConn {
-                            tls,
-                            info,
-                            slot: ConnSlot {
-                                _permit: slot,
-                                metrics: metrics.clone(),
-                            },
-                            place,
+                        let slot = ConnSlot {
+                            _permit: slot,
+                            metrics: metrics.clone(),
                         };
+                        let conn = PeerConn::new(tls, info, slot, place);
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Err(err) => {
@@ -527,17 +307,5 @@ struct Decrement<'a>(&'a AtomicUsize);
 impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A connection's place under the node's connection limit.
-struct ConnSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.metrics.connections.dec();
     }
 }

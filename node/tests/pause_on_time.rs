@@ -178,22 +178,11 @@ async fn watched_terminal(province: &LocalProvince, name: &str) -> (Channel, Arc
 async fn a_pause_reaches_its_caller_while_the_terminals_runtime_is_held() {
     let scratch = tempfile::tempdir().unwrap();
     let gd = common::province(GD);
-    let mut province = LocalProvince::init(scratch.path(), gd).unwrap();
+    let province = LocalProvince::init(scratch.path(), gd).unwrap();
     assert!(province.config.limits.control_lane);
     // The node's terminals' runtime has one thread of its own; the callers
     // run on the test's runtime.
-    let node_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let province = node_runtime
-        .spawn(async move {
-            province.start().await.unwrap();
-            province
-        })
-        .await
-        .unwrap();
+    let (node_runtime, province) = common::start_on_own_runtime(province).await;
     let holders = common::import_samples(&province, 2).await;
 
     // More busy terminals than the fewest places the node keeps (16), each
@@ -264,13 +253,5 @@ async fn a_pause_reaches_its_caller_while_the_terminals_runtime_is_held() {
     })
     .await;
 
-    node_runtime
-        .spawn(async move {
-            let mut province = province;
-            province.stop().await
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    node_runtime.shutdown_background();
+    common::stop_on_own_runtime(node_runtime, province).await;
 }

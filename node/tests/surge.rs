@@ -355,20 +355,7 @@ async fn write_while_terminals_runtime_held(control_lane: bool) -> (bool, bool) 
     let mut province = hufu_node::local::LocalProvince::init(scratch.path(), gd).unwrap();
     province.config.limits.control_lane = control_lane;
     province.config.audit.enabled = true;
-    // The node runs on a runtime of one thread of its own; the test's
-    // clients on the test's runtime.
-    let node_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut province = node_runtime
-        .spawn(async move {
-            province.start().await.unwrap();
-            province
-        })
-        .await
-        .unwrap();
+    let (node_runtime, province) = common::start_on_own_runtime(province).await;
     let holders = common::import_samples(&province, 2).await;
     let mut admin = province.admin().await.unwrap();
     let mut terminal = province.terminal("gate").await.unwrap();
@@ -397,12 +384,7 @@ async fn write_while_terminals_runtime_held(control_lane: bool) -> (bool, bool) 
     };
     let (written, looked_up) = tokio::join!(write, terminal.lookup(lookup(&holders[1])));
 
-    node_runtime
-        .spawn(async move { province.stop().await })
-        .await
-        .unwrap()
-        .unwrap();
-    node_runtime.shutdown_background();
+    common::stop_on_own_runtime(node_runtime, province).await;
     (written.is_ok(), looked_up.is_ok())
 }
 

@@ -437,3 +437,35 @@ pub async fn verify_as(
     .unwrap()
     .into_inner()
 }
+
+/// Starts `province`'s node on a runtime of one thread of its own, apart
+/// from the test's (where its clients run), so that a test can hold the
+/// node's runtime busy: its terminals are served there. Stop it with
+/// [`stop_on_own_runtime`].
+pub async fn start_on_own_runtime(
+    mut province: LocalProvince,
+) -> (tokio::runtime::Runtime, LocalProvince) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let province = runtime
+        .spawn(async move {
+            province.start().await.unwrap();
+            province
+        })
+        .await
+        .unwrap();
+    (runtime, province)
+}
+
+/// Stops a node started by [`start_on_own_runtime`], then its runtime.
+pub async fn stop_on_own_runtime(runtime: tokio::runtime::Runtime, mut province: LocalProvince) {
+    runtime
+        .spawn(async move { province.stop().await })
+        .await
+        .unwrap()
+        .unwrap();
+    runtime.shutdown_background();
+}

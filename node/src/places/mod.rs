@@ -471,7 +471,7 @@ impl Places {
     pub fn observe(&self, now: Instant, lag: Duration, waiting: usize) {
         let (free, changed) = {
             let mut inner = self.lock();
-            let free = self.judge(&mut inner, now, lag, waiting);
+            let free = self.decide(&mut inner, now, lag, waiting);
             (free, std::mem::take(&mut inner.changed))
         };
         for seat in changed {
@@ -485,7 +485,7 @@ impl Places {
 
     /// [`Self::observe`] under the lock: how many new connections may be
     /// let in.
-    fn judge(&self, inner: &mut Inner, now: Instant, lag: Duration, waiting: usize) -> usize {
+    fn decide(&self, inner: &mut Inner, now: Instant, lag: Duration, waiting: usize) -> usize {
         let target = self.config.target_lag;
         if target.is_zero() {
             return 0;

@@ -29,8 +29,8 @@ pub struct PeerInfo {
 
 /// A TLS connection with its verified peer.
 pub struct PeerConn {
-    /// The TLS stream, shared with the places' judge so that a changed
-    /// stream limit goes out at once (see [`announce`]).
+    /// The TLS stream, shared with the places' judge so that a pause goes
+    /// out at once (see [`announce`]).
     io: Arc<Mutex<Io>>,
     info: PeerInfo,
     /// Counts against the node's connection limit while open.
@@ -77,15 +77,22 @@ fn lock(io: &Mutex<Io>) -> MutexGuard<'_, Io> {
     io.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes a terminal's changed stream limit from the places' judge, without
-/// waiting for the connection's task: when the node runs late, that task
-/// waits as long as every other, and its caller goes on sending calls
-/// (each cancelled at its deadline frees a stream for the next) that the
-/// node must read later. The frame goes out if hyper stands between two
+/// Writes a terminal's pause (a stream limit of zero) from the places'
+/// judge, without waiting for the connection's task: when the node runs
+/// late, that task waits as long as every other, and its caller goes on
+/// sending calls (each cancelled at its deadline frees a stream for the
+/// next) that the node must read later. The frame goes out if hyper stands between two
 /// frames and the connection's task is not using it now; what the socket
 /// does not take at once, and any other case, is left to the task, which
 /// the seat wakes.
 fn announce(io: &Mutex<Io>, streams: u32, metrics: &crate::metrics::Metrics) {
+    // A pause only: a caller given its streams back sends at once every
+    // call it queued meanwhile, and callers resumed all at the moment the
+    // judge decides brought the surge straight back; the connections'
+    // tasks let them back as they run.
+    if streams > 0 {
+        return;
+    }
     let Ok(mut guard) = io.try_lock() else {
         return;
     };

@@ -16,11 +16,11 @@
 //! connections are *paused*, more of them the later the node runs: the node
 //! tells their callers that they may open no new stream (an HTTP/2 stream
 //! limit of zero, [`wire`]), the calls they have open finish, and their next
-//! calls wait in their own processes. The judge that decides writes the
-//! limit itself where it can ([`Seat::on_change`]): the connection's own
-//! task would write it only when the terminals' runtime next runs it, and
-//! a runtime that runs late holds every pause back while the callers go on
-//! sending. Idle connections are never paused:
+//! calls wait in their own processes. The connection may have the judge
+//! that decides write a pause itself ([`Seat::on_change`]): the
+//! connection's own task would write it only when the terminals' runtime
+//! next runs it, and a runtime that runs late holds every pause back while
+//! the callers go on sending. Idle connections are never paused:
 //! that would relieve nothing. A pause closes nothing and leaves nothing
 //! unread, so undoing it costs one frame: places come back first to paused
 //! connections, the most recently paused first, then to new connections,
@@ -151,7 +151,8 @@ impl Seat {
         self.read.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// Has `announce` tell the caller each changed limit at once.
+    /// Has `announce` called with each changed limit, once the judge has
+    /// let go of the places: the connection may tell its caller at once.
     pub fn on_change(&self, announce: Announcer) {
         let _ = self.announcer.set(announce);
     }

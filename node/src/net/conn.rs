@@ -30,7 +30,7 @@ pub struct PeerInfo {
 /// A TLS connection with its verified peer.
 pub struct PeerConn {
     /// The TLS stream, shared with the places' judge so that a pause goes
-    /// out at once (see [`announce`]).
+    /// out at once (see [`announce_pause`]).
     io: Arc<Mutex<Io>>,
     info: PeerInfo,
     /// Counts against the node's connection limit while open.
@@ -85,14 +85,7 @@ fn lock(io: &Mutex<Io>) -> MutexGuard<'_, Io> {
 /// frames and the connection's task is not using it now; what the socket
 /// does not take at once, and any other case, is left to the task, which
 /// the seat wakes.
-fn announce(io: &Mutex<Io>, streams: u32, metrics: &crate::metrics::Metrics) {
-    // A pause only: a caller given its streams back sends at once every
-    // call it queued meanwhile, and callers resumed all at the moment the
-    // judge decides brought the surge straight back; the connections'
-    // tasks let them back as they run.
-    if streams > 0 {
-        return;
-    }
+fn announce_pause(io: &Mutex<Io>, metrics: &crate::metrics::Metrics) {
     let Ok(mut guard) = io.try_lock() else {
         return;
     };
@@ -100,7 +93,7 @@ fn announce(io: &Mutex<Io>, streams: u32, metrics: &crate::metrics::Metrics) {
     let Some(limit) = limit else {
         return;
     };
-    let frame = limit.wire.to_add(streams);
+    let frame = limit.wire.to_add(0);
     if frame.is_empty() {
         return;
     }
@@ -151,9 +144,9 @@ impl PeerConn {
         let place = place.map(|(place, _)| {
             let weak = Arc::downgrade(&io);
             let metrics = slot.metrics.clone();
-            place.seat.on_change(Box::new(move |streams| {
+            place.seat.on_pause(Box::new(move || {
                 if let Some(io) = weak.upgrade() {
-                    announce(&io, streams, &metrics);
+                    announce_pause(&io, &metrics);
                 }
             }));
             HeldPlace {

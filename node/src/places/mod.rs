@@ -17,10 +17,14 @@
 //! tells their callers that they may open no new stream (an HTTP/2 stream
 //! limit of zero, [`wire`]), the calls they have open finish, and their next
 //! calls wait in their own processes. The connection may have the judge
-//! that decides write a pause itself ([`Seat::on_change`]): the
+//! that decides write a pause itself ([`Seat::on_pause`]): the
 //! connection's own task would write it only when the terminals' runtime
 //! next runs it, and a runtime that runs late holds every pause back while
-//! the callers go on sending. Idle connections are never paused:
+//! the callers go on sending. Resumes and other limits are left to the
+//! connection's task: a caller given its streams back sends at once every
+//! call it queued meanwhile, and callers resumed all at the moment the
+//! judge decided brought the surge straight back. Idle connections are
+//! never paused:
 //! that would relieve nothing. A pause closes nothing and leaves nothing
 //! unread, so undoing it costs one frame: places come back first to paused
 //! connections, the most recently paused first, then to new connections,
@@ -121,13 +125,13 @@ pub struct Seat {
     changed: AtomicWaker,
     /// Bytes read from the connection, ever: how busy its caller is.
     read: AtomicU64,
-    /// Tells the caller a changed limit without waiting for the
-    /// connection's task, if the connection can.
+    /// Tells the caller it is paused without waiting for the connection's
+    /// task, if the connection can.
     announcer: std::sync::OnceLock<Announcer>,
 }
 
-/// Writes a changed stream limit to a connection's caller.
-pub type Announcer = Box<dyn Fn(u32) + Send + Sync>;
+/// Writes a pause (a stream limit of zero) to a connection's caller.
+pub type Announcer = Box<dyn Fn() + Send + Sync>;
 
 impl Seat {
     fn new(streams: u32) -> Arc<Seat> {
@@ -151,9 +155,9 @@ impl Seat {
         self.read.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    /// Has `announce` called with each changed limit, once the judge has
-    /// let go of the places: the connection may tell its caller at once.
-    pub fn on_change(&self, announce: Announcer) {
+    /// Has `announce` called at each pause, once the judge has let go of
+    /// the places: the connection may tell its caller at once.
+    pub fn on_pause(&self, announce: Announcer) {
         let _ = self.announcer.set(announce);
     }
 
@@ -167,10 +171,10 @@ impl Seat {
         changed
     }
 
-    /// Tells the caller its limit now, if the connection can.
-    fn announce(&self) {
+    /// Tells the caller it is paused, if the connection can.
+    fn announce_pause(&self) {
         if let Some(announce) = self.announcer.get() {
-            announce(self.streams.load(Ordering::Acquire));
+            announce();
         }
     }
 }
@@ -229,9 +233,8 @@ struct Inner {
     read_rate: f64,
     /// `read_rate` when places were last cut (zero: never).
     fell_behind_at: f64,
-    /// Seats whose limit changed while the lock was held, to announce
-    /// after it.
-    changed: Vec<Arc<Seat>>,
+    /// Seats paused while the lock was held, to announce after it.
+    paused_now: Vec<Arc<Seat>>,
 }
 
 /// A terminal connection's place; dropping it (the connection closed)
@@ -335,7 +338,7 @@ impl Inner {
     /// Pauses connection `id`, as the most recently paused.
     fn pause(&mut self, id: u64, held: Held) {
         if held.seat.allow(0) {
-            self.changed.push(held.seat.clone());
+            self.paused_now.push(held.seat.clone());
         }
         let order = self.next;
         self.next += 1;
@@ -351,9 +354,7 @@ impl Inner {
         }
         self.streams = streams;
         for held in self.serving.values() {
-            if held.seat.allow(streams) {
-                self.changed.push(held.seat.clone());
-            }
+            held.seat.allow(streams);
         }
     }
 
@@ -362,9 +363,7 @@ impl Inner {
             return false;
         };
         self.pause_of.remove(&id);
-        if held.seat.allow(self.streams) {
-            self.changed.push(held.seat.clone());
-        }
+        held.seat.allow(self.streams);
         self.busy += 1;
         self.serving.insert(id, held);
         true
@@ -393,7 +392,7 @@ impl Places {
                 streams: config.streams,
                 read_rate: 0.0,
                 fell_behind_at: 0.0,
-                changed: Vec::new(),
+                paused_now: Vec::new(),
             }),
             room: Notify::new(),
             config,
@@ -470,13 +469,13 @@ impl Places {
     /// connections waiting for a place: cuts places (pausing the newest connections) or gives them back
     /// (resuming the most recently paused first, then letting new ones in).
     pub fn observe(&self, now: Instant, lag: Duration, waiting: usize) {
-        let (free, changed) = {
+        let (free, paused) = {
             let mut inner = self.lock();
             let free = self.decide(&mut inner, now, lag, waiting);
-            (free, std::mem::take(&mut inner.changed))
+            (free, std::mem::take(&mut inner.paused_now))
         };
-        for seat in changed {
-            seat.announce();
+        for seat in paused {
+            seat.announce_pause();
         }
         // One wake-up per new place, not a stampede of every waiter.
         for _ in 0..free {

@@ -414,43 +414,41 @@ fn a_judge_apart_reads_a_held_runtime_as_late_while_it_is_held() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn every_changed_limit_is_announced_once_the_judge_has_let_go_of_the_places() {
+async fn every_pause_is_announced_once_the_judge_has_let_go_of_the_places() {
     let p = places(100);
     let held = take(&p, 4);
-    let heard: Vec<Arc<Mutex<Vec<u32>>>> = held
+    let heard: Vec<Arc<AtomicUsize>> = held
         .iter()
         .map(|place| {
-            let heard = Arc::new(Mutex::new(Vec::new()));
-            let (log, places) = (heard.clone(), Arc::downgrade(&p));
-            place.seat.on_change(Box::new(move |streams| {
+            let heard = Arc::new(AtomicUsize::new(0));
+            let (count, places) = (heard.clone(), Arc::downgrade(&p));
+            place.seat.on_pause(Box::new(move || {
                 // Called with the places free: a connection's writer may
                 // take whatever lock it needs.
                 let places = places.upgrade().expect("the places");
                 assert!(places.inner.try_lock().is_ok());
-                log.lock().unwrap().push(streams);
+                count.fetch_add(1, Ordering::SeqCst);
             }));
             heard
         })
         .collect();
+    let said = || -> Vec<usize> { heard.iter().map(|h| h.load(Ordering::SeqCst)).collect() };
     send(&p, &held, 10_000).await;
     p.observe(Instant::now(), LATE, 0);
-    // Half of the four paused; the other two given the surge's limit.
-    let said = |i: usize| heard[i].lock().unwrap().clone();
-    assert_eq!(said(0), vec![SURGE_STREAMS]);
-    assert_eq!(said(1), vec![SURGE_STREAMS]);
-    assert_eq!(said(2), vec![0]);
-    assert_eq!(said(3), vec![0]);
-    // Nothing changed, nothing said.
+    // Half of the four paused, each announced once; the other two given
+    // the surge's limit, which their own tasks write.
+    assert_eq!(said(), vec![0, 0, 1, 1]);
+    assert_eq!(streams(&held[0]), SURGE_STREAMS);
+    // In the cool-down nothing changes, nothing is said.
     send(&p, &held, 10_000).await;
     p.observe(Instant::now(), LATE, 0);
-    assert_eq!(said(0).len(), 1, "in the cool-down nothing changes");
-    // Calm: the paused come back, with the surge's limit.
+    assert_eq!(said(), vec![0, 0, 1, 1]);
+    // Calm: the paused come back, left to their own tasks to say.
     cool_down(&p, &held, 10_000).await;
     for _ in 0..3 {
         send(&p, &held, 10_000).await;
         p.observe(Instant::now(), CALM, 0);
     }
-    assert_eq!(said(3), vec![0, SURGE_STREAMS]);
-    assert_eq!(said(2), vec![0, SURGE_STREAMS]);
     assert!(held.iter().all(open));
+    assert_eq!(said(), vec![0, 0, 1, 1]);
 }

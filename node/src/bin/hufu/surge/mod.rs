@@ -12,6 +12,7 @@ mod echo;
 mod load;
 mod side;
 mod table;
+mod timeline;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ use load::{Call, Callers, open_loop};
 use side::{SideTraffic, Writes};
 pub(crate) use table::scrape;
 use table::{NAMED, print_header, print_row, sample, view};
+use timeline::Timeline;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SurgeArgs {
@@ -75,6 +77,13 @@ pub struct SurgeArgs {
     /// 1 s deadline), so that every phase carries the same writes.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     pub writes_per_sec: u64,
+    /// Also append the node's places to this file every 250 ms,
+    /// tab-separated (table, phase, seconds, places, connections served,
+    /// paused, waiting, scheduling delay, and the calls that reached the
+    /// node, those cancelled there and the stream-limit frames it sent, a
+    /// second): how each step's row came about.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 /// `config` with `settings` (`section.key=value`, the value in TOML) applied.
@@ -383,6 +392,20 @@ impl Run<'_> {
         // the node, so a capacity measured without it would count as lost what
         // the node spent on the writes the steps ask of it. Capacity alone is
         // printed beside it.
+        let metrics = self.side.and_then(|s| s.node_metrics);
+        let timeline = match (&self.surge.timeline, metrics) {
+            (Some(path), Some(addr)) => Some(
+                Timeline::start(path, title, addr)
+                    .with_context(|| format!("--timeline {}", path.display()))?,
+            ),
+            _ => None,
+        };
+        let phase = |name: &str| {
+            if let Some(timeline) = &timeline {
+                timeline.phase(name);
+            }
+        };
+        phase("capacity");
         let in_flight = self.args.concurrency.max(1);
         let closed = |in_flight: usize| {
             let (conns, call) = (self.conns.to_vec(), self.call.clone());
@@ -417,6 +440,7 @@ impl Run<'_> {
             .join(" and ");
         match self.side {
             Some(_) => {
+                phase("capacity without the writes");
                 let alone = closed(in_flight).await.rate();
                 outln!(
                     "{title}\ncapacity (closed loop, {in_flight} calls in flight, the mean of {CAPACITY_WINDOWS} windows, with the status writes and their replication running): {capacity:.0}/s ({each}), with {writes_beside} status writes acknowledged meanwhile; without them: {alone:.0}/s"
@@ -427,7 +451,6 @@ impl Run<'_> {
             ),
         }
         print_header();
-        let metrics = self.side.and_then(|s| s.node_metrics);
         let mut others = std::collections::BTreeMap::new();
         let mut messages = std::collections::BTreeMap::<String, String>::new();
         let mut writes_failed = std::collections::BTreeMap::<String, u64>::new();
@@ -436,6 +459,7 @@ impl Run<'_> {
         let mut prompt = self.deadline;
         let (mut peak, mut recovery) = (0.0f64, None);
         for (i, &multiple) in self.surge.steps.iter().enumerate() {
+            phase(&format!("step {} ({multiple}x)", i + 1));
             let before = view(server, metrics).await;
             let me_before = confine::usage(std::process::id());
             let watch = cores::Watch::start(cores::own());
@@ -499,6 +523,7 @@ impl Run<'_> {
         // The same capacity once more: a shared machine's speed can drift
         // within minutes, and a ratio above is only as good as its
         // denominator.
+        phase("capacity again");
         let again = match self.side {
             Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000)).0,
             None => closed(in_flight).await,

@@ -378,20 +378,8 @@ struct Run<'a> {
 impl Run<'_> {
     /// Capacity, then every step of the surge, printed as a table.
     async fn steps(&self, title: &str, server: &mut Confined) -> anyhow::Result<()> {
-        // Measured in two windows in a row, with `--concurrency` (64) calls in
-        // flight, and the mean taken: on a shared machine the node's speed moves
-        // by a quarter from one 5 s window to the next (eight windows in a row
-        // read 1,334 to 2,365/s in one run), so the higher of two windows
-        // overstates it, and overstates every ratio's denominator below (by 8%
-        // on average against the mean of eight windows in six runs). Not with
-        // 200 calls in flight (the crowd's shape): a node with places then
-        // pauses some of the callers and serves fewer calls than it could (5%
-        // fewer on average in those runs), which would flatter every ratio. The
-        // side traffic (status writes and their replication) runs meanwhile, as
-        // it does in every step: at a tenth of a core it takes a large share of
-        // the node, so a capacity measured without it would count as lost what
-        // the node spent on the writes the steps ask of it. Capacity alone is
-        // printed beside it.
+        // The node's places every 250 ms, if asked for (the bare echo has
+        // no metrics), each row named by the phase it falls in.
         let metrics = self.side.and_then(|s| s.node_metrics);
         let timeline = match (&self.surge.timeline, metrics) {
             (Some(path), Some(addr)) => Some(
@@ -406,6 +394,20 @@ impl Run<'_> {
             }
         };
         phase("capacity");
+        // Measured in two windows in a row, with `--concurrency` (64) calls in
+        // flight, and the mean taken: on a shared machine the node's speed moves
+        // by a quarter from one 5 s window to the next (eight windows in a row
+        // read 1,334 to 2,365/s in one run), so the higher of two windows
+        // overstates it, and overstates every ratio's denominator below (by 8%
+        // on average against the mean of eight windows in six runs). Not with
+        // 200 calls in flight (the crowd's shape): a node with places then
+        // pauses some of the callers and serves fewer calls than it could (5%
+        // fewer on average in those runs), which would flatter every ratio. The
+        // side traffic (status writes and their replication) runs meanwhile, as
+        // it does in every step: at a tenth of a core it takes a large share of
+        // the node, so a capacity measured without it would count as lost what
+        // the node spent on the writes the steps ask of it. Capacity alone is
+        // printed beside it.
         let in_flight = self.args.concurrency.max(1);
         let closed = |in_flight: usize| {
             let (conns, call) = (self.conns.to_vec(), self.call.clone());

@@ -75,8 +75,8 @@ impl Timeline {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    // A node too busy to answer within a tick leaves a gap
-                    // in the rows, which is itself a reading.
+                    // A node too busy to answer within a second leaves a
+                    // gap in the rows, which is itself a reading.
                     let Ok(Ok(now)) = tokio::time::timeout(EVERY * 4, scrape(metrics)).await else {
                         continue;
                     };
@@ -103,7 +103,7 @@ impl Timeline {
         Ok(Timeline { phase, task })
     }
 
-    /// Names the rows from now on (`capacity`, `2x`, ...).
+    /// Names the rows from now on (`capacity`, `step 3 (2x)`, ...).
     pub(super) fn phase(&self, name: &str) {
         if let Ok(mut phase) = self.phase.lock() {
             *phase = name.to_owned();

@@ -81,10 +81,10 @@ fn lock(io: &Mutex<Io>) -> MutexGuard<'_, Io> {
 /// judge, without waiting for the connection's task: when the node runs
 /// late, that task waits as long as every other, and its caller goes on
 /// sending calls (each cancelled at its deadline frees a stream for the
-/// next) that the node must read later. The frame goes out if hyper stands between two
-/// frames and the connection's task is not using it now; what the socket
-/// does not take at once, and any other case, is left to the task, which
-/// the seat wakes.
+/// next) that the node must read later. The frame goes out if hyper
+/// stands between two frames and the connection's task is not using it
+/// now; what the socket does not take at once, and any other case, is
+/// left to the task, which the seat wakes.
 fn announce_pause(io: &Mutex<Io>, metrics: &crate::metrics::Metrics) {
     let Ok(mut guard) = io.try_lock() else {
         return;

@@ -2,16 +2,47 @@
 //! offer a node ten times what it can serve: pinned to the last core with
 //! `taskset`, and limited to a percentage of that core by a cgroup v1 `cpu`
 //! quota where the cgroup hierarchy is writable (root). The load generator
-//! gets the rest: the other cores, and what the quota leaves of the
-//! node's core. The node's cgroup has the highest CPU weight there is, so
-//! that on its core it runs whenever it has work and quota left, and the
-//! generator only fills the gaps. Kept to one core, the generator ran out
-//! of CPU at 10x of a fast node (its core full through the whole step in
-//! one run, which served 0.03 of capacity) and measured itself, not the
-//! node.
+//! gets the rest ([`GeneratorCores`]): by default the other cores and what
+//! the quota leaves of the node's core. The node's cgroup has the highest
+//! CPU weight there is, so that on its core it runs whenever it has work
+//! and quota left, and the generator only fills the gaps. Kept to one core,
+//! the generator ran out of CPU at 10x of a fast node on one machine (its
+//! core full through the whole step in one run, which served 0.03 of
+//! capacity) and measured itself, not the node; on another it did not, and
+//! the node served as much either way, within the machine's spread
+//! (`docs/surge.md`, *The generator's cores, on the Intel machine*).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+/// Where the load generator runs beside a confined process pinned to a
+/// core (`--generator-cores`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GeneratorCores {
+    /// Every core, the confined process's too, where it runs only in what
+    /// that process leaves (the top CPU weight): the generator cannot run
+    /// out of CPU before the node does.
+    All,
+    /// Every core but the confined process's, so that none of the bench's
+    /// other processes runs there; on two cores the generator has one,
+    /// which at 10x of a fast node may not be enough (the table's `full s`
+    /// says when).
+    Others,
+}
+
+/// `[0, 1, 2]` as "cores 0-2", `[0]` as "core 0", `[0, 2]` as "cores 0,2".
+/// An empty list (`/proc` unreadable) as "unknown cores".
+fn list(cores: &[usize]) -> String {
+    match (cores.first(), cores.last()) {
+        (None, _) | (_, None) => "unknown cores".into(),
+        (Some(a), Some(b)) if a == b => format!("core {a}"),
+        (Some(a), Some(b)) if b > a && b - a + 1 == cores.len() => format!("cores {a}-{b}"),
+        _ => {
+            let each: Vec<String> = cores.iter().map(|c| c.to_string()).collect();
+            format!("cores {}", each.join(","))
+        }
+    }
+}
 
 /// Where and how hard a confined process may run.
 #[derive(Clone, Debug)]
@@ -77,24 +108,41 @@ impl Confinement {
         }
     }
 
-    /// Places the calling process (the load generator): on every core when
-    /// the confined process has a quota and the top weight on its own (the
-    /// generator then has the rest of that core), else on every other
-    /// core, away from a process that may use all of its core.
-    pub fn place_self(&self) {
-        if self.cgroup.is_some() {
-            return;
-        }
-        let Some(core) = self.core else { return };
-        let others = if core == 0 {
-            return;
-        } else {
-            format!("0-{}", core - 1)
+    /// Places the calling process (the load generator) and says where it
+    /// runs. [`GeneratorCores::All`]: on every core when the confined
+    /// process has a quota and the top weight on its own (the generator
+    /// then has the rest of that core), else on every other core, away
+    /// from a process that may use all of its core.
+    /// [`GeneratorCores::Others`]: on every other core in any case, so
+    /// that nothing but the confined process runs on its core.
+    pub fn place_self(&self, cores: GeneratorCores) -> String {
+        let Some(core) = self.core else {
+            return "load generator on every core".into();
         };
-        let _ = Command::new("taskset")
-            .args(["-a", "-p", "-c", &others, &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status();
+        let away = cores == GeneratorCores::Others || self.cgroup.is_none();
+        if away && core > 0 {
+            let _ = Command::new("taskset")
+                .args([
+                    "-a",
+                    "-p",
+                    "-c",
+                    &format!("0-{}", core - 1),
+                    &std::process::id().to_string(),
+                ])
+                .stdout(Stdio::null())
+                .status();
+        }
+        // Read back, not assumed: `taskset` may be refused, and the bench
+        // itself may have been started on fewer cores.
+        let own = super::cores::own();
+        match (own.contains(&core), &self.cgroup) {
+            (true, Some(_)) => format!(
+                "load generator on {}, with what the node leaves of its own",
+                list(&own)
+            ),
+            (true, None) => format!("load generator on {}, the node's among them", list(&own)),
+            (false, _) => format!("load generator on {}, off the node's", list(&own)),
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -104,11 +152,9 @@ impl Confinement {
         };
         match (self.core, &self.cgroup) {
             (Some(c), Some(_)) => format!(
-                "pinned to core {c}, {cpu}, first call on that core (the highest cgroup cpu weight); load generator on every core, with what the node leaves of its own"
+                "pinned to core {c}, {cpu}, first call on that core (the highest cgroup cpu weight)"
             ),
-            (Some(c), None) => {
-                format!("pinned to core {c}, {cpu}; load generator on the other cores")
-            }
+            (Some(c), None) => format!("pinned to core {c}, {cpu}"),
             (None, _) => cpu,
         }
     }
@@ -233,5 +279,18 @@ pub fn usage(pid: u32) -> Usage {
         cpu_secs: ticks / 100.0,
         rss_mib: kib("VmRSS:") / 1024.0,
         peak_rss_mib: kib("VmHWM:") / 1024.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::list;
+
+    #[test]
+    fn cores_are_listed_as_taskset_would_take_them() {
+        assert_eq!(list(&[0]), "core 0");
+        assert_eq!(list(&[0, 1, 2]), "cores 0-2");
+        assert_eq!(list(&[0, 2]), "cores 0,2");
+        assert_eq!(list(&[]), "unknown cores");
     }
 }

@@ -31,7 +31,7 @@ pub use echo::echo_server;
 pub use load::Behaviour;
 
 use crate::loadgen::{closed_loop, issue_tokens, load_holders};
-use confine::{Confined, Confinement};
+use confine::{Confined, Confinement, GeneratorCores};
 use hufu_node::client::{self, ClientCert, Target};
 use hufu_node::local::LocalFederation;
 use hufu_node::ports::free_port;
@@ -64,6 +64,11 @@ pub struct SurgeArgs {
     /// Run the bare tonic echo baseline too.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub baseline: bool,
+    /// Where the load generator runs: on every core, the node's too, in
+    /// what the node leaves of it (`all`), or on the cores other than the
+    /// node's (`others`).
+    #[arg(long, value_enum, default_value = "all")]
+    pub generator_cores: GeneratorCores,
     /// Holders at the node.
     #[arg(long, default_value_t = 2_000)]
     pub holders: u64,
@@ -160,8 +165,8 @@ pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
     let metrics_addr = province.config.metrics_listen;
 
     let confinement = Confinement::new("hufu-surge", Some(surge.node_cpu_percent));
-    confinement.place_self();
-    outln!("node: {}", confinement.describe());
+    let generator = confinement.place_self(surge.generator_cores);
+    outln!("node: {}; {generator}", confinement.describe());
     if !surge.node_config.is_empty() {
         outln!("node settings: {}", surge.node_config.join(", "));
     }

@@ -20,8 +20,8 @@ use std::process::{Child, Command, Stdio};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GeneratorCores {
     /// Every core, the confined process's too, where it runs only in what
-    /// that process leaves (the top CPU weight): the generator cannot run
-    /// out of CPU before the node does.
+    /// that process leaves (the top CPU weight): the most CPU the machine
+    /// can give the generator.
     All,
     /// Every core but the confined process's, so that none of the bench's
     /// other processes runs there; on two cores the generator has one,

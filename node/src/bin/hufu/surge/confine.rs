@@ -21,7 +21,8 @@ use std::process::{Child, Command, Stdio};
 pub enum GeneratorCores {
     /// Every core, the confined process's too, where it runs only in what
     /// that process leaves (the top CPU weight): the most CPU the machine
-    /// can give the generator.
+    /// can give the generator. Without a cgroup (no quota, no weight) the
+    /// other cores, as with `others`: the process may use all of its own.
     All,
     /// Every core but the confined process's, so that none of the bench's
     /// other processes runs there; on two cores the generator has one,
@@ -33,14 +34,16 @@ pub enum GeneratorCores {
 /// `[0, 1, 2]` as "cores 0-2", `[0]` as "core 0", `[0, 2]` as "cores 0,2".
 /// An empty list (`/proc` unreadable) as "unknown cores".
 fn list(cores: &[usize]) -> String {
-    match (cores.first(), cores.last()) {
-        (None, _) | (_, None) => "unknown cores".into(),
-        (Some(a), Some(b)) if a == b => format!("core {a}"),
-        (Some(a), Some(b)) if b > a && b - a + 1 == cores.len() => format!("cores {a}-{b}"),
-        _ => {
-            let each: Vec<String> = cores.iter().map(|c| c.to_string()).collect();
-            format!("cores {}", each.join(","))
-        }
+    let (Some(&a), Some(&b)) = (cores.first(), cores.last()) else {
+        return "unknown cores".into();
+    };
+    if a == b {
+        format!("core {a}")
+    } else if b > a && b - a + 1 == cores.len() {
+        format!("cores {a}-{b}")
+    } else {
+        let each: Vec<String> = cores.iter().map(|c| c.to_string()).collect();
+        format!("cores {}", each.join(","))
     }
 }
 

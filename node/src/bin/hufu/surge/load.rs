@@ -187,9 +187,10 @@ fn phase(w: usize) -> f64 {
     (w as f64 * GOLDEN).fract()
 }
 
-/// When, after the step began, a worker with `phase` and `spacing` seconds
-/// between calls sends its call `k`.
-fn scheduled_after(k: u64, phase: f64, spacing: f64) -> Duration {
+/// When, after a step of `duration` began, a worker with `phase` sends
+/// call `k` of its `total`, spaced evenly through the step.
+fn scheduled_after(k: u64, total: u64, duration: Duration, phase: f64) -> Duration {
+    let spacing = duration.as_secs_f64() / total.max(1) as f64;
     Duration::from_secs_f64((k as f64 + phase) * spacing)
 }
 
@@ -213,8 +214,7 @@ async fn worker(
     let mut step = StepLoad::new(duration);
     let slices = step.slices.len();
     let end = started + duration;
-    let spacing = duration.as_secs_f64() / total.max(1) as f64;
-    let at = |k: u64| started + scheduled_after(k, phase, spacing);
+    let at = |k: u64| started + scheduled_after(k, total, duration, phase);
     let mut throttle = AdaptiveThrottle::new(Duration::from_secs(2));
     let mut pushback_until = started;
     let mut inflight = FuturesUnordered::new();
@@ -329,9 +329,8 @@ mod tests {
             let mut windows = vec![0u32; 100];
             for w in 0..workers {
                 let total = share(calls, workers, w);
-                let spacing = duration.as_secs_f64() / total.max(1) as f64;
                 for k in 0..total {
-                    let at = scheduled_after(k, phase(w), spacing);
+                    let at = scheduled_after(k, total, duration, phase(w));
                     windows[(at.as_millis() / 50) as usize] += 1;
                 }
             }

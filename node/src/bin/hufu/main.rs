@@ -16,11 +16,14 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     cli::init_tracing(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .enable_all()
-        .thread_name(hufu_node::lane::TERMINALS_THREAD)
-        .build()
-    {
+        .thread_name(hufu_node::lane::TERMINALS_THREAD);
+    if let Some(threads) = cli.runtime_threads() {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("hufu: cannot start the async runtime: {err}");

@@ -43,6 +43,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Worker threads the process's runtime should have (`None`: tokio's
+    /// default, one per core).
+    pub fn runtime_threads(&self) -> Option<usize> {
+        match &self.command {
+            Command::Bench(args) => args.runtime_threads(),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Create a province directory: CA, node and admin certificates, secrets, config.

@@ -31,6 +31,16 @@ pub enum GeneratorCores {
     Others,
 }
 
+/// Worker threads for the generator's runtime, which starts before the
+/// bench places itself: with `others`, one per core it will keep (a
+/// runtime sized to the whole machine put two threads on the one core
+/// left of two, where they could only take turns); otherwise tokio's
+/// default, one per core.
+pub fn generator_threads(cores: GeneratorCores) -> Option<usize> {
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores == GeneratorCores::Others && all >= 2).then_some(all - 1)
+}
+
 /// `[0, 1, 2]` as "cores 0-2", `[0]` as "core 0", `[0, 2]` as "cores 0,2".
 /// An empty list (`/proc` unreadable) as "unknown cores".
 fn list(cores: &[usize]) -> String {

@@ -137,6 +137,13 @@ pub struct Shape {
     pub connections: Option<usize>,
 }
 
+impl SurgeArgs {
+    /// Worker threads the process's runtime should have for this run.
+    pub fn runtime_threads(&self) -> Option<usize> {
+        confine::generator_threads(self.generator_cores)
+    }
+}
+
 pub async fn run(args: Shape, surge: &SurgeArgs) -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let (p, peer) = (Province::parse("440000")?, Province::parse("610000")?);

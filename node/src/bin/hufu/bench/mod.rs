@@ -45,17 +45,6 @@ pub struct BenchArgs {
     pub connections: Option<usize>,
 }
 
-impl BenchArgs {
-    /// Worker threads the process's runtime should have (`None`: tokio's
-    /// default).
-    pub fn runtime_threads(&self) -> Option<usize> {
-        match &self.what {
-            BenchWhat::Surge(surge) => surge.runtime_threads(),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchWhat {
     /// Lookup and BatchLookup throughput and latency, against the bare echo.

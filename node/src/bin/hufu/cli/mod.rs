@@ -48,7 +48,10 @@ impl Cli {
     /// default, one per core).
     pub fn runtime_threads(&self) -> Option<usize> {
         match &self.command {
-            Command::Bench(args) => args.runtime_threads(),
+            Command::Bench(crate::bench::BenchArgs {
+                what: crate::bench::BenchWhat::Surge(surge),
+                ..
+            }) => surge.runtime_threads(),
             _ => None,
         }
     }

@@ -31,14 +31,29 @@ pub enum GeneratorCores {
     Others,
 }
 
+/// The core a confined process is pinned to: the last, when there are two
+/// or more and `taskset` exists.
+fn pinned_core() -> Option<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let taskset = Command::new("taskset")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    (cores >= 2 && taskset).then_some(cores - 1)
+}
+
 /// Worker threads for the generator's runtime, which starts before the
-/// bench places itself: with `others`, one per core it will keep (a
-/// runtime sized to the whole machine put two threads on the one core
-/// left of two, where they could only take turns); otherwise tokio's
-/// default, one per core.
+/// bench places itself: with `others`, one per core it will keep, the
+/// cores below the node's (a runtime sized to the whole machine put two
+/// threads on the one core left of two, where they could only take
+/// turns); otherwise tokio's default, one per core.
 pub fn generator_threads(cores: GeneratorCores) -> Option<usize> {
-    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores == GeneratorCores::Others && all >= 2).then_some(all - 1)
+    if cores == GeneratorCores::Others {
+        pinned_core()
+    } else {
+        None
+    }
 }
 
 /// `[0, 1, 2]` as "cores 0-2", `[0]` as "core 0", `[0, 2]` as "cores 0,2".
@@ -81,15 +96,7 @@ impl Confinement {
     /// `name` with that quota.
     pub fn new(name: &str, cpu_percent: Option<u32>) -> Confinement {
         let mut notes = Vec::new();
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let taskset = Command::new("taskset")
-            .arg("-V")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        let core = (cores >= 2 && taskset).then_some(cores - 1);
+        let core = pinned_core();
         if core.is_none() {
             notes.push("not pinned: needs two or more cores and taskset".into());
         }

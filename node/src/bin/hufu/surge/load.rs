@@ -112,6 +112,10 @@ pub struct Callers {
 /// Offers `rate` calls a second for `duration` over `conns`, one worker per
 /// connection (no task per call: the generator must stay cheaper than the
 /// node it loads).
+/// What a call that came due a whole deadline late in its caller counts
+/// as: the generator fell behind its own schedule, and never sent it.
+pub const LATE_AT_CALLER: &str = "late at caller";
+
 pub async fn open_loop(
     rate: f64,
     duration: Duration,
@@ -235,7 +239,7 @@ async fn worker(
             }
             let left = deadline.saturating_sub(now - scheduled);
             if left.is_zero() {
-                *step.codes.entry("late at caller".into()).or_default() += 1;
+                *step.codes.entry(LATE_AT_CALLER.into()).or_default() += 1;
                 continue;
             }
             step.sent += 1;

@@ -6,6 +6,7 @@
 //! tonic server ([`echo`]) runs the same steps under identical conditions
 //! as the baseline.
 
+mod capacity;
 pub(crate) mod confine;
 mod cores;
 mod echo;
@@ -30,13 +31,14 @@ use tonic_health::pb::health_client::HealthClient;
 pub use echo::echo_server;
 pub use load::Behaviour;
 
-use crate::loadgen::{closed_loop, issue_tokens, load_holders};
+use crate::loadgen::{issue_tokens, load_holders};
+use capacity::Over;
 use confine::{Confined, Confinement, GeneratorCores};
 use hufu_node::client::{self, ClientCert, Target};
 use hufu_node::local::LocalFederation;
 use hufu_node::ports::free_port;
 use load::{Call, Callers, open_loop};
-use side::{SideTraffic, Writes};
+use side::SideTraffic;
 pub(crate) use table::scrape;
 use table::{NAMED, print_header, print_row, sample, view};
 use timeline::Timeline;
@@ -406,64 +408,8 @@ impl Run<'_> {
             }
         };
         phase("capacity");
-        // Measured in two windows in a row, with `--concurrency` (64) calls in
-        // flight, and the mean taken: on a shared machine the node's speed moves
-        // by a quarter from one 5 s window to the next (eight windows in a row
-        // read 1,334 to 2,365/s in one run), so the higher of two windows
-        // overstates it, and overstates every ratio's denominator below (by 8%
-        // on average against the mean of eight windows in six runs). Not with
-        // 200 calls in flight (the crowd's shape): a node with places then
-        // pauses some of the callers and serves fewer calls than it could (5%
-        // fewer on average in those runs), which would flatter every ratio. The
-        // side traffic (status writes and their replication) runs meanwhile, as
-        // it does in every step: at a tenth of a core it takes a large share of
-        // the node, so a capacity measured without it would count as lost what
-        // the node spent on the writes the steps ask of it. Capacity alone is
-        // printed beside it.
         let in_flight = self.args.concurrency.max(1);
-        let closed = |in_flight: usize| {
-            let (conns, call) = (self.conns.to_vec(), self.call.clone());
-            let in_flight = in_flight.min(conns.len() * 8);
-            let used = conns.len().min(in_flight);
-            closed_loop(self.seconds, in_flight, move |k, w| {
-                let channel = conns[w % used].clone();
-                let call = call(channel, k, Duration::from_secs(5));
-                async move { call.await.is_ok() }
-            })
-        };
-        // The status writes acknowledged meanwhile are printed with it: each
-        // costs the node many lookups' work, and steps get more or fewer in.
-        let mut windows = Vec::new();
-        let mut writes_beside = 0;
-        for window in 0..CAPACITY_WINDOWS {
-            let (load, writes) = match self.side {
-                Some(side) => tokio::join!(
-                    closed(in_flight),
-                    side.write(self.seconds, 900_000 + window * 10_000)
-                ),
-                None => (closed(in_flight).await, Writes::default()),
-            };
-            windows.push(load.rate());
-            writes_beside += writes.ok;
-        }
-        let capacity = windows.iter().sum::<f64>() / windows.len() as f64;
-        let each = windows
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(" and ");
-        match self.side {
-            Some(_) => {
-                phase("capacity without the writes");
-                let alone = closed(in_flight).await.rate();
-                outln!(
-                    "{title}\ncapacity (closed loop, {in_flight} calls in flight, the mean of {CAPACITY_WINDOWS} windows, with the status writes and their replication running): {capacity:.0}/s ({each}), with {writes_beside} status writes acknowledged meanwhile; without them: {alone:.0}/s"
-                );
-            }
-            None => outln!(
-                "{title}\ncapacity (closed loop, {in_flight} calls in flight, the mean of {CAPACITY_WINDOWS} windows): {capacity:.0}/s ({each})"
-            ),
-        }
+        let capacity = self.capacity(title, in_flight, &phase).await;
         print_header();
         let mut others = std::collections::BTreeMap::new();
         let mut messages = std::collections::BTreeMap::<String, String>::new();
@@ -472,6 +418,8 @@ impl Run<'_> {
         // capacity, in the default steps), until then the deadline.
         let mut prompt = self.deadline;
         let (mut peak, mut recovery) = (0.0f64, None);
+        // Steps whose calls the generator could not all send in time.
+        let mut behind = Vec::new();
         for (i, &multiple) in self.surge.steps.iter().enumerate() {
             phase(&format!("step {} ({multiple}x)", i + 1));
             let before = view(server, metrics).await;
@@ -522,6 +470,14 @@ impl Run<'_> {
                 recovery = Some((multiple, step.recovered_after()));
             }
             peak = peak.max(multiple);
+            let late = step.codes.get(load::LATE_AT_CALLER).copied().unwrap_or(0);
+            if late * 100 > step.offered {
+                behind.push(format!(
+                    "{multiple}x ({late} of {} calls, {:.0}%)",
+                    step.offered,
+                    100.0 * late as f64 / step.offered as f64
+                ));
+            }
             for (code, n) in &step.codes {
                 *others.entry(code.clone()).or_insert(0) += n;
             }
@@ -537,10 +493,22 @@ impl Run<'_> {
         // The same capacity once more: a shared machine's speed can drift
         // within minutes, and a ratio above is only as good as its
         // denominator.
+        if !behind.is_empty() {
+            outln!(
+                "the load generator fell behind its own schedule at {}: calls that came due a whole deadline late were never sent (`late at caller`); those rows measure this machine's generator as much as the node (a smaller --node-cpu-percent lowers what the steps ask of it)",
+                behind.join(", ")
+            );
+        }
         phase("capacity again");
         let again = match self.side {
-            Some(side) => tokio::join!(closed(in_flight), side.write(self.seconds, 900_000)).0,
-            None => closed(in_flight).await,
+            Some(side) => {
+                tokio::join!(
+                    self.closed(in_flight, Over::Few),
+                    side.write(self.seconds, 900_000)
+                )
+                .0
+            }
+            None => self.closed(in_flight, Over::Few).await,
         };
         outln!(
             "capacity again after the steps ({in_flight} calls in flight, one window): {:.0}/s ({:.2} of the capacity above)",

@@ -109,13 +109,13 @@ pub struct Callers {
     pub behaviour: Behaviour,
 }
 
-/// Offers `rate` calls a second for `duration` over `conns`, one worker per
-/// connection (no task per call: the generator must stay cheaper than the
-/// node it loads).
 /// What a call that came due a whole deadline late in its caller counts
 /// as: the generator fell behind its own schedule, and never sent it.
 pub const LATE_AT_CALLER: &str = "late at caller";
 
+/// Offers `rate` calls a second for `duration` over `conns`, one worker per
+/// connection (no task per call: the generator must stay cheaper than the
+/// node it loads).
 pub async fn open_loop(
     rate: f64,
     duration: Duration,

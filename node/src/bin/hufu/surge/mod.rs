@@ -490,15 +490,15 @@ impl Run<'_> {
                     .or_insert_with(|| message.clone());
             }
         }
-        // The same capacity once more: a shared machine's speed can drift
-        // within minutes, and a ratio above is only as good as its
-        // denominator.
         if !behind.is_empty() {
             outln!(
-                "the load generator fell behind its own schedule at {}: calls that came due a whole deadline late were never sent (`late at caller`); those rows measure this machine's generator as much as the node (a smaller --node-cpu-percent lowers what the steps ask of it)",
+                "the load generator fell behind its own schedule at {}: calls that came due a whole deadline late were never sent (`late at caller`); those rows measure this machine's generator as much as the server (a smaller --node-cpu-percent lowers what the steps ask of it)",
                 behind.join(", ")
             );
         }
+        // The same capacity once more: a shared machine's speed can drift
+        // within minutes, and a ratio above is only as good as its
+        // denominator.
         phase("capacity again");
         let again = match self.side {
             Some(side) => {

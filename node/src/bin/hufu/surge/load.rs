@@ -90,6 +90,19 @@ impl StepLoad {
             .map_or(0, |last_bad| last_bad + 1);
         (from < self.slices.len()).then(|| SLICE * from as u32)
     }
+
+    /// Calls that came due a whole deadline late in the generator, which
+    /// therefore never sent them.
+    pub fn late_at_caller(&self) -> u64 {
+        self.codes.get(LATE_AT_CALLER).copied().unwrap_or(0)
+    }
+
+    /// Whether the generator fell behind its own schedule in this step:
+    /// more than 1% of the calls offered came due a whole deadline late.
+    /// Such a step measures the generator as much as the server.
+    pub fn generator_fell_behind(&self) -> bool {
+        self.late_at_caller() * 100 > self.offered
+    }
 }
 
 fn slices_in(duration: Duration) -> usize {
@@ -111,7 +124,7 @@ pub struct Callers {
 
 /// What a call that came due a whole deadline late in its caller counts
 /// as: the generator fell behind its own schedule, and never sent it.
-pub const LATE_AT_CALLER: &str = "late at caller";
+const LATE_AT_CALLER: &str = "late at caller";
 
 /// Offers `rate` calls a second for `duration` over `conns`, one worker per
 /// connection (no task per call: the generator must stay cheaper than the
@@ -309,8 +322,20 @@ fn code_name(status: &tonic::Status) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{phase, scheduled_after, share};
+    use super::{LATE_AT_CALLER, StepLoad, phase, scheduled_after, share};
     use std::time::Duration;
+
+    #[test]
+    fn a_step_with_more_than_one_percent_of_its_calls_never_sent_fell_behind() {
+        let mut step = StepLoad::new(Duration::from_secs(5));
+        step.offered = 1_000;
+        assert!(!step.generator_fell_behind(), "none late");
+        step.codes.insert(LATE_AT_CALLER.into(), 10);
+        assert!(!step.generator_fell_behind(), "1% is within");
+        step.codes.insert(LATE_AT_CALLER.into(), 11);
+        assert!(step.generator_fell_behind());
+        assert_eq!(step.late_at_caller(), 11);
+    }
 
     #[test]
     fn a_steps_calls_are_shared_out_whole_and_all_offered() {

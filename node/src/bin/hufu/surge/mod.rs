@@ -470,8 +470,8 @@ impl Run<'_> {
                 recovery = Some((multiple, step.recovered_after()));
             }
             peak = peak.max(multiple);
-            let late = step.codes.get(load::LATE_AT_CALLER).copied().unwrap_or(0);
-            if late * 100 > step.offered {
+            if step.generator_fell_behind() {
+                let late = step.late_at_caller();
                 behind.push(format!(
                     "{multiple}x ({late} of {} calls, {:.0}%)",
                     step.offered,
